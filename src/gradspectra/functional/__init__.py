@@ -1,0 +1,38 @@
+"""Pure tensor math: singular values, spectral metrics and cross-layer statistics. No state, no Lightning."""
+
+from gradspectra.functional.layers import adjacent_cosine, layer_mad, paper_segments
+from gradspectra.functional.reshape import as_matrix, is_conv1d
+from gradspectra.functional.spectral import (
+    METRIC_NAMES,
+    effective_rank,
+    frobenius_norm,
+    metrics_from_singular_values,
+    needs_spectrum,
+    nuclear_norm,
+    spectral_metrics,
+    spectral_norm,
+    stable_rank,
+    top_sv_ratio,
+)
+from gradspectra.functional.svd import METHODS, factored_singular_values, singular_values
+
+__all__ = [
+    "METHODS",
+    "METRIC_NAMES",
+    "adjacent_cosine",
+    "as_matrix",
+    "effective_rank",
+    "factored_singular_values",
+    "frobenius_norm",
+    "is_conv1d",
+    "layer_mad",
+    "metrics_from_singular_values",
+    "needs_spectrum",
+    "nuclear_norm",
+    "paper_segments",
+    "singular_values",
+    "spectral_metrics",
+    "spectral_norm",
+    "stable_rank",
+    "top_sv_ratio",
+]

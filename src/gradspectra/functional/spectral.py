@@ -1,0 +1,211 @@
+r"""Spectral metrics of one gradient matrix (or a batch of them), all from one decomposition.
+
+For ``G`` of shape ``m x n`` with singular values :math:`s_1 \ge \dots \ge s_r`, ``r = min(m, n)``.
+Conventions where a ratio would be 0/0 (the zero matrix): every metric is 0. A matrix with a
+non-finite entry gives NaN for every spectral metric and ``inf``/``nan`` Frobenius norm; nothing
+raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from gradspectra.functional.svd import Method, _check_matrix, _scaled_float64, singular_values
+
+METRIC_NAMES: tuple[str, ...] = (
+    "nuclear_norm",
+    "spectral_norm",
+    "frobenius_norm",
+    "stable_rank",
+    "top_sv_ratio",
+    "effective_rank",
+)
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` with 0 where ``den == 0`` (NaN still propagates from NaN inputs)."""
+    out = num / torch.where(den == 0, torch.ones_like(den), den)
+    return torch.where(den == 0, torch.zeros_like(out), out)
+
+
+def _frobenius_from_entries(matrix: Tensor) -> Tensor:
+    # scaled so that squares neither overflow (1e25) nor underflow (1e-20) in float64
+    a, scale, finite = _scaled_float64(matrix)
+    fro = torch.linalg.vector_norm(a, dim=(-2, -1)) * scale
+    raw = matrix.to(torch.float64)
+    nonfinite_value = torch.linalg.vector_norm(raw, dim=(-2, -1))  # inf or nan, as the entries say
+    return torch.where(finite, fro, nonfinite_value)
+
+
+def _nuclear(s: Tensor) -> Tensor:
+    return s.sum(-1)
+
+
+def _spectral(s: Tensor) -> Tensor:
+    return s[..., 0] if s.shape[-1] > 0 else s.sum(-1)
+
+
+def _stable_rank(s: Tensor, fro: Tensor) -> Tensor:
+    # computed on s / s_1 so the squares cannot overflow or underflow
+    return _safe_div(fro, _spectral(s)) ** 2
+
+
+def _top_sv_ratio(s: Tensor) -> Tensor:
+    return _safe_div(_spectral(s), _nuclear(s))
+
+
+def _effective_rank(s: Tensor) -> Tensor:
+    total = _nuclear(s)
+    p = _safe_div(s, total[..., None])
+    entropy = -torch.special.xlogy(p, p).sum(-1)  # xlogy(0, 0) == 0: zero terms dropped
+    return torch.where(total == 0, torch.zeros_like(total), torch.exp(entropy))
+
+
+def nuclear_norm(matrix: Tensor, method: Method = "auto") -> Tensor:
+    r"""Nuclear norm :math:`\sum_i s_i` (paper 1's ``S_sum``), float64, shape ``matrix.shape[:-2]``.
+
+    Example:
+        >>> nuclear_norm(torch.diag(torch.tensor([3.0, 4.0]))).item()
+        7.0
+    """
+    return _nuclear(singular_values(matrix, method))
+
+
+def spectral_norm(matrix: Tensor, method: Method = "auto") -> Tensor:
+    r"""Spectral norm :math:`s_1`, float64.
+
+    Example:
+        >>> spectral_norm(torch.diag(torch.tensor([3.0, 4.0]))).item()
+        4.0
+    """
+    return _spectral(singular_values(matrix, method))
+
+
+def frobenius_norm(matrix: Tensor) -> Tensor:
+    r"""Frobenius norm :math:`\sqrt{\sum_i s_i^2}`, exact from the entries (no decomposition).
+
+    Example:
+        >>> frobenius_norm(torch.diag(torch.tensor([3.0, 4.0]))).item()
+        5.0
+    """
+    _check_matrix(matrix)
+    return _frobenius_from_entries(matrix)
+
+
+def stable_rank(matrix: Tensor, method: Method = "auto") -> Tensor:
+    r"""Stable rank :math:`\sum_i s_i^2 / s_1^2`, in ``[1, r]``; 0 for the zero matrix.
+
+    Example:
+        >>> stable_rank(torch.diag(torch.tensor([3.0, 4.0]))).item()
+        1.5625
+    """
+    return _stable_rank(singular_values(matrix, method), frobenius_norm(matrix))
+
+
+def top_sv_ratio(matrix: Tensor, method: Method = "auto") -> Tensor:
+    r"""Share of the largest singular value :math:`s_1 / \sum_i s_i` (paper 1's ``S_ratio``), in ``[1/r, 1]``.
+
+    Example:
+        >>> top_sv_ratio(torch.diag(torch.tensor([1.0, 3.0]))).item()
+        0.75
+    """
+    return _top_sv_ratio(singular_values(matrix, method))
+
+
+def effective_rank(matrix: Tensor, method: Method = "auto") -> Tensor:
+    r"""Effective rank (Roy & Vetterli 2007), as paper 2 computes it.
+
+    .. math:: p_i = s_i / \sum_j s_j, \qquad \operatorname{erank} = \exp\Big(-\sum_{p_i > 0} p_i \ln p_i\Big)
+
+    In ``[1, r]``; 0 for the zero matrix.
+
+    Example:
+        >>> round(effective_rank(torch.eye(4)).item(), 12)
+        4.0
+    """
+    return _effective_rank(singular_values(matrix, method))
+
+
+def metrics_from_singular_values(
+    s: Tensor, frobenius: Tensor | None = None, metrics: Sequence[str] | None = None
+) -> dict[str, Tensor]:
+    """Every requested metric from already computed singular values ``s`` (``(..., r)``, descending).
+
+    ``frobenius`` (from the entries) is used when given, else ``sqrt(sum s_i^2)``.
+    """
+    names = _check_metric_names(metrics)
+    s = s.to(torch.float64)
+    if frobenius is None:
+        top = _spectral(s)
+        frobenius = top * torch.linalg.vector_norm(_safe_div(s, top[..., None]), dim=-1)
+    out: dict[str, Tensor] = {}
+    for name in names:
+        if name == "nuclear_norm":
+            out[name] = _nuclear(s)
+        elif name == "spectral_norm":
+            out[name] = _spectral(s)
+        elif name == "frobenius_norm":
+            out[name] = frobenius
+        elif name == "stable_rank":
+            out[name] = _stable_rank(s, frobenius)
+        elif name == "top_sv_ratio":
+            out[name] = _top_sv_ratio(s)
+        else:
+            out[name] = _effective_rank(s)
+    # a non-finite matrix gives non-finite metrics, whatever the ratio conventions say
+    nonfinite = ~torch.isfinite(s).all(-1)
+    if bool(nonfinite.any()):
+        for name in names:
+            if name != "frobenius_norm":
+                out[name] = torch.where(nonfinite, torch.full_like(out[name], float("nan")), out[name])
+    return out
+
+
+def _check_metric_names(metrics: Sequence[str] | None) -> tuple[str, ...]:
+    if metrics is None:
+        return METRIC_NAMES
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    names = tuple(metrics)
+    unknown = [m for m in names if m not in METRIC_NAMES]
+    if unknown or not names:
+        raise ValueError(f"`metrics` can be any of {', '.join(METRIC_NAMES)}, got {list(names)!r}")
+    return names
+
+
+def needs_spectrum(metrics: Sequence[str] | None) -> bool:
+    """Whether any of ``metrics`` needs singular values (only ``frobenius_norm`` does not)."""
+    return any(m != "frobenius_norm" for m in _check_metric_names(metrics))
+
+
+def spectral_metrics(
+    matrix: Tensor, metrics: Sequence[str] | None = None, method: Method = "auto"
+) -> dict[str, Tensor]:
+    """Every requested metric of ``matrix`` (``(..., m, n)``) from one decomposition.
+
+    Args:
+        matrix: real tensor ``(..., m, n)``; leading dimensions are a batch of matrices.
+        metrics: names from :data:`METRIC_NAMES`; ``None`` means all.
+        method: singular value route, see :func:`singular_values`.
+
+    Returns:
+        ``{name: float64 tensor of shape matrix.shape[:-2]}``.
+
+    Raises:
+        ValueError: for an unknown metric name.
+
+    Example:
+        >>> out = spectral_metrics(torch.diag(torch.tensor([4.0, 3.0])))
+        >>> {k: round(v.item(), 4) for k, v in out.items() if k != "effective_rank"}
+        {'nuclear_norm': 7.0, 'spectral_norm': 4.0, 'frobenius_norm': 5.0, 'stable_rank': 1.5625, 'top_sv_ratio': 0.5714}
+    """
+    names = _check_metric_names(metrics)
+    _check_matrix(matrix)
+    fro = _frobenius_from_entries(matrix)
+    if not needs_spectrum(names):
+        return {"frobenius_norm": fro}
+    s = singular_values(matrix, method)
+    return metrics_from_singular_values(s, fro, names)

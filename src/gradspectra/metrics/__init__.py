@@ -1,0 +1,24 @@
+"""torchmetrics ``Metric`` classes that keep streaming statistics of gradient spectral metrics across steps.
+
+The math lives in :mod:`gradspectra.functional`; these classes only hold state and call it.
+"""
+
+from gradspectra.metrics.spectrum import (
+    EffectiveRank,
+    FrobeniusNorm,
+    GradientSpectrum,
+    NuclearNorm,
+    SpectralNorm,
+    StableRank,
+    TopSVRatio,
+)
+
+__all__ = [
+    "EffectiveRank",
+    "FrobeniusNorm",
+    "GradientSpectrum",
+    "NuclearNorm",
+    "SpectralNorm",
+    "StableRank",
+    "TopSVRatio",
+]
