@@ -1,5 +1,6 @@
 """Pure tensor math: singular values, spectral metrics and cross-layer statistics. No state, no Lightning."""
 
+from gradspectra.functional.batched import spectral_metrics_many
 from gradspectra.functional.layers import adjacent_cosine, layer_mad, paper_segments
 from gradspectra.functional.reshape import as_matrix, is_conv1d
 from gradspectra.functional.spectral import (
@@ -32,6 +33,7 @@ __all__ = [
     "paper_segments",
     "singular_values",
     "spectral_metrics",
+    "spectral_metrics_many",
     "spectral_norm",
     "stable_rank",
     "top_sv_ratio",

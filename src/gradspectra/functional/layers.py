@@ -54,7 +54,8 @@ def layer_mad(values: Tensor | Sequence[float], segments: Sequence[tuple[int, in
         >>> layer_mad(torch.tensor([1.0, 3.0, 2.0, 6.0]), segments=[(0, 2), (2, 4)]).tolist()
         [2.0, 4.0]
     """
-    x = torch.as_tensor(values).to(torch.float64)
+    # a list of Python floats must not pass through float32 (torch's default dtype) on its way to float64
+    x = values.to(torch.float64) if isinstance(values, Tensor) else torch.as_tensor(values, dtype=torch.float64)
     if x.ndim == 0:
         raise ValueError(f"`values` must have a layer dimension, got a scalar {x.item()!r}")
     if segments is None:
@@ -62,6 +63,8 @@ def layer_mad(values: Tensor | Sequence[float], segments: Sequence[tuple[int, in
     length = x.shape[-1]
     outs = []
     for seg in segments:
+        if len(seg) != 2:
+            raise ValueError(f"`segments` entries must be (start, stop) pairs, got {seg!r}")
         start, stop = seg
         if not (0 <= start <= stop <= length):
             raise ValueError(f"`segments` entries must satisfy 0 <= start <= stop <= {length}, got {seg!r}")
@@ -92,13 +95,18 @@ def adjacent_cosine(grads: Tensor | Sequence[Tensor]) -> Tensor:
     """
     if not isinstance(grads, Tensor):
         grads = list(grads)
+        if not all(isinstance(g, Tensor) for g in grads):
+            raise TypeError(f"`grads` must hold torch.Tensor gradients, got {[type(g).__name__ for g in grads]}")
         shapes = {tuple(g.shape) for g in grads}
         if len(shapes) > 1:
             raise ValueError(f"`grads` must all have the same shape, got shapes {sorted(shapes)}")
         if not grads:
             raise ValueError("`grads` must hold at least one gradient, got an empty sequence")
         grads = torch.stack([g.detach() for g in grads])
-    flat = grads.to(torch.float64).flatten(1)
+    if grads.ndim == 0:
+        raise ValueError("`grads` must be stacked (L, ...) with a layer dimension, got a scalar")
+    # reshape, not flatten(1): a stack of scalar gradients (L,) is valid too
+    flat = grads.to(torch.float64).reshape(grads.shape[0], -1)
     # normalise first so the dot products cannot overflow or underflow
     scale = flat.abs().amax(-1, keepdim=True)
     flat = flat / torch.where(scale > 0, scale, torch.ones_like(scale))

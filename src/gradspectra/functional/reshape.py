@@ -22,8 +22,10 @@ def as_matrix(grad: Tensor, module: nn.Module | None = None, include_embeddings:
     """The gradient of a weight as an ``out x in`` matrix, or ``None`` when it is not measured.
 
     - ``nn.Linear`` (and any 2-D weight): as is, ``out x in``.
-    - Convolutions (``nn.ConvNd``, ``nn.ConvTransposeNd``): ``out x (in * k1 * k2 ...)``; transposed
-      convolutions are stored ``in x out/groups x k...`` and are permuted to put ``out`` first.
+    - Convolutions (``nn.ConvNd``, ``nn.ConvTransposeNd``): ``out x (in/groups * k1 * k2 ...)``
+      (``groups = 1`` unless the layer is grouped); transposed convolutions are stored
+      ``in x out/groups x k...`` and are permuted group by group to put ``out`` first, so both
+      kinds give the same layout.
     - GPT-2 style ``Conv1D`` (stored ``in x out``): transposed to ``out x in``.
     - 1-D parameters (biases, norms) and 0-D parameters: ``None``.
     - ``nn.Embedding`` / ``nn.EmbeddingBag``: ``None`` unless ``include_embeddings`` (their gradient
@@ -43,7 +45,10 @@ def as_matrix(grad: Tensor, module: nn.Module | None = None, include_embeddings:
     if is_conv1d(module):
         return grad.mT
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return grad.transpose(0, 1).flatten(1)
+        groups = module.groups
+        # (in, out/g, k...) -> (g, in/g, out/g, k...) -> (g, out/g, in/g, k...) -> (out, in/g * k...)
+        per_group = grad.reshape(groups, grad.shape[0] // groups, *grad.shape[1:]).transpose(1, 2)
+        return per_group.flatten(0, 1).flatten(1)
     if grad.ndim == 2:
         return grad
     return grad.flatten(1)

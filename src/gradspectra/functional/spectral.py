@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from gradspectra.functional.svd import Method, _check_matrix, _scaled_float64, singular_values
+from gradspectra.functional.svd import METHODS, Method, _check_matrix, _scaled_float64, singular_values
 
 METRIC_NAMES: tuple[str, ...] = (
     "nuclear_norm",
@@ -195,15 +195,21 @@ def spectral_metrics(
         ``{name: float64 tensor of shape matrix.shape[:-2]}``.
 
     Raises:
-        ValueError: for an unknown metric name.
+        TypeError: if ``matrix`` is not a real floating point tensor.
+        ValueError: for an unknown metric name or ``method``, or ``matrix`` with fewer than 2 dimensions.
 
     Example:
         >>> out = spectral_metrics(torch.diag(torch.tensor([4.0, 3.0])))
-        >>> {k: round(v.item(), 4) for k, v in out.items() if k != "effective_rank"}
-        {'nuclear_norm': 7.0, 'spectral_norm': 4.0, 'frobenius_norm': 5.0, 'stable_rank': 1.5625, 'top_sv_ratio': 0.5714}
+        >>> {k: round(v.item(), 4) for k, v in out.items() if k not in ("effective_rank", "top_sv_ratio")}
+        {'nuclear_norm': 7.0, 'spectral_norm': 4.0, 'frobenius_norm': 5.0, 'stable_rank': 1.5625}
+        >>> round(out["top_sv_ratio"].item(), 4)
+        0.5714
     """
     names = _check_metric_names(metrics)
     _check_matrix(matrix)
+    # checked here too: a Frobenius-only request never reaches singular_values
+    if method not in METHODS:
+        raise ValueError(f"`method` can be {', '.join(METHODS)}, got {method!r}")
     fro = _frobenius_from_entries(matrix)
     if not needs_spectrum(names):
         return {"frobenius_norm": fro}

@@ -38,13 +38,17 @@ def _scaled_float64(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     a = matrix.to(torch.float64)
     finite = torch.isfinite(a).flatten(-2).all(-1)
     a = torch.where(finite[..., None, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
+    if a.shape[-2] * a.shape[-1] == 0:
+        # amax cannot reduce an empty matrix; an empty matrix is a zero matrix
+        return a, torch.ones(a.shape[:-2], dtype=a.dtype, device=a.device), finite
     scale = a.abs().flatten(-2).amax(-1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return a / scale[..., None, None], scale, finite
 
 
 def _svd_route(a: Tensor) -> Tensor:
-    return torch.linalg.svdvals(a)
+    s: Tensor = torch.linalg.svdvals(a)
+    return s
 
 
 def _gram_route(a: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,7 +101,7 @@ def singular_values(matrix: Tensor, method: Method = "auto") -> Tensor:
 
     Example:
         >>> import numpy as np
-        >>> a = torch.diag(torch.tensor([3.0, 2.0, 1.0])) * 1e25
+        >>> a = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)) * 1e25
         >>> s = singular_values(a)
         >>> bool(np.allclose(s.numpy(), [3e25, 2e25, 1e25], rtol=1e-12))
         True
@@ -154,9 +158,7 @@ def factored_singular_values(delta: Tensor, inputs: Tensor) -> Tensor:
     core = r1 @ r2.mT
     s = torch.linalg.svdvals(core) * (sd * sx)[..., None]
     r = min(m, n)
-    if s.shape[-1] < r:
-        s = torch.nn.functional.pad(s, (0, r - s.shape[-1]))
-    else:
-        s = s[..., :r]
+    # rank at most T: pad with the zero singular values that the T x T core cannot show
+    s = torch.nn.functional.pad(s, (0, r - s.shape[-1])) if s.shape[-1] < r else s[..., :r]
     finite = fd & fx
     return torch.where(finite[..., None], s, torch.full_like(s, float("nan")))

@@ -3,6 +3,7 @@
 The math lives in :mod:`gradspectra.functional`; these classes only hold state and call it.
 """
 
+from gradspectra.metrics.layerwise import LayerwiseSpectrum
 from gradspectra.metrics.spectrum import (
     EffectiveRank,
     FrobeniusNorm,
@@ -17,6 +18,7 @@ __all__ = [
     "EffectiveRank",
     "FrobeniusNorm",
     "GradientSpectrum",
+    "LayerwiseSpectrum",
     "NuclearNorm",
     "SpectralNorm",
     "StableRank",

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from gradspectra.functional.spectral import METRIC_NAMES, _check_metric_names, spectral_metrics
+from gradspectra.functional.spectral import _check_metric_names, spectral_metrics
 from gradspectra.functional.streaming import (
+    EMPTY_LAST,
     STAT_NAMES,
     StreamingState,
     streaming_compute,
@@ -33,7 +34,8 @@ class GradientSpectrum(Metric):
     the moments, so one bad step does not poison the running mean.
 
     Under DDP, ``count``, ``nonfinite``, ``sum`` and ``sum_sq`` are summed across ranks, ``min``
-    and ``max`` reduced by min and max, and ``last`` taken from the highest rank.
+    and ``max`` reduced by min and max, and ``last`` taken from the highest rank that has observed
+    anything (see :func:`gradspectra.functional.streaming.take_last`).
 
     Args:
         metrics: names from :data:`gradspectra.functional.METRIC_NAMES`; ``None`` for all.
@@ -48,9 +50,10 @@ class GradientSpectrum(Metric):
         5.0
     """
 
-    is_differentiable: ClassVar[bool] = False
-    higher_is_better: ClassVar[bool | None] = None
-    full_state_update: ClassVar[bool] = False
+    # plain (not ClassVar) annotations: torchmetrics declares these as instance-overridable attributes
+    is_differentiable: bool = False
+    higher_is_better: bool | None = None
+    full_state_update: bool = False
 
     count: Tensor
     nonfinite: Tensor
@@ -74,15 +77,23 @@ class GradientSpectrum(Metric):
         self.add_state("sum_sq", torch.zeros(k, dtype=f64), dist_reduce_fx="sum")
         self.add_state("min", torch.full((k,), float("inf"), dtype=f64), dist_reduce_fx="min")
         self.add_state("max", torch.full((k,), -float("inf"), dtype=f64), dist_reduce_fx="max")
-        self.add_state("last", torch.full((k,), float("nan"), dtype=f64), dist_reduce_fx=take_last)
+        self.add_state("last", torch.full((k,), EMPTY_LAST, dtype=f64), dist_reduce_fx=take_last)
 
     def update(self, grad_matrix: Tensor) -> None:
         """Fold the metrics of ``grad_matrix`` (``(m, n)`` or ``(..., m, n)``) into the state."""
+        if not isinstance(grad_matrix, Tensor):
+            raise TypeError(f"`grad_matrix` must be a torch.Tensor, got {type(grad_matrix).__name__}")
         values = spectral_metrics(grad_matrix.detach(), self.metric_names, self.method)
         self.update_values(torch.stack([values[name].reshape(-1) for name in self.metric_names], -1))
 
     def update_values(self, values: Tensor) -> None:
         """Fold already computed metric values, shaped ``(N, K)`` in ``metric_names`` order."""
+        if values.ndim != 2 or values.shape[1] != len(self.metric_names):
+            # a (N, 1) block would otherwise broadcast silently into every metric's state
+            raise ValueError(
+                f"`values` must be shaped (N, {len(self.metric_names)}) for metrics {list(self.metric_names)}, "
+                f"got shape {tuple(values.shape)}"
+            )
         batch = streaming_update(values.to(self.sum.device))
         self.count += batch.count
         self.nonfinite += batch.nonfinite
@@ -144,5 +155,3 @@ class EffectiveRank(_SingleSpectralMetric):
     r"""Streaming effective rank :math:`\exp(-\sum_i p_i \ln p_i)`, :math:`p_i = s_i / \sum_j s_j`."""
 
     metric_name: ClassVar[str] = "effective_rank"
-
-

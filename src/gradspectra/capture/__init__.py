@@ -1,0 +1,17 @@
+"""Which parameters are watched and how their gradients are read: selection, layer names, gradient matrices."""
+
+from gradspectra.capture.naming import LAYER_CONTAINERS, WRAPPER_SEGMENTS, parse_layer_name, parse_layer_names
+from gradspectra.capture.selection import DEFAULT_MODULE_TYPES, Selection, select_parameters
+from gradspectra.capture.watched import WatchedParameter, group_by_component
+
+__all__ = [
+    "DEFAULT_MODULE_TYPES",
+    "LAYER_CONTAINERS",
+    "WRAPPER_SEGMENTS",
+    "Selection",
+    "WatchedParameter",
+    "group_by_component",
+    "parse_layer_name",
+    "parse_layer_names",
+    "select_parameters",
+]

@@ -1,0 +1,151 @@
+"""Generated data for the demo, the examples and the benchmarks: templated reviews with injected bad batches,
+and synthetic arithmetic with answer-only or chain-of-thought responses.
+
+Everything is generated from a seed; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+Corruption = Literal["label_noise", "random_tokens", "duplicate", "near_duplicate", "truncated"]
+CORRUPTIONS: tuple[str, ...] = get_args(Corruption)
+
+_SUBJECTS = [
+    "the blender", "this laptop", "the hotel room", "our waiter", "the new phone", "the delivery", "this novel",
+    "the headphones", "the coffee machine", "the rental car", "the museum tour", "the yoga class", "the app",
+    "the backpack", "the pizza", "the customer service", "this jacket", "the hiking boots", "the concert",
+    "the vacuum cleaner", "the train ride", "the dentist", "the camera", "the garden hose", "the keyboard",
+]
+_POSITIVE = [
+    "works perfectly", "exceeded my expectations", "was a delight", "is worth every penny", "felt premium",
+    "was fast and friendly", "made my week", "is sturdy and reliable", "was spotless", "sounds amazing",
+    "arrived early and intact", "is easy to use", "was genuinely helpful", "keeps going all day", "tastes wonderful",
+]
+_NEGATIVE = [
+    "broke after two days", "was a huge disappointment", "is a waste of money", "felt cheap and flimsy",
+    "was rude and slow", "ruined my week", "stopped working", "was filthy", "sounds terrible", "arrived late and damaged",
+    "is confusing to use", "was no help at all", "dies within an hour", "tastes awful", "fell apart quickly",
+]
+_OPENERS = ["", "honestly, ", "I have to say ", "after a month, ", "to be fair, ", "in short, ", "well, "]
+_POS_TAILS = ["", " and I would buy it again", " so I recommend it", " and my family loves it", " five stars"]
+_NEG_TAILS = ["", " and I want a refund", " so avoid it", " and support never replied", " one star"]
+_FILLER = [
+    "apple", "river", "seven", "blue", "window", "quantum", "sand", "violin", "ledger", "orbit", "pepper", "marble",
+    "tunnel", "gravity", "lantern", "cactus", "novel", "engine", "harbor", "puzzle", "velvet", "crater", "zebra",
+]
+
+
+def review(rng: random.Random, label: int) -> str:
+    """One templated review; ``label`` 1 is positive, 0 negative."""
+    subject = rng.choice(_SUBJECTS)
+    verdict = rng.choice(_POSITIVE if label else _NEGATIVE)
+    tail = rng.choice(_POS_TAILS if label else _NEG_TAILS)
+    return f"{rng.choice(_OPENERS)}{subject} {verdict}{tail}."
+
+
+@dataclass
+class Sample:
+    sample_id: int
+    text: str
+    label: int
+
+
+@dataclass
+class PlannedBatch:
+    """One batch of the demo's stream; ``corruption`` names what was done to it (``None`` when clean)."""
+
+    index: int
+    samples: list[Sample]
+    corruption: str | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def review_batches(
+    num_batches: int,
+    batch_size: int = 16,
+    corrupt_fraction: float = 0.12,
+    corruptions: tuple[str, ...] = ("label_noise", "random_tokens", "duplicate"),
+    clean_prefix: int = 25,
+    seed: int = 0,
+) -> list[PlannedBatch]:
+    """A stream of review batches with a share of deliberately corrupted ones.
+
+    The first ``clean_prefix`` batches are clean (the monitor's warm-up); after that each batch is
+    corrupted with probability ``corrupt_fraction``, cycling through ``corruptions``:
+
+    - ``label_noise``: every label flipped;
+    - ``random_tokens``: texts replaced by strings of unrelated words (labels kept);
+    - ``duplicate``: one sample repeated ``batch_size`` times (no diversity);
+    - ``near_duplicate``: one sample repeated with a single word changed per copy;
+    - ``truncated``: every text cut to its first word.
+
+    Every sample has a unique ``sample_id``.
+    """
+    if not 0.0 <= corrupt_fraction <= 1.0:
+        raise ValueError(f"`corrupt_fraction` must be in [0, 1], got {corrupt_fraction!r}")
+    unknown = [c for c in corruptions if c not in CORRUPTIONS]
+    if unknown:
+        raise ValueError(f"`corruptions` can be any of {', '.join(CORRUPTIONS)}, got {list(corruptions)!r}")
+    rng = random.Random(seed)
+    next_id = 0
+    batches = []
+    kinds = list(corruptions)
+    k = 0
+    for b in range(num_batches):
+        samples = []
+        for _ in range(batch_size):
+            label = rng.randint(0, 1)
+            samples.append(Sample(next_id, review(rng, label), label))
+            next_id += 1
+        corruption = None
+        if b >= clean_prefix and kinds and rng.random() < corrupt_fraction:
+            corruption = kinds[k % len(kinds)]
+            k += 1
+            samples = corrupt(samples, corruption, rng)
+        batches.append(PlannedBatch(b, samples, corruption))
+    return batches
+
+
+def corrupt(samples: list[Sample], kind: str, rng: random.Random) -> list[Sample]:
+    """Apply corruption ``kind`` (see :func:`review_batches`) to a batch, keeping sample ids."""
+    if kind == "label_noise":
+        return [Sample(s.sample_id, s.text, 1 - s.label) for s in samples]
+    if kind == "random_tokens":
+        return [
+            Sample(s.sample_id, " ".join(rng.choice(_FILLER) for _ in range(len(s.text.split()))), s.label)
+            for s in samples
+        ]
+    if kind == "duplicate":
+        first = samples[0]
+        return [Sample(s.sample_id, first.text, first.label) for s in samples]
+    if kind == "near_duplicate":
+        first = samples[0]
+        out = []
+        for s in samples:
+            words = first.text.split()
+            words[rng.randrange(len(words))] = rng.choice(_FILLER)
+            out.append(Sample(s.sample_id, " ".join(words), first.label))
+        return out
+    if kind == "truncated":
+        return [Sample(s.sample_id, s.text.split()[0], s.label) for s in samples]
+    raise ValueError(f"`kind` can be {', '.join(CORRUPTIONS)}, got {kind!r}")
+
+
+def arithmetic_problem(rng: random.Random) -> tuple[str, str, str]:
+    """``(prompt, answer_only, chain_of_thought)`` for a two-step arithmetic word problem.
+
+    Both responses end with the same final answer; the chain-of-thought one spells out each step,
+    as in the fast-vs-slow-thinking paper's contrast.
+    """
+    a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 9)
+    total = (a + b) * c
+    prompt = f"Q: Tom has {a} apples and buys {b} more. He packs all of them {c} times over. How many apples? A:"
+    fast = f" The answer is {total}."
+    slow = (
+        f" Tom starts with {a} apples. Buying {b} more gives {a} + {b} = {a + b}. "
+        f"Packing them {c} times over gives {a + b} * {c} = {total}. The answer is {total}."
+    )
+    return prompt, fast, slow

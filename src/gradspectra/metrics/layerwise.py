@@ -1,0 +1,93 @@
+"""Streaming statistics of every watched layer's spectral metrics in one ``Metric`` (one update per step)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from gradspectra.functional.spectral import _check_metric_names
+from gradspectra.functional.streaming import STAT_NAMES, StreamingState, streaming_compute, streaming_update, take_last
+
+
+class LayerwiseSpectrum(Metric):
+    """Per-layer streaming statistics of already computed spectral metrics.
+
+    State is shaped ``(layers, metrics)`` with the reductions of
+    :class:`~gradspectra.metrics.GradientSpectrum` (sums summed, extremes by min/max, ``last`` from
+    the highest rank). States are persistent, so ``state_dict()`` carries them into checkpoints.
+
+    Args:
+        layer_keys: one name per layer (row order of the values passed to :meth:`update`).
+        metrics: metric names (column order).
+
+    Example:
+        >>> m = LayerwiseSpectrum(["a", "b"], ["nuclear_norm"])
+        >>> m.update(torch.tensor([[1.0], [2.0]]))
+        >>> m.update(torch.tensor([[3.0], [float("nan")]]))
+        >>> out = m.compute()
+        >>> out["mean"][:, 0].tolist(), out["nonfinite"][:, 0].tolist()
+        ([2.0, 2.0], [0.0, 1.0])
+    """
+
+    is_differentiable: ClassVar[bool] = False
+    higher_is_better: ClassVar[bool | None] = None
+    full_state_update: ClassVar[bool] = False
+
+    count: Tensor
+    nonfinite: Tensor
+    sum: Tensor
+    sum_sq: Tensor
+    min: Tensor
+    max: Tensor
+    last: Tensor
+
+    def __init__(self, layer_keys: Sequence[str], metrics: Sequence[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.layer_keys: tuple[str, ...] = tuple(layer_keys)
+        if not self.layer_keys:
+            raise ValueError("`layer_keys` must name at least one layer, got an empty sequence")
+        self.metric_names: tuple[str, ...] = _check_metric_names(metrics)
+        shape = (len(self.layer_keys), len(self.metric_names))
+        f64 = torch.float64
+        self.add_state("count", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum", persistent=True)
+        self.add_state("nonfinite", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum", persistent=True)
+        self.add_state("sum", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum", persistent=True)
+        self.add_state("sum_sq", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum", persistent=True)
+        self.add_state("min", torch.full(shape, float("inf"), dtype=f64), dist_reduce_fx="min", persistent=True)
+        self.add_state("max", torch.full(shape, -float("inf"), dtype=f64), dist_reduce_fx="max", persistent=True)
+        self.add_state("last", torch.full(shape, float("nan"), dtype=f64), dist_reduce_fx=take_last, persistent=True)
+
+    def update(self, values: Tensor, mask: Tensor | None = None) -> None:
+        """Fold one step's values, shaped ``(layers, metrics)``.
+
+        ``mask`` (bool, ``(layers,)``) marks the layers measured this step; the others (no gradient)
+        keep their state untouched rather than counting as non-finite.
+        """
+        if tuple(values.shape) != tuple(self.sum.shape):
+            raise ValueError(f"`values` must be shaped {tuple(self.sum.shape)}, got {tuple(values.shape)}")
+        shape = self.sum.shape
+        batch = streaming_update(values.to(device=self.sum.device).reshape(1, -1))
+        keep = (
+            torch.ones(shape, dtype=torch.bool, device=self.sum.device)
+            if mask is None
+            else mask.to(device=self.sum.device, dtype=torch.bool)[:, None].expand(shape)
+        )
+        zero = torch.zeros((), dtype=self.sum.dtype, device=self.sum.device)
+        self.count += torch.where(keep, batch.count.view(shape), zero)
+        self.nonfinite += torch.where(keep, batch.nonfinite.view(shape), zero)
+        self.sum += torch.where(keep, batch.sum.view(shape), zero)
+        self.sum_sq += torch.where(keep, batch.sum_sq.view(shape), zero)
+        self.min = torch.where(keep, torch.minimum(self.min, batch.min.view(shape)), self.min)
+        self.max = torch.where(keep, torch.maximum(self.max, batch.max.view(shape)), self.max)
+        self.last = torch.where(keep, batch.last.view(shape), self.last)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``{stat: Tensor (layers, metrics)}`` for every stat in ``STAT_NAMES``."""
+        stats = streaming_compute(
+            StreamingState(self.count, self.nonfinite, self.sum, self.sum_sq, self.min, self.max, self.last)
+        )
+        return {stat: stats[stat] for stat in STAT_NAMES}

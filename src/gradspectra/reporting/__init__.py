@@ -1,0 +1,25 @@
+"""Reporting: the JSONL batch record and the TensorBoard views (layouts, figures, tables)."""
+
+from gradspectra.reporting.records import RECORD_FILENAME, RecordBuffer, RecordWriter, read_records, record_to_json
+from gradspectra.reporting.tensorboard import (
+    TAG_ROOT,
+    custom_scalars_layout,
+    flagged_table,
+    heatmap_figure,
+    layer_profile_figure,
+    layer_tag,
+)
+
+__all__ = [
+    "RECORD_FILENAME",
+    "TAG_ROOT",
+    "RecordBuffer",
+    "RecordWriter",
+    "custom_scalars_layout",
+    "flagged_table",
+    "heatmap_figure",
+    "layer_profile_figure",
+    "layer_tag",
+    "read_records",
+    "record_to_json",
+]

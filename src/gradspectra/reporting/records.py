@@ -1,0 +1,99 @@
+"""The batch record: one JSON object per monitored optimizer step, appended to ``batches.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+RECORD_FILENAME = "batches.jsonl"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats become ``None`` (JSON has no NaN), tensors/numpy scalars become floats."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return _clean(value.item())
+    return value
+
+
+def record_to_json(record: Mapping[str, Any]) -> str:
+    """One line of ``batches.jsonl`` (strict JSON: NaN and Inf written as ``null``)."""
+    return json.dumps(_clean(record), allow_nan=False, separators=(", ", ": "))
+
+
+class RecordWriter:
+    """Appends records to a JSONL file, one flushed line each, so the file can be tailed live.
+
+    The file is opened in append mode: a resumed run continues the same file, never truncates it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fh: IO[str] | None = None
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across steps
+        self._fh.write(record_to_json(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class RecordBuffer:
+    """The newest ``maxlen`` records in memory (the file on disk keeps them all)."""
+
+    def __init__(self, maxlen: int) -> None:
+        self._records: deque[dict[str, Any]] = deque(maxlen=maxlen)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._records.append(record)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self._records[i]
+
+    def extend(self, records: Iterable[dict[str, Any]]) -> None:
+        self._records.extend(records)
+
+
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All records of a ``batches.jsonl`` file, in order.
+
+    A truncated last line (a run killed mid-write) is ignored; a malformed line anywhere else raises
+    ``ValueError`` naming the line, since that is damage, not an interrupted write.
+    """
+    with open(path, encoding="utf-8") as fh:
+        lines = [line.strip() for line in fh]
+    while lines and not lines[-1]:
+        lines.pop()
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON record: {err}") from err
+    return out

@@ -1,0 +1,131 @@
+"""Sliding windows kept sorted, so that medians and quartiles of the last ``capacity`` values cost O(1) per series.
+
+A window holds a block of independent series (any leading shape, e.g. ``(layers, metrics)``). Each
+``push`` appends one value per series (NaN = nothing this time) and evicts the value pushed
+``capacity`` pushes ago; the sorted copy is updated by one vectorised delete-and-insert, O(capacity)
+elementwise work per series and no sort. Values are stored in float32: the scores use them on log
+scale or in robust-z units, where 1e-7 relative precision is far below any meaningful change, and
+half the bytes makes the per-step update several times faster (it is memory-bound).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import NDArray
+
+FloatArray = NDArray[np.float64]
+StoredArray = NDArray[np.float32]
+STORED = np.float32
+
+
+class SortedWindow:
+    """The last ``capacity`` finite values of every series in a block of shape ``shape``."""
+
+    def __init__(self, shape: tuple[int, ...], capacity: int) -> None:
+        self.capacity = int(capacity)
+        self.shape = tuple(int(s) for s in shape)
+        self.pushes = 0  # pushes so far; the ring slot written next is pushes % capacity
+        # raw: values in ring order (NaN = none); srt: finite values ascending, +inf after them,
+        # with one extra +inf column so that shifted reads never run off the end
+        self.raw: StoredArray = np.full((*self.shape, self.capacity), np.nan, dtype=STORED)
+        self.srt: StoredArray = np.full((*self.shape, self.capacity + 1), np.inf, dtype=STORED)
+        self.count = np.zeros(self.shape, dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape)
+
+    def grow(self, shape: tuple[int, ...]) -> None:
+        """Enlarge the block to ``shape`` (no dimension may shrink); new series start empty."""
+        shape = tuple(int(s) for s in shape)
+        if shape == self.shape:
+            return
+        old = tuple(slice(0, s) for s in self.shape)
+        raw = np.full((*shape, self.capacity), np.nan, dtype=STORED)
+        srt = np.full((*shape, self.capacity + 1), np.inf, dtype=STORED)
+        count = np.zeros(shape, dtype=np.int64)
+        raw[old] = self.raw
+        srt[old] = self.srt
+        count[old] = self.count
+        self.shape, self.raw, self.srt, self.count = shape, raw, srt, count
+
+    def push(self, values: FloatArray) -> None:
+        """Append one value per series (shape ``shape``); non-finite entries count as absent."""
+        w = self.capacity
+        n = self.rows
+        if n == 0:
+            self.pushes += 1
+            return
+        raw = self.raw.reshape(n, w)
+        srt = self.srt.reshape(n, w + 1)
+        count = self.count.reshape(n)
+        with np.errstate(over="ignore"):  # beyond float32's range: stored as absent, like any non-finite value
+            new = np.asarray(values).astype(STORED).reshape(n)
+        slot = self.pushes % w
+        old = raw[:, slot].copy()
+        has_old = ~np.isnan(old)
+        has_new = np.isfinite(new)
+        # A missing new value is inserted as +inf (the end of the finite values), and a missing old value
+        # is the first +inf: every row then does exactly one delete and one insert.
+        old_key = np.where(has_old, old, np.inf)
+        new_key = np.where(has_new, new, np.inf)
+        # srt is ascending, so each comparison is a prefix mask: below_old[j] <=> j < position of old
+        below_old = srt[:, :w] < old_key[:, None]
+        below_new = srt[:, :w] < new_key[:, None]
+        shift_left = old_key < new_key
+        k_ins = below_new.view(np.uint8).sum(axis=1, dtype=np.int64) - shift_left
+        # values between the two positions move one slot: left (old below new) on [i_del, k_ins),
+        # right (old above new) on (k_ins, i_del]; everything else stays where it is
+        before = srt.copy()
+        out = srt[:, :w]
+        np.copyto(out[:, : w - 1], before[:, 1:w], where=~below_old[:, : w - 1] & below_new[:, 1:])
+        np.copyto(out[:, 1:], before[:, : w - 1], where=below_old[:, : w - 1] & ~below_new[:, : w - 1])
+        out[np.arange(n), k_ins] = new_key
+        raw[:, slot] = np.where(has_new, new, np.nan)
+        count += has_new.astype(np.int64) - has_old.astype(np.int64)
+        self.pushes += 1
+
+    def quantiles(self, qs: tuple[float, ...]) -> FloatArray:
+        """Per-series quantiles (numpy's default linear interpolation), shape ``(len(qs), *shape)``; NaN if empty."""
+        w1 = self.capacity + 1
+        n = self.rows
+        count = self.count.reshape(n)
+        last = np.maximum(count - 1, 0)
+        h = last[None, :] * np.asarray(qs, dtype=np.float64)[:, None]  # (Q, n)
+        lo = np.floor(h).astype(np.int64)
+        hi = np.minimum(lo + 1, last[None, :])
+        flat = self.srt.reshape(-1)
+        base = np.arange(n, dtype=np.int64) * w1
+        a = flat[base + lo].astype(np.float64)
+        b = flat[base + hi].astype(np.float64)
+        frac = h - lo
+        with np.errstate(invalid="ignore"):  # inf - inf past the end of empty series; masked below
+            val = np.where(frac > 0, a + frac * (b - a), a)
+        out: FloatArray = np.where(count > 0, val, np.nan).reshape((len(qs), *self.shape))
+        return out
+
+    def history(self) -> StoredArray:
+        """The stored values oldest first, shape ``shape + (min(pushes, capacity),)`` (NaN = absent)."""
+        w = self.capacity
+        if self.pushes <= w:
+            recent: StoredArray = self.raw[..., : self.pushes].copy()
+            return recent
+        rolled: StoredArray = np.roll(self.raw, -(self.pushes % w), axis=-1)
+        return rolled
+
+    @classmethod
+    def from_history(cls, history: FloatArray, capacity: int) -> SortedWindow:
+        """A window that has seen ``history`` (shape ``shape + (T,)``, oldest first); keeps the last ``capacity``."""
+        with np.errstate(over="ignore"):
+            hist = np.asarray(history).astype(STORED)
+        win = cls(hist.shape[:-1], capacity)
+        hist = hist[..., -win.capacity :] if hist.shape[-1] else hist
+        t = hist.shape[-1]
+        hist = np.where(np.isfinite(hist), hist, np.nan)
+        win.raw[..., :t] = hist
+        win.srt[..., :t] = np.sort(np.where(np.isnan(hist), np.inf, hist), axis=-1)
+        win.count = np.isfinite(hist).sum(axis=-1).astype(np.int64)
+        win.pushes = t
+        return win

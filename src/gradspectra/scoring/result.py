@@ -1,0 +1,29 @@
+"""The verdict a scorer gives one optimizer step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ScoreResult:
+    """One step's anomaly score and whether it was flagged.
+
+    Attributes:
+        score: higher = more anomalous, in robust standard deviations (``max_k |Z_k|``, see
+            :mod:`gradspectra.scoring.batch`); ``inf`` when a gradient or the loss was non-finite;
+            ``None`` during warm-up or when nothing on the step could be scored.
+        flagged: whether the step was flagged (its score exceeded ``threshold``, or a value was non-finite).
+        reasons: human-readable reasons, strongest first; empty when not flagged.
+        z: per-metric aggregate robust z (signed: negative = lower than usual), e.g.
+            ``{"effective_rank": -9.1, "nuclear_norm": 1.2, "loss": 0.3}``; empty during warm-up.
+        in_warmup: whether the scorer was still building its baseline.
+        threshold: the threshold the score was compared with; ``None`` during warm-up.
+    """
+
+    score: float | None
+    flagged: bool
+    reasons: list[str] = field(default_factory=list)
+    z: dict[str, float] = field(default_factory=dict)
+    in_warmup: bool = False
+    threshold: float | None = None

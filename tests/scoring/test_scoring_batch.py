@@ -1,0 +1,207 @@
+"""BatchScorer on synthetic streams: detection both ways, calibration on clean data, drift, poisoning, warm-up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradspectra.scoring import BatchScorer, ScoreResult, auroc
+
+from .streams import METRICS, SyntheticRun
+
+WARMUP = 20
+
+
+def warmed_up(run: SyntheticRun, scorer: BatchScorer, steps: int = 150) -> None:
+    for _ in range(steps):
+        scorer.score(run.step(), loss=run.loss())
+    assert not scorer.in_warmup
+
+
+def test_warmup_gives_no_score_and_no_flag() -> None:
+    run = SyntheticRun(seed=0)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    results = []
+    for t in range(WARMUP):
+        # even a huge shift during warm-up is not flagged: there is no baseline to judge it by
+        shift = {"effective_rank": 20.0} if t == 10 else None
+        results.append(scorer.score(run.step(shift), loss=run.loss()))
+    assert all(r.in_warmup and r.score is None and not r.flagged and not r.reasons for r in results)
+    assert all(r.threshold is None for r in results)
+    after = scorer.score(run.step(), loss=run.loss())
+    assert not after.in_warmup and after.score is not None and after.threshold is not None
+    assert set(after.z) == {*METRICS, "loss"}
+
+
+@pytest.mark.parametrize(("k", "direction"), [(6.0, "high"), (-6.0, "low")])
+def test_effective_rank_shift_in_all_layers_is_flagged_with_direction(k: float, direction: str) -> None:
+    run = SyntheticRun(seed=1)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer)
+    result = scorer.score(run.step({"effective_rank": k}), loss=run.loss())
+    assert result.flagged
+    assert result.score is not None and result.threshold is not None and result.score > result.threshold
+    assert result.reasons[0].startswith(f"effective_rank {direction} in ")
+    assert result.reasons[0].endswith(f"/{run.n_layers} layers (z={result.z['effective_rank']:.1f})")
+    assert np.sign(result.z["effective_rank"]) == np.sign(k)
+    # the other metrics were not moved, and are not blamed
+    assert all(not r.startswith(m) for r in result.reasons for m in METRICS if m != "effective_rank")
+
+
+def test_layer_count_in_reason_counts_shifted_layers() -> None:
+    run = SyntheticRun(seed=2, common=0.0)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer)
+    shifted = np.zeros(run.n_layers, dtype=bool)
+    shifted[:9] = True  # 9 of 12 layers, by 20 sigma: each of them is far beyond layer_threshold
+    result = scorer.score(run.step({"nuclear_norm": 20.0}, layers=shifted), loss=run.loss())
+    assert result.flagged
+    assert result.reasons[0].startswith(f"nuclear_norm high in 9/{run.n_layers} layers")
+
+
+def test_a_single_wild_layer_is_not_a_batch_anomaly() -> None:
+    run = SyntheticRun(seed=3)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer)
+    one = np.zeros(run.n_layers, dtype=bool)
+    one[4] = True
+    flagged = [scorer.score(run.step({"nuclear_norm": 50.0}, layers=one), loss=run.loss()).flagged for _ in range(50)]
+    # the interquartile mean ignores one layer out of twelve: flags stay at the clean rate
+    assert sum(flagged) <= 2
+
+
+@pytest.mark.parametrize("seed", [10, 11, 12])
+def test_clean_stream_false_flag_rate(seed: int) -> None:
+    run = SyntheticRun(seed=seed)
+    scorer = BatchScorer(warmup_steps=WARMUP, false_flag_rate=0.01)
+    flags = [scorer.score(run.step(), loss=run.loss()).flagged for _ in range(2000)]
+    assert not any(flags[:WARMUP])
+    assert np.mean(flags[WARMUP:]) <= 0.02
+
+
+def test_slow_drift_is_tracked_not_flagged() -> None:
+    # nuclear norm decays 3x (log scale: linearly) over 2000 steps, in every layer; the loss falls too
+    run = SyntheticRun(seed=20)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    n = 2000
+    flags = []
+    for t in range(n):
+        decay = -np.log(3.0) * t / n
+        result = scorer.score(run.step(offset={"nuclear_norm": decay}), loss=run.loss(np.exp(decay)))
+        flags.append(result.flagged)
+    assert np.mean(flags[WARMUP:]) <= 0.02
+
+
+def test_step_change_is_flagged_then_rebaselined() -> None:
+    # a permanent jump (e.g. a new learning-rate phase): flagged while it is new, then accepted as the regime
+    run = SyntheticRun(seed=21)
+    scorer = BatchScorer(warmup_steps=WARMUP, rebaseline_after=30)
+    warmed_up(run, scorer)
+    results = [scorer.score(run.step({"frobenius_norm": 10.0}), loss=run.loss()) for _ in range(30 + WARMUP + 100)]
+    assert all(r.flagged for r in results[:30])
+    assert any("baseline restarted after 30 consecutive flagged steps" in reason for reason in results[29].reasons)
+    assert all(r.in_warmup for r in results[30 : 30 + WARMUP])
+    assert np.mean([r.flagged for r in results[30 + WARMUP :]]) <= 0.05
+
+
+def test_rebaseline_can_be_disabled() -> None:
+    run = SyntheticRun(seed=22)
+    scorer = BatchScorer(warmup_steps=WARMUP, rebaseline_after=None)
+    warmed_up(run, scorer)
+    assert all(scorer.score(run.step({"frobenius_norm": 10.0}), loss=run.loss()).flagged for _ in range(150))
+
+
+def test_burst_of_bad_steps_does_not_poison_the_baseline() -> None:
+    run = SyntheticRun(seed=30)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer, steps=100)
+    rng = np.random.default_rng(0)
+    flagged_bad: list[bool] = []
+    flagged_clean: list[bool] = []
+    for _ in range(600):  # 30 % of the steps shift nuclear norm up by 4 sigma in every layer
+        bad = rng.random() < 0.3
+        result = scorer.score(run.step({"nuclear_norm": 4.0} if bad else None), loss=run.loss())
+        (flagged_bad if bad else flagged_clean).append(result.flagged)
+    # still caught at the end of the burst as well as at its start: the flagged steps never entered the baseline
+    assert np.mean(flagged_bad[:40]) >= 0.9
+    assert np.mean(flagged_bad[-40:]) >= 0.9
+    assert np.mean(flagged_clean) <= 0.02
+
+
+def test_loss_only_anomaly_is_flagged() -> None:
+    run = SyntheticRun(seed=40)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer)
+    result = scorer.score(run.step(), loss=run.loss(factor=4.0))
+    assert result.flagged
+    assert result.reasons[0] == f"loss high (z={result.z['loss']:.1f})"
+    assert result.z["loss"] > 0
+
+
+def test_loss_ignored_without_use_loss() -> None:
+    run = SyntheticRun(seed=40)
+    scorer = BatchScorer(warmup_steps=WARMUP, use_loss=False)
+    warmed_up(run, scorer)
+    result = scorer.score(run.step(), loss=run.loss(factor=4.0))
+    assert "loss" not in result.z
+    assert not any(r.startswith("loss") for r in result.reasons)
+    nan_loss = scorer.score(run.step(), loss=float("nan"))
+    assert not any("loss" in r for r in nan_loss.reasons)
+
+
+def test_linear_loss_scale() -> None:
+    run = SyntheticRun(seed=41)
+    scorer = BatchScorer(warmup_steps=WARMUP, log_loss=False)
+    warmed_up(run, scorer)
+    low = scorer.score(run.step(), loss=run.loss(factor=0.2))
+    assert low.flagged and low.reasons[0].startswith("loss low")
+
+
+def test_auroc_of_score_on_a_corruption_mix() -> None:
+    # three kinds of bad batch, each shifting one metric by 3 sigma in most (10 of 12) layers
+    run = SyntheticRun(seed=50)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer, steps=60)
+    rng = np.random.default_rng(1)
+    kinds = [{"effective_rank": 3.0}, {"effective_rank": -3.0}, {"nuclear_norm": 3.0}]
+    scores: list[float] = []
+    labels: list[bool] = []
+    for _ in range(700):
+        bad = rng.random() < 0.12
+        layers = rng.permutation(run.n_layers) < 10
+        result = scorer.score(run.step(kinds[rng.integers(3)] if bad else None, layers=layers), loss=run.loss())
+        assert result.score is not None
+        scores.append(result.score)
+        labels.append(bad)
+    assert auroc(scores, labels) > 0.95
+
+
+def test_score_is_max_abs_aggregate_and_flag_follows_threshold() -> None:
+    run = SyntheticRun(seed=60)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer)
+    for k in (0.0, 2.0, 5.0, -5.0):
+        result = scorer.score(run.step({"stable_rank": k}), loss=run.loss())
+        assert result.score == pytest.approx(max(abs(v) for v in result.z.values()))
+        assert result.threshold is not None
+        assert result.flagged == (result.score > result.threshold)
+        assert result.threshold >= scorer.min_threshold
+
+
+def test_threshold_floor_on_a_perfectly_steady_stream() -> None:
+    # identical values every step, up to rounding: nothing to flag
+    scorer = BatchScorer(warmup_steps=WARMUP, min_threshold=3.0)
+    rng = np.random.default_rng(0)
+    results = []
+    for _ in range(200):
+        jitter = 1.0 + 1e-9 * rng.standard_normal()
+        step = {f"l{i}": {m: (i + 1.0) * jitter for m in METRICS} for i in range(8)}
+        results.append(scorer.score(step, loss=0.5 * jitter))
+    assert not any(r.flagged for r in results)
+    assert results[-1].threshold == 3.0
+
+
+def test_result_type() -> None:
+    run = SyntheticRun(seed=61)
+    result = BatchScorer().score(run.step(), loss=run.loss())
+    assert isinstance(result, ScoreResult)

@@ -1,0 +1,230 @@
+"""BatchScorer on awkward inputs: non-finite values, absent and new layers or metrics, checkpoints, bad arguments."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gradspectra.scoring import POSITIVE_METRICS, BatchScorer
+
+from .streams import METRICS, SyntheticRun
+
+WARMUP = 20
+
+
+def feed(run: SyntheticRun, scorer: BatchScorer, steps: int) -> None:
+    for _ in range(steps):
+        scorer.score(run.step(), loss=run.loss())
+
+
+def windows(scorer: BatchScorer) -> dict[str, Any]:
+    state = scorer.state_dict()
+    return {k: state[k] for k in ("values", "loss", "aggregates", "scores", "accepted")}
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equality of nested lists of floats where NaN equals NaN."""
+    return pickle.dumps(np.nan_to_num(np.asarray(a, dtype=float), nan=-7.0)) == pickle.dumps(
+        np.nan_to_num(np.asarray(b, dtype=float), nan=-7.0)
+    )
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_metric_is_flagged_named_and_kept_out_of_the_baseline(bad: float) -> None:
+    run = SyntheticRun(seed=0)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    feed(run, scorer, 60)
+    before = windows(scorer)
+    step = run.step()
+    step["self_attn.q_proj/layer_03"]["effective_rank"] = bad
+    step["self_attn.q_proj/layer_07"]["nuclear_norm"] = bad
+    result = scorer.score(step, loss=run.loss())
+    assert result.flagged
+    assert result.score == math.inf
+    assert result.reasons[0] == (
+        "non-finite gradient in 2 layers: self_attn.q_proj/layer_03, self_attn.q_proj/layer_07"
+    )
+    after = windows(scorer)
+    assert all(same(before[k], after[k]) for k in ("values", "loss", "aggregates", "scores"))
+    assert before["accepted"] == after["accepted"]
+    assert all(math.isfinite(v) for v in result.z.values())  # the finite layers were still scored
+
+
+def test_nonfinite_during_warmup_is_flagged_and_many_layers_are_abbreviated() -> None:
+    run = SyntheticRun(seed=1)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    feed(run, scorer, 3)
+    step = run.step()
+    for layer in step:
+        step[layer]["frobenius_norm"] = math.nan
+    result = scorer.score(step, loss=run.loss())
+    assert result.flagged and result.in_warmup and result.score is None
+    assert result.reasons[0].startswith(f"non-finite gradient in {run.n_layers} layers: ")
+    assert result.reasons[0].endswith(", ...")
+    assert scorer.state_dict()["accepted"] == 3
+
+
+def test_nonfinite_loss_is_flagged() -> None:
+    run = SyntheticRun(seed=2)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    feed(run, scorer, 40)
+    result = scorer.score(run.step(), loss=math.nan)
+    assert result.flagged and result.reasons == ["non-finite loss (nan)"]
+
+
+def test_absent_layers_and_metrics_are_not_anomalies() -> None:
+    run = SyntheticRun(seed=3)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    feed(run, scorer, 60)
+    flags = []
+    for t in range(100):
+        step = run.step()
+        del step[run.layer_names[t % run.n_layers]]  # one layer missing each step
+        step[run.layer_names[(t + 1) % run.n_layers]].pop("stable_rank")  # and one metric of another
+        result = scorer.score(step, loss=None if t % 2 else run.loss())
+        flags.append(result.flagged)
+        assert not any("non-finite" in r for r in result.reasons)
+    assert sum(flags) <= 3
+    assert scorer.score({}, loss=None).score is None
+
+
+def test_none_values_count_as_absent() -> None:
+    run = SyntheticRun(seed=4)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    feed(run, scorer, 40)
+    step: dict[str, dict[str, Any]] = run.step()
+    step[run.layer_names[0]]["nuclear_norm"] = None
+    result = scorer.score(step, loss=None)
+    assert not any("non-finite" in r for r in result.reasons)
+
+
+def test_new_layer_and_new_metric_join_after_their_own_warmup() -> None:
+    run = SyntheticRun(seed=5)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    rng = np.random.default_rng(0)
+    feed(run, scorer, 50)
+    assert scorer.metrics == METRICS
+    flags = []
+    for _ in range(100):
+        step = run.step()
+        step["mlp.fc1/layer_00"] = {m: float(np.exp(rng.normal(0, 0.1))) for m in METRICS}
+        step[run.layer_names[0]]["layer_mad"] = float(rng.normal(5.0, 0.5))  # linear scale: not in log_metrics
+        result = scorer.score(step, loss=run.loss())
+        flags.append(result.flagged)
+    assert scorer.layers[-1] == "mlp.fc1/layer_00"
+    assert scorer.metrics == (*METRICS, "layer_mad")
+    assert "layer_mad" in result.z  # scored once the metric had warmup_steps values at both levels
+    assert sum(flags) <= 4
+
+
+def test_fixed_metrics_ignore_others() -> None:
+    run = SyntheticRun(seed=6)
+    scorer = BatchScorer(warmup_steps=WARMUP, metrics=["effective_rank", "nuclear_norm"])
+    feed(run, scorer, 40)
+    result = scorer.score(run.step({"stable_rank": 30.0}), loss=run.loss())
+    assert set(result.z) == {"effective_rank", "nuclear_norm", "loss"}
+    assert not result.flagged
+
+
+def test_zero_gradient_in_every_layer_is_flagged_low() -> None:
+    # the functional layer reports 0 for every metric of a zero matrix; log(0) is floored, not NaN
+    run = SyntheticRun(seed=7)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    feed(run, scorer, 40)
+    zero = {layer: dict.fromkeys(METRICS, 0.0) for layer in run.layer_names}
+    result = scorer.score(zero, loss=run.loss())
+    assert result.flagged
+    assert any(r.startswith("nuclear_norm low in 12/12 layers") for r in result.reasons)
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    run = SyntheticRun(seed=8)
+    scorer = BatchScorer(warmup_steps=WARMUP, window=50)
+    rng = np.random.default_rng(0)
+    for t in range(120):  # past the window, with some flagged steps in between
+        scorer.score(run.step({"nuclear_norm": 8.0} if t % 17 == 0 else None), loss=run.loss())
+    state = pickle.loads(pickle.dumps(scorer.state_dict()))
+    assert isinstance(state["values"], list) and isinstance(state["values"][0][0][0], float)
+    clone = BatchScorer(warmup_steps=WARMUP, window=50)
+    clone.load_state_dict(state)
+    assert clone.layers == scorer.layers and clone.metrics == scorer.metrics
+    for t in range(150):
+        step = run.step({"effective_rank": float(rng.choice([0.0, 0.0, 5.0, -5.0]))})
+        loss = run.loss()
+        a, b = scorer.score(step, loss=loss), clone.score(step, loss=loss)
+        assert a == b, t
+    a_state, b_state = scorer.state_dict(), clone.state_dict()
+    assert a_state.keys() == b_state.keys()
+    assert all(same(a_state[k], b_state[k]) for k in ("values", "loss", "aggregates", "scores"))
+    assert all(a_state[k] == b_state[k] for k in a_state if k not in ("values", "loss", "aggregates", "scores"))
+
+
+def test_state_dict_during_warmup_and_old_state_without_level_two() -> None:
+    run = SyntheticRun(seed=9)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    feed(run, scorer, 10)
+    clone = BatchScorer(warmup_steps=WARMUP)
+    clone.load_state_dict(scorer.state_dict())
+    assert clone.in_warmup and clone.state_dict() == scorer.state_dict()
+    # an older checkpoint that only kept the per-layer windows: level two is rebuilt as after warm-up
+    feed(run, scorer, 30)
+    state = {k: v for k, v in scorer.state_dict().items() if k in ("layers", "metrics", "values", "loss")}
+    late = BatchScorer(warmup_steps=WARMUP)
+    late.load_state_dict(state)
+    assert not late.in_warmup
+    assert late.score(run.step(), loss=run.loss()).score is not None
+    empty = BatchScorer(warmup_steps=WARMUP)
+    empty.load_state_dict({})
+    assert empty.in_warmup and empty.layers == ()
+
+
+def test_load_state_dict_rejects_inconsistent_values() -> None:
+    with pytest.raises(ValueError, match=r"state\['values'\]"):
+        BatchScorer().load_state_dict({"layers": ["a"], "metrics": ["x", "y"], "values": [[[1.0, 2.0]]]})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"window": 5}, r"`window` must be an integer in \[10, 100000\], got 5"),
+        ({"window": 200.0}, r"`window` must be an integer"),
+        ({"warmup_steps": 4}, r"`warmup_steps` must be an integer in \[5, window=200\], got 4"),
+        ({"warmup_steps": 300}, r"`warmup_steps` .* got 300"),
+        ({"warmup_steps": True}, r"`warmup_steps` .* got True"),
+        ({"false_flag_rate": 0.0}, r"`false_flag_rate` must be a finite number in \(0.0, 0.1\), got 0.0"),
+        ({"false_flag_rate": 0.2}, r"`false_flag_rate` .* got 0.2"),
+        ({"false_flag_rate": math.nan}, r"`false_flag_rate` .* got nan"),
+        ({"min_threshold": -1.0}, r"`min_threshold` must be a finite number in \(0.0, inf\), got -1.0"),
+        ({"layer_threshold": 0}, r"`layer_threshold` .* got 0"),
+        ({"layer_trim": 0.5}, r"`layer_trim` must be a finite number in \[0.0, 0.5\), got 0.5"),
+        ({"min_scale": 0.0}, r"`min_scale` .* got 0.0"),
+        ({"rebaseline_after": 0}, r"`rebaseline_after` must be an integer in \[1, inf\), got 0"),
+        ({"use_loss": 1}, r"`use_loss` must be True or False, got 1"),
+        ({"log_loss": "yes"}, r"`log_loss` must be True or False"),
+        ({"metrics": []}, r"`metrics` must name at least one metric"),
+        ({"metrics": "nuclear_norm"}, r"`metrics` must be a sequence of metric names"),
+        ({"metrics": ["a", "a"]}, r"`metrics` must not repeat a name"),
+        ({"log_metrics": [1]}, r"`log_metrics` must contain only non-empty strings"),
+    ],
+)
+def test_bad_arguments_name_argument_range_and_value(kwargs: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        BatchScorer(**kwargs)
+
+
+def test_positive_metrics_match_the_functional_names() -> None:
+    from gradspectra.functional import METRIC_NAMES
+
+    assert set(POSITIVE_METRICS) == set(METRIC_NAMES)
+
+
+def test_scoring_imports_neither_lightning_nor_torch() -> None:
+    code = "import sys, gradspectra.scoring; print(sorted(m for m in ('lightning', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
