@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import gradspectra.functional.svd as svd_module
 from gradspectra.functional import METHODS, factored_singular_values, singular_values
 from reference import SHAPES, random_orthogonal, ref_singular_values, spectra, to_numpy64, with_spectrum
 
@@ -122,7 +123,18 @@ def test_batched_equals_per_matrix(method: str) -> None:
         torch.testing.assert_close(flat[i], singular_values(torch.from_numpy(m), method), rtol=1e-12, atol=1e-14)  # type: ignore[arg-type]
 
 
-def test_gram_route_falls_back_where_float64_gram_is_not_exact() -> None:
+class _CountingSvd:
+    """Stands in for the private svdvals route to see whether the Gram route handed a matrix over."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.linalg.svdvals(a)
+
+
+def test_gram_route_falls_back_where_float64_gram_is_not_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     # rank one of 200: a Gram route turns each zero singular value into about sqrt(eps) * s_1,
     # which moves the effective rank (entropy weighs tiny p_i by ln p_i) far beyond 1e-6
     rng = np.random.default_rng(11)
@@ -132,9 +144,27 @@ def test_gram_route_falls_back_where_float64_gram_is_not_exact() -> None:
     p = naive[naive > 0] / naive.sum()
     naive_erank = np.exp(-np.sum(p * np.log(p)))
     assert naive_erank - 1.0 > 1e-6, "the case must be one that a plain float64 Gram route gets wrong"
+    counting = _CountingSvd()
+    monkeypatch.setattr(svd_module, "_svd_route", counting)
     s = singular_values(torch.from_numpy(a), "gram")
+    assert counting.calls == 1
     assert abs(float(s.sum()) - 1.0) <= 1e-9
     assert float(s[1:].sum()) <= 1e-9
+
+
+@pytest.mark.parametrize("shape", [(600, 150), (150, 600), (1536, 384)])
+def test_gram_route_keeps_well_conditioned_gradients(shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    # a decaying top spectrum over a noise floor 100x lower, the shape of an MLP weight's gradient:
+    # the Gram answer is exact to far below 1e-6 here, so paying for svdvals as well would be waste
+    rng = np.random.default_rng(shape)
+    r = min(shape)
+    spectrum = np.maximum(0.8 ** np.arange(r), np.geomspace(1e-2, 3e-3, r))
+    a = torch.from_numpy(with_spectrum(rng, *shape, spectrum)).float()
+    counting = _CountingSvd()
+    monkeypatch.setattr(svd_module, "_svd_route", counting)
+    s = singular_values(a, "gram")
+    assert counting.calls == 0
+    assert_sv_close(s, ref_singular_values(to_numpy64(a)), shape)
 
 
 def test_empty_matrices() -> None:

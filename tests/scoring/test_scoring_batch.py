@@ -182,8 +182,8 @@ def test_score_is_max_abs_aggregate_and_flag_follows_threshold() -> None:
     warmed_up(run, scorer)
     for k in (0.0, 2.0, 5.0, -5.0):
         result = scorer.score(run.step({"stable_rank": k}), loss=run.loss())
+        assert result.score is not None and result.threshold is not None
         assert result.score == pytest.approx(max(abs(v) for v in result.z.values()))
-        assert result.threshold is not None
         assert result.flagged == (result.score > result.threshold)
         assert result.threshold >= scorer.min_threshold
 

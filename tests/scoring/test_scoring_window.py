@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from gradspectra.scoring._window import SortedWindow
+from gradspectra.scoring._window import ScalarWindow, SortedWindow
 from gradspectra.scoring.batch import _trimmed_mean
 
 QS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -23,7 +23,8 @@ def brute_quantiles(history: list[np.ndarray], capacity: int, shape: tuple[int, 
         x = recent[idx]
         x = x[np.isfinite(x)]
         if x.size:
-            out[(slice(None), *idx)] = np.quantile(x, QS)
+            key = (slice(None), *idx)
+            out[key] = np.quantile(x, QS)
     return out
 
 
@@ -61,6 +62,24 @@ def test_window_quantiles_and_history_match_brute_force(
     win.push(nxt)
     clone.push(nxt)
     np.testing.assert_array_equal(clone.quantiles(QS), win.quantiles(QS))
+
+
+@settings(max_examples=25, deadline=None)
+@given(capacity=st.integers(1, 9), steps=st.integers(0, 30), seed=st.integers(0, 2**32 - 1), ties=st.booleans())
+def test_scalar_window_matches_sorted_window(capacity: int, steps: int, seed: int, ties: bool) -> None:
+    rng = np.random.default_rng(seed)
+    fast, general = ScalarWindow(capacity), SortedWindow((1,), capacity)
+    for _ in range(steps):
+        v = float(rng.integers(0, 4)) if ties else float(rng.normal())
+        v = [v, np.nan, np.inf, 1e300][rng.choice(4, p=[0.8, 0.1, 0.05, 0.05])]
+        fast.push(v)
+        general.push(np.array([v]))
+        np.testing.assert_array_equal(fast.quantiles(QS), general.quantiles(QS))
+        np.testing.assert_array_equal(fast.count, general.count)
+    np.testing.assert_array_equal(fast.history(), general.history())
+    clone = ScalarWindow.from_history(fast.history(), capacity)
+    np.testing.assert_array_equal(clone.history(), fast.history())
+    np.testing.assert_array_equal(clone.quantiles(QS), fast.quantiles(QS))
 
 
 def test_window_grow_keeps_old_series_and_starts_new_ones_empty() -> None:

@@ -70,6 +70,7 @@ def review_batches(
     corruptions: tuple[str, ...] = ("label_noise", "random_tokens", "duplicate"),
     clean_prefix: int = 25,
     seed: int = 0,
+    base_label_noise: float = 0.1,
 ) -> list[PlannedBatch]:
     """A stream of review batches with a share of deliberately corrupted ones.
 
@@ -82,10 +83,14 @@ def review_batches(
     - ``near_duplicate``: one sample repeated with a single word changed per copy;
     - ``truncated``: every text cut to its first word.
 
-    Every sample has a unique ``sample_id``.
+    Every sample has a unique ``sample_id``. Like real data, clean batches carry some label noise
+    too (``base_label_noise``, each label flipped independently): the loss then levels off instead of
+    collapsing to zero, as it does in a real fine-tune.
     """
     if not 0.0 <= corrupt_fraction <= 1.0:
         raise ValueError(f"`corrupt_fraction` must be in [0, 1], got {corrupt_fraction!r}")
+    if not 0.0 <= base_label_noise <= 0.5:
+        raise ValueError(f"`base_label_noise` must be in [0, 0.5], got {base_label_noise!r}")
     unknown = [c for c in corruptions if c not in CORRUPTIONS]
     if unknown:
         raise ValueError(f"`corruptions` can be any of {', '.join(CORRUPTIONS)}, got {list(corruptions)!r}")
@@ -98,7 +103,8 @@ def review_batches(
         samples = []
         for _ in range(batch_size):
             label = rng.randint(0, 1)
-            samples.append(Sample(next_id, review(rng, label), label))
+            noisy = 1 - label if rng.random() < base_label_noise else label
+            samples.append(Sample(next_id, review(rng, label), noisy))
             next_id += 1
         corruption = None
         if b >= clean_prefix and kinds and rng.random() < corrupt_fraction:

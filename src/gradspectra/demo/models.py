@@ -67,11 +67,12 @@ class TokenizedBatches(Dataset[dict[str, Tensor]]):
 class ReviewClassifier(pl.LightningModule):
     """Pretrained MiniLM-L6 encoder + mean pooling + linear head, fine-tuned with cross-entropy."""
 
-    def __init__(self, model_path: str | os.PathLike[str] | None = None, lr: float = 5e-5, num_labels: int = 2) -> None:
+    def __init__(self, model_path: str | os.PathLike[str] | None = None, lr: float = 2e-5, num_labels: int = 2) -> None:
         super().__init__()
         from transformers import AutoModel
 
-        self.encoder = AutoModel.from_pretrained(str(model_path or minilm_path()))
+        self.encoder = AutoModel.from_pretrained(str(model_path or minilm_path()), add_pooling_layer=False)
+        self.encoder.train()  # from_pretrained returns eval mode; fine-tuning uses dropout
         self.head = nn.Linear(self.encoder.config.hidden_size, num_labels)
         self.lr = lr
 

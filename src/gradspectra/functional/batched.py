@@ -41,7 +41,9 @@ def spectral_metrics_many(
     for idx in groups.values():
         for start in range(0, len(idx), max_batch):
             chunk = idx[start : start + max_batch]
-            batch = torch.stack([matrices[i].detach() for i in chunk]) if len(chunk) > 1 else matrices[chunk[0]].detach()
+            batch = (
+                torch.stack([matrices[i].detach() for i in chunk]) if len(chunk) > 1 else matrices[chunk[0]].detach()
+            )
             values = spectral_metrics(batch, names, method)
             stacked = torch.stack([values[n].reshape(-1) for n in names], -1)
             out[chunk] = stacked.to(device)

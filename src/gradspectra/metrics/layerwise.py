@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
 from gradspectra.functional.spectral import _check_metric_names
-from gradspectra.functional.streaming import STAT_NAMES, StreamingState, streaming_compute, streaming_update, take_last
+from gradspectra.functional.streaming import (
+    EMPTY_LAST,
+    STAT_NAMES,
+    StreamingState,
+    streaming_compute,
+    streaming_update,
+    take_last,
+)
 
 
 class LayerwiseSpectrum(Metric):
@@ -18,7 +25,8 @@ class LayerwiseSpectrum(Metric):
 
     State is shaped ``(layers, metrics)`` with the reductions of
     :class:`~gradspectra.metrics.GradientSpectrum` (sums summed, extremes by min/max, ``last`` from
-    the highest rank). States are persistent, so ``state_dict()`` carries them into checkpoints.
+    the highest rank that has measured that layer). States are persistent, so ``state_dict()``
+    carries them into checkpoints.
 
     Args:
         layer_keys: one name per layer (row order of the values passed to :meth:`update`).
@@ -33,9 +41,10 @@ class LayerwiseSpectrum(Metric):
         ([2.0, 2.0], [0.0, 1.0])
     """
 
-    is_differentiable: ClassVar[bool] = False
-    higher_is_better: ClassVar[bool | None] = None
-    full_state_update: ClassVar[bool] = False
+    # plain (not ClassVar) annotations: torchmetrics declares these as instance-overridable attributes
+    is_differentiable: bool = False
+    higher_is_better: bool | None = None
+    full_state_update: bool = False
 
     count: Tensor
     nonfinite: Tensor
@@ -59,7 +68,8 @@ class LayerwiseSpectrum(Metric):
         self.add_state("sum_sq", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum", persistent=True)
         self.add_state("min", torch.full(shape, float("inf"), dtype=f64), dist_reduce_fx="min", persistent=True)
         self.add_state("max", torch.full(shape, -float("inf"), dtype=f64), dist_reduce_fx="max", persistent=True)
-        self.add_state("last", torch.full(shape, float("nan"), dtype=f64), dist_reduce_fx=take_last, persistent=True)
+        # EMPTY_LAST, not NaN, marks "never measured", so a merge never takes it over a real value
+        self.add_state("last", torch.full(shape, EMPTY_LAST, dtype=f64), dist_reduce_fx=take_last, persistent=True)
 
     def update(self, values: Tensor, mask: Tensor | None = None) -> None:
         """Fold one step's values, shaped ``(layers, metrics)``.

@@ -7,11 +7,21 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def check_int(name: str, value: Any, low: int, high: int | None = None, high_text: str | None = None) -> int:
-    """``value`` as an int in ``[low, high]`` (``high=None``: unbounded); bools are refused."""
+def check_int(
+    name: str,
+    value: Any,
+    low: int,
+    high: int | None = None,
+    high_text: str | None = None,
+    low_text: str | None = None,
+) -> int:
+    """``value`` as an int in ``[low, high]`` (``high=None``: unbounded); bools are refused.
+
+    ``low_text``/``high_text`` name a bound that comes from another argument, e.g. ``"window=200"``.
+    """
     upper = "inf)" if high is None else f"{high_text or high}]"
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        raise ValueError(f"`{name}` must be an integer in [{low}, {upper}, got {value!r}")
+        raise ValueError(f"`{name}` must be an integer in [{low_text or low}, {upper}, got {value!r}")
     return int(value)
 
 

@@ -10,7 +10,10 @@ half the bytes makes the per-step update several times faster (it is memory-boun
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections import deque
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -18,6 +21,7 @@ from numpy.typing import NDArray
 FloatArray = NDArray[np.float64]
 StoredArray = NDArray[np.float32]
 STORED = np.float32
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class SortedWindow:
@@ -76,8 +80,8 @@ class SortedWindow:
         below_new = srt[:, :w] < new_key[:, None]
         shift_left = old_key < new_key
         k_ins = below_new.view(np.uint8).sum(axis=1, dtype=np.int64) - shift_left
-        # values between the two positions move one slot: left (old below new) on [i_del, k_ins),
-        # right (old above new) on (k_ins, i_del]; everything else stays where it is
+        # values between the two positions move one slot: left (old below new) from the old value's
+        # position up to k_ins, right (old above new) from k_ins up to it; everything else stays put
         before = srt.copy()
         out = srt[:, :w]
         np.copyto(out[:, : w - 1], before[:, 1:w], where=~below_old[:, : w - 1] & below_new[:, 1:])
@@ -116,7 +120,7 @@ class SortedWindow:
         return rolled
 
     @classmethod
-    def from_history(cls, history: FloatArray, capacity: int) -> SortedWindow:
+    def from_history(cls, history: NDArray[np.floating[Any]], capacity: int) -> SortedWindow:
         """A window that has seen ``history`` (shape ``shape + (T,)``, oldest first); keeps the last ``capacity``."""
         with np.errstate(over="ignore"):
             hist = np.asarray(history).astype(STORED)
@@ -128,4 +132,65 @@ class SortedWindow:
         win.srt[..., :t] = np.sort(np.where(np.isnan(hist), np.inf, hist), axis=-1)
         win.count = np.isfinite(hist).sum(axis=-1).astype(np.int64)
         win.pushes = t
+        return win
+
+
+class ScalarWindow:
+    """The same window for one series (the loss, the scores), as a sorted Python list.
+
+    For a single series numpy's per-call overhead dominates; ``bisect`` on a list is several times
+    faster. Values are rounded to float32 and quantiles interpolated exactly as in
+    :class:`SortedWindow`, so either class gives the same numbers.
+    """
+
+    shape = (1,)
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = int(capacity)
+        self.pushes = 0
+        self._order: deque[float] = deque()  # push order, NaN = absent
+        self._sorted: list[float] = []
+
+    @property
+    def count(self) -> NDArray[np.int64]:
+        return np.array([len(self._sorted)], dtype=np.int64)
+
+    def push(self, values: FloatArray | float) -> None:
+        value = float(np.asarray(values, dtype=np.float64).reshape(-1)[0])
+        if len(self._order) == self.capacity:
+            old = self._order.popleft()
+            if not math.isnan(old):
+                del self._sorted[bisect.bisect_left(self._sorted, old)]
+        if math.isfinite(value) and abs(value) <= _FLOAT32_MAX:
+            value = float(np.float32(value))
+            bisect.insort(self._sorted, value)
+        else:
+            value = math.nan
+        self._order.append(value)
+        self.pushes += 1
+
+    def quantiles(self, qs: tuple[float, ...]) -> FloatArray:
+        """Quantiles as :meth:`SortedWindow.quantiles`, shape ``(len(qs), 1)``."""
+        data = self._sorted
+        n = len(data)
+        out = np.full((len(qs), 1), np.nan)
+        if n:
+            for i, q in enumerate(qs):
+                h = (n - 1) * q
+                lo = math.floor(h)
+                frac = h - lo
+                a = data[lo]
+                out[i, 0] = a + frac * (data[min(lo + 1, n - 1)] - a) if frac > 0 else a
+        return out
+
+    def history(self) -> StoredArray:
+        """The stored values oldest first, shape ``(1, min(pushes, capacity))``."""
+        return np.array(self._order, dtype=STORED).reshape(1, -1)
+
+    @classmethod
+    def from_history(cls, history: NDArray[np.floating[Any]], capacity: int) -> ScalarWindow:
+        """A window that has seen ``history`` (shape ``(1, T)`` or ``(T,)``, oldest first)."""
+        win = cls(capacity)
+        for value in np.asarray(history, dtype=np.float64).reshape(-1)[-win.capacity :]:
+            win.push(float(value))
         return win

@@ -1,0 +1,49 @@
+"""Every script in examples/ runs, shortened by its arguments, in a fresh process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradspectra.reporting import read_records
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run(script: str, *args: str, cwd: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], cwd=cwd, capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_every_example_is_tested() -> None:
+    tested = {"minimal.py", "demo.py", "fast_vs_slow_thinking.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == tested
+
+
+def test_minimal(tmp_path: Path) -> None:
+    out = run("minimal.py", cwd=tmp_path)
+    assert "layer" in out or "nuclear_norm" in out
+    records = read_records(next(tmp_path.glob("gradspectra_runs/minimal/**/batches.jsonl")))
+    assert len(records) == 20
+
+
+def test_demo_short(tmp_path: Path) -> None:
+    out = run("demo.py", "--steps", "32", "--max-length", "24", "--out", "runs", cwd=tmp_path)
+    assert "tensorboard --logdir" in out
+    assert "Most suspicious batches" in out
+    records = read_records(next(tmp_path.glob("runs/demo/version_0/gradspectra/batches.jsonl")))
+    assert len(records) == 32
+    assert any(path.name.startswith("events.out.tfevents") for path in (tmp_path / "runs/demo/version_0").iterdir())
+
+
+@pytest.mark.timeout(400)
+def test_fast_vs_slow_thinking(tmp_path: Path) -> None:
+    out = run("fast_vs_slow_thinking.py", "--steps", "4", "--layers", "2", "--out", "fs", cwd=tmp_path)
+    assert "self_attn.q_proj" in out
+    assert (tmp_path / "fs" / "nuclear_norm_by_layer.png").stat().st_size > 1000
