@@ -1,4 +1,4 @@
-"""Fast vs slow thinking, live: layer-wise nuclear norms of attention gradients for answer-only vs chain-of-thought data.
+"""Fast vs slow thinking, live: layer-wise nuclear norms of attention gradients, answer-only vs chain-of-thought.
 
 A tiny Llama (random weights, built from a config) is trained on synthetic arithmetic twice from the same
 initial weights: once with answer-only responses ("fast thinking"), once with step-by-step responses ("slow

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
@@ -125,3 +126,25 @@ def ref_stream_stats(values: Sequence[float]) -> dict[str, float]:
         "count": float(n),
         "nonfinite": float(len(v) - n),
     }
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """One BLAS/LAPACK thread for torch and numpy while the small matrices of these tests are decomposed.
+
+    On a machine shared with other jobs, two spinning OpenMP/OpenBLAS threads that wait on each
+    other make a 100 x 30 decomposition take seconds instead of microseconds.
+    """
+    previous = torch.get_num_threads()
+    with ExitStack() as stack:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # numpy keeps its threads; only slower on a busy machine
+            pass
+        else:
+            stack.enter_context(threadpool_limits(limits=1))
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)

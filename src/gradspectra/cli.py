@@ -1,4 +1,4 @@
-"""The ``gradspectra`` command: ``demo`` runs the MiniLM fine-tune demo; ``report`` prints a records file's worst batches."""
+"""The `gradspectra` command: `demo` runs the MiniLM fine-tune demo; `report` prints the worst batches of a run."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gradspectra.demo.run import run_demo
 
         if not 0.0 <= args.corrupt_fraction <= 1.0:
-            print(f"gradspectra demo: --corrupt-fraction must be in [0, 1], got {args.corrupt_fraction}", file=sys.stderr)
+            print(
+                f"gradspectra demo: --corrupt-fraction must be in [0, 1], got {args.corrupt_fraction}", file=sys.stderr
+            )
             return 2
         run_demo(
             out_dir=args.out,

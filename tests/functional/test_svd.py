@@ -152,13 +152,13 @@ def test_gram_route_falls_back_where_float64_gram_is_not_exact(monkeypatch: pyte
     assert float(s[1:].sum()) <= 1e-9
 
 
-@pytest.mark.parametrize("shape", [(600, 150), (150, 600), (1536, 384)])
+@pytest.mark.parametrize("shape", [(600, 150), (150, 600), (800, 200)])
 def test_gram_route_keeps_well_conditioned_gradients(shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
     # a decaying top spectrum over a noise floor 100x lower, the shape of an MLP weight's gradient:
     # the Gram answer is exact to far below 1e-6 here, so paying for svdvals as well would be waste
     rng = np.random.default_rng(shape)
     r = min(shape)
-    spectrum = np.maximum(0.8 ** np.arange(r), np.geomspace(1e-2, 3e-3, r))
+    spectrum = np.maximum(0.8 ** np.arange(r), np.geomspace(1e-2, 5e-4, r))
     a = torch.from_numpy(with_spectrum(rng, *shape, spectrum)).float()
     counting = _CountingSvd()
     monkeypatch.setattr(svd_module, "_svd_route", counting)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -155,7 +155,11 @@ class GradientSpectrumMonitor(Callback):
             raise ValueError(f"`action` can be {', '.join(ACTIONS)}, got {action!r}")
         if action != "log" and not scoring:
             raise ValueError(f"`action={action!r}` needs `scoring=True`, got scoring={scoring!r}")
-        if isinstance(figure_every_n_steps, bool) or not isinstance(figure_every_n_steps, int) or figure_every_n_steps < 0:
+        if (
+            isinstance(figure_every_n_steps, bool)
+            or not isinstance(figure_every_n_steps, int)
+            or figure_every_n_steps < 0
+        ):
             raise ValueError(f"`figure_every_n_steps` must be an int >= 0, got {figure_every_n_steps!r}")
         if sample_id_key is not None and not isinstance(sample_id_key, str):
             raise TypeError(f"`sample_id_key` must be a str or None, got {sample_id_key!r}")
@@ -309,7 +313,9 @@ class GradientSpectrumMonitor(Callback):
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
 
     @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
         step = trainer.global_step
         loss_sum, self._loss_sum = self._loss_sum, None
         sample_ids, self._sample_ids = self._sample_ids, []
@@ -327,7 +333,9 @@ class GradientSpectrumMonitor(Callback):
         if record.get("flagged") and self.action == "raise":
             raise GradientAnomalyError(record)
 
-    def _measure(self, trainer: pl.Trainer, step: int, loss_sum: Tensor | None, sample_ids: list[Any]) -> dict[str, Any]:
+    def _measure(
+        self, trainer: pl.Trainer, step: int, loss_sum: Tensor | None, sample_ids: list[Any]
+    ) -> dict[str, Any]:
         keys = [w.key for w in self.watched]
         grads: list[Tensor] = []
         present: list[int] = []
@@ -505,7 +513,9 @@ class GradientSpectrumMonitor(Callback):
                 if self.figure_every_n_steps:
                     self._draw_figures(tensorboards, trainer.global_step)
                 for tb in tensorboards:
-                    tb.experiment.add_text("gradspectra/summary", "```\n" + table + "\n```", global_step=trainer.global_step)
+                    tb.experiment.add_text(
+                        "gradspectra/summary", "```\n" + table + "\n```", global_step=trainer.global_step
+                    )
                     tb.experiment.flush()
             if self.verbose:
                 print(table)

@@ -96,9 +96,7 @@ class CharTokenizer:
     """A character-level tokenizer for the arithmetic examples (id 0 is padding)."""
 
     def __init__(self, alphabet: str | None = None) -> None:
-        self.alphabet = alphabet or (
-            " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!+-*=()'\n"
-        )
+        self.alphabet = alphabet or (" abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!+-*=()'\n")
         self.index = {c: i + 1 for i, c in enumerate(self.alphabet)}
 
     @property

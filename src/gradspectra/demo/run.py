@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 @dataclass
 class DemoResult:
     log_dir: Path
@@ -116,5 +115,3 @@ def demo_summary(result: DemoResult, top: int = 10) -> str:
                 f"AUROC of the score for injected vs clean: {auroc(scores, labels):.3f}",
             ]
     return "\n".join(lines)
-
-

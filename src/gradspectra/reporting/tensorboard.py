@@ -91,7 +91,9 @@ def heatmap_figure(metric: str, layer_keys: Sequence[str], steps: Sequence[int],
     height = max(3.0, min(12.0, 0.18 * len(layer_keys) + 1.5))
     fig, ax = plt.subplots(figsize=(8.0, height), dpi=100)
     extent = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5, len(layer_keys) - 0.5, -0.5) if steps else None
-    image = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", interpolation="nearest", cmap="viridis", extent=extent)
+    image = ax.imshow(
+        np.ma.masked_invalid(shown), aspect="auto", interpolation="nearest", cmap="viridis", extent=extent
+    )
     ax.set_yticks(range(len(layer_keys)))
     ax.set_yticklabels(layer_keys, fontsize=6)
     ax.set_xlabel("step")

@@ -1,0 +1,94 @@
+"""The batch record file: strict JSON, appends, tolerates only a torn last line; the text table; the CLI report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gradspectra.cli import main
+from gradspectra.reporting import RecordBuffer, RecordWriter, custom_scalars_layout, flagged_table, read_records
+
+
+def _record(step: int, score: float | None, flagged: bool = False) -> dict[str, object]:
+    return {
+        "step": step,
+        "epoch": 0,
+        "batch_idx": step,
+        "score": score,
+        "flagged": flagged,
+        "reasons": ["nuclear_norm high in 3/4 layers (z=5.0)"] if flagged else [],
+        "loss": 0.5,
+        "metrics": {"fc/layer_00": {"nuclear_norm": float("nan"), "effective_rank": np.float64(2.5)}},
+        "sample_ids": [step * 2, step * 2 + 1],
+    }
+
+
+def test_writer_appends_strict_json(tmp_path: Path) -> None:
+    path = tmp_path / "g" / "batches.jsonl"
+    writer = RecordWriter(path)
+    writer.write(_record(0, None))
+    writer.write(_record(1, float("inf"), True))
+    writer.close()
+    again = RecordWriter(path)  # a resumed run appends
+    again.write({**_record(2, 1.5), "loss": torch.tensor(0.25)})
+    again.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    records = read_records(path)
+    assert records[0]["metrics"]["fc/layer_00"] == {"nuclear_norm": None, "effective_rank": 2.5}
+    assert records[1]["score"] is None and records[1]["flagged"] is True  # inf is not JSON
+    assert records[2]["loss"] == 0.25
+
+
+def test_read_records_torn_last_line_and_damage(tmp_path: Path) -> None:
+    path = tmp_path / "b.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "sco')
+    assert [r["step"] for r in read_records(path)] == [0, 1]
+    path.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_records(path)
+
+
+def test_buffer_is_bounded() -> None:
+    buf = RecordBuffer(3)
+    for i in range(5):
+        buf.append({"step": i})
+    assert [r["step"] for r in buf] == [2, 3, 4]
+    assert len(buf) == 3 and buf[-1]["step"] == 4
+
+
+def test_flagged_table_orders_by_score() -> None:
+    records = [_record(0, None), _record(1, 2.0), _record(2, 9.0, True), _record(3, 4.0)]
+    lines = flagged_table(records, top=2).splitlines()
+    assert lines[2].split()[0] == "2" and "yes" in lines[2] and "samples: 4, 5" in lines[2]
+    assert lines[3].split()[0] == "3"
+    assert len(lines) == 4
+    assert "warm-up" in flagged_table([_record(0, None)])
+
+
+def test_custom_scalars_layout_matches_tags() -> None:
+    import re
+
+    layout = custom_scalars_layout(["nuclear_norm"], ["attention.self.query"])
+    pattern = layout["gradspectra: nuclear_norm"]["attention.self.query"][1][0]
+    assert re.search(pattern, "grad_spectrum/nuclear_norm/attention.self.query/layer_03")
+    assert not re.search(pattern, "grad_spectrum/nuclear_norm/attention.self.queryX/layer_03")
+    assert not re.search(pattern, "grad_spectrum/effective_rank/attention.self.query/layer_03")
+
+
+def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "batches.jsonl"
+    writer = RecordWriter(path)
+    for i, score in enumerate([None, 1.0, 7.5]):
+        writer.write(_record(i, score, flagged=score is not None and score > 5))
+    writer.close()
+    assert main(["report", str(path), "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "3 records, 1 flagged" in out
+    assert out.index("7.50") < out.index("1.00")
