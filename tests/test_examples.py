@@ -34,11 +34,11 @@ def test_minimal(tmp_path: Path) -> None:
 
 
 def test_demo_short(tmp_path: Path) -> None:
-    out = run("demo.py", "--steps", "32", "--max-length", "24", "--out", "runs", cwd=tmp_path)
+    out = run("demo.py", "--steps", "26", "--max-length", "16", "--out", "runs", cwd=tmp_path)
     assert "tensorboard --logdir" in out
     assert "Most suspicious batches" in out
     records = read_records(next(tmp_path.glob("runs/demo/version_0/gradspectra/batches.jsonl")))
-    assert len(records) == 32
+    assert len(records) == 26
     assert any(path.name.startswith("events.out.tfevents") for path in (tmp_path / "runs/demo/version_0").iterdir())
 
 

@@ -110,6 +110,9 @@ class GradientSpectrumMonitor(Callback):
         sample_id_key: key of the batch (a mapping) that holds per-sample ids, listed in the record.
         summary_top_k: rows in the end-of-training table of the highest-scoring batches.
         verbose: print that table on the console (rank 0) at the end of training.
+        distribute: under multi-process data parallel training (DDP), split the spectral work:
+            each rank measures a disjoint set of layers, balanced by cost, and one all-reduce of
+            the small ``(layers x metrics)`` table gives every rank all values.
 
     Raises:
         ValueError / TypeError: for a bad argument, naming it and what was received.
@@ -146,6 +149,7 @@ class GradientSpectrumMonitor(Callback):
         sample_id_key: str | None = None,
         summary_top_k: int = 10,
         verbose: bool = True,
+        distribute: bool = True,
     ) -> None:
         super().__init__()
         self.metric_names: tuple[str, ...] = _check_metric_names(metrics)
@@ -182,6 +186,7 @@ class GradientSpectrumMonitor(Callback):
         self.action: Action = action
         self.sample_id_key = sample_id_key
         self.verbose = verbose
+        self.distribute = bool(distribute)
         # the scorer validates its own arguments, so a bad value fails here, in __init__
         self.scorer: BatchScorer | None = (
             BatchScorer(warmup_steps=warmup_steps, false_flag_rate=false_flag_rate) if scoring else None
@@ -207,6 +212,9 @@ class GradientSpectrumMonitor(Callback):
         self._sample_ids: list[Any] = []
         self._batch_idx: int | None = None
         self._component_rows: dict[str, list[int]] = {}
+        self._owners: list[int] = []
+        self._owners_world = 0
+        self.layers_computed_here = 0
 
     # ------------------------------------------------------------------ identity and state
 
@@ -252,6 +260,12 @@ class GradientSpectrumMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        strategy = type(trainer.strategy).__name__
+        if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel")):
+            raise ValueError(
+                f"`GradientSpectrumMonitor` cannot run under {strategy} yet: gradients are sharded there and "
+                "every rank would measure a shard, not the layer's matrix. Use DDP or a single device."
+            )
         selection = select_parameters(pl_module, **self.selection_kwargs)
         if not selection.watched:
             raise ValueError(
@@ -322,7 +336,7 @@ class GradientSpectrumMonitor(Callback):
         if step % self.every_n_steps != 0 or not self.watched:
             return
         started = time.perf_counter()
-        record = self._measure(trainer, step, loss_sum, sample_ids)
+        record = self._measure(trainer, step, loss_sum, sample_ids, started)
         if record.get("flagged") and self.action == "skip":
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -334,7 +348,7 @@ class GradientSpectrumMonitor(Callback):
             raise GradientAnomalyError(record)
 
     def _measure(
-        self, trainer: pl.Trainer, step: int, loss_sum: Tensor | None, sample_ids: list[Any]
+        self, trainer: pl.Trainer, step: int, loss_sum: Tensor | None, sample_ids: list[Any], started: float
     ) -> dict[str, Any]:
         keys = [w.key for w in self.watched]
         grads: list[Tensor] = []
@@ -347,15 +361,38 @@ class GradientSpectrumMonitor(Callback):
         missing = [keys[i] for i in range(len(keys)) if i not in set(present)]
         error: str | None = None
         values = torch.full((len(keys), len(self.metric_names)), float("nan"), dtype=torch.float64)
+        world = trainer.world_size if self.distribute else 1
+        layers_per_rank: list[int] | None = None
         try:
             if grads:
-                computed = spectral_metrics_many(grads, self.metric_names, self.method)
-                spectrum = self._spectrum_on(computed.device)
-                mask = torch.zeros(len(keys), dtype=torch.bool, device=computed.device)
+                device = grads[0].device
+                # every rank holds the same all-reduced gradients: each measures the layers it owns
+                owners = self._layer_owners(world)
+                mine = [k for k, i in enumerate(present) if owners[i] == trainer.global_rank] if world > 1 else None
+                rows = present if mine is None else [present[k] for k in mine]
+                todo = grads if mine is None else [grads[k] for k in mine]
+                computed = spectral_metrics_many(todo, self.metric_names, self.method) if todo else None
+                self.layers_computed_here += len(rows)
+                full = torch.zeros(values.shape, dtype=torch.float64, device=device)
+                if computed is not None:
+                    full[rows] = computed.to(device)
+                if world > 1:
+                    counts = torch.zeros(world, dtype=torch.float64, device=device)
+                    counts[trainer.global_rank] = len(rows)
+                    local_loss = torch.zeros(1, dtype=torch.float64, device=device)
+                    if loss_sum is not None:
+                        local_loss += loss_sum.to(device=device, dtype=torch.float64)
+                    # one all-reduce: a layer's row is its owner's values plus zeros from the others;
+                    # the losses are summed so every rank scores the same global mean loss
+                    packed = trainer.strategy.reduce(torch.cat([full.flatten(), counts, local_loss]), reduce_op="sum")
+                    full = packed[: full.numel()].view(full.shape)
+                    layers_per_rank = [int(c) for c in packed[full.numel() : full.numel() + world].tolist()]
+                    if loss_sum is not None:
+                        loss_sum = packed[-1] / world
+                mask = torch.zeros(len(keys), dtype=torch.bool, device=device)
                 mask[present] = True
-                full = torch.full(values.shape, float("nan"), dtype=torch.float64, device=computed.device)
-                full[present] = computed
-                spectrum.update(full, mask=mask)
+                full = torch.where(mask[:, None], full, torch.full_like(full, float("nan")))
+                self._spectrum_on(device).update(full, mask=mask)
                 # the one device-to-host copy per step: (layers x metrics) scalars
                 values = full.cpu()
         except Exception as err:  # a measurement failure must never stop the user's training
@@ -394,8 +431,12 @@ class GradientSpectrumMonitor(Callback):
             "nonfinite_layers": nonfinite,
             "missing_layers": missing,
         }
+        if layers_per_rank is not None:
+            record["layers_per_rank"] = layers_per_rank
         if error is not None:
             record["error"] = error
+        # the monitor's own cost this step up to the record (logging and figures come after)
+        record["monitor_ms"] = 1000.0 * (time.perf_counter() - started)
         self.steps_monitored += 1
         self.batch_records.append(record)
         if self._writer is not None:
@@ -403,6 +444,23 @@ class GradientSpectrumMonitor(Callback):
         self._history.append((step, values.numpy().copy()))
         self._log(trainer, step, values, present_set, record)
         return record
+
+    def _layer_owners(self, world: int) -> list[int]:
+        """Rank that measures each watched layer: longest-processing-time first, cost ~ m * n * min(m, n)."""
+        if len(self._owners) != len(self.watched) or self._owners_world != world:
+            costs = []
+            for w in self.watched:
+                shape = w.param.shape
+                m, n = int(shape[0]), int(w.param.numel() // max(1, shape[0]))
+                costs.append(m * n * min(m, n))
+            load = [0] * world
+            owners = [0] * len(costs)
+            for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+                r = min(range(world), key=lambda r: (load[r], r))
+                owners[i] = r
+                load[r] += costs[i]
+            self._owners, self._owners_world = owners, world
+        return self._owners
 
     def _spectrum_on(self, device: torch.device) -> LayerwiseSpectrum:
         if self.spectrum is None:

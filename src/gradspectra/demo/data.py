@@ -1,5 +1,6 @@
 """Generated data for the demo, the examples and the benchmarks: templated reviews with injected bad batches,
-and synthetic arithmetic with answer-only or chain-of-thought responses.
+and synthetic arithmetic with answer-only or chain-of-thought responses (optionally with injected batches of
+irrelevant responses).
 
 Everything is generated from a seed; nothing is downloaded.
 """
@@ -221,3 +222,113 @@ def arithmetic_problem(rng: random.Random) -> tuple[str, str, str]:
         f"Packing them {c} times over gives {a + b} * {c} = {total}. The answer is {total}."
     )
     return prompt, fast, slow
+
+
+LMCorruption = Literal["irrelevant_response"]
+LM_CORRUPTIONS: tuple[str, ...] = get_args(LMCorruption)
+
+
+@dataclass
+class LMSample:
+    """One prompt/response pair for a causal LM (the loss is taken on the response only)."""
+
+    sample_id: int
+    prompt: str
+    response: str
+
+
+@dataclass
+class PlannedLMBatch:
+    """One batch of a causal-LM stream; ``corruption`` names what was done to it (``None`` when clean)."""
+
+    index: int
+    samples: list[LMSample]
+    corruption: str | None = None
+
+
+def _sentences(response: str) -> list[str]:
+    """A response split after each ``". "``; every piece keeps its full stop and leading space."""
+    parts = response.strip().split(". ")
+    return [" " + p + ("" if p.endswith(".") else ".") for p in parts]
+
+
+def _final_answer(response: str) -> int:
+    """The number in a response's closing "The answer is N."."""
+    return int(response.split()[-1].rstrip("."))
+
+
+def irrelevant_response(prompt_total: int, others: list[tuple[str, str, int]], rng: random.Random) -> str:
+    """A response to a prompt whose answer is ``prompt_total``, assembled from other samples' responses.
+
+    The construction of the fast-vs-slow-thinking paper: the same instruction paired with a response
+    made of sentences taken, position by position, from other samples' responses (so it has the
+    length and form of a real one), ending with a final answer that does not match the prompt.
+
+    Args:
+        prompt_total: the correct final answer of the prompt being answered.
+        others: ``(answer_only, chain_of_thought, total)`` of other samples (at least one whose total
+            differs from ``prompt_total``); the style follows how many sentences the first one has.
+        rng: the random source.
+    """
+    donors = [o for o in others if o[2] != prompt_total]
+    if not donors:
+        raise ValueError("`others` must contain a sample whose final answer differs from `prompt_total`")
+    template = _sentences(others[0][1])
+    pieces = []
+    for i in range(len(template) - 1):
+        donor = _sentences(rng.choice(donors)[1])
+        pieces.append(donor[min(i, len(donor) - 1)])
+    pieces.append(_sentences(rng.choice(donors)[1])[-1])  # "The answer is <someone else's total>."
+    return "".join(pieces)
+
+
+def arithmetic_batches(
+    num_batches: int,
+    batch_size: int = 16,
+    corrupt_fraction: float = 0.12,
+    corruptions: tuple[str, ...] = ("irrelevant_response",),
+    clean_prefix: int = 25,
+    seed: int = 0,
+    chain_of_thought: bool = True,
+) -> list[PlannedLMBatch]:
+    """A stream of arithmetic prompt/response batches for a causal LM, with a share of corrupted ones.
+
+    The first ``clean_prefix`` batches are clean; after that each batch is corrupted with probability
+    ``corrupt_fraction``. The one kind, ``irrelevant_response``, gives every sample of the batch a
+    response assembled from other samples' responses with a mismatched final answer (see
+    :func:`irrelevant_response`). Responses are chain-of-thought (``chain_of_thought=True``) or
+    answer-only.
+    """
+    if not 0.0 <= corrupt_fraction <= 1.0:
+        raise ValueError(f"`corrupt_fraction` must be in [0, 1], got {corrupt_fraction!r}")
+    unknown = [c for c in corruptions if c not in LM_CORRUPTIONS]
+    if unknown:
+        raise ValueError(f"`corruptions` can be any of {', '.join(LM_CORRUPTIONS)}, got {list(corruptions)!r}")
+    rng = random.Random(seed)
+    next_id = 0
+    batches = []
+    kinds = list(corruptions)
+    k = 0
+    for b in range(num_batches):
+        problems = []
+        for _ in range(batch_size):
+            prompt, fast, slow = arithmetic_problem(rng)
+            problems.append((prompt, fast, slow, _final_answer(fast)))
+        corruption = None
+        if b >= clean_prefix and kinds and rng.random() < corrupt_fraction:
+            corruption = kinds[k % len(kinds)]
+            k += 1
+        samples = []
+        for prompt, fast, slow, total in problems:
+            response = slow if chain_of_thought else fast
+            if corruption == "irrelevant_response":
+                # donors are fresh problems, so no response is borrowed from inside this batch
+                pool = []
+                for _ in range(4):
+                    _, d_fast, d_slow = arithmetic_problem(rng)
+                    pool.append((d_fast, d_slow if chain_of_thought else d_fast, _final_answer(d_fast)))
+                response = irrelevant_response(total, pool, rng)
+            samples.append(LMSample(next_id, prompt, response))
+            next_id += 1
+        batches.append(PlannedLMBatch(b, samples, corruption))
+    return batches

@@ -1,0 +1,329 @@
+"""Bad-batch detection, side by side: our score against a loss z-score and a gradient-norm z-score detector.
+
+For each corruption kind, one real Lightning fine-tune on CPU with ``GradientSpectrumMonitor`` attached
+(default settings: every linear layer, every step, warm-up 20) and about 12 % of the batches corrupted
+with that kind (the first 25 batches clean):
+
+- review kinds (``label_noise``, ``random_tokens``, ``duplicate``, ``near_duplicate``, ``truncated``,
+  see :func:`gradspectra.demo.data.review_batches`): the pretrained MiniLM-L6 ``ReviewClassifier``;
+- ``irrelevant_response``: a tiny Llama (``TinyCausalLM``, random init) learning chain-of-thought
+  arithmetic, with batches whose responses are assembled from other samples' responses with a
+  mismatched final answer (:func:`gradspectra.demo.data.arithmetic_batches`).
+
+Then, over the scored steps (after the monitor's warm-up), per kind: the AUROC of the monitor's live
+``score``, of a loss z-score detector and of a global gradient-norm z-score detector (the peers,
+:class:`gradspectra.scoring.ZScoreDetector` on the same steps' loss and
+``sqrt(sum_l frobenius_norm_l^2)``), and the share of clean steps the monitor flagged. Peers get the
+benefit of the doubt: each peer's AUROC is the better of its one-sided ("high", what spike detectors
+do) and two-sided form, per kind.
+
+    python benchmarks/detection.py                          # everything, ~20-25 min on 2 busy cores
+    python benchmarks/detection.py --kinds duplicate --steps 80
+    python benchmarks/detection.py --records /tmp/recs      # also keep each run's batch records
+    python benchmarks/detection.py --rescore /tmp/recs      # no training: re-score kept records
+
+``--rescore`` replays kept records through a fresh ``BatchScorer`` with the monitor's settings (the
+score is a pure function of the stream of per-step metrics and losses), for tuning the scorer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REVIEW_KINDS = ("label_noise", "random_tokens", "duplicate", "near_duplicate", "truncated")
+LM_KINDS = ("irrelevant_response",)
+ALL_KINDS = REVIEW_KINDS + LM_KINDS
+WARMUP = 20  # the monitor's default warm-up; the peers get the same
+CLEAN_PREFIX = 25
+
+
+@dataclass
+class KindResult:
+    kind: str
+    model: str
+    steps: int
+    scored: int
+    corrupted: int
+    auroc_ours: float
+    auroc_loss: float
+    auroc_grad_norm: float
+    false_flag_rate: float
+    recall: float
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _trainer(steps: int, monitor: Any) -> Any:
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_steps=steps,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def _monitor(out_dir: Path) -> Any:
+    from gradspectra import GradientSpectrumMonitor
+
+    return GradientSpectrumMonitor(
+        output_dir=out_dir, sample_id_key="sample_id", figure_every_n_steps=0, warmup_steps=WARMUP, verbose=False
+    )
+
+
+def run_review(kind: str, steps: int, max_length: int, seed: int, work: Path) -> tuple[list[dict[str, Any]], dict[int, bool]]:
+    """Fine-tune MiniLM-L6 on reviews with ``kind`` injected; the monitor's records and batch -> corrupted."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from gradspectra.demo.data import review_batches
+    from gradspectra.demo.models import ReviewClassifier, TokenizedBatches, load_tokenizer
+
+    pl.seed_everything(seed, verbose=False)
+    planned = review_batches(steps, batch_size=16, corruptions=(kind,), clean_prefix=CLEAN_PREFIX, seed=seed)
+    data = TokenizedBatches(planned, load_tokenizer(), max_length=max_length)
+    model = ReviewClassifier()
+    monitor = _monitor(work)
+    _trainer(steps, monitor).fit(model, DataLoader(data, batch_size=None, shuffle=False))
+    return list(monitor.batch_records), {b.index: b.corruption is not None for b in planned}
+
+
+def run_causal_lm(kind: str, steps: int, max_length: int, seed: int, work: Path) -> tuple[list[dict[str, Any]], dict[int, bool]]:
+    """Train a tiny Llama on chain-of-thought arithmetic with ``kind`` injected."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from gradspectra.demo.data import arithmetic_batches
+    from gradspectra.demo.models import CharTokenizer, TinyCausalLM, lm_batch
+
+    pl.seed_everything(seed, verbose=False)
+    planned = arithmetic_batches(steps, batch_size=16, corruptions=(kind,), clean_prefix=CLEAN_PREFIX, seed=seed)
+    tokenizer = CharTokenizer()
+    data = []
+    for b in planned:
+        batch = lm_batch(tokenizer, [s.prompt for s in b.samples], [s.response for s in b.samples], max_length)
+        batch["sample_id"] = torch.tensor([s.sample_id for s in b.samples])
+        data.append(batch)
+    model = TinyCausalLM(tokenizer.vocab_size)
+    monitor = _monitor(work)
+    _trainer(steps, monitor).fit(model, DataLoader(data, batch_size=None, shuffle=False))
+    return list(monitor.batch_records), {b.index: b.corruption is not None for b in planned}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def peer_scores(records: Sequence[dict[str, Any]], name: str) -> tuple[list[float | None], list[float | None]]:
+    """One-sided (high) and two-sided scores of a peer z-score detector on the records' loss or grad norm."""
+    from gradspectra.scoring import ZScoreDetector, global_grad_norm
+
+    high = ZScoreDetector(name=name, side="high", warmup_steps=WARMUP)
+    both = ZScoreDetector(name=name, side="both", warmup_steps=WARMUP)
+    out_high: list[float | None] = []
+    out_both: list[float | None] = []
+    for r in records:
+        value = r["loss"] if name == "loss" else global_grad_norm(r["metrics"])
+        value = math.nan if value is None else float(value)
+        out_high.append(high.score(value).score)
+        out_both.append(both.score(value).score)
+    return out_high, out_both
+
+
+def rescore(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records with ``score``/``flagged`` recomputed by a fresh scorer with the monitor's settings."""
+    from gradspectra.scoring import BatchScorer
+
+    scorer = BatchScorer(warmup_steps=WARMUP, false_flag_rate=0.01)
+    out = []
+    for r in records:
+        result = scorer.score(r["metrics"], r["loss"])
+        out.append({**r, "score": result.score, "flagged": result.flagged, "reasons": result.reasons})
+    return out
+
+
+def _auroc(scores: Sequence[float | None], labels: Sequence[bool]) -> float:
+    from gradspectra.scoring import auroc
+
+    return auroc([math.inf if s is None or math.isnan(s) else s for s in scores], labels)
+
+
+def evaluate(
+    kind: str, model: str, records: Sequence[dict[str, Any]], corrupted: dict[int, bool], seconds: float
+) -> KindResult:
+    loss_high, loss_both = peer_scores(records, "loss")
+    norm_high, norm_both = peer_scores(records, "grad_norm")
+    # the steps every detector scores: after warm-up (ours and the peers' warm-ups end together on a
+    # stream without non-finite values; a step a peer could not score counts as most anomalous)
+    keep = [i for i, r in enumerate(records) if r["score"] is not None]
+    labels = [corrupted[int(records[i]["batch_idx"])] for i in keep]
+    ours = [float(records[i]["score"]) for i in keep]
+
+    def pick(values: Sequence[float | None]) -> list[float | None]:
+        return [values[i] for i in keep]
+
+    clean_flags = [bool(records[i]["flagged"]) for i, bad in zip(keep, labels) if not bad]
+    bad_flags = [bool(records[i]["flagged"]) for i, bad in zip(keep, labels) if bad]
+    return KindResult(
+        kind=kind,
+        model=model,
+        steps=len(records),
+        scored=len(keep),
+        corrupted=sum(labels),
+        auroc_ours=_auroc(ours, labels),
+        auroc_loss=max(_auroc(pick(loss_high), labels), _auroc(pick(loss_both), labels)),
+        auroc_grad_norm=max(_auroc(pick(norm_high), labels), _auroc(pick(norm_both), labels)),
+        false_flag_rate=sum(clean_flags) / max(1, len(clean_flags)),
+        recall=sum(bad_flags) / max(1, len(bad_flags)),
+        seconds=seconds,
+    )
+
+
+def table(results: Sequence[KindResult]) -> str:
+    lines = [
+        "| kind | model | scored steps (corrupted) | AUROC ours | AUROC loss z | AUROC grad-norm z "
+        "| false-flag rate ours | corrupted flagged |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.kind} | {r.model} | {r.scored} ({r.corrupted}) | {r.auroc_ours:.3f} | {r.auroc_loss:.3f} "
+            f"| {r.auroc_grad_norm:.3f} | {100 * r.false_flag_rate:.1f} % | {100 * r.recall:.0f} % |"
+        )
+    if results:
+        mean = statistics.fmean
+        lines.append(
+            f"| **macro average** | | {sum(r.scored for r in results)} ({sum(r.corrupted for r in results)}) "
+            f"| **{mean(r.auroc_ours for r in results):.3f}** | {mean(r.auroc_loss for r in results):.3f} "
+            f"| {mean(r.auroc_grad_norm for r in results):.3f} "
+            f"| {100 * mean(r.false_flag_rate for r in results):.1f} % | {100 * mean(r.recall for r in results):.0f} % |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--kinds", default=",".join(ALL_KINDS), help=f"comma-separated, of: {', '.join(ALL_KINDS)}")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per MiniLM run (default 150)")
+    parser.add_argument("--lm-steps", type=int, default=300, help="optimizer steps of the causal-LM run (default 300)")
+    parser.add_argument(
+        "--max-length", type=int, default=32, help="review tokens per sample (default 32; the longest review has 20)"
+    )
+    parser.add_argument("--lm-max-length", type=int, default=224, help="causal-LM characters per sample (default 224)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (default 0: 1 for the tiny causal LM, whose small ops ran 10x slower on 2 threads "
+        "of a busy 2-core machine; torch's default for MiniLM)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write the table here (.md) and the numbers (.json)")
+    parser.add_argument("--records", type=Path, default=None, help="keep each run's batch records as <kind>.jsonl here")
+    parser.add_argument("--rescore", type=Path, default=None, help="re-score the <kind>.jsonl records kept here")
+    args = parser.parse_args(argv)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in ALL_KINDS]
+    if unknown or not kinds:
+        parser.error(f"--kinds can be any of {', '.join(ALL_KINDS)}, got {args.kinds!r}")
+    if args.steps <= CLEAN_PREFIX + 10 or args.lm_steps <= CLEAN_PREFIX + 10:
+        parser.error(f"--steps and --lm-steps must exceed {CLEAN_PREFIX + 10}")
+    args.kinds = kinds
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    from gradspectra.reporting import read_records
+
+    import torch
+
+    default_threads = torch.get_num_threads()
+    started = time.perf_counter()
+    results = []
+    for kind in args.kinds:
+        is_lm = kind in LM_KINDS
+        model = "TinyCausalLM (random init)" if is_lm else "MiniLM-L6 (pretrained)"
+        torch.set_num_threads(args.threads or (1 if is_lm else default_threads))
+        t0 = time.perf_counter()
+        if args.rescore is not None:
+            records = rescore(read_records(args.rescore / f"{kind}.jsonl"))
+            corrupted = {int(r["batch_idx"]): bool(r["corrupted"]) for r in records}
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                work = Path(tmp)
+                if is_lm:
+                    records, corrupted = run_causal_lm(kind, args.lm_steps, args.lm_max_length, args.seed, work)
+                else:
+                    records, corrupted = run_review(kind, args.steps, args.max_length, args.seed, work)
+                if args.records is not None:
+                    args.records.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(work / "batches.jsonl", args.records / f"{kind}.jsonl")
+                    _add_labels(args.records / f"{kind}.jsonl", corrupted)
+        result = evaluate(kind, model, records, corrupted, time.perf_counter() - t0)
+        results.append(result)
+        print(
+            f"{kind}: {result.steps} steps in {result.seconds:.0f} s, AUROC ours {result.auroc_ours:.3f}, "
+            f"loss z {result.auroc_loss:.3f}, grad-norm z {result.auroc_grad_norm:.3f}, "
+            f"false flags {100 * result.false_flag_rate:.1f} %",
+            file=sys.stderr,
+            flush=True,
+        )
+    seconds = time.perf_counter() - started
+    settings = (
+        f"Settings: seed {args.seed}; batches of 16, about 12 % corrupted after {CLEAN_PREFIX} clean ones; "
+        f"MiniLM-L6 runs {args.steps} steps at {args.max_length} tokens per review (AdamW, lr 2e-5); "
+        f"TinyCausalLM runs {args.lm_steps} steps at {args.lm_max_length} characters (AdamW, lr 1e-3); "
+        f"GradientSpectrumMonitor defaults (every linear layer, all six metrics, warm-up {WARMUP}, "
+        "false_flag_rate 0.01); peers: ZScoreDetector (window 200, warm-up 20), best of one- and two-sided; "
+        + ("scores re-computed from kept records" if args.rescore else "scores as the monitor gave them live")
+        + f"; total {seconds / 60:.1f} min."
+    )
+    text = table(results) + "\n\n" + settings
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
+        payload = {"settings": vars(args) | {"kinds": args.kinds}, "seconds": seconds, "results": [asdict(r) for r in results]}
+        args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    return 0
+
+
+def _add_labels(path: Path, corrupted: dict[int, bool]) -> None:
+    """Store whether each record's batch was corrupted in the kept records (for ``--rescore``)."""
+    from gradspectra.reporting import read_records, record_to_json
+
+    records = read_records(path)
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(record_to_json({**r, "corrupted": corrupted[int(r["batch_idx"])]}) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
