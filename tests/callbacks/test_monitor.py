@@ -325,3 +325,17 @@ def test_conv_model_is_watched(tmp_path: Path) -> None:
     assert set(monitor.batch_records[0]["metrics"]) == {"conv", "fc"}
     # a 4 x 9 conv kernel matrix has effective rank at most 4
     assert 1.0 <= monitor.batch_records[0]["metrics"]["conv"]["effective_rank"] <= 4.0
+
+
+def test_16_mixed_reads_the_gradient_the_optimizer_gets(tmp_path: Path) -> None:
+    # on CPU Lightning runs 16-mixed without a GradScaler; the scaler path (unscale_ before this
+    # hook) needs a GPU and is not exercised here
+    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, scoring=False)
+    tap = GradTap()
+    pl.Trainer(
+        **trainer_kwargs(tmp_path, max_steps=3, logger=False, precision="16-mixed"), callbacks=[monitor, tap]
+    ).fit(TinyBert(), loader())
+    for record, grads in zip(monitor.batch_records, tap.grads):
+        expected = spectral_metrics(grads["head.weight"])
+        assert record["metrics"]["head"]["nuclear_norm"] == pytest.approx(float(expected["nuclear_norm"]), rel=1e-9)
+        assert math.isfinite(record["loss"])
