@@ -82,15 +82,22 @@ def _trainer(steps: int, monitor: Any) -> Any:
     )
 
 
-def _monitor(out_dir: Path) -> Any:
+def _monitor(out_dir: Path, include: str | None) -> Any:
     from gradspectra import GradientSpectrumMonitor
 
     return GradientSpectrumMonitor(
-        output_dir=out_dir, sample_id_key="sample_id", figure_every_n_steps=0, warmup_steps=WARMUP, verbose=False
+        include=include,
+        output_dir=out_dir,
+        sample_id_key="sample_id",
+        figure_every_n_steps=0,
+        warmup_steps=WARMUP,
+        verbose=False,
     )
 
 
-def run_review(kind: str, steps: int, max_length: int, seed: int, work: Path) -> tuple[list[dict[str, Any]], dict[int, bool]]:
+def run_review(
+    kind: str, steps: int, max_length: int, seed: int, work: Path, watch: str
+) -> tuple[list[dict[str, Any]], dict[int, bool]]:
     """Fine-tune MiniLM-L6 on reviews with ``kind`` injected; the monitor's records and batch -> corrupted."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
@@ -102,12 +109,14 @@ def run_review(kind: str, steps: int, max_length: int, seed: int, work: Path) ->
     planned = review_batches(steps, batch_size=16, corruptions=(kind,), clean_prefix=CLEAN_PREFIX, seed=seed)
     data = TokenizedBatches(planned, load_tokenizer(), max_length=max_length)
     model = ReviewClassifier()
-    monitor = _monitor(work)
+    monitor = _monitor(work, "*.attention.*" if watch == "attention" else None)
     _trainer(steps, monitor).fit(model, DataLoader(data, batch_size=None, shuffle=False))
     return list(monitor.batch_records), {b.index: b.corruption is not None for b in planned}
 
 
-def run_causal_lm(kind: str, steps: int, max_length: int, seed: int, work: Path) -> tuple[list[dict[str, Any]], dict[int, bool]]:
+def run_causal_lm(
+    kind: str, steps: int, max_length: int, seed: int, work: Path, watch: str
+) -> tuple[list[dict[str, Any]], dict[int, bool]]:
     """Train a tiny Llama on chain-of-thought arithmetic with ``kind`` injected."""
     import lightning.pytorch as pl
     import torch
@@ -125,7 +134,7 @@ def run_causal_lm(kind: str, steps: int, max_length: int, seed: int, work: Path)
         batch["sample_id"] = torch.tensor([s.sample_id for s in b.samples])
         data.append(batch)
     model = TinyCausalLM(tokenizer.vocab_size)
-    monitor = _monitor(work)
+    monitor = _monitor(work, "*.self_attn.*" if watch == "attention" else None)
     _trainer(steps, monitor).fit(model, DataLoader(data, batch_size=None, shuffle=False))
     return list(monitor.batch_records), {b.index: b.corruption is not None for b in planned}
 
@@ -234,6 +243,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lm-max-length", type=int, default=224, help="causal-LM characters per sample (default 224)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--watch",
+        choices=("attention", "all"),
+        default="attention",
+        help="weights the monitor watches: the attention projections q/k/v/o, as the papers do (default), "
+        "or every linear layer (the monitor's default; 3x the spectral cost on MiniLM)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -279,9 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 work = Path(tmp)
                 if is_lm:
-                    records, corrupted = run_causal_lm(kind, args.lm_steps, args.lm_max_length, args.seed, work)
+                    records, corrupted = run_causal_lm(kind, args.lm_steps, args.lm_max_length, args.seed, work, args.watch)
                 else:
-                    records, corrupted = run_review(kind, args.steps, args.max_length, args.seed, work)
+                    records, corrupted = run_review(kind, args.steps, args.max_length, args.seed, work, args.watch)
                 if args.records is not None:
                     args.records.mkdir(parents=True, exist_ok=True)
                     shutil.copy(work / "batches.jsonl", args.records / f"{kind}.jsonl")

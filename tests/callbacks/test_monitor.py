@@ -273,9 +273,11 @@ def test_sample_ids_are_recorded(tmp_path: Path) -> None:
 
 
 def test_every_n_steps(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
     monitor = GradientSpectrumMonitor(figure_every_n_steps=0, every_n_steps=2, scoring=False)
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, logger=False), callbacks=[monitor]).fit(TinyBert(), loader())
     assert [r["step"] for r in monitor.batch_records] == [0, 2, 4]
+    assert torch.get_num_threads() == threads  # the monitor's 1-thread section restores the setting
 
 
 @pytest.mark.parametrize(
@@ -287,6 +289,7 @@ def test_every_n_steps(tmp_path: Path) -> None:
         ({"method": "qr"}, "`method` can be auto, svd, gram, got 'qr'"),
         ({"figure_every_n_steps": -1}, "`figure_every_n_steps` must be an int >= 0, got -1"),
         ({"action": "skip", "scoring": False}, "needs `scoring=True`"),
+        ({"cpu_threads": 0}, "`cpu_threads` must be a positive int, got 0"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs: dict[str, Any], match: str) -> None:
