@@ -252,9 +252,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        default=0,
-        help="torch threads (default 0: 1 for the tiny causal LM, whose small ops ran 10x slower on 2 threads "
-        "of a busy 2-core machine; torch's default for MiniLM)",
+        default=1,
+        help="torch threads (default 1: on a busy 2-core machine 2 threads ran 4-10x slower, waiting on each other)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the table here (.md) and the numbers (.json)")
     parser.add_argument("--records", type=Path, default=None, help="keep each run's batch records as <kind>.jsonl here")
@@ -280,13 +279,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    default_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results = []
     for kind in args.kinds:
         is_lm = kind in LM_KINDS
         model = "TinyCausalLM (random init)" if is_lm else "MiniLM-L6 (pretrained)"
-        torch.set_num_threads(args.threads or (1 if is_lm else default_threads))
         t0 = time.perf_counter()
         if args.rescore is not None:
             records = rescore(read_records(args.rescore / f"{kind}.jsonl"))

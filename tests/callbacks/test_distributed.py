@@ -8,8 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader
 from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader
 
 from gradspectra import GradientSpectrumMonitor
 from gradspectra.reporting import read_records

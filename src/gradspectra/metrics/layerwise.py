@@ -11,13 +11,12 @@ from torchmetrics import Metric
 
 from gradspectra.functional.spectral import _check_metric_names
 from gradspectra.functional.streaming import (
-    EMPTY_LAST,
     STAT_NAMES,
     StreamingState,
     streaming_compute,
     streaming_update,
-    take_last,
 )
+from gradspectra.metrics.spectrum import add_streaming_states
 
 
 class LayerwiseSpectrum(Metric):
@@ -61,15 +60,7 @@ class LayerwiseSpectrum(Metric):
             raise ValueError("`layer_keys` must name at least one layer, got an empty sequence")
         self.metric_names: tuple[str, ...] = _check_metric_names(metrics)
         shape = (len(self.layer_keys), len(self.metric_names))
-        f64 = torch.float64
-        self.add_state("count", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum", persistent=True)
-        self.add_state("nonfinite", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum", persistent=True)
-        self.add_state("sum", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum", persistent=True)
-        self.add_state("sum_sq", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum", persistent=True)
-        self.add_state("min", torch.full(shape, float("inf"), dtype=f64), dist_reduce_fx="min", persistent=True)
-        self.add_state("max", torch.full(shape, -float("inf"), dtype=f64), dist_reduce_fx="max", persistent=True)
-        # EMPTY_LAST, not NaN, marks "never measured", so a merge never takes it over a real value
-        self.add_state("last", torch.full(shape, EMPTY_LAST, dtype=f64), dist_reduce_fx=take_last, persistent=True)
+        add_streaming_states(self, shape, persistent=True)
 
     def update(self, values: Tensor, mask: Tensor | None = None) -> None:
         """Fold one step's values, shaped ``(layers, metrics)``.

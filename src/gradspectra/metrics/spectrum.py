@@ -21,6 +21,20 @@ from gradspectra.functional.streaming import (
 from gradspectra.functional.svd import METHODS, Method
 
 
+def add_streaming_states(metric: Metric, shape: tuple[int, ...], persistent: bool) -> None:
+    """The streaming-statistics states, shaped ``shape``, with their DDP reductions.
+
+    Counts and sums are summed across ranks, extremes reduced by min/max, ``last`` taken from the
+    highest rank that has observed something (see :func:`gradspectra.functional.streaming.take_last`).
+    """
+    f64 = torch.float64
+    for name in ("count", "nonfinite", "sum", "sum_sq"):
+        metric.add_state(name, torch.zeros(shape, dtype=f64), dist_reduce_fx="sum", persistent=persistent)
+    metric.add_state("min", torch.full(shape, float("inf"), dtype=f64), dist_reduce_fx="min", persistent=persistent)
+    metric.add_state("max", torch.full(shape, -float("inf"), dtype=f64), dist_reduce_fx="max", persistent=persistent)
+    metric.add_state("last", torch.full(shape, EMPTY_LAST, dtype=f64), dist_reduce_fx=take_last, persistent=persistent)
+
+
 class GradientSpectrum(Metric):
     r"""Streaming statistics of spectral metrics of gradient matrices over training steps.
 
@@ -70,14 +84,7 @@ class GradientSpectrum(Metric):
             raise ValueError(f"`method` can be {', '.join(METHODS)}, got {method!r}")
         self.method: Method = method
         k = len(self.metric_names)
-        f64 = torch.float64
-        self.add_state("count", torch.zeros(k, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("nonfinite", torch.zeros(k, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum", torch.zeros(k, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum_sq", torch.zeros(k, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("min", torch.full((k,), float("inf"), dtype=f64), dist_reduce_fx="min")
-        self.add_state("max", torch.full((k,), -float("inf"), dtype=f64), dist_reduce_fx="max")
-        self.add_state("last", torch.full((k,), EMPTY_LAST, dtype=f64), dist_reduce_fx=take_last)
+        add_streaming_states(self, (k,), persistent=False)
 
     def update(self, grad_matrix: Tensor) -> None:
         """Fold the metrics of ``grad_matrix`` (``(m, n)`` or ``(..., m, n)``) into the state."""
