@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="fine-tune MiniLM-L6 on generated reviews with injected bad batches")
     demo.add_argument("--out", default="gradspectra_runs", help="folder for TensorBoard logs and records")
-    demo.add_argument("--steps", type=_positive, default=120, help="optimizer steps (default 120)")
+    demo.add_argument("--steps", type=_positive, default=100, help="optimizer steps (default 100)")
     demo.add_argument("--batch-size", type=_positive, default=16)
     demo.add_argument("--max-length", type=_positive, default=64, help="tokens per sample")
     demo.add_argument("--corrupt-fraction", type=float, default=0.12)

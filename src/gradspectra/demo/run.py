@@ -22,7 +22,7 @@ class DemoResult:
 
 def run_demo(
     out_dir: str | os.PathLike[str] = "gradspectra_runs",
-    steps: int = 120,
+    steps: int = 100,
     batch_size: int = 16,
     max_length: int = 64,
     corrupt_fraction: float = 0.12,
