@@ -224,7 +224,8 @@ def table(results: Sequence[KindResult]) -> str:
             f"| **macro average** | | {sum(r.scored for r in results)} ({sum(r.corrupted for r in results)}) "
             f"| **{mean(r.auroc_ours for r in results):.3f}** | {mean(r.auroc_loss for r in results):.3f} "
             f"| {mean(r.auroc_grad_norm for r in results):.3f} "
-            f"| {100 * mean(r.false_flag_rate for r in results):.1f} % | {100 * mean(r.recall for r in results):.0f} % |"
+            f"| {100 * mean(r.false_flag_rate for r in results):.1f} % "
+            f"| {100 * mean(r.recall for r in results):.0f} % |"
         )
     return "\n".join(lines)
 
@@ -233,7 +234,9 @@ def table(results: Sequence[KindResult]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--kinds", default=",".join(ALL_KINDS), help=f"comma-separated, of: {', '.join(ALL_KINDS)}")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per MiniLM run (default 150)")
     parser.add_argument("--lm-steps", type=int, default=300, help="optimizer steps of the causal-LM run (default 300)")
@@ -275,9 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    from gradspectra.reporting import read_records
-
     import torch
+
+    from gradspectra.reporting import read_records
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -293,7 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 work = Path(tmp)
                 if is_lm:
-                    records, corrupted = run_causal_lm(kind, args.lm_steps, args.lm_max_length, args.seed, work, args.watch)
+                    records, corrupted = run_causal_lm(
+                        kind, args.lm_steps, args.lm_max_length, args.seed, work, args.watch
+                    )
                 else:
                     records, corrupted = run_review(kind, args.steps, args.max_length, args.seed, work, args.watch)
                 if args.records is not None:
@@ -324,7 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
-        payload = {"settings": vars(args) | {"kinds": args.kinds}, "seconds": seconds, "results": [asdict(r) for r in results]}
+        payload = {
+            "settings": vars(args) | {"kinds": args.kinds},
+            "seconds": seconds,
+            "results": [asdict(r) for r in results],
+        }
         args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     return 0
 
