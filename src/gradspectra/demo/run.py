@@ -49,8 +49,13 @@ def run_demo(
     )
     data = TokenizedBatches(planned, load_tokenizer(), max_length=max_length)
     model = ReviewClassifier()
+    # the attention projections q/k/v/o of every layer, as both papers watch them (24 matrices of 384 x 384)
     monitor = GradientSpectrumMonitor(
-        sample_id_key="sample_id", warmup_steps=warmup, figure_every_n_steps=figure_every_n_steps, verbose=False
+        include="*.attention.*",
+        sample_id_key="sample_id",
+        warmup_steps=warmup,
+        figure_every_n_steps=figure_every_n_steps,
+        verbose=False,
     )
     logger = TensorBoardLogger(str(out_dir), name="demo")
     trainer = pl.Trainer(
