@@ -50,7 +50,9 @@ def _scaled_float64(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _svd_route(a: Tensor) -> Tensor:
-    s: Tensor = torch.linalg.svdvals(a)
+    # a wide matrix has the singular values of its transpose; LAPACK takes about 2x longer on the
+    # wide layout (measured: 384 x 1536 float64, 85-95 ms vs 40 ms for 1536 x 384, one thread)
+    s: Tensor = torch.linalg.svdvals(a.mT if a.shape[-1] > a.shape[-2] else a)
     return s
 
 

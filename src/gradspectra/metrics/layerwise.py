@@ -65,18 +65,22 @@ class LayerwiseSpectrum(Metric):
     def update(self, values: Tensor, mask: Tensor | None = None) -> None:
         """Fold one step's values, shaped ``(layers, metrics)``.
 
-        ``mask`` (bool, ``(layers,)``) marks the layers measured this step; the others (no gradient)
-        keep their state untouched rather than counting as non-finite.
+        ``mask`` (bool, ``(layers,)`` or ``(layers, metrics)``) marks the layers (or single values)
+        measured this step; the others (no gradient, or a spectrum deferred to a later step) keep
+        their state untouched rather than counting as non-finite.
         """
         if tuple(values.shape) != tuple(self.sum.shape):
             raise ValueError(f"`values` must be shaped {tuple(self.sum.shape)}, got {tuple(values.shape)}")
         shape = self.sum.shape
         batch = streaming_update(values.to(device=self.sum.device).reshape(1, -1))
-        keep = (
-            torch.ones(shape, dtype=torch.bool, device=self.sum.device)
-            if mask is None
-            else mask.to(device=self.sum.device, dtype=torch.bool)[:, None].expand(shape)
-        )
+        if mask is None:
+            keep = torch.ones(shape, dtype=torch.bool, device=self.sum.device)
+        elif mask.ndim == 1 and mask.shape[0] == shape[0]:
+            keep = mask.to(device=self.sum.device, dtype=torch.bool)[:, None].expand(shape)
+        elif tuple(mask.shape) == tuple(shape):
+            keep = mask.to(device=self.sum.device, dtype=torch.bool)
+        else:
+            raise ValueError(f"`mask` must be shaped ({shape[0]},) or {tuple(shape)}, got {tuple(mask.shape)}")
         zero = torch.zeros((), dtype=self.sum.dtype, device=self.sum.device)
         self.count += torch.where(keep, batch.count.view(shape), zero)
         self.nonfinite += torch.where(keep, batch.nonfinite.view(shape), zero)

@@ -1,0 +1,46 @@
+"""The one-read Frobenius norm: rows of very different magnitudes in one matrix, every input dtype."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gradspectra.functional import frobenius_norm, spectral_metrics
+
+
+def _rows(dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    a[1] *= 1e-20  # squares subnormal in float32
+    a[2] = 0.0  # a dead unit
+    a[3] *= 1e18  # squares near float32 overflow
+    a[4, :3] = torch.tensor([1e-30, 3e-25, 2e15], dtype=torch.float64)
+    return a.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_mixed_magnitude_rows_match_numpy_float64(dtype: torch.dtype) -> None:
+    a = _rows(dtype)
+    if dtype == torch.float16:
+        a = torch.where(a.abs() < 6e4, a, torch.zeros((), dtype=a.dtype))  # fp16 cannot hold 1e18
+    want = float(np.linalg.norm(a.to(torch.float64).numpy()))
+    got = float(frobenius_norm(a))
+    assert abs(got - want) <= 1e-6 * want
+    assert float(spectral_metrics(a, ["frobenius_norm"])["frobenius_norm"]) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_entries_say_what_they_are(bad: float) -> None:
+    a = _rows(torch.float32)
+    a[0, 0] = bad
+    got = float(frobenius_norm(a))
+    assert np.isnan(got) if np.isnan(bad) else got == float("inf")
+
+
+def test_batch_of_matrices_one_call() -> None:
+    a = torch.stack([_rows(torch.float32), _rows(torch.float32) * 2])
+    want = [float(np.linalg.norm(m.to(torch.float64).numpy())) for m in a]
+    got = frobenius_norm(a)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
