@@ -1,8 +1,11 @@
 """BatchScorer against a plain float64 re-implementation of the math in its module docstring.
 
-The reference keeps explicit lists of the accepted steps and recomputes every median, quartile and
-trimmed mean with numpy/scipy from scratch. Windows store float32 (see ``_window``), so the reference
-rounds what it stores the same way.
+The reference keeps explicit lists (every step's values for the trends, the clean steps' residuals,
+terms and scores) and recomputes every slope, median, quartile and trimmed mean with numpy/scipy from
+scratch, in loops. Residual, term and score windows store float32 (see ``_window``), so the reference
+rounds what it stores the same way. With ``profile_components=0`` the profile term is the mean square
+of the profile z, which keeps the reference free of the iterative basis (tested on its own in
+``test_scoring_trend.py``).
 """
 
 from __future__ import annotations
@@ -15,89 +18,165 @@ from scipy import stats
 
 from gradspectra.scoring import BatchScorer
 
-from .streams import METRICS, SyntheticRun
+from .streams import METRICS, SyntheticRun, finetune_drift
 
 IQR_PER_SIGMA = 2 * stats.norm.ppf(0.75)
+MAD_PER_SIGMA = 1 / stats.norm.ppf(0.75)
+NUCLEAR = METRICS.index("nuclear_norm")
+HIGH = ("nuclear_norm", "frobenius_norm", "spectral_norm")  # BatchScorer's default high_metrics
 
 
 def f32(x: np.ndarray | float) -> np.ndarray:
     return np.asarray(x, dtype=np.float32).astype(np.float64)
 
 
-def robust(history: list[np.ndarray], floor: float) -> tuple[np.ndarray, np.ndarray]:
-    h = np.stack(history)
-    q1, med, q3 = np.quantile(h, [0.25, 0.5, 0.75], axis=0)
-    return med, np.maximum((q3 - q1) / IQR_PER_SIGMA, floor)
+def slope_of(ys: np.ndarray, ts: np.ndarray) -> float:
+    """The shrunk half-lag slope of one series, written out (NaN rows = not used for the slope)."""
+    keep = ~np.isnan(ys)
+    n = len(ts)
+    if n < 8:
+        return 0.0
+    h = n // 2
+    lag = [(ys[i + h] - ys[i]) / (ts[i + h] - ts[i]) for i in range(n - h) if keep[i] and keep[i + h]]
+    if keep.sum() < 8 or not lag:
+        return 0.0
+    b = float(np.median(lag))
+    centre = float(np.median(ys[keep] - b * ts[keep]))
+    sigma = MAD_PER_SIGMA * float(np.median(np.abs(ys[keep] - centre - b * ts[keep])))
+    se = sigma / math.sqrt(float(np.sum((ts - ts.mean()) ** 2)))
+    return b * min(max(1.0 - (2.0 * se) ** 2 / max(b * b, 1e-300), 0.0), 1.0)
+
+
+class Trend:
+    """The last ``capacity`` rows of a flat series vector, slopes refitted every 4 pushes (as documented)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.rows: list[np.ndarray] = []
+        self.steps: list[float] = []
+        self.for_slope: list[bool] = []
+        self.slope: np.ndarray | None = None
+        self.since = 0
+
+    def predict(self, t: float) -> np.ndarray:
+        ys = np.stack(self.rows)
+        ts = np.asarray(self.steps)
+        if self.slope is None:
+            masked = np.where(np.asarray(self.for_slope)[:, None], ys, np.nan)
+            self.slope = np.array([slope_of(masked[:, k], ts) for k in range(ys.shape[1])])
+            self.since = 0
+        return np.array([np.median(ys[:, k] + self.slope[k] * (t - ts)) for k in range(ys.shape[1])])
+
+    def push(self, row: np.ndarray, t: float, for_slope: bool) -> None:
+        self.rows.append(row)
+        self.steps.append(t)
+        self.for_slope.append(for_slope)
+        if len(self.rows) > self.capacity:
+            del self.rows[0], self.steps[0], self.for_slope[0]
+        self.since += 1
+        if self.since >= 4 or len(self.rows) < self.capacity:
+            self.slope = None
 
 
 class Reference:
-    def __init__(self, warmup: int, window: int, threshold_window: int, alpha: float, min_threshold: float) -> None:
-        self.warmup, self.window, self.threshold_window = warmup, window, threshold_window
-        self.alpha, self.min_threshold = alpha, min_threshold
-        self.y: list[np.ndarray] = []  # accepted log values, (layers, metrics)
-        self.loss: list[float] = []
-        self.agg: list[np.ndarray] = []  # accepted aggregates: loss, then metrics
-        self.scores: list[float] = []
+    def __init__(self, warmup: int, window: int, trend_window: int, threshold_window: int, alpha: float) -> None:
+        self.warmup, self.window, self.threshold_window, self.alpha = warmup, window, threshold_window, alpha
+        self.trend = Trend(trend_window)
+        self.start = max(2, min(5, warmup // 4))
+        self.accepted = 0
+        self.res: list[np.ndarray] = []  # clean residuals: metrics (L*M), profile (L), loss (1), float32
+        self.terms: list[np.ndarray] = []  # clean terms: loss, profile, metrics, float32
+        self.scores: list[float] = []  # accepted scores, float32
 
-    def aggregates(self, y: np.ndarray, loss: float) -> np.ndarray:
-        med, scale = robust(self.y[-self.window :], 1e-3)
-        z = (y - med) / scale
-        lmed, lscale = robust([np.array(v) for v in self.loss[-self.window :]], 1e-3)
-        return np.concatenate([[(loss - lmed) / lscale], stats.trim_mean(z, 0.25, axis=0)])
+    def features(self, y: np.ndarray, loss: float) -> np.ndarray:
+        profile = y[:, NUCLEAR] - np.median(y[:, NUCLEAR])
+        return np.concatenate([y.ravel(), profile, [loss]])
 
-    def level2(self, agg: np.ndarray) -> np.ndarray:
-        med, scale = robust(self.agg[-self.window :], 0.05)
-        out: np.ndarray = (agg - med) / scale
-        return out
+    def z_of(self, r: np.ndarray) -> np.ndarray:
+        history = np.stack(self.res[-self.window :])
+        q1, med, q3 = np.quantile(history, [0.25, 0.5, 0.75], axis=0)
+        return (r - med) / np.maximum((q3 - q1) / IQR_PER_SIGMA, 1e-3)
+
+    def terms_of(self, z: np.ndarray, n_layers: int) -> np.ndarray:
+        n = n_layers * len(METRICS)
+        level = stats.trim_mean(z[:n].reshape(n_layers, len(METRICS)), 0.25, axis=0)
+        profile = np.mean(z[n : n + n_layers] ** 2)
+        return np.concatenate([[z[-1]], [math.log(profile + 1e-12)], level])
+
+    def level2(self, terms: np.ndarray) -> np.ndarray:
+        history = np.stack(self.terms[-self.window :])
+        q1, med, q3 = np.quantile(history, [0.25, 0.5, 0.75], axis=0)
+        return (terms - med) / np.maximum((q3 - q1) / IQR_PER_SIGMA, 0.05)
+
+    @staticmethod
+    def strength(z: np.ndarray) -> float:
+        # loss and profile upwards only; the norms upwards only; the other metrics either way
+        levels = [max(v, 0.0) if m in HIGH else abs(v) for m, v in zip(METRICS, z[2:])]
+        return float(max(max(z[0], 0.0), max(z[1], 0.0), *levels))
 
     def threshold(self) -> float:
         q50, q90 = np.quantile(self.scores[-self.threshold_window :], [0.5, 0.9])
-        return max(self.min_threshold, float(q90 + (q90 - q50) * math.log(0.1 / self.alpha) / math.log(5.0)))
+        return max(3.0, float(q90 + (q90 - q50) * math.log(0.1 / self.alpha) / math.log(5.0)))
 
-    def score(self, y: np.ndarray, loss: float) -> tuple[float | None, bool, np.ndarray | None, float | None]:
-        if len(self.y) < self.warmup:
-            self.y.append(f32(y))
-            self.loss.append(float(f32(loss)))
-            if len(self.y) == self.warmup:  # in-sample start of level 2 and of the score window
-                self.agg = [f32(self.aggregates(v, lv)) for v, lv in zip(self.y, self.loss)]
-                self.scores = [float(f32(np.max(np.abs(self.level2(a))))) for a in self.agg]
+    def score(self, y: np.ndarray, loss: float, t: float) -> tuple[float | None, bool, np.ndarray | None, float | None]:
+        v = self.features(y, loss)
+        r = v - self.trend.predict(t) if len(self.trend.rows) >= self.start else None
+        if self.accepted < self.warmup:
+            self.trend.push(v, t, True)
+            if r is not None:
+                self.res.append(f32(r))
+            self.accepted += 1
+            if self.accepted == self.warmup:  # in-sample start of level 2 and of the score window
+                self.terms = [f32(self.terms_of(self.z_of(rr), y.shape[0])) for rr in self.res]
+                self.scores = [float(f32(self.strength(self.level2(tt)))) for tt in self.terms]
             return None, False, None, None
-        agg = self.aggregates(y, loss)
-        z = self.level2(agg)
-        s = float(np.max(np.abs(z)))
+        assert r is not None
+        terms = self.terms_of(self.z_of(r), y.shape[0])
+        z = self.level2(terms)
+        s = self.strength(z)
         threshold = self.threshold()
         flagged = s > threshold
+        self.trend.push(v, t, not flagged)
         if not flagged:
-            self.y.append(f32(y))
-            self.loss.append(float(f32(loss)))
-            self.agg.append(f32(agg))
             self.scores.append(float(f32(s)))
+            if s <= 0.75 * threshold:
+                self.res.append(f32(r))
+                self.terms.append(f32(terms))
+                self.accepted += 1
         return s, flagged, z, threshold
 
 
-@pytest.mark.parametrize(("window", "threshold_window"), [(30, 40), (200, 1000)])
-def test_scores_flags_and_z_match_the_reference(window: int, threshold_window: int) -> None:
+@pytest.mark.parametrize(("window", "trend_window", "threshold_window"), [(30, 12, 40), (100, 32, 1000)])
+def test_scores_flags_and_z_match_the_reference(window: int, trend_window: int, threshold_window: int) -> None:
     run = SyntheticRun(seed=5, n_layers=7)
     rng = np.random.default_rng(5)
-    scorer = BatchScorer(warmup_steps=12, window=window, threshold_window=threshold_window, rebaseline_after=None)
-    ref = Reference(12, window, threshold_window, alpha=0.01, min_threshold=3.0)
+    scorer = BatchScorer(
+        warmup_steps=20,
+        window=window,
+        trend_window=trend_window,
+        threshold_window=threshold_window,
+        rebaseline_after=None,
+        profile_components=0,
+    )
+    ref = Reference(20, window, trend_window, threshold_window, alpha=0.01)
     n_flagged = 0
-    for t in range(160):
-        shift = {METRICS[rng.integers(len(METRICS))]: float(rng.choice([-6.0, 6.0]))} if t % 9 == 8 else None
-        step = run.step(shift)
-        loss = run.loss(3.0 if t % 23 == 22 else 1.0)
+    names = ["loss", "nuclear_norm_profile", *METRICS]
+    for t in range(200):
+        offsets, loss_factor = finetune_drift(t)  # the trends' slopes matter
+        shift = {METRICS[rng.integers(len(METRICS))]: float(rng.choice([-10.0, 10.0]))} if t % 9 == 8 else None
+        step = run.step(shift, offset=offsets)
+        loss = run.loss(loss_factor * (3.0 if t % 23 == 22 else 1.0))
         result = scorer.score(step, loss=loss)
         y = np.log([[step[layer][m] for m in METRICS] for layer in run.layer_names])
-        s, flagged, z, threshold = ref.score(y, math.log(loss))
+        s, flagged, z, threshold = ref.score(y, math.log(loss), float(t))
         assert result.flagged == flagged, t
         n_flagged += flagged
         if s is None:
             assert result.score is None
             continue
-        assert result.score == pytest.approx(s, rel=1e-9, abs=1e-9)
+        assert result.score == pytest.approx(s, rel=1e-9, abs=1e-9), t
         assert z is not None
-        expected_z = dict(zip(["loss", *METRICS], z.tolist()))
-        assert result.z == pytest.approx(expected_z, rel=1e-9, abs=1e-9)
-        # the in-sample start scores float64 aggregates, the reference its float32-rounded copies
+        assert result.z == pytest.approx(dict(zip(names, z.tolist())), rel=1e-9, abs=1e-9), t
+        # the in-sample start scores float64 terms, the reference its float32-rounded copies
         assert result.threshold == pytest.approx(threshold, rel=1e-6)
     assert n_flagged >= 10  # the shifted steps were caught, so both branches were exercised

@@ -1,93 +1,88 @@
 r"""One anomaly score per optimizer step from per-layer gradient metrics (and the loss), against a robust baseline.
 
-A bad batch does not move one number in one layer: it shifts a metric in the same direction in many
-layers at once (effective rank up for flipped labels, down for one sample repeated; nuclear norm up
-for noise text). The score therefore measures, per metric, how far the typical layer is from its own
-recent past, in units that mean the same for every metric, and flags the step when the largest such
-shift is rarer than the target false-flag rate allows.
+A bad batch shows in the gradients in one of two ways. Either a metric moves in the same direction in
+many layers at once (effective rank down in every layer for one sample repeated, norms up for
+flipped labels), or the *shape* of a metric across layers changes while its overall level does not
+(random-token text moves the nuclear norm up in some layers and down in others). And during a real
+fine-tune every metric also drifts, fast at first (norms can fall ten-fold in a few dozen steps),
+slowly later. The score follows the drift with a robust local trend, measures both kinds of change
+in units that mean the same for every term, and flags a step when the largest change is rarer than
+the target false-flag rate allows. Nothing in it says which direction is bad, except for the loss
+(see below).
 
-**Level 1: per layer.** Each metric value :math:`x_{l,m,t}` of layer :math:`l`, metric :math:`m`,
-step :math:`t` is put on log scale when the metric is positive (all spectral metrics and, by
-default, the loss): :math:`y = \log \max(x, 10^{-30})`. Against the window :math:`W_{l,m}` of its
-last :math:`N` accepted values (``window``):
+**Features.** Metric values are put on log scale when positive (all spectral metrics and, by
+default, the loss): :math:`y_{l,m} = \log \max(x_{l,m}, 10^{-30})`. For each *profile metric*
+(``profile_metrics``, default the nuclear norm, the layer-wise curve of the papers) the layer
+profile :math:`p_{l,m} = y_{l,m} - \operatorname{med}_{l'} y_{l',m}` removes the step's common
+level, so a global scale change cancels in it.
 
-.. math::
-
-    z_{l,m,t} = \frac{y_{l,m,t} - \operatorname{med} W_{l,m}}{\sigma_{l,m}}, \qquad
-    \sigma_{l,m} = \max\!\left(\frac{Q_{3}(W_{l,m}) - Q_{1}(W_{l,m})}{2\,\Phi^{-1}(3/4)},\ \epsilon_m\right),
-
-where :math:`Q_1, Q_3` are the quartiles (IQR / 1.349 equals the standard deviation for normal
-data), and the floor :math:`\epsilon_m` is ``min_scale`` on log scale (a relative change of 0.1 % by
-default) or ``min_scale`` :math:`\cdot |\operatorname{med}|` on linear scale. The window holds the
-layer's values from the last :math:`N` accepted steps (a step where the layer was absent leaves a
-gap), and a series needs ``warmup_steps`` values before it gets a :math:`z`.
-
-**Across layers.** Per metric, the interquartile mean (the mean of the middle half, ``layer_trim`` =
-0.25 cut from each end) of the available layers' :math:`z`:
-
-.. math::
-
-    A_{m,t} = \operatorname{trim}_{\tau}\{z_{l,m,t}\}_{l}, \qquad A_{\mathrm{loss},t} = z_{\mathrm{loss},t}.
-
-A shift shared by most layers moves :math:`A` fully; one wild layer (or up to a quarter of them)
-cannot. The interquartile mean rather than the median: it is nearly as robust, less noisy for
-normal data (efficiency about 0.84 against 0.64), and it still moves when a shift hits half to
-three quarters of the layers, where the median barely does. How much :math:`A` varies on clean
-steps depends on how correlated the layers are, which is not known in advance.
-
-**Level 2: per metric.** So each aggregate is standardised once more, against the window :math:`V_m`
-of its own last :math:`N` accepted values, with the same median and IQR:
+**Level 1: each series against its own recent trend.** Every series :math:`s` (each :math:`y_{l,m}`,
+each :math:`p_{l,m}`, the loss) is predicted from its last ``trend_window`` steps (every step,
+flagged or not) by a robust local trend :math:`\hat s_t` (:func:`gradspectra.scoring._trend.robust_trend`:
+a median-based line whose slope is kept only when it is clear, a plain median otherwise). A bad
+step among them cannot bend it (medians), and because flagged steps are not left out, the baseline
+keeps up with a real change of regime instead of flagging it forever. The residual
+:math:`r_t = s_t - \hat s_t` is standardised against the window :math:`R` of the residuals of the
+last ``window`` *clean* steps:
 
 .. math::
 
-    Z_{m,t} = \frac{A_{m,t} - \operatorname{med} V_m}{\max(\operatorname{IQR}(V_m) / 1.349,\ 0.05)}.
+    z = \frac{r_t - \operatorname{med} R}{\max\!\bigl((Q_3(R) - Q_1(R)) / 1.349,\ \epsilon\bigr)},
 
-This makes every :math:`Z_m` a robust z on the same scale, whatever the number of layers, their
-correlation, or a constant lag of level 1 behind a drifting metric (that lag is shared by the
-recent :math:`A_m` and cancels). The step's score is the largest two-sided deviation:
+with :math:`\epsilon` = ``min_scale`` on log scale, ``min_scale`` :math:`\cdot |\hat s_t|` on linear scale.
+
+**Terms.** Per metric :math:`m`, the *level* term is the interquartile mean of the layers' :math:`z`
+(``layer_trim`` cut from each end): a shift shared by most layers moves it fully, one wild layer
+cannot. Per profile metric, the *profile* term is how far the vector of profile :math:`z` over
+layers lies outside the directions in which clean steps' profiles usually vary
+(:mod:`gradspectra.scoring._profile`): :math:`\log Q` with
+:math:`Q = \|x - V^\top V x\|^2 / L` and :math:`V` the top ``profile_components`` principal
+directions of recent clean profile residuals. The loss term is the loss's :math:`z`.
+
+**Level 2.** How much each term varies on clean steps depends on how correlated the layers are, which
+is not known in advance, so each term :math:`A_k` is standardised once more against the window of
+its last ``window`` clean values, :math:`Z_k = (A_k - \operatorname{med}) / \max(\mathrm{IQR}/1.349, 0.05)`.
+The step's score is the largest deviation in the direction that can mean trouble:
 
 .. math::
 
-    S_t = \max_m |Z_{m,t}|.
+    S_t = \max\Bigl(\max_m |Z_{m}|,\ \max_p Z_{p}^{+},\ Z_{\mathrm{loss}}^{+}\Bigr)
+
+(:math:`Z^{+} = \max(Z, 0)`). Level terms are two-sided: effective rank falls for a duplicated
+sample and rises for flipped labels; except the norms (``high_metrics``), whose level counts only
+upwards: both papers find larger gradients for worse data, and an easy batch is not a bad one.
+A profile term is one-sided by construction (a profile that is *more* typical than usual is not an
+anomaly). The loss term is one-sided (``loss_side="high"``)
+because the per-batch loss of a fine-tune has a long, harmless low tail (batches without any noisy
+label) and the batches whose loss is low for a bad reason (one easy sample repeated) change the
+spectra far more than the loss; ``loss_side="both"`` scores :math:`|Z_{\mathrm{loss}}|`.
 
 **Threshold.** :math:`S` is compared with a threshold set from the window :math:`U` of the last
-``threshold_window`` accepted scores (1000 by default: :math:`S` is already standardised, so a long
-window is safe and steadies the tail estimate). The :math:`(1-\alpha)` quantile of :math:`U` itself
-cannot be used: flagged steps never enter :math:`U`, so its upper tail is cut at the threshold and
-that quantile would ratchet down step after step. Nor can all scores be used: real bad batches
-(often more than :math:`\alpha` of them) would set the threshold. So the threshold extrapolates from
-the median and the 90th percentile of :math:`U`, which the cut (about :math:`\alpha` of the steps)
-barely moves, with an exponential tail:
+``threshold_window`` accepted (not flagged) scores, an exponential tail through their median and
+90th percentile extrapolated to the :math:`1 - \alpha` quantile (:math:`\alpha` = ``false_flag_rate``):
 
 .. math::
 
     \theta = \max\!\left(\theta_{\min},\ q_{0.9}(U) + \bigl(q_{0.9}(U) - q_{0.5}(U)\bigr)
-        \frac{\ln(0.1/\alpha)}{\ln 5}\right),
+        \frac{\ln(0.1/\alpha)}{\ln 5}\right).
 
-with :math:`\alpha` = ``false_flag_rate`` and :math:`\theta_{\min}` = ``min_threshold`` (so that a
-perfectly steady run does not flag its rounding noise). This is a fixed point that does not drift:
-censoring 1 % of the steps moves :math:`q_{0.5}` and :math:`q_{0.9}` by a fraction of a percentile.
-For Gaussian :math:`Z` it is conservative (0.2-0.8 % of clean steps flagged at
-:math:`\alpha = 1\%` on the synthetic lognormal streams of the tests); where the step-to-step
-variation itself is heavy-tailed (a Student-t batch effect with 3 degrees of freedom) the tail
-above :math:`q_{0.9}` is heavier than exponential and 3-4 % are flagged: the part of a tail that is
-never observed cannot be calibrated.
+The :math:`1 - \alpha` quantile of :math:`U` itself would ratchet down (flagged steps never enter
+:math:`U`), and using all scores would let the bad batches set the threshold; the median and the
+90th percentile barely move when the top :math:`\alpha` is cut off, so this is a stable fixed point.
 
-**Baseline updates.** After scoring, a step that was neither flagged nor non-finite appends its
-:math:`y`, :math:`A` and :math:`S` to the windows (evicting the oldest), so the baseline follows slow
-drift with a lag of about :math:`N/2` steps, and flagged steps never poison it. After
-``rebaseline_after`` consecutive flagged steps the scorer concludes that the regime has changed
-(a new learning-rate phase, unfrozen layers), forgets its baseline and warms up again.
+**Which steps teach the baseline.** Every step with finite values updates the trend windows. Only
+*clean-looking* steps, not flagged and with :math:`S \le 0.75\,\theta`, update the residual,
+level-2 and profile windows: an anomalous batch just under the threshold would otherwise teach the
+scales, and especially the profile directions, that its kind of change is normal. Accepted steps
+(not flagged) update the threshold window. After ``rebaseline_after`` consecutive flagged steps the
+scorer concludes that the regime has changed, forgets its baseline and warms up again.
 
-**Warm-up.** The first ``warmup_steps`` accepted steps only fill the windows (score ``None``, not
-flagged). When warm-up ends, :math:`A` and :math:`S` of the warm-up steps are computed in-sample
-against the warm-up windows, to start :math:`V` and :math:`U`; until the windows fill, the
-estimates are rougher (about 1.5-2 % of clean steps flagged over the first 30 scored steps in the
-synthetic tests, under 1 % afterwards).
+**Warm-up.** The first ``warmup_steps`` steps only fill the windows (score ``None``, not flagged);
+the first few of them only start the trends. When warm-up ends, the warm-up steps' terms are computed
+in-sample to start level 2 and the threshold window.
 
 A non-finite metric value or loss flags the step at once (also during warm-up), names the layers,
-and keeps the step out of the baseline; its score is ``inf``. Absent layers or metrics are simply
-absent: nothing is flagged for them.
+and is kept out of every window; its score is ``inf``. Absent layers or metrics are simply absent.
 
 Example:
     >>> import numpy as np
@@ -114,12 +109,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from operator import itemgetter
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 from gradspectra.scoring._checks import check_bool, check_float, check_int, check_names
+from gradspectra.scoring._profile import ProfileBasis
+from gradspectra.scoring._trend import TrendWindow
 from gradspectra.scoring._window import FloatArray, ScalarWindow, SortedWindow
 from gradspectra.scoring.result import ScoreResult
 
@@ -134,12 +131,18 @@ POSITIVE_METRICS: tuple[str, ...] = (
 )
 
 LOSS_KEY = "loss"
+PROFILE_SUFFIX = "_profile"
+LossSide = Literal["high", "both"]
+LOSS_SIDES: tuple[str, ...] = ("high", "both")
 _IQR_PER_SIGMA = 1.3489795003921634  # 2 * Phi^{-1}(3/4)
 _LOG_FLOOR = 1e-30  # log(0) for a zero gradient becomes log(1e-30): a huge "low", not a NaN
-_MIN_AGGREGATE_SCALE = 0.05  # level 2: below this, a steady aggregate would amplify rounding noise
+_MIN_AGGREGATE_SCALE = 0.05  # level 2: below this, a steady term would amplify rounding noise
 _TAIL_QUANTILE = 0.9  # the threshold extrapolates from the median and this quantile of accepted scores
+_GUARD = 0.75  # steps scoring above this fraction of the threshold do not update the baseline windows
+_Q_FLOOR = 1e-12  # log Q of a profile that matches its basis exactly
 _MAX_LISTED_LAYERS = 5
-_STATE_VERSION = 1
+_PROFILE_LISTED_LAYERS = 3
+_STATE_VERSION = 2
 
 
 class BatchScorer:
@@ -148,10 +151,11 @@ class BatchScorer:
     Args:
         metrics: metric names to score; ``None`` scores every metric name seen.
         use_loss: also score the loss (a separate term, ``"loss"`` in ``z`` and the reasons).
-        warmup_steps: accepted steps that only build the baseline; also the least history a
-            layer's metric (or an aggregate) needs before it is scored. In ``[5, window]``.
-        window: how many recent accepted steps the baseline (median and quartiles, at both levels) is
-            computed from. In ``[10, 100000]``.
+        warmup_steps: steps that only build the baseline before the first score, in ``[5, window]``.
+        window: how many recent clean steps the robust scales (level 1), the level-2 baselines and
+            the profile directions are computed from. In ``[10, 100000]``.
+        trend_window: how many recent steps the robust local trend of every series is fitted to,
+            in ``[4, 10000]``; shorter follows faster drift, longer is less noisy.
         false_flag_rate: target fraction of clean steps flagged, in ``(0, 0.05]``.
         min_threshold: the threshold never falls below this many robust standard deviations.
         layer_threshold: a layer counts as "high"/"low" in the reasons when its own ``|z|`` exceeds this.
@@ -159,8 +163,16 @@ class BatchScorer:
             ``[0, 0.5)``; 0.25 averages the middle half.
         log_metrics: metrics scored on log scale; ``None`` = :data:`POSITIVE_METRICS`.
         log_loss: score ``log(loss)`` rather than the loss (set False for a loss that can be <= 0).
+        loss_side: ``"high"`` (default) scores only a loss above its trend, ``"both"`` either way.
+        high_metrics: metrics whose level counts only when it is *higher* than usual. Default the
+            norms (nuclear, Frobenius, spectral): both papers find larger gradients for worse data, and
+            a batch with smaller gradients than usual (an easy batch) is not a bad one. Rank-type
+            metrics stay two-sided: effective rank falls for a repeated sample and rises for noise.
+        profile_metrics: metrics whose layer profile (shape across layers) is scored as well; empty
+            for none. Default: the nuclear norm.
+        profile_components: usual directions of profile change left out of the profile term, in ``[0, 10]``.
         min_scale: floor on a series' robust scale: absolute on log scale (``1e-3`` = 0.1 %), relative
-            to the median on linear scale. In ``(0, 1]``.
+            to the prediction on linear scale. In ``(0, 1]``.
         rebaseline_after: after this many consecutive flagged steps, forget the baseline and warm up
             again (a regime change); ``None`` never does.
         threshold_window: how many recent accepted scores set the threshold, in
@@ -176,19 +188,25 @@ class BatchScorer:
         metrics: Sequence[str] | None = None,
         use_loss: bool = True,
         warmup_steps: int = 20,
-        window: int = 200,
+        window: int = 100,
+        trend_window: int = 32,
         false_flag_rate: float = 0.01,
         min_threshold: float = 3.0,
         layer_threshold: float = 3.0,
         layer_trim: float = 0.25,
         log_metrics: Sequence[str] | None = None,
         log_loss: bool = True,
+        loss_side: LossSide = "high",
+        high_metrics: Sequence[str] = ("nuclear_norm", "frobenius_norm", "spectral_norm"),
+        profile_metrics: Sequence[str] = ("nuclear_norm",),
+        profile_components: int = 2,
         min_scale: float = 1e-3,
         rebaseline_after: int | None = 100,
         threshold_window: int = 1000,
     ) -> None:
         self.window = check_int("window", window, 10, 100_000)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 5, self.window, f"window={self.window}")
+        self.trend_window = check_int("trend_window", trend_window, 4, 10_000)
         self.threshold_window = check_int(
             "threshold_window",
             threshold_window,
@@ -203,6 +221,12 @@ class BatchScorer:
         self.min_scale = check_float("min_scale", min_scale, 0.0, 1.0, low_open=True)
         self.use_loss = check_bool("use_loss", use_loss)
         self.log_loss = check_bool("log_loss", log_loss)
+        if loss_side not in LOSS_SIDES:
+            raise ValueError(f"`loss_side` can be {', '.join(LOSS_SIDES)}, got {loss_side!r}")
+        self.loss_side: LossSide = loss_side
+        self.profile_metrics = check_names("profile_metrics", profile_metrics, allow_empty=True)
+        self.high_metrics = frozenset(check_names("high_metrics", high_metrics, allow_empty=True))
+        self.profile_components = check_int("profile_components", profile_components, 0, 10)
         self.rebaseline_after = None if rebaseline_after is None else check_int("rebaseline_after", rebaseline_after, 1)
         self._fixed_metrics = metrics is not None
         fixed = check_names("metrics", metrics, allow_empty=False) if metrics is not None else ()
@@ -213,13 +237,22 @@ class BatchScorer:
         self._tail_factor = math.log((1.0 - _TAIL_QUANTILE) / self.false_flag_rate) / math.log(
             (1.0 - 0.5) / (1.0 - _TAIL_QUANTILE)
         )
+        # the first steps of a warm-up only start the trends; the rest also give residuals
+        self._trend_start = max(2, min(5, self.warmup_steps // 4, self.trend_window))
+        self._min_history = self.warmup_steps - self._trend_start
 
-        self._values: SortedWindow  # level 1, (layers, metrics)
-        self._loss: ScalarWindow  # level 1 for the loss
-        self._aggregates: SortedWindow | None  # level 2, rows: loss, then metrics; None during warm-up
+        self._trend_values: TrendWindow  # every step's values, for the trends
+        self._trend_profile: TrendWindow
+        self._trend_loss: TrendWindow
+        self._res_values: SortedWindow  # clean steps' residuals, for the level-1 scales
+        self._res_profile: SortedWindow
+        self._res_loss: ScalarWindow
+        self._bases: list[ProfileBasis]  # clean steps' profile z, for the usual directions of change
+        self._terms_window: SortedWindow | None  # level 2; None during warm-up
         self._scores: ScalarWindow | None  # accepted scores; None during warm-up
-        self._accepted = 0
-        self._consecutive_flags = 0
+        self._accepted: int
+        self._consecutive_flags: int
+        self._levels: tuple[FloatArray, float]  # the latest predictions' magnitudes (linear-scale floors)
         self._layers: list[str] = []
         self._layer_index: dict[str, int] = {}
         self._metrics: list[str] = []
@@ -228,7 +261,7 @@ class BatchScorer:
         for name in fixed:
             self._add_metric(name)
         self._reset_baseline()
-        self.steps = 0  # steps scored, warm-up included
+        self.steps = 0  # steps scored, warm-up included; also the time axis of the trends
         self.flagged_steps = 0
 
     # ------------------------------------------------------------------ public API
@@ -254,7 +287,7 @@ class BatchScorer:
         return None if self.in_warmup else self._threshold()
 
     def score(self, layer_metrics: Mapping[str, Mapping[str, float]], loss: float | None = None) -> ScoreResult:
-        """Score one step, then (unless it was flagged or non-finite) add it to the baseline.
+        """Score one step, then update the baseline (see the module docstring for which windows).
 
         Args:
             layer_metrics: ``{layer name: {metric name: value}}``; values are floats (or 0-d
@@ -264,6 +297,7 @@ class BatchScorer:
         Returns:
             The :class:`ScoreResult`. Never raises on non-finite values.
         """
+        t = float(self.steps)
         self.steps += 1
         y, nonfinite_layers = self._read(layer_metrics)
         loss_y, loss_bad = self._read_loss(loss)
@@ -276,30 +310,49 @@ class BatchScorer:
         if loss_bad is not None:
             reasons.append(f"non-finite loss ({loss_bad})")
         nonfinite = bool(reasons)
+        p = self._profiles(y)
+        residuals = self._residuals(y, p, loss_y, t)
 
         if self.in_warmup:
             if nonfinite:
                 self.flagged_steps += 1
                 return ScoreResult(None, True, reasons, {}, in_warmup=True)
-            self._accept(y, loss_y, None, None)
+            if not np.isfinite(y).any() and not math.isfinite(loss_y):
+                return ScoreResult(None, False, [], {}, in_warmup=True)  # nothing measured
+            self._push_trends(y, p, loss_y, t)
+            if residuals is not None:
+                self._push_residuals(*residuals)
+            self._accepted += 1
             if not self.in_warmup:
                 self._start_scoring()
             return ScoreResult(None, False, [], {}, in_warmup=True)
 
-        z_layers, aggregates = self._aggregate(y, loss_y)
-        z_agg = self._level2(aggregates)
-        finite = np.isfinite(z_agg)
-        score: float | None = float(np.max(np.abs(z_agg[finite]))) if finite.any() else None
+        if residuals is None:  # only after loading a state with shorter trends than this scorer needs
+            if nonfinite:
+                self.flagged_steps += 1
+            elif np.isfinite(y).any() or math.isfinite(loss_y):
+                self._push_trends(y, p, loss_y, t)
+            return ScoreResult(math.inf if nonfinite else None, nonfinite, reasons, {}, threshold=self._threshold())
+        z_values, z_profile, z_loss = self._standardize_all(*residuals)
+        terms, remainders = self._terms(z_values, z_profile, z_loss)
+        z_terms = self._level2(terms)
+        strength = self._strength(z_terms)
+        finite = np.isfinite(strength)
+        score: float | None = float(np.max(strength[finite])) if finite.any() else None
         threshold = self._threshold()
         over = score is not None and score > threshold
         flagged = nonfinite or over
-        z_dict = {name: float(z_agg[k]) for k, name in enumerate(self._agg_names()) if finite[k]}
+        names = self._term_names()
+        z_dict = {name: float(z_terms[k]) for k, name in enumerate(names) if np.isfinite(z_terms[k])}
         if flagged:
-            reasons.extend(self._metric_reasons(z_layers, z_agg, threshold))
+            reasons.extend(self._term_reasons(z_values, remainders, z_terms, strength, threshold))
         if nonfinite:
-            score = math.inf
             self.flagged_steps += 1
-        elif over:
+            return ScoreResult(math.inf, True, reasons, z_dict, in_warmup=False, threshold=threshold)
+        if score is None:  # nothing measured: keep the windows as they are rather than evict for nothing
+            return ScoreResult(None, False, [], z_dict, in_warmup=False, threshold=threshold)
+        self._push_trends(y, p, loss_y, t, flagged=over)
+        if over:
             self.flagged_steps += 1
             self._consecutive_flags += 1
             if self.rebaseline_after is not None and self._consecutive_flags >= self.rebaseline_after:
@@ -309,47 +362,50 @@ class BatchScorer:
                 self._reset_baseline()
         else:
             self._consecutive_flags = 0
-            self._accept(y, loss_y, aggregates, score)
+            assert self._scores is not None
+            self._scores.push(score)
+            if score <= _GUARD * threshold:
+                self._push_residuals(*residuals)
+                self._push_terms(terms, z_profile)
+                self._accepted += 1
         return ScoreResult(score, flagged, reasons, z_dict, in_warmup=False, threshold=threshold)
 
     def state_dict(self) -> dict[str, Any]:
-        """Picklable state (plain lists, floats and ints): the windows oldest first, and counters.
+        """Picklable state (plain lists, floats and ints): every window oldest first, and counters.
 
         The windows are stored whole so that a reloaded scorer continues exactly: about
-        ``layers * metrics * window`` floats (240k, ~2 MB pickled, for 200 layers, 6 metrics, window 200).
+        ``layers * (metrics + profile metrics) * (window + trend_window)`` floats.
         """
         return {
             "version": _STATE_VERSION,
             "layers": list(self._layers),
             "metrics": list(self._metrics),
+            "profile_metrics": list(self.profile_metrics),
             "steps": self.steps,
             "flagged_steps": self.flagged_steps,
             "accepted": self._accepted,
             "consecutive_flags": self._consecutive_flags,
-            "values": self._values.history().tolist(),
-            "loss": self._loss.history()[0].tolist(),
-            "aggregates": None if self._aggregates is None else self._aggregates.history().tolist(),
-            "aggregate_names": None if self._aggregates is None else self._agg_names(),
+            "trend_values": self._trend_values.state(),
+            "trend_profile": self._trend_profile.state(),
+            "trend_loss": self._trend_loss.state(),
+            "residuals": self._res_values.history().tolist(),
+            "profile_residuals": self._res_profile.history().tolist(),
+            "loss_residuals": self._res_loss.history()[0].tolist(),
+            "bases": [b.state() for b in self._bases],
+            "terms": None if self._terms_window is None else self._terms_window.history().tolist(),
+            "term_names": None if self._terms_window is None else self._term_names(),
             "scores": None if self._scores is None else self._scores.history()[0].tolist(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; missing keys take defaults, so older states still load.
+        """Restore :meth:`state_dict` output; missing keys take defaults.
 
         Metrics are matched by name: with ``metrics=`` fixed, a stored metric outside that list is
-        dropped and a listed metric the state lacks starts empty. Windows longer than ``window`` keep
-        their newest values.
+        dropped and a listed metric the state lacks starts empty. A state written by an older version
+        (another score) keeps its layer and metric names and counters, and the baseline warms up again.
         """
         layers = [str(n) for n in state.get("layers", [])]
         stored_metrics = [str(n) for n in state.get("metrics", [])]
-        values = np.asarray(state.get("values", []), dtype=np.float64)
-        if values.size == 0:
-            values = np.full((len(layers), len(stored_metrics), 0), np.nan)
-        if values.ndim != 3 or values.shape[:2] != (len(layers), len(stored_metrics)):
-            raise ValueError(
-                f"`state['values']` must be shaped (layers, metrics, steps) = ({len(layers)}, "
-                f"{len(stored_metrics)}, T), got {values.shape}"
-            )
         metrics = list(self._metrics) if self._fixed_metrics else stored_metrics
         self._layers, self._layer_index = [], {}
         self._metrics, self._metric_index, self._log_mask = [], {}, np.zeros(0, dtype=bool)
@@ -357,49 +413,112 @@ class BatchScorer:
             self._add_layer(name)
         for name in metrics:
             self._add_metric(name)
-        steps_stored = values.shape[2]
-        mapped = np.full((len(layers), len(metrics), steps_stored), np.nan)
-        for j, name in enumerate(metrics):
-            if name in stored_metrics:
-                mapped[:, j] = values[:, stored_metrics.index(name)]
-        self._values = SortedWindow.from_history(mapped, self.window)
-        loss = np.asarray(state.get("loss", []), dtype=np.float64).reshape(1, -1)
-        self._loss = ScalarWindow.from_history(loss, self.window)
         self.steps = int(state.get("steps", 0))
         self.flagged_steps = int(state.get("flagged_steps", 0))
-        self._accepted = int(state.get("accepted", steps_stored))
+        self._reset_baseline()
+        if int(state.get("version", 1)) != _STATE_VERSION:
+            return
+        n_layers, n_metrics = len(layers), len(stored_metrics)
+        stored_profile = [str(n) for n in state.get("profile_metrics", [])]
+        residuals = np.asarray(state.get("residuals", []), dtype=np.float64)
+        if residuals.size == 0:
+            residuals = np.full((n_layers, n_metrics, 0), np.nan)
+        if residuals.ndim != 3 or residuals.shape[:2] != (n_layers, n_metrics):
+            raise ValueError(
+                f"`state['residuals']` must be shaped (layers, metrics, steps) = ({n_layers}, {n_metrics}, T), "
+                f"got {residuals.shape}"
+            )
+        col = {name: stored_metrics.index(name) for name in metrics if name in stored_metrics}
+        pcol = {name: stored_profile.index(name) for name in self.profile_metrics if name in stored_profile}
+
+        def remap_metrics(block: NDArray[np.float64]) -> NDArray[np.float64]:
+            """(layers, stored metrics, ...) -> (layers, metrics, ...), NaN for metrics the state lacks."""
+            out = np.full((n_layers, len(metrics), *block.shape[2:]), np.nan)
+            for j, name in enumerate(metrics):
+                if name in col:
+                    out[:, j] = block[:, col[name]]
+            return out
+
+        def remap_profile(block: NDArray[np.float64]) -> NDArray[np.float64]:
+            out = np.full((n_layers, len(self.profile_metrics), *block.shape[2:]), np.nan)
+            for j, name in enumerate(self.profile_metrics):
+                if name in pcol and block.ndim >= 2 and block.shape[1] > pcol[name]:
+                    out[:, j] = block[:, pcol[name]]
+            return out
+
+        trend = dict(state.get("trend_values") or {})
+        if metrics != stored_metrics:  # remapped columns: the cached slopes no longer line up, refit them
+            trend = {
+                "values": [remap_metrics(np.asarray(r)) for r in trend.get("values", [])],
+                "steps": trend.get("steps"),
+            }
+        self._trend_values = TrendWindow.from_state((n_layers, len(metrics)), self.trend_window, trend)
+        trend = dict(state.get("trend_profile") or {})
+        if list(self.profile_metrics) != stored_profile:
+            trend = {
+                "values": [remap_profile(np.asarray(r)) for r in trend.get("values", [])],
+                "steps": trend.get("steps"),
+            }
+        self._trend_profile = TrendWindow.from_state((n_layers, len(self.profile_metrics)), self.trend_window, trend)
+        self._trend_loss = TrendWindow.from_state((1,), self.trend_window, state.get("trend_loss") or {})
+        self._res_values = SortedWindow.from_history(remap_metrics(residuals), self.window)
+        profile_res = np.asarray(state.get("profile_residuals", []), dtype=np.float64)
+        if profile_res.ndim != 3:
+            profile_res = np.full((n_layers, len(stored_profile), 0), np.nan)
+        self._res_profile = SortedWindow.from_history(remap_profile(profile_res), self.window)
+        loss_res = np.asarray(state.get("loss_residuals", []), dtype=np.float64).reshape(1, -1)
+        self._res_loss = ScalarWindow.from_history(loss_res, self.window)
+        stored_bases = list(state.get("bases") or [])
+        self._bases = [
+            ProfileBasis.from_state(
+                n_layers,
+                self.window,
+                self.profile_components,
+                stored_bases[pcol[name]] if name in pcol and pcol[name] < len(stored_bases) else None,
+            )
+            for name in self.profile_metrics
+        ]
+        self._accepted = int(state.get("accepted", 0))
         self._consecutive_flags = int(state.get("consecutive_flags", 0))
-        self._aggregates, self._scores = None, None
         if self.in_warmup:
             return
-        aggregates = state.get("aggregates")
-        names = state.get("aggregate_names")
+        stored_terms = state.get("terms")
+        names = state.get("term_names")
         scores = state.get("scores")
-        if aggregates is None or names is None or scores is None:
+        if stored_terms is None or names is None or scores is None:
             self._start_scoring()  # a state without level 2: rebuild it as at the end of warm-up
             return
-        stored = np.asarray(aggregates, dtype=np.float64)
-        agg = np.full((1 + len(metrics), stored.shape[-1] if stored.ndim == 2 else 0), np.nan)
-        for k, name in enumerate(self._agg_names()):
-            if name in names and stored.ndim == 2:
-                agg[k] = stored[list(names).index(name)]
-        self._aggregates = SortedWindow.from_history(agg, self.window)
+        terms = np.asarray(stored_terms, dtype=np.float64)
+        width = terms.shape[-1] if terms.ndim == 2 else 0
+        agg = np.full((len(self._term_names()), width), np.nan)
+        for k, name in enumerate(self._term_names()):
+            if name in names and width:
+                agg[k] = terms[list(names).index(name)]
+        self._terms_window = SortedWindow.from_history(agg, self.window)
         self._scores = ScalarWindow.from_history(
             np.asarray(scores, dtype=np.float64).reshape(1, -1), self.threshold_window
         )
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ internals: bookkeeping
 
     def _reset_baseline(self) -> None:
-        self._values = SortedWindow((len(self._layers), len(self._metrics)), self.window)
-        self._loss = ScalarWindow(self.window)
-        self._aggregates = None
+        n_layers, n_metrics, n_profile = len(self._layers), len(self._metrics), len(self.profile_metrics)
+        self._trend_values = TrendWindow((n_layers, n_metrics), self.trend_window)
+        self._trend_profile = TrendWindow((n_layers, n_profile), self.trend_window)
+        self._trend_loss = TrendWindow((1,), self.trend_window)
+        self._res_values = SortedWindow((n_layers, n_metrics), self.window)
+        self._res_profile = SortedWindow((n_layers, n_profile), self.window)
+        self._res_loss = ScalarWindow(self.window)
+        self._bases = [ProfileBasis(n_layers, self.window, self.profile_components) for _ in self.profile_metrics]
+        self._terms_window = None
         self._scores = None
         self._accepted = 0
         self._consecutive_flags = 0
+        self._levels = (np.ones((n_layers, n_metrics)), 1.0)
 
-    def _agg_names(self) -> list[str]:
-        return [LOSS_KEY, *self._metrics]
+    def _term_names(self) -> list[str]:
+        """Level-2 rows: the loss, the profile terms (fixed), then one level term per metric (growing)."""
+        return [LOSS_KEY, *(m + PROFILE_SUFFIX for m in self.profile_metrics), *self._metrics]
 
     def _add_layer(self, name: str) -> None:
         self._layer_index[name] = len(self._layers)
@@ -423,9 +542,16 @@ class BatchScorer:
                         if name not in self._metric_index and name != LOSS_KEY:
                             self._add_metric(name)
         if (len(self._layers), len(self._metrics)) != (n_layers, n_metrics):
-            self._values.grow((len(self._layers), len(self._metrics)))
-            if self._aggregates is not None:
-                self._aggregates.grow((1 + len(self._metrics),))
+            shape = (len(self._layers), len(self._metrics))
+            pshape = (len(self._layers), len(self.profile_metrics))
+            self._trend_values.grow(shape)
+            self._trend_profile.grow(pshape)
+            self._res_values.grow(shape)
+            self._res_profile.grow(pshape)
+            for basis in self._bases:
+                basis.grow(len(self._layers))
+            if self._terms_window is not None:
+                self._terms_window.grow((len(self._term_names()),))
 
     def _read(self, layer_metrics: Mapping[str, Mapping[str, float]]) -> tuple[FloatArray, list[str]]:
         """The step as a (layers, metrics) array on the scoring scale (NaN = absent or non-finite)."""
@@ -467,57 +593,132 @@ class BatchScorer:
             return math.nan, repr(value)
         return (math.log(max(value, _LOG_FLOOR)) if self.log_loss else value), None
 
-    def _accept(self, y: FloatArray, loss_y: float, aggregates: FloatArray | None, score: float | None) -> None:
-        if not np.isfinite(y).any() and not math.isfinite(loss_y):
-            return  # nothing measured: keep the windows as they are rather than evict for nothing
-        self._values.push(y)
-        self._loss.push(loss_y)
-        if self._aggregates is not None and aggregates is not None:
-            self._aggregates.push(aggregates)
-        if self._scores is not None and score is not None:
-            self._scores.push(score)
-        self._accepted += 1
+    def _profiles(self, y: FloatArray) -> FloatArray:
+        """(layers, profile metrics): each profile metric's values minus their median over layers."""
+        out = np.full((len(self._layers), len(self.profile_metrics)), np.nan)
+        for j, name in enumerate(self.profile_metrics):
+            m = self._metric_index.get(name)
+            if m is None:
+                continue
+            col = y[:, m]
+            finite = np.isfinite(col)
+            if finite.sum() >= 2:
+                out[:, j] = col - float(np.median(col[finite]))
+        return out
 
-    @staticmethod
-    def _robust(window: SortedWindow | ScalarWindow) -> tuple[FloatArray, FloatArray]:
-        """Median and IQR-based scale (before flooring) of every series in ``window``."""
-        q1, med, q3 = window.quantiles((0.25, 0.5, 0.75))
-        return med, (q3 - q1) / _IQR_PER_SIGMA
+    # ------------------------------------------------------------------ internals: the math
+
+    def _residuals(
+        self, y: FloatArray, p: FloatArray, loss_y: float, t: float
+    ) -> tuple[FloatArray, FloatArray, float] | None:
+        """Each series minus its trend prediction for step ``t``; ``None`` while the trends are too short.
+
+        Also keeps the predictions' magnitudes, the level that the linear-scale floor is relative to.
+        """
+        if len(self._trend_loss) < self._trend_start:
+            return None
+        pred_values = self._trend_values.predict(t)
+        pred_loss = float(self._trend_loss.predict(t)[0])
+        self._levels = (np.abs(pred_values), abs(pred_loss))
+        return y - pred_values, p - self._trend_profile.predict(t), float(loss_y - pred_loss)
+
+    def _push_trends(self, y: FloatArray, p: FloatArray, loss_y: float, t: float, flagged: bool = False) -> None:
+        self._trend_values.push(y, t, not flagged)
+        self._trend_profile.push(p, t, not flagged)
+        self._trend_loss.push(np.array([loss_y]), t, not flagged)
+
+    def _push_residuals(self, r_values: FloatArray, r_profile: FloatArray, r_loss: float) -> None:
+        self._res_values.push(r_values)
+        self._res_profile.push(r_profile)
+        self._res_loss.push(r_loss)
+
+    def _push_terms(self, terms: FloatArray, z_profile: FloatArray) -> None:
+        assert self._terms_window is not None
+        self._terms_window.push(terms)
+        for j, basis in enumerate(self._bases):
+            basis.push(z_profile[:, j])
 
     def _standardize(
-        self,
-        y: NDArray[np.floating[Any]],
-        window: SortedWindow | ScalarWindow,
-        log_mask: NDArray[np.bool_],
+        self, r: NDArray[np.floating[Any]], window: SortedWindow | ScalarWindow, floor: NDArray[np.floating[Any]]
     ) -> FloatArray:
-        """Level-1 robust z of ``y`` (last axis extra for histories) against ``window``."""
-        med, scale = self._robust(window)
-        # the floor: absolute on log scale, relative to the median on linear scale
-        scale = np.maximum(scale, np.where(log_mask, self.min_scale, self.min_scale * np.abs(med)) + 1e-300)
-        usable = window.count >= self.warmup_steps
+        """Level-1 robust z of residuals ``r`` (an extra last axis for histories) against ``window``."""
+        q1, med, q3 = window.quantiles((0.25, 0.5, 0.75))
+        scale = np.maximum((q3 - q1) / _IQR_PER_SIGMA, np.nan_to_num(floor, nan=self.min_scale) + 1e-300)
+        usable = window.count >= min(self._min_history, window.capacity)
         med = np.where(usable, med, np.nan)
-        extra = y.ndim - med.ndim
+        extra = r.ndim - med.ndim
         shape = med.shape + (1,) * extra
-        z: FloatArray = (y - med.reshape(shape)) / scale.reshape(shape)
+        z: FloatArray = (r - med.reshape(shape)) / scale.reshape(shape)
         return z
 
-    def _aggregate(self, y: FloatArray, loss_y: float) -> tuple[FloatArray, FloatArray]:
-        """Per-layer z (layers, metrics) and the aggregates (loss first, then one per metric)."""
-        z = self._standardize(y, self._values, self._log_mask)
-        z_loss = self._standardize(np.array([loss_y]), self._loss, np.array([self.log_loss]))[0]
-        agg = np.empty(1 + len(self._metrics))
-        agg[0] = z_loss
-        agg[1:] = _trimmed_mean(z, self.layer_trim)
-        return z, agg
+    def _standardize_all(
+        self, r_values: NDArray[np.floating[Any]], r_profile: NDArray[np.floating[Any]], r_loss: Any
+    ) -> tuple[FloatArray, FloatArray, Any]:
+        """Level-1 z of the metric, profile and loss residuals.
 
-    def _level2(self, aggregates: FloatArray) -> FloatArray:
-        assert self._aggregates is not None
-        med, scale = self._robust(self._aggregates)
-        usable = self._aggregates.count >= self.warmup_steps
-        scale = np.maximum(scale, _MIN_AGGREGATE_SCALE)
-        extra = aggregates.ndim - med.ndim
+        The floor on a scale is ``min_scale`` on log scale and ``min_scale`` times the series' current
+        prediction on linear scale (a metric that never moves does not turn rounding noise into huge z).
+        """
+        level_values, level_loss = self._levels
+        floor_values = np.where(self._log_mask, self.min_scale, self.min_scale * level_values)
+        z_values = self._standardize(r_values, self._res_values, floor_values)
+        z_profile = self._standardize(r_profile, self._res_profile, np.full(self._res_profile.shape, self.min_scale))
+        loss_floor = np.array([self.min_scale * (level_loss if not self.log_loss else 1.0)])
+        r = np.asarray(r_loss, dtype=np.float64)
+        z_loss = self._standardize(r.reshape(1, -1), self._res_loss, loss_floor)[0]
+        return z_values, z_profile, (z_loss if r.ndim else float(z_loss[0]))
+
+    def _terms(self, z_values: FloatArray, z_profile: FloatArray, z_loss: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """The level-2 inputs (loss, profile terms, level terms) and the profile remainders (layers, profiles).
+
+        ``z_*`` may carry an extra last axis (a history); the outputs then carry it too.
+        """
+        extra = z_values.shape[2:]
+        n_profile = len(self.profile_metrics)
+        terms = np.full((1 + n_profile + len(self._metrics), *extra), np.nan)
+        terms[0] = z_loss
+        remainders = np.full(z_profile.shape, np.nan)
+        for j, basis in enumerate(self._bases):
+            x = z_profile[:, j]
+            if x.ndim == 1:
+                rem = basis.residual(x)
+            else:  # a history: one column per step
+                rem = np.stack([basis.residual(x[:, k]) for k in range(x.shape[1])], axis=-1)
+            remainders[:, j] = rem
+            with np.errstate(invalid="ignore"):
+                count = np.sum(np.isfinite(rem), axis=0)
+                q = np.nansum(np.where(np.isfinite(rem), rem * rem, 0.0), axis=0) / np.maximum(count, 1)
+            terms[1 + j] = np.where(count >= 2, np.log(q + _Q_FLOOR), np.nan)
+        terms[1 + n_profile :] = _trimmed_mean(z_values, self.layer_trim)
+        return terms, remainders
+
+    def _level2(self, terms: FloatArray) -> FloatArray:
+        """Level-2 z of each term against its window of clean values (median and IQR)."""
+        assert self._terms_window is not None
+        q1, med, q3 = self._terms_window.quantiles((0.25, 0.5, 0.75))
+        usable = self._terms_window.count >= min(self._min_history, self.window)
+        scale = np.maximum((q3 - q1) / _IQR_PER_SIGMA, _MIN_AGGREGATE_SCALE)
+        extra = terms.ndim - med.ndim
         shape = med.shape + (1,) * extra
-        out: FloatArray = (aggregates - np.where(usable, med, np.nan).reshape(shape)) / scale.reshape(shape)
+        out: FloatArray = (terms - np.where(usable, med, np.nan).reshape(shape)) / scale.reshape(shape)
+        return out
+
+    def _one_sided(self) -> NDArray[np.bool_]:
+        """Level-2 rows that count only upwards: profiles, ``high_metrics``, the loss if ``loss_side="high"``."""
+        mask = np.zeros(len(self._term_names()), dtype=bool)
+        mask[0] = self.loss_side == "high"
+        mask[1 : 1 + len(self.profile_metrics)] = True
+        start = 1 + len(self.profile_metrics)
+        for k, name in enumerate(self._metrics):
+            mask[start + k] = name in self.high_metrics
+        return mask
+
+    def _strength(self, z_terms: FloatArray) -> FloatArray:
+        """Each term's contribution to the score: ``max(Z, 0)`` for one-sided terms, ``|Z|`` otherwise."""
+        one_sided = self._one_sided().reshape((-1,) + (1,) * (z_terms.ndim - 1))
+        out: FloatArray = np.where(one_sided, np.maximum(z_terms, 0.0), np.abs(z_terms))
+        if not self.use_loss:
+            out[0] = np.nan
         return out
 
     def _threshold(self) -> float:
@@ -527,37 +728,54 @@ class BatchScorer:
         return max(self.min_threshold, tail + (tail - median) * self._tail_factor)
 
     def _start_scoring(self) -> None:
-        """End of warm-up: level-2 and score windows from the warm-up steps, scored in-sample."""
-        history = self._values.history()  # (layers, metrics, T)
-        z = self._standardize(history, self._values, self._log_mask)
-        z_loss = self._standardize(self._loss.history(), self._loss, np.array([self.log_loss]))  # (1, T)
-        agg = np.empty((1 + len(self._metrics), history.shape[-1]))
-        agg[0] = z_loss[0]
-        agg[1:] = _trimmed_mean(z, self.layer_trim)
-        self._aggregates = SortedWindow.from_history(agg, self.window)
-        z_agg = np.abs(self._level2(agg))
-        finite = np.isfinite(z_agg)
-        scores = np.where(finite.any(axis=0), np.max(np.where(finite, z_agg, -np.inf), axis=0), np.nan)
+        """End of warm-up: level-2, profile and score windows from the warm-up steps, scored in-sample."""
+        r_values = self._res_values.history().astype(np.float64)  # (layers, metrics, T)
+        r_profile = self._res_profile.history().astype(np.float64)
+        r_loss = self._res_loss.history().astype(np.float64)[0]
+        z_values, z_profile, z_loss = self._standardize_all(r_values, r_profile, r_loss)
+        for k in range(z_profile.shape[-1]):
+            for j, basis in enumerate(self._bases):
+                basis.push(z_profile[:, j, k])
+        terms, _ = self._terms(z_values, z_profile, z_loss)
+        self._terms_window = SortedWindow.from_history(terms, self.window)
+        strength = self._strength(self._level2(terms))
+        finite = np.isfinite(strength)
+        scores = np.where(finite.any(axis=0), np.max(np.where(finite, strength, -np.inf), axis=0), np.nan)
         self._scores = ScalarWindow.from_history(scores, self.threshold_window)
 
-    def _metric_reasons(self, z_layers: FloatArray, z_agg: FloatArray, threshold: float) -> list[str]:
-        names = self._agg_names()
-        order = np.argsort(-np.nan_to_num(np.abs(z_agg), nan=-1.0))
+    def _term_reasons(
+        self,
+        z_values: FloatArray,
+        remainders: FloatArray,
+        z_terms: FloatArray,
+        strength: FloatArray,
+        threshold: float,
+    ) -> list[str]:
+        names = self._term_names()
+        n_profile = len(self.profile_metrics)
+        order = np.argsort(-np.nan_to_num(strength, nan=-1.0))
         reasons = []
         for k in order:
-            value = float(z_agg[k])
-            if not (abs(value) > threshold):
+            if not (strength[k] > threshold):
                 break
+            value = float(z_terms[k])
             direction = "high" if value > 0 else "low"
             if k == 0:
                 reasons.append(f"{LOSS_KEY} {direction} (z={value:.1f})")
-                continue
-            col = z_layers[:, k - 1]
-            with np.errstate(invalid="ignore"):
-                beyond = col > self.layer_threshold if value > 0 else col < -self.layer_threshold
-            n_layers = int(np.count_nonzero(~np.isnan(col)))
-            count = int(np.count_nonzero(beyond))
-            reasons.append(f"{names[k]} {direction} in {count}/{n_layers} layers (z={value:.1f})")
+            elif k <= n_profile:
+                rem = remainders[:, k - 1]
+                top = [int(i) for i in np.argsort(-np.nan_to_num(np.abs(rem), nan=-1.0))[:_PROFILE_LISTED_LAYERS]]
+                listed = ", ".join(
+                    f"{self._layers[i]} {'high' if rem[i] > 0 else 'low'}" for i in top if np.isfinite(rem[i])
+                )
+                reasons.append(f"{self.profile_metrics[k - 1]} layer profile unusual (z={value:.1f}): {listed}")
+            else:
+                col = z_values[:, k - 1 - n_profile]
+                with np.errstate(invalid="ignore"):
+                    beyond = col > self.layer_threshold if value > 0 else col < -self.layer_threshold
+                n_layers = int(np.count_nonzero(~np.isnan(col)))
+                count = int(np.count_nonzero(beyond))
+                reasons.append(f"{names[k]} {direction} in {count}/{n_layers} layers (z={value:.1f})")
         return reasons
 
 

@@ -10,13 +10,15 @@ class ScoreResult:
     """One step's anomaly score and whether it was flagged.
 
     Attributes:
-        score: higher = more anomalous, in robust standard deviations (``max_k |Z_k|``, see
+        score: higher = more anomalous, in robust standard deviations (the largest term, ``|Z|`` for a
+            metric's level, ``max(Z, 0)`` for a layer profile and the loss; see
             :mod:`gradspectra.scoring.batch`); ``inf`` when a gradient or the loss was non-finite;
             ``None`` during warm-up or when nothing on the step could be scored.
         flagged: whether the step was flagged (its score exceeded ``threshold``, or a value was non-finite).
         reasons: human-readable reasons, strongest first; empty when not flagged.
-        z: per-metric aggregate robust z (signed: negative = lower than usual), e.g.
-            ``{"effective_rank": -9.1, "nuclear_norm": 1.2, "loss": 0.3}``; empty during warm-up.
+        z: each term's robust z (signed: negative = lower than usual), e.g.
+            ``{"effective_rank": -9.1, "nuclear_norm": 1.2, "nuclear_norm_profile": 0.4, "loss": 0.3}``;
+            empty during warm-up.
         in_warmup: whether the scorer was still building its baseline.
         threshold: the threshold the score was compared with; ``None`` during warm-up.
     """
