@@ -79,8 +79,15 @@ class Trend:
 
 
 class Reference:
-    def __init__(self, warmup: int, window: int, trend_window: int, threshold_window: int, alpha: float) -> None:
+    def __init__(
+        self, warmup: int, window: int, trend_window: int, threshold_window: int, alpha: float, loss_window: int | None
+    ) -> None:
         self.warmup, self.window, self.threshold_window, self.alpha = warmup, window, threshold_window, alpha
+        # loss_window None: the loss is one more trend-followed series (given as log loss); else it is
+        # given linear and predicted by the median of its last loss_window values
+        self.loss_window = loss_window
+        self.losses: list[float] = []
+        self.warm_preds: list[float] = []
         self.trend = Trend(trend_window)
         self.start = max(2, min(5, warmup // 4))
         self.accepted = 0
@@ -118,20 +125,41 @@ class Reference:
         q50, q90 = np.quantile(self.scores[-self.threshold_window :], [0.5, 0.9])
         return max(3.0, float(q90 + (q90 - q50) * math.log(0.1 / self.alpha) / math.log(5.0)))
 
+    def z_of_loss(self, r: np.ndarray, pred_loss: float) -> np.ndarray:
+        """Like z_of, with the linear-scale floor ``1e-3 * |prediction|`` for a linear loss."""
+        z = self.z_of(r)
+        if self.loss_window is not None:
+            history = np.stack(self.res[-self.window :])[:, -1]
+            q1, med, q3 = np.quantile(history, [0.25, 0.5, 0.75])
+            z[-1] = (r[-1] - med) / max((q3 - q1) / IQR_PER_SIGMA, 1e-3 * abs(pred_loss))
+        return z
+
     def score(self, y: np.ndarray, loss: float, t: float) -> tuple[float | None, bool, np.ndarray | None, float | None]:
         v = self.features(y, loss)
         r = v - self.trend.predict(t) if len(self.trend.rows) >= self.start else None
+        pred_loss = float("nan")
+        if r is not None and self.loss_window is not None:
+            pred_loss = float(np.median(self.losses[-self.loss_window :]))
+            r[-1] = loss - pred_loss
+        self.losses.append(loss)
         if self.accepted < self.warmup:
             self.trend.push(v, t, True)
             if r is not None:
                 self.res.append(f32(r))
+                self.warm_preds.append(pred_loss)
             self.accepted += 1
             if self.accepted == self.warmup:  # in-sample start of level 2 and of the score window
                 self.terms = [f32(self.terms_of(self.z_of(rr), y.shape[0])) for rr in self.res]
+                if self.loss_window is not None:
+                    # the in-sample start: each warm-up step's loss z against all warm-up residuals
+                    self.terms = [
+                        f32(self.terms_of(self.z_of_loss(rr, p), y.shape[0]))
+                        for rr, p in zip(self.res, self.warm_preds, strict=True)
+                    ]
                 self.scores = [float(f32(self.strength(self.level2(tt)))) for tt in self.terms]
             return None, False, None, None
         assert r is not None
-        terms = self.terms_of(self.z_of(r), y.shape[0])
+        terms = self.terms_of(self.z_of_loss(r, pred_loss), y.shape[0])
         z = self.level2(terms)
         s = self.strength(z)
         threshold = self.threshold()
@@ -146,8 +174,11 @@ class Reference:
         return s, flagged, z, threshold
 
 
+@pytest.mark.parametrize("loss_window", [None, 50])
 @pytest.mark.parametrize(("window", "trend_window", "threshold_window"), [(30, 12, 40), (100, 32, 1000)])
-def test_scores_flags_and_z_match_the_reference(window: int, trend_window: int, threshold_window: int) -> None:
+def test_scores_flags_and_z_match_the_reference(
+    window: int, trend_window: int, threshold_window: int, loss_window: int | None
+) -> None:
     run = SyntheticRun(seed=5, n_layers=7)
     rng = np.random.default_rng(5)
     scorer = BatchScorer(
@@ -157,8 +188,12 @@ def test_scores_flags_and_z_match_the_reference(window: int, trend_window: int, 
         threshold_window=threshold_window,
         rebaseline_after=None,
         profile_components=0,
+        # None: the loss on log scale, trend-followed like the metrics; else linear, a window median
+        log_loss=loss_window is None,
+        loss_trend=loss_window is None,
+        loss_window=loss_window,
     )
-    ref = Reference(20, window, trend_window, threshold_window, alpha=0.01)
+    ref = Reference(20, window, trend_window, threshold_window, alpha=0.01, loss_window=loss_window)
     n_flagged = 0
     names = ["loss", "nuclear_norm_profile", *METRICS]
     for t in range(200):
@@ -168,7 +203,7 @@ def test_scores_flags_and_z_match_the_reference(window: int, trend_window: int, 
         loss = run.loss(loss_factor * (3.0 if t % 23 == 22 else 1.0))
         result = scorer.score(step, loss=loss)
         y = np.log([[step[layer][m] for m in METRICS] for layer in run.layer_names])
-        s, flagged, z, threshold = ref.score(y, math.log(loss), float(t))
+        s, flagged, z, threshold = ref.score(y, math.log(loss) if loss_window is None else loss, float(t))
         assert result.flagged == flagged, t
         n_flagged += flagged
         if s is None:

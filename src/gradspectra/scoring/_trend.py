@@ -153,12 +153,18 @@ class TrendWindow:
         if self._since >= SLOPE_EVERY or len(self._steps) < self.capacity:
             self._slope = None
 
-    def predict(self, step: float) -> FloatArray:
-        """Robust local-trend prediction of every series at ``step``; NaN where the window has no value."""
+    def predict(self, step: float, slope: bool = True) -> FloatArray:
+        """Robust local-trend prediction of every series at ``step``; NaN where the window has no value.
+
+        ``slope=False`` predicts the window's median (no trend).
+        """
         if not self._steps:
             return np.full(self.shape, np.nan)
         stacked = np.stack(self._values).reshape(len(self._steps), -1)
         times = np.asarray(self._steps)
+        if not slope:
+            level: FloatArray = robust_trend(stacked, times, float(step), np.zeros(stacked.shape[1])).reshape(self.shape)
+            return level
         if self._slope is None:
             mask = np.asarray(self._for_slope)
             self._slope = trend_slope(stacked if mask.all() else np.where(mask[:, None], stacked, np.nan), times)

@@ -10,18 +10,21 @@ in units that mean the same for every term, and flags a step when the largest ch
 the target false-flag rate allows. Nothing in it says which direction is bad, except for the loss
 (see below).
 
-**Features.** Metric values are put on log scale when positive (all spectral metrics and, by
-default, the loss): :math:`y_{l,m} = \log \max(x_{l,m}, 10^{-30})`. For each *profile metric*
+**Features.** Metric values are put on log scale when positive (all spectral metrics; the loss
+stays linear unless ``log_loss``): :math:`y_{l,m} = \log \max(x_{l,m}, 10^{-30})`. For each *profile metric*
 (``profile_metrics``, default the nuclear norm, the layer-wise curve of the papers) the layer
 profile :math:`p_{l,m} = y_{l,m} - \operatorname{med}_{l'} y_{l',m}` removes the step's common
 level, so a global scale change cancels in it.
 
 **Level 1: each series against its own recent trend.** Every series :math:`s` (each :math:`y_{l,m}`,
-each :math:`p_{l,m}`, the loss) is predicted from its last ``trend_window`` steps (every step,
+each :math:`p_{l,m}`) is predicted from its last ``trend_window`` steps (every step,
 flagged or not) by a robust local trend :math:`\hat s_t` (:func:`gradspectra.scoring._trend.robust_trend`:
 a median-based line whose slope is kept only when it is clear, a plain median otherwise). A bad
 step among them cannot bend it (medians), and because flagged steps are not left out, the baseline
-keeps up with a real change of regime instead of flagging it forever. The residual
+keeps up with a real change of regime instead of flagging it forever. The loss is predicted by
+the plain median of its last ``loss_window`` values (``loss_trend=False``, the default): a
+falling loss sits below it, which the one-sided loss term ignores, and a run of bad batches
+cannot bend a line up to meet them. The residual
 :math:`r_t = s_t - \hat s_t` is standardised against the window :math:`R` of the residuals of the
 last ``window`` *clean* steps:
 
@@ -162,8 +165,16 @@ class BatchScorer:
         layer_trim: fraction of layers cut from each end before averaging ``z`` across layers, in
             ``[0, 0.5)``; 0.25 averages the middle half.
         log_metrics: metrics scored on log scale; ``None`` = :data:`POSITIVE_METRICS`.
-        log_loss: score ``log(loss)`` rather than the loss (set False for a loss that can be <= 0).
+        log_loss: score ``log(loss)`` rather than the loss. Default False: late in a fine-tune the
+            per-batch loss spreads over decades (0.1 vs 0.3 for clean batches), which log scale
+            blows up, while a bad batch's loss (0.7 for text the model cannot read) stands out on
+            linear scale. Linear scale also takes losses that can be <= 0.
         loss_side: ``"high"`` (default) scores only a loss above its trend, ``"both"`` either way.
+        loss_trend: predict the loss from its local trend like every other series; by default (False)
+            from the median of its last ``loss_window`` values. A falling loss then sits below the
+            prediction, which a one-sided loss term ignores, while a run of bad batches cannot bend
+            a trend line up to meet them (see docs/scoring.md for the measured difference).
+        loss_window: how many recent losses predict the next (``None``: ``trend_window``).
         high_metrics: metrics whose level counts only when it is *higher* than usual. Default the
             norms (nuclear, Frobenius, spectral): both papers find larger gradients for worse data, and
             a batch with smaller gradients than usual (an easy batch) is not a bad one. Rank-type
@@ -195,8 +206,10 @@ class BatchScorer:
         layer_threshold: float = 3.0,
         layer_trim: float = 0.25,
         log_metrics: Sequence[str] | None = None,
-        log_loss: bool = True,
+        log_loss: bool = False,
         loss_side: LossSide = "high",
+        loss_trend: bool = False,
+        loss_window: int | None = 100,
         high_metrics: Sequence[str] = ("nuclear_norm", "frobenius_norm", "spectral_norm"),
         profile_metrics: Sequence[str] = ("nuclear_norm",),
         profile_components: int = 2,
@@ -224,6 +237,10 @@ class BatchScorer:
         if loss_side not in LOSS_SIDES:
             raise ValueError(f"`loss_side` can be {', '.join(LOSS_SIDES)}, got {loss_side!r}")
         self.loss_side: LossSide = loss_side
+        self.loss_trend = check_bool("loss_trend", loss_trend)
+        self.loss_window = (
+            self.trend_window if loss_window is None else check_int("loss_window", loss_window, 4, 10_000)
+        )
         self.profile_metrics = check_names("profile_metrics", profile_metrics, allow_empty=True)
         self.high_metrics = frozenset(check_names("high_metrics", high_metrics, allow_empty=True))
         self.profile_components = check_int("profile_components", profile_components, 0, 10)
@@ -460,7 +477,7 @@ class BatchScorer:
                 "steps": trend.get("steps"),
             }
         self._trend_profile = TrendWindow.from_state((n_layers, len(self.profile_metrics)), self.trend_window, trend)
-        self._trend_loss = TrendWindow.from_state((1,), self.trend_window, state.get("trend_loss") or {})
+        self._trend_loss = TrendWindow.from_state((1,), self._loss_capacity, state.get("trend_loss") or {})
         self._res_values = SortedWindow.from_history(remap_metrics(residuals), self.window)
         profile_res = np.asarray(state.get("profile_residuals", []), dtype=np.float64)
         if profile_res.ndim != 3:
@@ -505,7 +522,7 @@ class BatchScorer:
         n_layers, n_metrics, n_profile = len(self._layers), len(self._metrics), len(self.profile_metrics)
         self._trend_values = TrendWindow((n_layers, n_metrics), self.trend_window)
         self._trend_profile = TrendWindow((n_layers, n_profile), self.trend_window)
-        self._trend_loss = TrendWindow((1,), self.trend_window)
+        self._trend_loss = TrendWindow((1,), self._loss_capacity)
         self._res_values = SortedWindow((n_layers, n_metrics), self.window)
         self._res_profile = SortedWindow((n_layers, n_profile), self.window)
         self._res_loss = ScalarWindow(self.window)
@@ -606,6 +623,10 @@ class BatchScorer:
                 out[:, j] = col - float(np.median(col[finite]))
         return out
 
+    @property
+    def _loss_capacity(self) -> int:
+        return self.loss_window
+
     # ------------------------------------------------------------------ internals: the math
 
     def _residuals(
@@ -615,10 +636,10 @@ class BatchScorer:
 
         Also keeps the predictions' magnitudes, the level that the linear-scale floor is relative to.
         """
-        if len(self._trend_loss) < self._trend_start:
+        if min(len(self._trend_loss), len(self._trend_values), len(self._trend_profile)) < self._trend_start:
             return None
         pred_values = self._trend_values.predict(t)
-        pred_loss = float(self._trend_loss.predict(t)[0])
+        pred_loss = float(self._trend_loss.predict(t, slope=self.loss_trend)[0])
         self._levels = (np.abs(pred_values), abs(pred_loss))
         return y - pred_values, p - self._trend_profile.predict(t), float(loss_y - pred_loss)
 
