@@ -1,7 +1,8 @@
 """Bad-batch detection, side by side: our score against a loss z-score and a gradient-norm z-score detector.
 
 For each corruption kind, one real Lightning fine-tune on CPU with ``GradientSpectrumMonitor`` attached
-(default settings: every linear layer, every step, warm-up 20) and about 12 % of the batches corrupted
+(default settings except ``spectra="exact"``: every step, every watched layer's exact spectrum, warm-up 20)
+and about 12 % of the batches corrupted
 with that kind (the first 25 batches clean):
 
 - review kinds (``label_noise``, ``random_tokens``, ``duplicate``, ``near_duplicate``, ``truncated``,
@@ -40,7 +41,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 REVIEW_KINDS = ("label_noise", "random_tokens", "duplicate", "near_duplicate", "truncated")
 LM_KINDS = ("irrelevant_response",)
@@ -87,6 +88,7 @@ def _monitor(out_dir: Path, include: str | None) -> Any:
 
     return GradientSpectrumMonitor(
         include=include,
+        spectra="exact",  # detection quality with every layer's spectrum every step (#5 measures the budget)
         output_dir=out_dir,
         sample_id_key="sample_id",
         figure_every_n_steps=0,
@@ -115,27 +117,48 @@ def run_review(
 
 
 def run_causal_lm(
-    kind: str, steps: int, max_length: int, seed: int, work: Path, watch: str
+    kind: str, steps: int, max_length: int, seed: int, work: Path, watch: str, pretrain_steps: int
 ) -> tuple[list[dict[str, Any]], dict[int, bool]]:
-    """Train a tiny Llama on chain-of-thought arithmetic with ``kind`` injected."""
+    """Train a tiny Llama on clean chain-of-thought arithmetic, then go on, monitored, with ``kind`` injected.
+
+    The unmonitored first phase stands in for pretraining: the papers measure trained models, and a
+    response that does not fit its prompt is only unusual to a model that has learned what fits.
+    """
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader
 
-    from gradspectra.demo.data import arithmetic_batches
+    from gradspectra.demo.data import PlannedLMBatch, arithmetic_batches
     from gradspectra.demo.models import CharTokenizer, TinyCausalLM, lm_batch
 
-    pl.seed_everything(seed, verbose=False)
-    planned = arithmetic_batches(steps, batch_size=16, corruptions=(kind,), clean_prefix=CLEAN_PREFIX, seed=seed)
     tokenizer = CharTokenizer()
-    data = []
-    for b in planned:
-        batch = lm_batch(tokenizer, [s.prompt for s in b.samples], [s.response for s in b.samples], max_length)
-        batch["sample_id"] = torch.tensor([s.sample_id for s in b.samples])
-        data.append(batch)
+
+    def tensors(planned: list[PlannedLMBatch]) -> list[dict[str, Any]]:
+        data = []
+        for b in planned:
+            batch = lm_batch(tokenizer, [s.prompt for s in b.samples], [s.response for s in b.samples], max_length)
+            batch["sample_id"] = torch.tensor([s.sample_id for s in b.samples])
+            data.append(batch)
+        return data
+
+    pl.seed_everything(seed, verbose=False)
     model = TinyCausalLM(tokenizer.vocab_size)
+    if pretrain_steps > 0:
+        clean = arithmetic_batches(pretrain_steps, batch_size=16, corrupt_fraction=0.0, seed=seed + 1_000)
+        pl.Trainer(
+            max_steps=pretrain_steps,
+            max_epochs=1,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(
+            model, DataLoader(cast(Any, tensors(clean)), batch_size=None, shuffle=False)
+        )  # a list is a map-style dataset
+    planned = arithmetic_batches(steps, batch_size=16, corruptions=(kind,), clean_prefix=CLEAN_PREFIX, seed=seed)
     monitor = _monitor(work, "*.self_attn.*" if watch == "attention" else None)
-    _trainer(steps, monitor).fit(model, DataLoader(data, batch_size=None, shuffle=False))
+    _trainer(steps, monitor).fit(model, DataLoader(cast(Any, tensors(planned)), batch_size=None, shuffle=False))
     return list(monitor.batch_records), {b.index: b.corruption is not None for b in planned}
 
 
@@ -235,13 +258,19 @@ def table(results: Sequence[KindResult]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--kinds", default=",".join(ALL_KINDS), help=f"comma-separated, of: {', '.join(ALL_KINDS)}")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per MiniLM run (default 150)")
     parser.add_argument("--lm-steps", type=int, default=300, help="optimizer steps of the causal-LM run (default 300)")
     parser.add_argument(
         "--max-length", type=int, default=32, help="review tokens per sample (default 32; the longest review has 20)"
+    )
+    parser.add_argument(
+        "--lm-pretrain-steps",
+        type=int,
+        default=500,
+        help="unmonitored steps on clean data before the causal-LM run (default 500)",
     )
     parser.add_argument("--lm-max-length", type=int, default=224, help="causal-LM characters per sample (default 224)")
     parser.add_argument("--seed", type=int, default=0)
@@ -277,17 +306,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     import logging
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     import torch
 
     from gradspectra.reporting import read_records
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results = []
     for kind in args.kinds:
         is_lm = kind in LM_KINDS
-        model = "TinyCausalLM (random init)" if is_lm else "MiniLM-L6 (pretrained)"
+        model = "tiny Llama (random init + clean pre-run)" if is_lm else "MiniLM-L6 (pretrained)"
         t0 = time.perf_counter()
         if args.rescore is not None:
             records = rescore(read_records(args.rescore / f"{kind}.jsonl"))
@@ -297,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work = Path(tmp)
                 if is_lm:
                     records, corrupted = run_causal_lm(
-                        kind, args.lm_steps, args.lm_max_length, args.seed, work, args.watch
+                        kind, args.lm_steps, args.lm_max_length, args.seed, work, args.watch, args.lm_pretrain_steps
                     )
                 else:
                     records, corrupted = run_review(kind, args.steps, args.max_length, args.seed, work, args.watch)
@@ -315,25 +345,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
     seconds = time.perf_counter() - started
+    watched = (
+        "the attention projections q/k/v/o (`--watch attention`)"
+        if args.watch == "attention"
+        else "every linear layer (`--watch all`)"
+    )
     settings = (
         f"Settings: seed {args.seed}; batches of 16, about 12 % corrupted after {CLEAN_PREFIX} clean ones; "
-        f"MiniLM-L6 runs {args.steps} steps at {args.max_length} tokens per review (AdamW, lr 2e-5); "
-        f"TinyCausalLM runs {args.lm_steps} steps at {args.lm_max_length} characters (AdamW, lr 1e-3); "
-        f"GradientSpectrumMonitor defaults (every linear layer, all six metrics, warm-up {WARMUP}, "
-        "false_flag_rate 0.01); peers: ZScoreDetector (window 200, warm-up 20), best of one- and two-sided; "
-        + ("scores re-computed from kept records" if args.rescore else "scores as the monitor gave them live")
-        + f"; total {seconds / 60:.1f} min."
+        f"MiniLM-L6 ReviewClassifier runs {args.steps} steps at {args.max_length} tokens per review (AdamW, lr 2e-5, "
+        f"base label noise 0.1); TinyCausalLM (4 layers, hidden 64) runs {args.lm_pretrain_steps} unmonitored "
+        f"clean steps, then {args.lm_steps} monitored steps at {args.lm_max_length} characters (AdamW, lr 1e-3); "
+        f"GradientSpectrumMonitor watching {watched}, exact spectra, all six metrics, "
+        f"warm-up {WARMUP}, false_flag_rate 0.01; "
+        "peers: ZScoreDetector (window 200, warm-up 20) on the loss and on the global gradient norm of the "
+        "watched layers, each the better of its one-sided (high) and two-sided form per kind; "
+        + ("scores re-computed from kept records" if args.rescore else "our scores as the monitor gave them live")
+        + f"; CPU, {args.threads} torch thread(s); total {seconds / 60:.1f} min."
     )
     text = table(results) + "\n\n" + settings
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
-        payload = {
-            "settings": vars(args) | {"kinds": args.kinds},
-            "seconds": seconds,
-            "results": [asdict(r) for r in results],
-        }
+        payload = {"settings": vars(args), "seconds": seconds, "results": [asdict(r) for r in results]}
         args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     return 0
 

@@ -46,7 +46,9 @@ for style in ("fast", "slow"):
         batches.append(lm_batch(tokenizer, [p[0] for p in chunk], responses))
     pl.seed_everything(0, verbose=False)  # the same initial weights for both runs
     model = TinyCausalLM(tokenizer.vocab_size, num_layers=args.layers)
-    monitor = GradientSpectrumMonitor(include="*.self_attn.*", metrics=["nuclear_norm"], figure_every_n_steps=0)
+    monitor = GradientSpectrumMonitor(
+        spectra="exact", include="*.self_attn.*", metrics=["nuclear_norm"], figure_every_n_steps=0
+    )
     trainer = pl.Trainer(
         max_steps=args.steps,
         logger=TensorBoardLogger(args.out, name=style),

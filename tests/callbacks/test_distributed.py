@@ -19,7 +19,9 @@ from .conftest import RandomTokens, TinyBert, trainer_kwargs
 
 def _fit(tmp_path: Path, out: Path, data: DataLoader[Any], **overrides: Any) -> list[dict[str, Any]]:
     pl.seed_everything(0, verbose=False)
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, warmup_steps=5, output_dir=out, sample_id_key="sample_id")
+    monitor = GradientSpectrumMonitor(
+        spectra="exact", figure_every_n_steps=0, warmup_steps=5, output_dir=out, sample_id_key="sample_id"
+    )
     kwargs = trainer_kwargs(tmp_path, max_steps=7, logger=False)
     kwargs.update(overrides)
     pl.Trainer(**kwargs, callbacks=[monitor]).fit(TinyBert(), data)

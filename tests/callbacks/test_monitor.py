@@ -42,7 +42,7 @@ def _event_file(log_dir: str) -> EventAccumulator:
 
 
 def test_records_and_tensorboard_tags(tmp_path: Path) -> None:
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=3, warmup_steps=5)
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=3, warmup_steps=5)
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, logger=logger), callbacks=[monitor])
     trainer.fit(TinyBert(), loader())
@@ -89,7 +89,7 @@ def test_records_and_tensorboard_tags(tmp_path: Path) -> None:
 def test_metrics_are_of_the_accumulated_unclipped_gradient(tmp_path: Path) -> None:
     model = TinyBert()
     reference = copy.deepcopy(model)
-    monitor = GradientSpectrumMonitor(scoring=False, figure_every_n_steps=0)
+    monitor = GradientSpectrumMonitor(spectra="exact", scoring=False, figure_every_n_steps=0)
     tap = GradTap()
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_steps=3, logger=False, accumulate_grad_batches=2, gradient_clip_val=1e-4),
@@ -136,7 +136,7 @@ def test_loss_in_record_is_the_window_mean(tmp_path: Path) -> None:
             self.losses.append(float(outputs["loss"]))
 
     tap = LossTap()
-    monitor = GradientSpectrumMonitor(scoring=False, figure_every_n_steps=0)
+    monitor = GradientSpectrumMonitor(spectra="exact", scoring=False, figure_every_n_steps=0)
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_steps=2, logger=False, accumulate_grad_batches=2), callbacks=[monitor, tap]
     )
@@ -147,7 +147,7 @@ def test_loss_in_record_is_the_window_mean(tmp_path: Path) -> None:
 
 
 def test_bf16_mixed(tmp_path: Path) -> None:
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, warmup_steps=5)
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, warmup_steps=5)
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_steps=4, logger=False, precision="bf16-mixed"), callbacks=[monitor]
     )
@@ -160,14 +160,14 @@ def test_bf16_mixed(tmp_path: Path) -> None:
 def test_resume_continues_state_and_appends(tmp_path: Path) -> None:
     ckpt_dir = tmp_path / "ckpt"
     out = tmp_path / "out"
-    first = GradientSpectrumMonitor(figure_every_n_steps=0, warmup_steps=5, output_dir=out)
+    first = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, warmup_steps=5, output_dir=out)
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=5, save_top_k=-1)
     kwargs = trainer_kwargs(tmp_path, max_steps=6, logger=False, enable_checkpointing=True)
     pl.Trainer(**kwargs, callbacks=[first, checkpoint]).fit(TinyBert(), loader())
     ckpt = next(ckpt_dir.glob("*step=5.ckpt"))
     assert len(read_records(out / "batches.jsonl")) == 6
 
-    second = GradientSpectrumMonitor(figure_every_n_steps=0, warmup_steps=5, output_dir=out)
+    second = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, warmup_steps=5, output_dir=out)
     kwargs["max_steps"] = 8
     pl.Trainer(**kwargs, callbacks=[second]).fit(TinyBert(), loader(), ckpt_path=str(ckpt))
     records = read_records(out / "batches.jsonl")
@@ -182,7 +182,7 @@ def test_resume_continues_state_and_appends(tmp_path: Path) -> None:
 
 def test_csv_logger_gets_the_scalars(tmp_path: Path) -> None:
     logger = CSVLogger(str(tmp_path), name="csv")
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=1, warmup_steps=5)
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=1, warmup_steps=5)
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, logger=logger), callbacks=[monitor]).fit(TinyBert(), loader())
     header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "grad_spectrum/effective_rank/attention.self.query/layer_00" in header
@@ -190,7 +190,7 @@ def test_csv_logger_gets_the_scalars(tmp_path: Path) -> None:
 
 
 def test_logger_false_falls_back_to_root_dir(tmp_path: Path) -> None:
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=1)
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=1)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, logger=False), callbacks=[monitor])
     with pytest.warns(UserWarning, match="logger=False"):
         trainer.fit(TinyBert(), loader())
@@ -205,7 +205,7 @@ def test_no_matching_layers_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_frozen_layers_are_skipped_and_counted(tmp_path: Path) -> None:
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, scoring=False)
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, scoring=False)
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, logger=False), callbacks=[monitor]).fit(
         TinyBert(frozen_layer=1), loader()
     )
@@ -217,7 +217,7 @@ def test_frozen_layers_are_skipped_and_counted(tmp_path: Path) -> None:
 
 
 def test_nan_gradient_is_reported_and_training_goes_on(tmp_path: Path) -> None:
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, warmup_steps=5)
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, warmup_steps=5)
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, logger=logger), callbacks=[monitor])
     trainer.fit(TinyBert(), loader(nan_at={13}))  # sample 13 is in batch 3
@@ -241,7 +241,7 @@ def test_skip_action_drops_the_flagged_step(tmp_path: Path) -> None:
             self.before.append(pl_module.head.weight.detach().clone())
 
     tap = ParamTap()
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, warmup_steps=5, action="skip")
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, warmup_steps=5, action="skip")
     model = TinyBert()
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, logger=False), callbacks=[monitor, tap]).fit(
         model, loader(nan_at={13})
@@ -255,7 +255,7 @@ def test_skip_action_drops_the_flagged_step(tmp_path: Path) -> None:
 
 
 def test_raise_action_carries_the_record(tmp_path: Path) -> None:
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, warmup_steps=5, action="raise")
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, warmup_steps=5, action="raise")
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, logger=False), callbacks=[monitor])
     with pytest.raises(GradientAnomalyError) as info:
         trainer.fit(TinyBert(), loader(nan_at={13}))
@@ -264,7 +264,7 @@ def test_raise_action_carries_the_record(tmp_path: Path) -> None:
 
 
 def test_sample_ids_are_recorded(tmp_path: Path) -> None:
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, sample_id_key="sample_id", scoring=False)
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, sample_id_key="sample_id", scoring=False)
     pl.Trainer(
         **trainer_kwargs(tmp_path, max_steps=2, logger=False, accumulate_grad_batches=2), callbacks=[monitor]
     ).fit(TinyBert(), loader())
@@ -274,7 +274,7 @@ def test_sample_ids_are_recorded(tmp_path: Path) -> None:
 
 def test_every_n_steps(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, every_n_steps=2, scoring=False)
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, every_n_steps=2, scoring=False)
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, logger=False), callbacks=[monitor]).fit(TinyBert(), loader())
     assert [r["step"] for r in monitor.batch_records] == [0, 2, 4]
     assert torch.get_num_threads() == threads  # the monitor's 1-thread section restores the setting
@@ -298,7 +298,7 @@ def test_bad_arguments_name_themselves(kwargs: dict[str, Any], match: str) -> No
 
 
 def test_records_file_is_strict_json(tmp_path: Path) -> None:
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, output_dir=tmp_path / "o")
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, output_dir=tmp_path / "o")
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, logger=False), callbacks=[monitor]).fit(
         TinyBert(), loader(nan_at={1})
     )
@@ -321,7 +321,7 @@ def test_conv_model_is_watched(tmp_path: Path) -> None:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     data = torch.utils.data.TensorDataset(torch.randn(16, 1, 8, 8), torch.randint(0, 2, (16,)))
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, scoring=False)
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, scoring=False)
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, logger=False), callbacks=[monitor]).fit(
         ConvNet(), torch.utils.data.DataLoader(data, batch_size=8)
     )
@@ -333,7 +333,7 @@ def test_conv_model_is_watched(tmp_path: Path) -> None:
 def test_16_mixed_reads_the_gradient_the_optimizer_gets(tmp_path: Path) -> None:
     # on CPU Lightning runs 16-mixed without a GradScaler; the scaler path (unscale_ before this
     # hook) needs a GPU and is not exercised here
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, scoring=False)
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, scoring=False)
     tap = GradTap()
     pl.Trainer(
         **trainer_kwargs(tmp_path, max_steps=3, logger=False, precision="16-mixed"), callbacks=[monitor, tap]

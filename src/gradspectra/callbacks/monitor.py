@@ -12,7 +12,8 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -26,8 +27,20 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from gradspectra.callbacks.budget import ESTIMATE, EXACT, OverheadBudget, Plan
 from gradspectra.capture import Selection, WatchedParameter, group_by_component, select_parameters
-from gradspectra.functional import METHODS, layer_mad, spectral_metrics_many
+from gradspectra.capture.factors import FactorCapture
+from gradspectra.capture.sharded import fsdp_groups, is_sharded, sharded_gradients
+from gradspectra.functional import (
+    METHODS,
+    estimate_spectral_metrics_many,
+    factored_singular_values,
+    frobenius_norm,
+    layer_mad,
+    metrics_from_singular_values,
+    needs_spectrum,
+    spectral_metrics_many,
+)
 from gradspectra.functional.spectral import _check_metric_names
 from gradspectra.functional.svd import Method
 from gradspectra.metrics import LayerwiseSpectrum
@@ -46,6 +59,11 @@ from gradspectra.scoring import BatchScorer, ScoreResult
 
 Action = Literal["log", "skip", "raise"]
 ACTIONS: tuple[str, ...] = get_args(Action)
+Spectra = Literal["auto", "exact", "estimate"]
+SPECTRA: tuple[str, ...] = get_args(Spectra)
+# per-layer codes of how its spectrum was obtained on a step (summed across ranks: only the owner adds)
+_DEFERRED, _EXACT, _ESTIMATED, _AUDITED = 0, 1, 2, 3
+_CODE_NAMES = {_EXACT: "exact", _ESTIMATED: "estimate", _AUDITED: "exact+audit"}
 
 
 class GradientAnomalyError(RuntimeError):
@@ -92,7 +110,16 @@ class GradientSpectrumMonitor(Callback):
         predicate: ``f(name, parameter, module) -> bool``, a last say on each candidate.
         include_embeddings: also watch ``nn.Embedding`` weights.
         metrics: metric names (see :data:`gradspectra.functional.METRIC_NAMES`); ``None`` for all.
-        method: singular value route, ``"auto"``, ``"svd"`` or ``"gram"``.
+        method: exact singular value route, ``"auto"``, ``"svd"`` or ``"gram"``.
+        spectra: how spectra are obtained. ``"auto"`` (default) keeps the monitor's cost near
+            ``max_overhead`` x the training step: exact spectra when they fit, else bounded-error
+            estimates (:func:`gradspectra.functional.estimate_spectral_metrics_many`), for as many
+            layers as fit, oldest first, the others deferred to a later step (their Frobenius norm,
+            exact, is still measured), with exact audits of the estimator in round-robin order.
+            ``"exact"``: exact spectra of every layer every step, whatever they cost.
+            ``"estimate"``: estimates of every layer every step, no audits.
+            Each record says which layers got which (``spectra``) and the estimates' errors.
+        max_overhead: the cost target of ``spectra="auto"`` as a fraction of the step time.
         every_n_steps: measure every n-th optimizer step.
         log_every_n_steps: send per-layer scalars to the loggers every n-th measured step.
         figure_every_n_steps: draw layer-profile figures and heatmaps (TensorBoard) every n-th
@@ -116,7 +143,12 @@ class GradientSpectrumMonitor(Callback):
             ``None`` keeps torch's setting.
         distribute: under multi-process data parallel training (DDP), split the spectral work:
             each rank measures a disjoint set of layers, balanced by cost, and one all-reduce of
-            the small ``(layers x metrics)`` table gives every rank all values.
+            the small ``(layers x metrics)`` table gives every rank all values. Under FSDP the work
+            is always split (each layer's owner gathers its full gradient; docs/distributed.md).
+        factored: keep each watched ``nn.Linear``'s inputs and output gradients (hooks, only the
+            tokens that carry gradient, only while they are fewer than ``min(m, n)``), and compute
+            its exact spectrum from the ``T x T`` factored problem when that is the case and the
+            factors reproduce the gradient (checked on a random direction; single process only).
 
     Raises:
         ValueError / TypeError: for a bad argument, naming it and what was received.
@@ -140,6 +172,8 @@ class GradientSpectrumMonitor(Callback):
         include_embeddings: bool = False,
         metrics: Sequence[str] | None = None,
         method: Method = "auto",
+        spectra: Spectra = "auto",
+        max_overhead: float = 0.03,
         every_n_steps: int = 1,
         log_every_n_steps: int = 1,
         figure_every_n_steps: int = 100,
@@ -155,11 +189,16 @@ class GradientSpectrumMonitor(Callback):
         verbose: bool = True,
         distribute: bool = True,
         cpu_threads: int | None = 1,
+        factored: bool = True,
     ) -> None:
         super().__init__()
         self.metric_names: tuple[str, ...] = _check_metric_names(metrics)
         if method not in METHODS:
             raise ValueError(f"`method` can be {', '.join(METHODS)}, got {method!r}")
+        if spectra not in SPECTRA:
+            raise ValueError(f"`spectra` can be {', '.join(SPECTRA)}, got {spectra!r}")
+        # validated here by the budget's own checks, so a bad value fails in __init__
+        OverheadBudget([], max_overhead)
         if action not in ACTIONS:
             raise ValueError(f"`action` can be {', '.join(ACTIONS)}, got {action!r}")
         if action != "log" and not scoring:
@@ -181,6 +220,8 @@ class GradientSpectrumMonitor(Callback):
             "include_embeddings": include_embeddings,
         }
         self.method: Method = method
+        self.spectra: Spectra = spectra
+        self.max_overhead = float(max_overhead)
         self.every_n_steps = _positive_int("every_n_steps", every_n_steps)
         self.log_every_n_steps = _positive_int("log_every_n_steps", log_every_n_steps)
         self.figure_every_n_steps = figure_every_n_steps
@@ -195,6 +236,9 @@ class GradientSpectrumMonitor(Callback):
         if cpu_threads is not None:
             cpu_threads = _positive_int("cpu_threads", cpu_threads)
         self.cpu_threads = cpu_threads
+        self.factored = bool(factored)
+        self._factors: FactorCapture | None = None
+        self._factored_rows: list[int] = []
         # the scorer validates its own arguments, so a bad value fails here, in __init__
         self.scorer: BatchScorer | None = (
             BatchScorer(warmup_steps=warmup_steps, false_flag_rate=false_flag_rate) if scoring else None
@@ -223,6 +267,15 @@ class GradientSpectrumMonitor(Callback):
         self._owners: list[int] = []
         self._owners_world = 0
         self.layers_computed_here = 0
+        # full (m, n) of each watched matrix, taken in setup: under FSDP `param.shape` is a flat shard's
+        self._shapes: list[tuple[int, int]] = []
+        # the FSDP-wrapped model (set in on_fit_start), None when gradients are not sharded
+        self._sharded: nn.Module | None = None
+        self.budget: OverheadBudget | None = None
+        self._budget_rows: list[int] = []
+        self._bases: dict[int, Tensor] = {}
+        self._last_end: tuple[float, int] | None = None
+        self._spectra_seconds = 0.0
 
     # ------------------------------------------------------------------ identity and state
 
@@ -269,10 +322,10 @@ class GradientSpectrumMonitor(Callback):
         if stage != "fit":
             return
         strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel")):
+        if any(name in strategy for name in ("DeepSpeed", "ModelParallel")):
             raise ValueError(
                 f"`GradientSpectrumMonitor` cannot run under {strategy} yet: gradients are sharded there and "
-                "every rank would measure a shard, not the layer's matrix. Use DDP or a single device."
+                "every rank would measure a shard, not the layer's matrix. Use DDP, FSDP or a single device."
             )
         selection = select_parameters(pl_module, **self.selection_kwargs)
         if not selection.watched:
@@ -283,12 +336,19 @@ class GradientSpectrumMonitor(Callback):
             )
         self.selection = selection
         self.watched = selection.watched
+        self._shapes = [(int(w.param.shape[0]), math.prod(w.param.shape[1:])) for w in self.watched]
         row = {id(w): i for i, w in enumerate(self.watched)}
         self._component_rows = {
             component: [row[id(p)] for p in params]
             for component, params in group_by_component(self.watched).items()
             if len(params) >= 2 and params[0].index is not None
         }
+        if self._factors is not None:
+            self._factors.close()
+            self._factors = None
+        # factors of one process: under DDP/FSDP the gradient is the ranks' average, not Delta^T X
+        if self.factored and self.spectra != "estimate" and trainer.world_size == 1:
+            self._factors = FactorCapture(self.watched)
         if selection.frozen:
             rank_zero_info(
                 f"gradspectra: {len(selection.frozen)} matching parameters are frozen and not watched "
@@ -313,6 +373,11 @@ class GradientSpectrumMonitor(Callback):
             )
         if trainer.is_global_zero:
             self._writer = RecordWriter(self.record_path)
+        # the model is wrapped by now; under FSDP this fails early if the watched weights were flattened away
+        model = trainer.model if trainer.model is not None else pl_module
+        self._sharded = model if is_sharded(model) else None
+        if self._sharded is not None:
+            fsdp_groups(model, self.watched)
 
     # ------------------------------------------------------------------ per batch
 
@@ -342,8 +407,13 @@ class GradientSpectrumMonitor(Callback):
         loss_sum, self._loss_sum = self._loss_sum, None
         sample_ids, self._sample_ids = self._sample_ids, []
         if step % self.every_n_steps != 0 or not self.watched:
+            if self._factors is not None:
+                self._factors.clear()
             return
         started = time.perf_counter()
+        if self.budget is not None and self._last_end is not None and step > self._last_end[1]:
+            # wall time since the monitor last finished: the training steps in between, without the monitor
+            self.budget.observe_step((started - self._last_end[0]) / (step - self._last_end[1]))
         record = self._measure(trainer, step, loss_sum, sample_ids, started)
         if record.get("flagged") and self.action == "skip":
             for group in optimizer.param_groups:
@@ -351,7 +421,13 @@ class GradientSpectrumMonitor(Callback):
                     p.grad = None
             self.skipped_total += 1
             record["skipped"] = True
-        self.monitor_seconds += time.perf_counter() - started
+        ended = time.perf_counter()
+        self.monitor_seconds += ended - started
+        if self.budget is not None:
+            self.budget.observe_fixed(max(0.0, ended - started - self._spectra_seconds))
+        self._last_end = (ended, step)
+        if self._factors is not None:
+            self._factors.clear()
         if record.get("flagged") and self.action == "raise":
             raise GradientAnomalyError(record)
 
@@ -361,15 +437,24 @@ class GradientSpectrumMonitor(Callback):
         keys = [w.key for w in self.watched]
         grads: list[Tensor] = []
         present: list[int] = []
-        for i, w in enumerate(self.watched):
-            g = w.grad_matrix()
-            if g is not None:
-                grads.append(g)
-                present.append(i)
+        # under FSDP the layers are always split: a rank measuring every layer would hold every full gradient
+        world = trainer.world_size if self.distribute or self._sharded is not None else 1
+        if self._sharded is not None:
+            present, grads = self._gather_sharded(self._sharded, trainer.global_rank, world)
+        else:
+            for i, w in enumerate(self.watched):
+                g = w.grad_matrix()
+                if g is not None:
+                    grads.append(g)
+                    present.append(i)
         missing = [keys[i] for i in range(len(keys)) if i not in set(present)]
         error: str | None = None
         values = torch.full((len(keys), len(self.metric_names)), float("nan"), dtype=torch.float64)
-        world = trainer.world_size if self.distribute else 1
+        host_errors = torch.zeros_like(values)
+        host_codes = torch.zeros(len(keys), dtype=torch.float64)
+        host_valid = torch.zeros(values.shape, dtype=torch.bool)
+        self._spectra_seconds = 0.0
+        self._factored_rows = []
         layers_per_rank: list[int] | None = None
         try:
             if grads:
@@ -379,30 +464,36 @@ class GradientSpectrumMonitor(Callback):
                 mine = [k for k, i in enumerate(present) if owners[i] == trainer.global_rank] if world > 1 else None
                 rows = present if mine is None else [present[k] for k in mine]
                 todo = grads if mine is None else [grads[k] for k in mine]
-                computed = self._compute(todo) if todo else None
-                self.layers_computed_here += len(rows)
-                full = torch.zeros(values.shape, dtype=torch.float64, device=device)
-                if computed is not None:
-                    full[rows] = computed.to(device)
+                full, codes, errors = self._spectra_table(todo, rows, len(keys), device)
+                self.layers_computed_here += int((codes[rows] != _DEFERRED).sum()) if rows else 0
                 if world > 1:
                     counts = torch.zeros(world, dtype=torch.float64, device=device)
-                    counts[trainer.global_rank] = len(rows)
+                    counts[trainer.global_rank] = float((codes[rows] != _DEFERRED).sum()) if rows else 0.0
                     local_loss = torch.zeros(1, dtype=torch.float64, device=device)
                     if loss_sum is not None:
                         local_loss += loss_sum.to(device=device, dtype=torch.float64)
-                    # one all-reduce: a layer's row is its owner's values plus zeros from the others;
+                    # one all-reduce: a layer's rows are its owner's values plus zeros from the others;
                     # the losses are summed so every rank scores the same global mean loss
-                    packed = trainer.strategy.reduce(torch.cat([full.flatten(), counts, local_loss]), reduce_op="sum")
-                    full = packed[: full.numel()].view(full.shape)
-                    layers_per_rank = [int(c) for c in packed[full.numel() : full.numel() + world].tolist()]
+                    packed = trainer.strategy.reduce(
+                        torch.cat([full.flatten(), errors.flatten(), codes, counts, local_loss]), reduce_op="sum"
+                    )
+                    parts = torch.split(packed, [full.numel(), errors.numel(), codes.numel(), world, 1])
+                    full, errors, codes = parts[0].view(full.shape), parts[1].view(errors.shape), parts[2]
+                    layers_per_rank = [int(c) for c in parts[3].tolist()]
                     if loss_sum is not None:
-                        loss_sum = packed[-1] / world
+                        loss_sum = parts[4][0] / world
                 mask = torch.zeros(len(keys), dtype=torch.bool, device=device)
                 mask[present] = True
-                full = torch.where(mask[:, None], full, torch.full_like(full, float("nan")))
-                self._spectrum_on(device).update(full, mask=mask)
-                # the one device-to-host copy per step: (layers x metrics) scalars
-                values = full.cpu()
+                # a deferred layer's spectral values were not measured this step; its Frobenius norm was
+                valid = mask[:, None] & ((codes != _DEFERRED)[:, None] | self._entry_only_metrics(device)[None, :])
+                full = torch.where(valid, full, torch.full_like(full, float("nan")))
+                self._spectrum_on(device).update(full, mask=valid)
+                # the one device-to-host copy per step: (layers x metrics) scalars and the codes
+                host = torch.cat([full.flatten(), errors.flatten(), codes, valid.flatten().to(full.dtype)]).cpu()
+                values = host[: full.numel()].view(full.shape)
+                host_errors = host[full.numel() : 2 * full.numel()].view(full.shape)
+                host_codes = host[2 * full.numel() : 2 * full.numel() + len(keys)]
+                host_valid = host[2 * full.numel() + len(keys) :].view(full.shape) > 0
         except Exception as err:  # a measurement failure must never stop the user's training
             error = f"{type(err).__name__}: {err}"
             self.error_total += 1
@@ -411,10 +502,24 @@ class GradientSpectrumMonitor(Callback):
         loss = self._loss_value(trainer, loss_sum)
         present_set = set(present)
         layer_metrics = {
-            keys[i]: {name: float(values[i, j]) for j, name in enumerate(self.metric_names)}
+            keys[i]: {name: float(values[i, j]) for j, name in enumerate(self.metric_names) if host_valid[i, j]}
             for i in range(len(keys))
             if i in present_set
         }
+        spectra = {
+            keys[i]: _CODE_NAMES[int(host_codes[i])] for i in range(len(keys)) if int(host_codes[i]) in _CODE_NAMES
+        }
+        estimate_error: dict[str, dict[str, float]] = {}
+        audit_error: dict[str, dict[str, float]] = {}
+        for i in range(len(keys)):
+            code = int(host_codes[i])
+            if code in (_ESTIMATED, _AUDITED):
+                errs = {
+                    name: float(host_errors[i, j])
+                    for j, name in enumerate(self.metric_names)
+                    if name != "frobenius_norm" and math.isfinite(float(host_errors[i, j]))
+                }
+                (audit_error if code == _AUDITED else estimate_error)[keys[i]] = errs
         nonfinite = [k for k, mv in layer_metrics.items() if not all(math.isfinite(v) for v in mv.values())]
         self.missing_grad_total += len(missing)
         self.nonfinite_total += bool(nonfinite)
@@ -439,8 +544,18 @@ class GradientSpectrumMonitor(Callback):
             "nonfinite_layers": nonfinite,
             "missing_layers": missing,
         }
+        if self.spectra != "exact":
+            # which layers got which spectrum; deferred layers only have their Frobenius norm this step
+            record["spectra"] = spectra
+            record["deferred_layers"] = [keys[i] for i in sorted(present_set) if keys[i] not in spectra]
+            record["estimate_error"] = estimate_error
+            if audit_error:
+                record["audit_error"] = audit_error
         if layers_per_rank is not None:
             record["layers_per_rank"] = layers_per_rank
+        if self._factored_rows:
+            # exact spectra from the T x T factored problem (fewer tokens carried gradient than min(m, n))
+            record["factored_layers"] = [keys[i] for i in sorted(self._factored_rows)]
         if error is not None:
             record["error"] = error
         # the monitor's own cost this step up to the record (logging and figures come after)
@@ -454,22 +569,168 @@ class GradientSpectrumMonitor(Callback):
         return record
 
     def _compute(self, matrices: list[Tensor]) -> Tensor:
-        if self.cpu_threads is None or matrices[0].device.type != "cpu":
+        """Exact metrics of ``matrices``, ``(len, metrics)`` float64."""
+        with self._threads(matrices[0].device):
             return spectral_metrics_many(matrices, self.metric_names, self.method)
+
+    def _exact(self, rows: list[int], matrices: list[Tensor]) -> Tensor:
+        """Exact metrics of the layers ``rows`` (their gradients ``matrices``): from the ``T x T`` factored
+        problem where the hooks kept factors that reproduce the gradient, else from the matrix."""
+        out = torch.empty((len(rows), len(self.metric_names)), dtype=torch.float64, device=matrices[0].device)
+        plain = list(range(len(rows)))
+        if self._factors is not None and needs_spectrum(self.metric_names):
+            plain = []
+            with self._threads(matrices[0].device):
+                for k, (row, matrix) in enumerate(zip(rows, matrices)):
+                    factors = self._factors.factors(row, matrix)
+                    if factors is None:
+                        plain.append(k)
+                        continue
+                    s = factored_singular_values(*factors)
+                    values = metrics_from_singular_values(s, frobenius_norm(matrix), self.metric_names)
+                    out[k] = torch.stack([values[n] for n in self.metric_names]).to(out.device)
+                    self._factored_rows.append(row)
+        if plain:
+            out[plain] = self._compute([matrices[k] for k in plain]).to(out.device)
+        return out
+
+    @contextmanager
+    def _threads(self, device: torch.device) -> Iterator[None]:
+        if self.cpu_threads is None or device.type != "cpu":
+            yield
+            return
         previous = torch.get_num_threads()
         torch.set_num_threads(self.cpu_threads)
         try:
-            return spectral_metrics_many(matrices, self.metric_names, self.method)
+            yield
         finally:
             torch.set_num_threads(previous)
+
+    def _entry_only_metrics(self, device: torch.device) -> Tensor:
+        """Which metric columns come from the entries alone (measured even when a spectrum is deferred)."""
+        return torch.tensor([name == "frobenius_norm" for name in self.metric_names], dtype=torch.bool, device=device)
+
+    def _spectra_table(
+        self, matrices: list[Tensor], rows: list[int], n_layers: int, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """This rank's share of the step's table: ``(values, codes, errors)`` for ``rows``, zeros elsewhere.
+
+        ``values`` and ``errors`` are ``(layers, metrics)`` float64, ``codes`` ``(layers,)`` float64 with
+        how each row was obtained (``_DEFERRED``, ``_EXACT``, ``_ESTIMATED``, ``_AUDITED``). ``errors`` holds
+        the estimator's own relative error estimate for estimated rows and the realised relative error
+        (estimate vs exact) for audited rows.
+        """
+        shape = (n_layers, len(self.metric_names))
+        full = torch.zeros(shape, dtype=torch.float64, device=device)
+        errors = torch.zeros(shape, dtype=torch.float64, device=device)
+        codes = torch.zeros(n_layers, dtype=torch.float64, device=device)
+        if not rows:
+            return full, codes, errors
+        spectral = needs_spectrum(self.metric_names)
+        if self.spectra == "exact" or not spectral:
+            t0 = time.perf_counter()
+            full[rows] = self._exact(rows, matrices).to(device)
+            codes[rows] = _EXACT
+            self._spectra_seconds = time.perf_counter() - t0
+            return full, codes, errors
+        plan = self._plan(rows, matrices)
+        at = {row: k for k, row in enumerate(rows)}
+        fro = [j for j, name in enumerate(self.metric_names) if name == "frobenius_norm"]
+        spent = 0.0
+        if fro:
+            with self._threads(device):
+                for row, matrix in zip(rows, matrices):
+                    full[row, fro[0]] = frobenius_norm(matrix).to(device=device, dtype=torch.float64)
+        exact_rows = [r for r in plan.exact if r in at]
+        if exact_rows:
+            t0 = time.perf_counter()
+            full[exact_rows] = self._exact(exact_rows, [matrices[at[r]] for r in exact_rows]).to(device)
+            codes[exact_rows] = _EXACT
+            seconds = time.perf_counter() - t0
+            spent += seconds
+            if self.budget is not None:
+                self.budget.observe_work(EXACT, [self._budget_rows.index(r) for r in exact_rows], seconds)
+        estimate_rows = [r for r in plan.estimate + plan.audit if r in at]
+        if estimate_rows:
+            t0 = time.perf_counter()
+            with self._threads(device):
+                est = estimate_spectral_metrics_many(
+                    [matrices[at[r]] for r in estimate_rows],
+                    self.metric_names,
+                    warm_start=[self._bases.get(r) for r in estimate_rows],
+                    seed=self.steps_monitored,
+                )
+            seconds = time.perf_counter() - t0
+            spent += seconds
+            if self.budget is not None:
+                self.budget.observe_work(ESTIMATE, [self._budget_rows.index(r) for r in estimate_rows], seconds)
+            for k, r in enumerate(estimate_rows):
+                self._bases[r] = est.bases[k]
+            values = est.values.to(device)
+            audited = torch.tensor([r in plan.audit for r in estimate_rows], dtype=torch.bool, device=device)
+            plain = [r for r, a in zip(estimate_rows, audited.tolist()) if not a]
+            if plain:
+                keep = ~audited
+                full[plain] = values[keep]
+                errors[plain] = est.rel_error.to(device)[keep]
+                codes[plain] = _ESTIMATED
+            audit_rows = [r for r in estimate_rows if r in plan.audit]
+            if audit_rows:
+                exact = full[audit_rows]
+                errors[audit_rows] = (values[audited] - exact).abs() / exact.abs().clamp_min(
+                    torch.finfo(exact.dtype).tiny
+                )
+                codes[audit_rows] = _AUDITED
+        if self.budget is not None:
+            self.budget.spend(spent)
+        self._spectra_seconds = spent
+        return full, codes, errors
+
+    def _plan(self, rows: list[int], matrices: list[Tensor]) -> Plan:
+        """This step's plan over ``rows`` (this rank's present layers), as watched-layer indices."""
+        if self.spectra == "estimate":
+            return Plan(estimate=list(rows))
+        if self.budget is None or any(r not in self._budget_rows for r in rows):
+            # the budget covers the layers this rank owns; built once those are known
+            self._budget_rows = sorted(set(self._budget_rows) | set(rows))
+            shapes = []
+            for r in self._budget_rows:
+                shapes.append(self._shapes[r])
+            self.budget = OverheadBudget(shapes, self.max_overhead)
+        local = self.budget.plan()
+        rows_set = set(rows)
+
+        def back(idx: list[int]) -> list[int]:
+            return [self._budget_rows[k] for k in idx if self._budget_rows[k] in rows_set]
+
+        return Plan(
+            exact=back(local.exact),
+            estimate=back(local.estimate),
+            audit=back(local.audit),
+            deferred=back(local.deferred),
+        )
+
+    def _gather_sharded(self, model: nn.Module, rank: int, world: int) -> tuple[list[int], list[Tensor]]:
+        """Under FSDP: the watched layers that have a gradient, and their full matrices where this rank owns them.
+
+        Units are gathered one at a time (a collective: every rank takes part); the owner copies its
+        layers' matrices out of the gathered buffer, the other ranks keep an empty placeholder. So a
+        rank holds its own layers' full gradients plus one unit in transit, never all of them.
+        """
+        owners = self._layer_owners(world)
+        found: list[tuple[int, Tensor]] = []
+        for unit in sharded_gradients(model, self.watched):
+            for i, g in unit:
+                if g is not None:
+                    found.append((i, g.clone() if world == 1 or owners[i] == rank else g.new_empty(0)))
+        found.sort(key=lambda item: item[0])
+        return [i for i, _ in found], [g for _, g in found]
 
     def _layer_owners(self, world: int) -> list[int]:
         """Rank that measures each watched layer: longest-processing-time first, cost ~ m * n * min(m, n)."""
         if len(self._owners) != len(self.watched) or self._owners_world != world:
             costs = []
-            for w in self.watched:
-                shape = w.param.shape
-                m, n = int(shape[0]), int(w.param.numel() // max(1, shape[0]))
+            for m, n in self._shapes:
                 costs.append(m * n * min(m, n))
             load = [0] * world
             owners = [0] * len(costs)
@@ -521,6 +782,19 @@ class GradientSpectrumMonitor(Callback):
         scalars["gradspectra/missing_layers"] = float(len(record["missing_layers"]))
         if record["loss"] is not None:
             scalars["gradspectra/loss"] = record["loss"]
+        if "spectra" in record:
+            kinds = list(record["spectra"].values())
+            scalars["gradspectra/spectra/exact"] = float(sum(k != "estimate" for k in kinds))
+            scalars["gradspectra/spectra/estimated"] = float(kinds.count("estimate"))
+            scalars["gradspectra/spectra/deferred"] = float(len(record["deferred_layers"]))
+            for key, tag in (("estimate_error", "estimate_error"), ("audit_error", "audit_error")):
+                by_metric: dict[str, list[float]] = {}
+                for errs in record.get(key, {}).values():
+                    for metric, err in errs.items():
+                        by_metric.setdefault(metric, []).append(err)
+                for metric, errs in by_metric.items():
+                    # the worst layer: an audit shows what the estimator really got wrong
+                    scalars[f"gradspectra/{tag}/{metric}"] = max(errs)
         per_layer = (self.steps_monitored - 1) % self.log_every_n_steps == 0
         arr = values.numpy()
         rows = sorted(present)
@@ -606,6 +880,9 @@ class GradientSpectrumMonitor(Callback):
         self._close()
 
     def _close(self) -> None:
+        if self._factors is not None:
+            self._factors.close()
+            self._factors = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -1,5 +1,6 @@
 """Which parameters are watched and how their gradients are read: selection, layer names, gradient matrices."""
 
+from gradspectra.capture.factors import FactorCapture
 from gradspectra.capture.naming import LAYER_CONTAINERS, WRAPPER_SEGMENTS, parse_layer_name, parse_layer_names
 from gradspectra.capture.selection import DEFAULT_MODULE_TYPES, Selection, select_parameters
 from gradspectra.capture.watched import WatchedParameter, group_by_component
@@ -8,6 +9,7 @@ __all__ = [
     "DEFAULT_MODULE_TYPES",
     "LAYER_CONTAINERS",
     "WRAPPER_SEGMENTS",
+    "FactorCapture",
     "Selection",
     "WatchedParameter",
     "group_by_component",

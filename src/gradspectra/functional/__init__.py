@@ -1,6 +1,7 @@
 """Pure tensor math: singular values, spectral metrics and cross-layer statistics. No state, no Lightning."""
 
 from gradspectra.functional.batched import spectral_metrics_many
+from gradspectra.functional.estimate import SpectralEstimate, estimate_spectral_metrics_many
 from gradspectra.functional.layers import adjacent_cosine, layer_mad, paper_segments
 from gradspectra.functional.reshape import as_matrix, is_conv1d
 from gradspectra.functional.spectral import (
@@ -20,9 +21,11 @@ from gradspectra.functional.svd import METHODS, factored_singular_values, singul
 __all__ = [
     "METHODS",
     "METRIC_NAMES",
+    "SpectralEstimate",
     "adjacent_cosine",
     "as_matrix",
     "effective_rank",
+    "estimate_spectral_metrics_many",
     "factored_singular_values",
     "frobenius_norm",
     "is_conv1d",

@@ -42,7 +42,7 @@ def _frobenius_from_entries(matrix: Tensor) -> Tensor:
     """
     if matrix.dtype != torch.float64:
         rows = torch.linalg.vector_norm(matrix if matrix.dtype == torch.float32 else matrix.float(), dim=-1)
-        fro = rows.to(torch.float64).square().sum(-1).sqrt()
+        fro: Tensor = rows.to(torch.float64).square().sum(-1).sqrt()
         # float32 squares overflow past ~1e19 and lose digits below ~1e-19 (subnormal): a row whose
         # norm is out of [1e-15, 1e15] sends the matrix to the rescaled route (NaN rows stay NaN)
         if bool(((rows >= 1e-15) & (rows <= 1e15) | torch.isnan(rows)).all()):

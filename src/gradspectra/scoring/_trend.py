@@ -163,7 +163,9 @@ class TrendWindow:
         stacked = np.stack(self._values).reshape(len(self._steps), -1)
         times = np.asarray(self._steps)
         if not slope:
-            level: FloatArray = robust_trend(stacked, times, float(step), np.zeros(stacked.shape[1])).reshape(self.shape)
+            level: FloatArray = robust_trend(stacked, times, float(step), np.zeros(stacked.shape[1])).reshape(
+                self.shape
+            )
             return level
         if self._slope is None:
             mask = np.asarray(self._for_slope)

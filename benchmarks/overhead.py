@@ -1,0 +1,258 @@
+"""What the monitor costs: step time with ``GradientSpectrumMonitor`` over step time without, interleaved.
+
+One process, one model that keeps training; blocks of ``--block`` optimizer steps run in turn without
+the monitor and with it in each configuration (a fresh ``Trainer`` per block, the same monitor object
+for a configuration across its blocks, so its budget keeps what it learned), round after round, so that
+a change in the machine's load hits every configuration alike. The first step of each block (the
+Trainer starting) is not timed. Step time = wall time from ``on_train_batch_start`` to
+``on_train_batch_end`` (forward, backward, the monitor, the optimizer step), with a TensorBoard logger
+attached in every configuration, as a user would run it.
+
+Configurations:
+
+- ``none``: no monitor (the baseline);
+- ``default``: ``GradientSpectrumMonitor()`` (``spectra="auto"``, ``max_overhead=0.03``);
+- ``exact``: ``spectra="exact"``, exact spectra of every layer every step;
+- ``estimate``: ``spectra="estimate"``, estimates of every layer every step.
+
+CPU section: the pretrained MiniLM-L6 (``gradspectra.demo``), 16 reviews x 64 tokens, every linear
+layer watched (37 matrices). GPU section (only when CUDA is available): a Llama-shaped model of about
+1.1 B parameters (hidden 2048, 22 layers, intermediate 5632, random init, bf16-mixed), 4 x 512 tokens.
+
+    python benchmarks/overhead.py                         # CPU, ~10 min on 2 cores
+    python benchmarks/overhead.py --rounds 2 --block 4    # quicker, noisier
+    python benchmarks/overhead.py --section gpu           # on a machine with a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+CONFIGS = ("none", "default", "exact", "estimate")
+
+
+class StepTimer:
+    """A Lightning callback recording each training step's wall time (built lazily: Lightning is imported late)."""
+
+    def __new__(cls) -> Any:
+        import lightning.pytorch as pl
+
+        class _Timer(pl.Callback):
+            def __init__(self) -> None:
+                self.seconds: list[float] = []
+                self._t0 = 0.0
+
+            def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+                if pl_module.device.type == "cuda":
+                    import torch
+
+                    torch.cuda.synchronize()
+                self._t0 = time.perf_counter()
+
+            def on_train_batch_end(
+                self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+            ) -> None:
+                if pl_module.device.type == "cuda":
+                    import torch
+
+                    torch.cuda.synchronize()
+                self.seconds.append(time.perf_counter() - self._t0)
+
+        return _Timer()
+
+
+def make_monitor(config: str, out: Path) -> Any:
+    from gradspectra import GradientSpectrumMonitor
+
+    spectra = {"default": "auto", "exact": "exact", "estimate": "estimate"}[config]
+    return GradientSpectrumMonitor(spectra=spectra, output_dir=out / config, verbose=False)
+
+
+def minilm_section(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    from torch.utils.data import DataLoader
+
+    from gradspectra.demo.data import review_batches
+    from gradspectra.demo.models import ReviewClassifier, TokenizedBatches, load_tokenizer
+
+    steps = (args.rounds + 1) * len(CONFIGS) * args.block + 8
+    planned = review_batches(steps, batch_size=16, corrupt_fraction=0.0, seed=args.seed)
+    data = TokenizedBatches(planned, load_tokenizer(), max_length=64)
+    return ReviewClassifier(), DataLoader(data, batch_size=None, shuffle=False), "MiniLM-L6, 16 x 64 tokens, CPU"
+
+
+def llama_section(args: argparse.Namespace, small: bool) -> tuple[Any, Any, str]:
+    """A Llama-shaped causal LM; ``small`` shrinks it to run anywhere (a smoke test of this section)."""
+    import lightning.pytorch as pl
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if small:
+        shape = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4}
+        batch, tokens = 2, 32
+    else:
+        shape = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32}
+        batch, tokens = 4, 512
+    config = LlamaConfig(vocab_size=32000, num_key_value_heads=shape["num_attention_heads"], **shape)
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = LlamaForCausalLM(config)
+
+        def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+            return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters(), lr=1e-5)
+
+    g = torch.Generator().manual_seed(args.seed)
+    steps = (args.rounds + 1) * len(CONFIGS) * args.block + 8
+    data = [{"input_ids": torch.randint(0, 32000, (batch, tokens), generator=g)} for _ in range(steps)]
+    from torch.utils.data import DataLoader
+
+    model = LM()
+    params = sum(p.numel() for p in model.parameters())
+    label = f"Llama-shaped, {params / 1e9:.2f} B parameters, {batch} x {tokens} tokens"
+    return model, DataLoader(data, batch_size=None, shuffle=False), label  # type: ignore[arg-type]
+
+
+def run(args: argparse.Namespace, section: str) -> str:
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if section == "cpu":
+        model, loader, label = minilm_section(args)
+        trainer_kw: dict[str, Any] = {"accelerator": "cpu"}
+    else:
+        model, loader, label = llama_section(args, small=not torch.cuda.is_available())
+        cuda = torch.cuda.is_available()
+        trainer_kw = {"accelerator": "gpu" if cuda else "cpu", "precision": "bf16-mixed" if cuda else "32-true"}
+        if cuda:
+            label += f", {torch.cuda.get_device_name()}"
+    iterator = iter(loader)
+    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    records: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        monitors = {c: make_monitor(c, out) for c in CONFIGS if c != "none"}
+        warm_records: dict[str, int] = {}
+        # round 0 warms up (allocator, kernels, the monitors' budgets and estimator bases) and is not timed
+        for r in range(args.rounds + 1):
+            for config in CONFIGS if r % 2 == 0 else tuple(reversed(CONFIGS)):
+                timer = StepTimer()
+                callbacks = [timer] + ([monitors[config]] if config != "none" else [])
+                trainer = pl.Trainer(
+                    max_steps=args.block,
+                    max_epochs=1,
+                    logger=TensorBoardLogger(str(out / "tb"), name=config),
+                    callbacks=callbacks,
+                    enable_checkpointing=False,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    **trainer_kw,
+                )
+                block = [next(iterator) for _ in range(args.block)]
+                from torch.utils.data import DataLoader
+
+                trainer.fit(model, DataLoader(block, batch_size=None, shuffle=False))  # type: ignore[arg-type]
+                if r > 0:
+                    times[config].extend(timer.seconds[1:])
+                elif config != "none":
+                    warm_records[config] = len(monitors[config].batch_records)
+                print(
+                    f"round {r}/{args.rounds} {config:>8}: "
+                    + " ".join(f"{1000 * s:.0f}" for s in timer.seconds[1:])
+                    + " ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        for config, monitor in monitors.items():
+            records[config] = list(monitor.batch_records)[warm_records.get(config, 0) :]
+    base = statistics.median(times["none"])
+    lines = [
+        f"### {label}",
+        "",
+        "| configuration | median step ms | ratio to no monitor | mean ratio | monitor ms/step (median) "
+        "| layers exact / estimated / deferred per step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for config in CONFIGS:
+        med = statistics.median(times[config])
+        mean_ratio = statistics.fmean(times[config]) / statistics.fmean(times["none"])
+        recs = records[config]
+        monitor_ms = statistics.median(r["monitor_ms"] for r in recs) if recs else 0.0
+        if recs and "spectra" in recs[0]:
+            ex = statistics.fmean(sum(v != "estimate" for v in r["spectra"].values()) for r in recs)
+            es = statistics.fmean(sum(v == "estimate" for v in r["spectra"].values()) for r in recs)
+            de = statistics.fmean(len(r["deferred_layers"]) for r in recs)
+            spread = f"{ex:.1f} / {es:.1f} / {de:.1f}"
+        elif recs:
+            spread = f"{len(recs[0]['metrics'])} / 0 / 0"
+        else:
+            spread = ""
+        lines.append(
+            f"| {config} | {1000 * med:.0f} | {med / base:.3f}x | {mean_ratio:.3f}x | {monitor_ms:.0f} | {spread} |"
+        )
+    lines.append("")
+    lines.append(
+        f"{len(times['none'])} timed steps per configuration ({args.rounds} rounds x {args.block - 1}), "
+        f"torch threads {torch.get_num_threads()}, monitor cpu_threads 1."
+    )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--section", choices=("cpu", "gpu", "all"), default="all", help="gpu runs only with CUDA")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds over the configurations (default 4)")
+    parser.add_argument("--block", type=int, default=6, help="steps per block, the first not timed (default 6)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gpu-smoke", action="store_true", help="run the GPU section's code on a tiny model on CPU")
+    parser.add_argument("--out", type=Path, default=None, help="also write the tables here (.md)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.block < 2:
+        parser.error(f"--block must be >= 2 (the first step is not timed), got {args.block}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    sections = []
+    if args.section in ("cpu", "all") and not args.gpu_smoke:
+        sections.append(run(args, "cpu"))
+    if args.section in ("gpu", "all"):
+        if torch.cuda.is_available() or args.gpu_smoke:
+            sections.append(run(args, "gpu"))
+        else:
+            sections.append("### GPU section\n\nSkipped: no CUDA device on this machine.")
+    text = "\n\n".join(sections)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,238 @@
+"""How much spectral work the monitor does on a step: exact, estimated or deferred, per layer, under a time budget.
+
+The monitor's cost is dominated by the spectra (an ``m x n`` decomposition per layer); everything
+else it does reads each gradient once. :class:`OverheadBudget` keeps that cost at about
+``max_overhead`` times the training step:
+
+- it learns the step time (without the monitor) and the monitor's fixed cost (norms, scoring,
+  records, logging) as exponential moving averages of what it measured on earlier steps;
+- it learns the cost of each kind of work per matrix shape, ``"exact"`` and ``"estimate"``, from
+  the measured time of the work done (priors from a flop count until a shape has been measured);
+- each step it earns ``max_overhead x step - fixed`` seconds of credit (unspent credit carries
+  over, up to a cap) and spends it: exact spectra for every layer when the credit covers them;
+  else estimates, for every layer when it can, else for the layers whose spectra are oldest
+  (round-robin), the rest deferred to a later step (their Frobenius norm, which is exact and
+  costs one read, is still measured);
+- a quarter of the credit goes to an audit fund: when the fund covers the next layer in
+  round-robin order, that layer is computed both exactly and by the estimator, its exact values
+  are used and the estimator's relative error is recorded (so the estimates stay honest).
+
+Pure Python, no torch: the callback measures, the budget decides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+EXACT = "exact"
+ESTIMATE = "estimate"
+_KINDS = (EXACT, ESTIMATE)
+_EMA = 0.3  # weight of the newest measurement in the moving averages
+_AUDIT_SHARE = 0.25  # share of each step's credit that goes to the audit fund
+
+
+@dataclass
+class Plan:
+    """One step's spectral work, as indices into the layers the budget was built with.
+
+    ``exact`` and ``estimate`` are disjoint; ``audit`` is a subset of ``exact`` whose layers are
+    also estimated (to measure the estimator's error); ``deferred`` layers get no spectrum this step.
+    """
+
+    exact: list[int] = field(default_factory=list)
+    estimate: list[int] = field(default_factory=list)
+    audit: list[int] = field(default_factory=list)
+    deferred: list[int] = field(default_factory=list)
+
+
+def _flops(kind: str, shape: tuple[int, int], rank: int, passes: int) -> float:
+    m, n = shape
+    small, large = min(m, n), max(m, n)
+    if kind == EXACT:
+        return 4.0 * large * small * small + 8.0 * small**3
+    return 2.0 * m * n * passes + 4.0 * large * rank * rank
+
+
+class OverheadBudget:
+    """Per-step plans that keep the monitor's cost near ``max_overhead`` x the training step time.
+
+    Args:
+        shapes: each layer's matrix shape ``(m, n)`` (the key under which costs are learned).
+        max_overhead: the target cost as a fraction of the training step time (``0.03`` = 3 %).
+        estimate_rank: the estimator's subspace size (for the flop prior).
+        estimate_passes: the estimator's column-passes over a matrix (for the flop prior).
+
+    Example:
+        >>> budget = OverheadBudget([(64, 64)] * 4, max_overhead=0.03)
+        >>> budget.observe_step(1.0)       # the training step took 1 s without the monitor
+        >>> plan = budget.plan()
+        >>> sorted(plan.exact + plan.estimate + plan.deferred)
+        [0, 1, 2, 3]
+    """
+
+    def __init__(
+        self,
+        shapes: Sequence[tuple[int, int]],
+        max_overhead: float,
+        estimate_rank: int = 32,
+        estimate_passes: int = 200,
+    ) -> None:
+        if isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)):
+            raise TypeError(f"`max_overhead` must be a float, got {max_overhead!r}")
+        if not (0.0 < float(max_overhead) <= 10.0) or math.isnan(max_overhead):
+            raise ValueError(f"`max_overhead` must be in (0, 10], got {max_overhead!r}")
+        self.shapes = [(int(m), int(n)) for m, n in shapes]
+        self.max_overhead = float(max_overhead)
+        self.estimate_rank = estimate_rank
+        self.estimate_passes = estimate_passes
+        self.step_seconds: float | None = None
+        self.fixed_seconds = 0.0
+        self.credit = 0.0
+        self.audit_fund = 0.0
+        # seconds per (counted) flop by kind, learned from every measurement: the prediction for shapes
+        # not measured yet. Starts at what one CPU core did (2e-11: 15 ms for a 384 x 384 float64 SVD)
+        self._rate: dict[str, float] = {EXACT: 2e-11, ESTIMATE: 3e-11}
+        self._rate_measured: set[str] = set()
+        self._cost: dict[tuple[str, Hashable], float] = {}
+        self._next_estimate = 0
+        self._next_audit = 0
+        self._next_upgrade = 0
+        self._planned_audit = 0.0
+        self._step = 0
+
+    # ------------------------------------------------------------------ measurements
+
+    def observe_step(self, seconds: float) -> None:
+        """The last training step's wall time, without the monitor's own time."""
+        if seconds > 0 and math.isfinite(seconds):
+            s = self.step_seconds
+            self.step_seconds = seconds if s is None else (1 - _EMA) * s + _EMA * seconds
+
+    def observe_fixed(self, seconds: float) -> None:
+        """The monitor's cost on the last step outside the spectra (norms, scoring, records, logging)."""
+        if seconds >= 0 and math.isfinite(seconds):
+            self.fixed_seconds = (1 - _EMA) * self.fixed_seconds + _EMA * seconds
+
+    def cost(self, kind: str, layer: int) -> float:
+        """Predicted seconds for one layer's ``kind`` work."""
+        shape = self.shapes[layer]
+        known = self._cost.get((kind, shape))
+        if known is not None:
+            return known
+        return self._rate[kind] * _flops(kind, shape, self.estimate_rank, self.estimate_passes)
+
+    def observe_work(self, kind: str, layers: Sequence[int], seconds: float) -> None:
+        """``seconds`` spent on ``kind`` work for ``layers`` (shared out by predicted cost)."""
+        if kind not in _KINDS:
+            raise ValueError(f"`kind` must be one of {_KINDS}, got {kind!r}")
+        if not layers or not (seconds >= 0 and math.isfinite(seconds)):
+            return
+        predicted = [self.cost(kind, i) for i in layers]
+        total = sum(predicted) or 1.0
+        flops = sum(_flops(kind, self.shapes[i], self.estimate_rank, self.estimate_passes) for i in layers)
+        rate = seconds / max(flops, 1.0)
+        self._rate[kind] = rate if kind not in self._rate_measured else (1 - _EMA) * self._rate[kind] + _EMA * rate
+        self._rate_measured.add(kind)
+        by_shape: dict[tuple[int, int], list[float]] = {}
+        for i, p in zip(layers, predicted):
+            by_shape.setdefault(self.shapes[i], []).append(seconds * p / total)
+        for shape, shares in by_shape.items():
+            each = sum(shares) / len(shares)
+            old = self._cost.get((kind, shape))
+            self._cost[(kind, shape)] = each if old is None else (1 - _EMA) * old + _EMA * each
+
+    # ------------------------------------------------------------------ planning
+
+    @property
+    def per_step(self) -> float:
+        """Seconds of spectral work the budget allows per step (0 until a step time is known)."""
+        if self.step_seconds is None:
+            return 0.0
+        return max(0.0, self.max_overhead * self.step_seconds - self.fixed_seconds)
+
+    def plan(self) -> Plan:
+        """Which layers get exact spectra, estimates, audits, or nothing on this step."""
+        n = len(self.shapes)
+        self._step += 1
+        plan = Plan()
+        self._planned_audit = 0.0
+        if n == 0:
+            return plan
+        earned = self.per_step
+        if self.step_seconds is not None and earned >= sum(self.cost(EXACT, i) for i in range(n)):
+            plan.exact = list(range(n))
+            self.credit = 0.0
+            return plan
+        # unspent credit carries over one step (plus one layer), so the work stays even, not bursty;
+        # the audit fund saves up for the next audit
+        largest_estimate = max(self.cost(ESTIMATE, i) for i in range(n))
+        self.credit = min(self.credit + (1 - _AUDIT_SHARE) * earned, 2 * (1 - _AUDIT_SHARE) * earned + largest_estimate)
+        audit = self._next_audit % n
+        audit_cost = self.cost(EXACT, audit) + self.cost(ESTIMATE, audit)
+        self.audit_fund = min(self.audit_fund + _AUDIT_SHARE * earned, audit_cost + _AUDIT_SHARE * earned)
+        if self.step_seconds is not None and self.audit_fund >= audit_cost:
+            plan.exact.append(audit)
+            plan.audit.append(audit)
+            self.audit_fund -= audit_cost
+            self._planned_audit = audit_cost
+            self._next_audit = audit + 1
+        # estimates for the others, oldest first, as far as the credit goes
+        available = self.credit
+        seen_shapes: set[tuple[int, int]] = set()
+        for i in ((self._next_estimate + k) % n for k in range(n)):
+            if i in plan.audit:
+                continue
+            if self.step_seconds is None:
+                # first step, no step time yet: one layer per shape, to learn what estimates cost
+                if self.shapes[i] in seen_shapes:
+                    plan.deferred.append(i)
+                else:
+                    seen_shapes.add(self.shapes[i])
+                    plan.estimate.append(i)
+                continue
+            c = self.cost(ESTIMATE, i)
+            exact = self.cost(EXACT, i)
+            if min(c, exact) > available:
+                plan.deferred.append(i)
+                continue
+            # where the exact route is no dearer (small matrices, few tokens), the exact spectrum
+            if exact <= c:
+                plan.exact.append(i)
+                available -= exact
+            else:
+                plan.estimate.append(i)
+                available -= c
+        if plan.deferred:
+            # the next step starts with the first layer this one could not reach
+            self._next_estimate = plan.deferred[0]
+        elif self.step_seconds is not None:
+            # every layer estimated: what is left upgrades layers to exact, in turn
+            for k in range(n):
+                i = (self._next_upgrade + k) % n
+                if i not in plan.estimate:
+                    continue
+                extra = self.cost(EXACT, i) - self.cost(ESTIMATE, i)
+                if extra > available:
+                    break
+                plan.estimate.remove(i)
+                plan.exact.append(i)
+                available -= extra
+                self._next_upgrade = i + 1
+        plan.deferred.sort()
+        return plan
+
+    def spend(self, seconds: float) -> None:
+        """Charge the spectral work actually done on this step (the planned audit is paid by the audit fund)."""
+        if math.isfinite(seconds):
+            self.credit -= max(0.0, seconds - self._planned_audit)
+
+    def state(self) -> dict[str, float | None]:
+        """What the budget has learned (for records and debugging)."""
+        return {
+            "step_seconds": self.step_seconds,
+            "fixed_seconds": self.fixed_seconds,
+            "spectra_seconds_per_step": self.per_step,
+            "credit": self.credit,
+        }

@@ -1,0 +1,101 @@
+"""Full gradient matrices of watched weights under FSDP, gathered one FSDP unit at a time.
+
+Under ``FullyShardedDataParallel`` every rank holds a flat slice of each gradient; a slice has no
+spectrum. :func:`sharded_gradients` unshards one unit (its parameters and gradients) at a time with
+the public ``FullyShardedDataParallel.summon_full_params(..., with_grads=True)``, so the caller can
+measure that unit's full matrices and drop them before the next unit is gathered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from gradspectra.capture.watched import WatchedParameter
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds an FSDP unit (``FullyShardedDataParallel``) anywhere in its tree.
+
+    Example:
+        >>> is_sharded(nn.Sequential(nn.Linear(2, 2)))
+        False
+    """
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
+def fsdp_groups(
+    model: nn.Module, watched: Sequence[WatchedParameter]
+) -> list[tuple[FullyShardedDataParallel | None, list[int]]]:
+    """Watched weights grouped by the FSDP unit that shards them, units in module order.
+
+    A weight belongs to the innermost ``FullyShardedDataParallel`` around the module that registers
+    it. Each group is ``(unit, indices into watched)``; weights outside every unit (not sharded)
+    form a group with unit ``None``, first. Units that shard no watched weight are left out. The
+    order depends only on the model's structure, so it is the same on every rank.
+
+    Raises:
+        ValueError: when a watched weight is not a parameter of ``model``: FSDP with
+            ``use_orig_params=False`` replaces the weights by one flat parameter per unit.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    unit_of: dict[int, FullyShardedDataParallel | None] = {}
+    order: list[FullyShardedDataParallel | None] = [None]
+    stack: list[tuple[nn.Module, FullyShardedDataParallel | None]] = [(model, None)]
+    while stack:
+        module, unit = stack.pop()
+        if isinstance(module, FullyShardedDataParallel):
+            unit = module
+            order.append(module)
+        for param in module.parameters(recurse=False):
+            unit_of.setdefault(id(param), unit)
+        # reversed, so that the stack pops children in module order
+        stack.extend((child, unit) for child in reversed(list(module.children())))
+    by_unit: dict[int, list[int]] = {}
+    for i, w in enumerate(watched):
+        if id(w.param) not in unit_of:
+            raise ValueError(
+                f"the watched weight {w.name!r} is no longer a parameter of the model. Under FSDP its gradient "
+                "can only be gathered with `use_orig_params=True` (Lightning's FSDPStrategy default)."
+            )
+        by_unit.setdefault(id(unit_of[id(w.param)]), []).append(i)
+    return [(unit, by_unit[id(unit)]) for unit in order if id(unit) in by_unit]
+
+
+def sharded_gradients(
+    model: nn.Module, watched: Sequence[WatchedParameter]
+) -> Iterator[list[tuple[int, Tensor | None]]]:
+    """Yield, one FSDP unit at a time, ``(index into watched, full gradient matrix or None)`` for its weights.
+
+    Each unit is unsharded with ``summon_full_params(unit, recurse=False, writeback=False,
+    with_grads=True)``: an all-gather of that unit's parameters and gradients, a collective, so
+    every rank must iterate the generator to the end in step with the others. The matrices are
+    views into the gathered buffers, valid only until the next item is requested: measure (or copy)
+    them before then. At most one unit's full parameters and gradients are held at a time, never
+    all of them. ``None`` marks a weight without a gradient (the same on every rank).
+
+    Gradients outside every unit (modules the model did not wrap) are read as they are, first.
+    Needs ``use_orig_params=True``.
+
+    Raises:
+        ValueError: see :func:`fsdp_groups`.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for unit, indices in fsdp_groups(model, watched):
+        if unit is None:
+            yield [(i, watched[i].grad_matrix()) for i in indices]
+            continue
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False, with_grads=True):
+            yield [(i, watched[i].grad_matrix()) for i in indices]

@@ -1,0 +1,157 @@
+"""OverheadBudget: plans partition the layers, spending follows the budget, round-robin reaches every layer."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from gradspectra.callbacks.budget import ESTIMATE, EXACT, OverheadBudget, Plan
+
+SHAPES = [(384, 384)] * 24 + [(1536, 384)] * 6 + [(384, 1536)] * 6
+
+
+def true_cost(kind: str, shape: tuple[int, int]) -> float:
+    """A made-up machine: exact 15 ms per 384^2, estimates 2 ms, both proportional to m * n."""
+    m, n = shape
+    unit = m * n / (384 * 384)
+    return (0.015 if kind == EXACT else 0.002) * unit
+
+
+def simulate(budget: OverheadBudget, steps: int, step_seconds: float = 1.0, fixed: float = 0.005) -> list[Plan]:
+    plans = []
+    for _ in range(steps):
+        budget.observe_step(step_seconds)
+        plan = budget.plan()
+        spent = 0.0
+        for kind, rows in ((EXACT, plan.exact), (ESTIMATE, plan.estimate + plan.audit)):
+            seconds = sum(true_cost(kind, budget.shapes[i]) for i in rows)
+            budget.observe_work(kind, rows, seconds)
+            spent += seconds
+        budget.spend(spent)
+        budget.observe_fixed(fixed)
+        plans.append(plan)
+        plan_cost = spent
+        plan.__dict__["cost"] = plan_cost
+    return plans
+
+
+def check_partition(plan: Plan, n: int) -> None:
+    assert sorted(plan.exact + plan.estimate + plan.deferred) == list(range(n))
+    assert set(plan.audit) <= set(plan.exact)
+
+
+@pytest.mark.parametrize("max_overhead", [0.01, 0.03, 0.1])
+def test_spending_follows_the_budget(max_overhead: float) -> None:
+    budget = OverheadBudget(SHAPES, max_overhead)
+    plans = simulate(budget, 300)
+    for plan in plans:
+        check_partition(plan, len(SHAPES))
+    allowed = max_overhead * 1.0 - 0.005
+    spent = [p.__dict__["cost"] for p in plans[20:]]
+    mean = sum(spent) / len(spent)
+    # on average at most the budget, and not leaving most of it unused
+    assert mean <= allowed * 1.05
+    assert mean >= allowed * 0.6
+
+
+def test_all_exact_when_the_budget_covers_it() -> None:
+    budget = OverheadBudget(SHAPES, 2.0)
+    plans = simulate(budget, 10)
+    assert all(plan.exact == list(range(len(SHAPES))) for plan in plans[2:])
+    assert all(not plan.estimate and not plan.deferred for plan in plans[2:])
+
+
+def test_all_estimated_with_audits_in_turn_when_estimates_fit() -> None:
+    # estimates of all 36 layers: 24 * 2 + 12 * 8 = 144 ms; three quarters of 30 % of a 1 s step
+    # (the rest goes to audits) cover them
+    budget = OverheadBudget(SHAPES, 0.3)
+    plans = simulate(budget, 200)
+    late = plans[20:]
+    assert all(not plan.deferred for plan in late)
+    audited = [i for plan in late for i in plan.audit]
+    assert len(audited) >= 20
+    # audits walk through the layers in order, wrapping around
+    assert all((b - a) % len(SHAPES) == 1 for a, b in itertools.pairwise(audited))
+
+
+def test_round_robin_reaches_every_layer_when_starved() -> None:
+    budget = OverheadBudget(SHAPES, 0.02)
+    plans = simulate(budget, 200)
+    late = plans[20:]
+    assert any(plan.deferred for plan in late)
+    last_seen = {}
+    for t, plan in enumerate(late):
+        for i in plan.exact + plan.estimate:
+            last_seen.setdefault(i, []).append(t)
+    assert set(last_seen) == set(range(len(SHAPES)))
+    gaps = [b - a for seen in last_seen.values() for a, b in itertools.pairwise(seen)]
+    # a full round of estimates costs 144 ms; three quarters of the 15 ms a step earns go to them
+    full_round = sum(true_cost(ESTIMATE, shape) for shape in SHAPES) / (0.75 * (0.02 - 0.005))
+    assert max(gaps) <= 1.5 * full_round
+
+
+def test_first_plan_measures_one_layer_per_shape() -> None:
+    budget = OverheadBudget(SHAPES, 0.03)
+    plan = budget.plan()  # no step time known yet
+    check_partition(plan, len(SHAPES))
+    assert sorted({SHAPES[i] for i in plan.estimate}) == sorted(set(SHAPES))
+    assert len(plan.estimate) == 3
+    assert not plan.exact
+
+
+def test_costs_are_learned_from_measurements() -> None:
+    budget = OverheadBudget([(100, 100), (200, 200)], 0.03)
+    budget.observe_work(EXACT, [0], 0.5)
+    assert budget.cost(EXACT, 0) == pytest.approx(0.5)
+    budget.observe_work(EXACT, [0], 1.0)
+    assert 0.5 < budget.cost(EXACT, 0) < 1.0
+    # an unmeasured shape is predicted from the learned seconds per flop, larger for the larger shape
+    assert budget.cost(EXACT, 1) > budget.cost(EXACT, 0)
+    with pytest.raises(ValueError, match="`kind`"):
+        budget.observe_work("svd", [0], 1.0)
+
+
+def test_measurements_that_are_not_times_are_ignored() -> None:
+    budget = OverheadBudget(SHAPES, 0.03)
+    budget.observe_step(math.nan)
+    budget.observe_step(-1.0)
+    assert budget.step_seconds is None
+    budget.observe_fixed(math.inf)
+    assert budget.fixed_seconds == 0.0
+    budget.observe_step(2.0)
+    assert budget.per_step == pytest.approx(0.06)
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 11.0, math.nan])
+def test_bad_max_overhead_names_the_argument(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"`max_overhead` must be in \(0, 10\], got"):
+        OverheadBudget(SHAPES, bad)
+
+
+@pytest.mark.parametrize("bad", ["0.03", True, None])
+def test_max_overhead_of_the_wrong_type_names_the_argument(bad: object) -> None:
+    with pytest.raises(TypeError, match="`max_overhead` must be a float"):
+        OverheadBudget(SHAPES, bad)  # type: ignore[arg-type]
+
+
+def test_no_layers_gives_empty_plans() -> None:
+    budget = OverheadBudget([], 0.03)
+    budget.observe_step(1.0)
+    assert budget.plan() == Plan()
+
+
+def test_exact_where_it_is_no_dearer_than_an_estimate() -> None:
+    # tiny matrices: an SVD costs less than the estimator's fixed work
+    budget = OverheadBudget([(8, 8)] * 4 + [(384, 384)] * 4, 0.05)
+    for i in range(4):
+        budget.observe_work(EXACT, [i], 0.0001)
+        budget.observe_work(ESTIMATE, [i], 0.001)
+        budget.observe_work(EXACT, [4 + i], 0.015)
+        budget.observe_work(ESTIMATE, [4 + i], 0.002)
+    budget.observe_step(1.0)
+    plan = budget.plan()
+    check_partition(plan, 8)
+    assert set(range(4)) <= set(plan.exact)
+    assert not set(range(4)) & set(plan.estimate)
