@@ -155,3 +155,13 @@ def test_exact_where_it_is_no_dearer_than_an_estimate() -> None:
     check_partition(plan, 8)
     assert set(range(4)) <= set(plan.exact)
     assert not set(range(4)) & set(plan.estimate)
+
+
+def test_tiny_matrices_do_not_teach_the_flop_rate() -> None:
+    # a 2 x 384 head costs call overhead (1 ms), not flops; it must not price a 4096^2 SVD at hours
+    budget = OverheadBudget([(2, 384), (4096, 4096)], 0.03)
+    before = budget.cost(EXACT, 1)
+    budget.observe_work(EXACT, [0], 0.001)
+    assert budget.cost(EXACT, 1) == before
+    budget.observe_work(EXACT, [1], 20.0)
+    assert budget.cost(EXACT, 1) == pytest.approx(20.0)

@@ -30,6 +30,7 @@ EXACT = "exact"
 ESTIMATE = "estimate"
 _KINDS = (EXACT, ESTIMATE)
 _EMA = 0.3  # weight of the newest measurement in the moving averages
+_MIN_RATE_FLOPS = 1e7  # work smaller than this does not teach the seconds-per-flop prior
 _AUDIT_SHARE = 0.25  # share of each step's credit that goes to the audit fund
 
 
@@ -133,9 +134,11 @@ class OverheadBudget:
         predicted = [self.cost(kind, i) for i in layers]
         total = sum(predicted) or 1.0
         flops = sum(_flops(kind, self.shapes[i], self.estimate_rank, self.estimate_passes) for i in layers)
-        rate = seconds / max(flops, 1.0)
-        self._rate[kind] = rate if kind not in self._rate_measured else (1 - _EMA) * self._rate[kind] + _EMA * rate
-        self._rate_measured.add(kind)
+        if flops >= _MIN_RATE_FLOPS:
+            # tiny matrices cost call overhead, not flops: they would price big shapes absurdly high
+            rate = seconds / flops
+            self._rate[kind] = rate if kind not in self._rate_measured else (1 - _EMA) * self._rate[kind] + _EMA * rate
+            self._rate_measured.add(kind)
         by_shape: dict[tuple[int, int], list[float]] = {}
         for i, p in zip(layers, predicted):
             by_shape.setdefault(self.shapes[i], []).append(seconds * p / total)
