@@ -240,6 +240,7 @@ class GradientSpectrumMonitor(Callback):
         self.factored = bool(factored)
         self._factors: FactorCapture | None = None
         self._factored_rows: list[int] = []
+        self._rows_computed = 0
         self._pending_plan: Plan | None = None
         self._last_flush = -math.inf
         self._step_open = False
@@ -475,10 +476,10 @@ class GradientSpectrumMonitor(Callback):
                 rows = present if mine is None else [present[k] for k in mine]
                 todo = grads if mine is None else [grads[k] for k in mine]
                 full, codes, errors = self._spectra_table(todo, rows, len(keys), device)
-                self.layers_computed_here += int((codes[rows] != _DEFERRED).sum()) if rows else 0
+                self.layers_computed_here += self._rows_computed
                 if world > 1:
                     counts = torch.zeros(world, dtype=torch.float64, device=device)
-                    counts[trainer.global_rank] = float((codes[rows] != _DEFERRED).sum()) if rows else 0.0
+                    counts[trainer.global_rank] = float(self._rows_computed)
                     local_loss = torch.zeros(1, dtype=torch.float64, device=device)
                     if loss_sum is not None:
                         local_loss += loss_sum.to(device=device, dtype=torch.float64)
@@ -634,6 +635,7 @@ class GradientSpectrumMonitor(Callback):
         full = torch.zeros(shape, dtype=torch.float64, device=device)
         errors = torch.zeros(shape, dtype=torch.float64, device=device)
         codes = torch.zeros(n_layers, dtype=torch.float64, device=device)
+        self._rows_computed = 0  # layers given a spectrum here (counted on the host, no device sync)
         if not rows:
             return full, codes, errors
         spectral = needs_spectrum(self.metric_names)
@@ -641,6 +643,7 @@ class GradientSpectrumMonitor(Callback):
             t0 = time.perf_counter()
             full[rows] = self._exact(rows, matrices).to(device)
             codes[rows] = _EXACT
+            self._rows_computed = len(rows)
             self._spectra_seconds = time.perf_counter() - t0
             return full, codes, errors
         plan = self._plan(rows, matrices)
@@ -652,6 +655,7 @@ class GradientSpectrumMonitor(Callback):
                 for row, matrix in zip(rows, matrices):
                     full[row, fro[0]] = frobenius_norm(matrix).to(device=device, dtype=torch.float64)
         exact_rows = [r for r in plan.exact if r in at]
+        self._rows_computed = len(exact_rows) + len([r for r in plan.estimate if r in at])
         if exact_rows:
             t0 = time.perf_counter()
             full[exact_rows] = self._exact(exact_rows, [matrices[at[r]] for r in exact_rows]).to(device)
