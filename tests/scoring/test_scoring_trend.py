@@ -134,3 +134,19 @@ def test_top_directions_cold_start_matches_svd() -> None:
     exact = np.linalg.svd(x, full_matrices=False)[2][:3]
     assert np.allclose(v @ v.T, np.eye(3), atol=1e-12)
     assert np.abs(projector(v) - projector(exact)).max() < 1e-6
+
+
+def test_median_with_absent_values_equals_numpy_nanmedian() -> None:
+    import warnings
+
+    from gradspectra.scoring._trend import _median
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 5), (2, 4), (7, 3), (8, 40), (33, 100)]:
+        x = rng.normal(size=shape)
+        x[rng.random(shape) < 0.4] = np.nan
+        x[:, 0] = np.nan  # an absent series stays absent
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            want = np.nanmedian(x, axis=0)
+        np.testing.assert_array_equal(_median(x), want)

@@ -25,7 +25,6 @@ fewer than :data:`MIN_TREND_POINTS` values the slope is not estimated.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -43,9 +42,14 @@ SLOPE_EVERY = 4  # pushes between two estimates of the slopes
 def _median(x: FloatArray) -> FloatArray:
     """Median over axis 0 ignoring NaN; a direct partition when there is no NaN (numpy's median is slower)."""
     if np.isnan(x).any():
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN series give NaN, on purpose
-            out: FloatArray = np.nanmedian(x, axis=0)
+        # numpy's nanmedian goes through masked arrays and warnings per column (measured ~7 ms a step
+        # with the spectra of most layers deferred); sorting puts NaN last, so the median of the n
+        # finite values of a column sits at rows (n - 1) // 2 and n // 2
+        ordered = np.sort(x, axis=0)
+        n = np.sum(~np.isnan(x), axis=0)
+        lo = np.take_along_axis(ordered, np.maximum((n - 1) // 2, 0)[None], axis=0)[0]
+        hi = np.take_along_axis(ordered, np.maximum(n // 2, 0)[None], axis=0)[0]
+        out: FloatArray = np.where(n > 0, 0.5 * (lo + hi), np.nan)  # all-NaN series give NaN, on purpose
         return out
     n = x.shape[0]
     h = n // 2
