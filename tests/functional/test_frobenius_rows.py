@@ -44,3 +44,25 @@ def test_batch_of_matrices_one_call() -> None:
     got = frobenius_norm(a)
     assert got.dtype == torch.float64
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+
+
+def test_many_norms_of_mixed_shapes_and_magnitudes_match_numpy() -> None:
+    from gradspectra.functional import frobenius_norms
+
+    mats = [
+        _rows(torch.float32),
+        _rows(torch.float64).T.contiguous(),
+        torch.ones(3, 5),
+        torch.zeros(2, 2),
+        torch.full((2, 3), float("nan")),
+        _rows(torch.bfloat16)[:3, :3],
+    ]
+    got = frobenius_norms(mats)
+    assert got.dtype == torch.float64 and got.shape == (len(mats),)
+    for g, m in zip(got.tolist(), mats, strict=True):
+        want = float(np.linalg.norm(m.to(torch.float64).numpy()))
+        if np.isnan(want):
+            assert np.isnan(g)
+        else:
+            assert abs(g - want) <= 1e-6 * want
+    assert frobenius_norms([]).shape == (0,)

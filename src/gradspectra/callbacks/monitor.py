@@ -36,6 +36,7 @@ from gradspectra.functional import (
     estimate_spectral_metrics_many,
     factored_singular_values,
     frobenius_norm,
+    frobenius_norms,
     layer_mad,
     metrics_from_singular_values,
     needs_spectrum,
@@ -654,8 +655,8 @@ class GradientSpectrumMonitor(Callback):
         spent = 0.0
         if fro:
             with self._threads(device):
-                for row, matrix in zip(rows, matrices):
-                    full[row, fro[0]] = frobenius_norm(matrix).to(device=device, dtype=torch.float64)
+                # every layer's exact norm, one read each and one host sync for all of them
+                full[rows, fro[0]] = frobenius_norms(matrices).to(device)
         exact_rows = [r for r in plan.exact if r in at]
         self._rows_computed = len(exact_rows) + len([r for r in plan.estimate if r in at])
         if exact_rows:
@@ -683,17 +684,19 @@ class GradientSpectrumMonitor(Callback):
             for k, r in enumerate(estimate_rows):
                 self._bases[r] = est.bases[k]
             values = est.values.to(device)
-            audited = torch.tensor([r in plan.audit for r in estimate_rows], dtype=torch.bool, device=device)
-            plain = [r for r, a in zip(estimate_rows, audited.tolist()) if not a]
+            # positions in estimate_rows, from host lists (no device round trip)
+            audit_set = set(plan.audit)
+            plain_k = [k for k, r in enumerate(estimate_rows) if r not in audit_set]
+            audit_k = [k for k, r in enumerate(estimate_rows) if r in audit_set]
+            plain = [estimate_rows[k] for k in plain_k]
             if plain:
-                keep = ~audited
-                full[plain] = values[keep]
-                errors[plain] = est.rel_error.to(device)[keep]
+                full[plain] = values[plain_k]
+                errors[plain] = est.rel_error.to(device)[plain_k]
                 codes[plain] = _ESTIMATED
-            audit_rows = [r for r in estimate_rows if r in plan.audit]
+            audit_rows = [estimate_rows[k] for k in audit_k]
             if audit_rows:
                 exact = full[audit_rows]
-                errors[audit_rows] = (values[audited] - exact).abs() / exact.abs().clamp_min(
+                errors[audit_rows] = (values[audit_k] - exact).abs() / exact.abs().clamp_min(
                     torch.finfo(exact.dtype).tiny
                 )
                 codes[audit_rows] = _AUDITED

@@ -31,32 +31,62 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den == 0, torch.zeros_like(out), out)
 
 
-def _frobenius_from_entries(matrix: Tensor) -> Tensor:
-    """``sqrt(sum of squares)`` in one read of the entries, float64 result.
+def _frobenius_fast(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``(norm, trusted)``: the one-read norm and whether its range check passed, without a host sync.
 
     Float32 (and bf16/fp16, upcast) entries: each row's norm in float32 (a cascaded sum: relative
     error ~1e-7 at these lengths), the rows combined in float64; no float64 copy of the matrix
-    (measured 15x faster on CPU). Float64 entries out of range, and rows too large or too small for
-    float32 squares (zero rows included), go through a rescaled float64 copy. Non-finite entries
-    give inf/nan as they say.
+    (measured 15x faster on CPU). Float32 squares overflow past ~1e19 and lose digits below ~1e-19
+    (subnormal), so a row norm outside [1e-15, 1e15] (a zero row included) is not trusted; float64
+    entries are not trusted when the norm leaves (1e-140, 1e140). NaN rows stay NaN (trusted).
     """
     if matrix.dtype != torch.float64:
         rows = torch.linalg.vector_norm(matrix if matrix.dtype == torch.float32 else matrix.float(), dim=-1)
         fro: Tensor = rows.to(torch.float64).square().sum(-1).sqrt()
-        # float32 squares overflow past ~1e19 and lose digits below ~1e-19 (subnormal): a row whose
-        # norm is out of [1e-15, 1e15] sends the matrix to the rescaled route (NaN rows stay NaN)
-        if bool(((rows >= 1e-15) & (rows <= 1e15) | torch.isnan(rows)).all()):
-            return fro
-    else:
-        fro = torch.linalg.vector_norm(matrix, dim=(-2, -1))
-        # float64 squares can leave the range (1e200, 1e-200): only then the rescaled copy
-        in_range = torch.isnan(fro) | ((fro > 1e-140) & (fro < 1e140))
-        if bool(in_range.all()):
-            return fro
+        trusted = (((rows >= 1e-15) & (rows <= 1e15)) | torch.isnan(rows)).all(-1)
+        return fro, trusted
+    fro = torch.linalg.vector_norm(matrix, dim=(-2, -1))
+    return fro, torch.isnan(fro) | ((fro > 1e-140) & (fro < 1e140))
+
+
+def _frobenius_rescaled(matrix: Tensor) -> Tensor:
+    """The norm from a copy rescaled by the largest entry: any magnitude; non-finite entries say what they are."""
     a, scale, finite = _scaled_float64(matrix)
     scaled = torch.linalg.vector_norm(a, dim=(-2, -1)) * scale
     raw = torch.linalg.vector_norm(matrix.to(torch.float64), dim=(-2, -1))  # inf or nan, as the entries say
     return torch.where(finite, scaled, raw)
+
+
+def _frobenius_from_entries(matrix: Tensor) -> Tensor:
+    """``sqrt(sum of squares)`` in one read of the entries (see :func:`_frobenius_fast`), float64."""
+    fro, trusted = _frobenius_fast(matrix)
+    if bool(trusted.all()):
+        return fro
+    return _frobenius_rescaled(matrix)
+
+
+def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
+    """Frobenius norms of matrices of mixed shapes, ``(len,)`` float64 on the first one's device.
+
+    Each matrix is read once; one host sync for all of them decides which (rare: extreme
+    magnitudes, zero rows) need the rescaled route.
+
+    Example:
+        >>> frobenius_norms([torch.eye(4), torch.diag(torch.tensor([3.0, 4.0]))]).tolist()
+        [2.0, 5.0]
+    """
+    if not matrices:
+        return torch.zeros(0, dtype=torch.float64)
+    for m in matrices:
+        _check_matrix(m)
+    device = matrices[0].device
+    pairs = [_frobenius_fast(m) for m in matrices]
+    out = torch.stack([f.reshape(()).to(device) for f, _ in pairs])
+    trusted = torch.stack([t.reshape(()).to(device) for _, t in pairs])
+    if not bool(trusted.all()):
+        for i in (~trusted).nonzero().flatten().tolist():
+            out[i] = _frobenius_rescaled(matrices[i]).to(device)
+    return out
 
 
 def _nuclear(s: Tensor) -> Tensor:
