@@ -5,8 +5,8 @@ For each corruption kind, one real Lightning fine-tune on CPU with ``GradientSpe
 and about 12 % of the batches corrupted
 with that kind (the first 25 batches clean):
 
-- review kinds (``label_noise``, ``random_tokens``, ``duplicate``, ``near_duplicate``, ``truncated``,
-  see :func:`gradspectra.demo.data.review_batches`): the pretrained MiniLM-L6 ``ReviewClassifier``;
+- review kinds (``label_noise``, ``random_tokens``, ``unrelated_words``, ``duplicate``, ``near_duplicate``,
+  ``truncated``, see :func:`gradspectra.demo.data.review_batches`): the pretrained MiniLM-L6 ``ReviewClassifier``;
 - ``irrelevant_response``: a tiny Llama (``TinyCausalLM``, random init) learning chain-of-thought
   arithmetic, with batches whose responses are assembled from other samples' responses with a
   mismatched final answer (:func:`gradspectra.demo.data.arithmetic_batches`).
@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
-REVIEW_KINDS = ("label_noise", "random_tokens", "duplicate", "near_duplicate", "truncated")
+REVIEW_KINDS = ("label_noise", "random_tokens", "unrelated_words", "duplicate", "near_duplicate", "truncated")
 LM_KINDS = ("irrelevant_response",)
 ALL_KINDS = REVIEW_KINDS + LM_KINDS
 WARMUP = 20  # the monitor's default warm-up; the peers get the same

@@ -83,7 +83,7 @@ def minilm_section(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from gradspectra.demo.data import review_batches
     from gradspectra.demo.models import ReviewClassifier, TokenizedBatches, load_tokenizer
 
-    steps = (args.rounds + 1) * len(CONFIGS) * args.block + 8
+    steps = (args.rounds + 1) * len(args.configs) * args.block + 8
     planned = review_batches(steps, batch_size=16, corrupt_fraction=0.0, seed=args.seed)
     data = TokenizedBatches(planned, load_tokenizer(), max_length=64)
     return ReviewClassifier(), DataLoader(data, batch_size=None, shuffle=False), "MiniLM-L6, 16 x 64 tokens, CPU"
@@ -115,7 +115,7 @@ def llama_section(args: argparse.Namespace, small: bool) -> tuple[Any, Any, str]
             return torch.optim.AdamW(self.parameters(), lr=1e-5)
 
     g = torch.Generator().manual_seed(args.seed)
-    steps = (args.rounds + 1) * len(CONFIGS) * args.block + 8
+    steps = (args.rounds + 1) * len(args.configs) * args.block + 8
     data = [{"input_ids": torch.randint(0, 32000, (batch, tokens), generator=g)} for _ in range(steps)]
     from torch.utils.data import DataLoader
 
@@ -140,15 +140,17 @@ def run(args: argparse.Namespace, section: str) -> str:
         if cuda:
             label += f", {torch.cuda.get_device_name()}"
     iterator = iter(loader)
-    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    records: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+    configs: tuple[str, ...] = args.configs
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    round_medians: dict[str, list[float]] = {c: [] for c in configs}
+    records: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        monitors = {c: make_monitor(c, out) for c in CONFIGS if c != "none"}
+        monitors = {c: make_monitor(c, out) for c in configs if c != "none"}
         warm_records: dict[str, int] = {}
         # round 0 warms up (allocator, kernels, the monitors' budgets and estimator bases) and is not timed
         for r in range(args.rounds + 1):
-            for config in CONFIGS if r % 2 == 0 else tuple(reversed(CONFIGS)):
+            for config in configs if r % 2 == 0 else tuple(reversed(configs)):
                 timer = StepTimer()
                 callbacks = [timer] + ([monitors[config]] if config != "none" else [])
                 trainer = pl.Trainer(
@@ -167,6 +169,7 @@ def run(args: argparse.Namespace, section: str) -> str:
                 trainer.fit(model, DataLoader(block, batch_size=None, shuffle=False))  # type: ignore[arg-type]
                 if r > 0:
                     times[config].extend(timer.seconds[1:])
+                    round_medians[config].append(statistics.median(timer.seconds[1:]))
                 elif config != "none":
                     warm_records[config] = len(monitors[config].batch_records)
                 print(
@@ -182,11 +185,11 @@ def run(args: argparse.Namespace, section: str) -> str:
     lines = [
         f"### {label}",
         "",
-        "| configuration | median step ms | ratio to no monitor | mean ratio | monitor ms/step (median) "
-        "| layers exact / estimated / deferred per step |",
-        "|---|---|---|---|---|---|",
+        "| configuration | median step ms | ratio to no monitor | mean ratio | per-round ratio: median (range) "
+        "| monitor ms/step (median) | layers exact / estimated / deferred per step |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for config in CONFIGS:
+    for config in configs:
         med = statistics.median(times[config])
         mean_ratio = statistics.fmean(times[config]) / statistics.fmean(times["none"])
         recs = records[config]
@@ -200,8 +203,13 @@ def run(args: argparse.Namespace, section: str) -> str:
             spread = f"{len(recs[0]['metrics'])} / 0 / 0"
         else:
             spread = ""
+        # each round's block median over the same round's no-monitor block median: slow changes in the
+        # machine's load cancel within a round
+        paired = [c / n for c, n in zip(round_medians[config], round_medians["none"])]
+        per_round = f"{statistics.median(paired):.3f}x ({min(paired):.3f}-{max(paired):.3f})"
         lines.append(
-            f"| {config} | {1000 * med:.0f} | {med / base:.3f}x | {mean_ratio:.3f}x | {monitor_ms:.0f} | {spread} |"
+            f"| {config} | {1000 * med:.0f} | {med / base:.3f}x | {mean_ratio:.3f}x | {per_round} "
+            f"| {monitor_ms:.0f} | {spread} |"
         )
     lines.append("")
     lines.append(
@@ -220,11 +228,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block", type=int, default=6, help="steps per block, the first not timed (default 6)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="comma-separated configurations to interleave, 'none' always included "
+        f"(default {','.join(CONFIGS)}; 'none,default' spends every round on the default's ratio)",
+    )
     parser.add_argument("--gpu-smoke", action="store_true", help="run the GPU section's code on a tiny model on CPU")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here (.md)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"--configs can be any of {', '.join(CONFIGS)}, got {args.configs!r}")
+    args.configs = tuple(c for c in CONFIGS if c == "none" or c in configs)
     if args.block < 2:
         parser.error(f"--block must be >= 2 (the first step is not timed), got {args.block}")
     return args

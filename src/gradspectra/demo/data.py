@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-Corruption = Literal["label_noise", "random_tokens", "duplicate", "near_duplicate", "truncated"]
+Corruption = Literal["label_noise", "random_tokens", "unrelated_words", "duplicate", "near_duplicate", "truncated"]
 CORRUPTIONS: tuple[str, ...] = get_args(Corruption)
 
 _SUBJECTS = [
@@ -145,7 +145,10 @@ def review_batches(
     corrupted with probability ``corrupt_fraction``, cycling through ``corruptions``:
 
     - ``label_noise``: every label flipped;
-    - ``random_tokens``: texts replaced by strings of unrelated words (labels kept);
+    - ``random_tokens``: every word replaced by a random string of 2-6 letters, which a subword
+      tokenizer cuts into arbitrary pieces: random-token text (labels kept);
+    - ``unrelated_words``: texts replaced by strings of ordinary, unrelated English words (labels
+      kept); readable tokens without meaning, a milder cousin of ``random_tokens``;
     - ``duplicate``: one sample repeated ``batch_size`` times (no diversity);
     - ``near_duplicate``: one sample repeated with a single word changed per copy;
     - ``truncated``: every text cut to its first word.
@@ -187,6 +190,8 @@ def corrupt(samples: list[Sample], kind: str, rng: random.Random) -> list[Sample
     if kind == "label_noise":
         return [Sample(s.sample_id, s.text, 1 - s.label) for s in samples]
     if kind == "random_tokens":
+        return [Sample(s.sample_id, _random_words(rng, len(s.text.split())), s.label) for s in samples]
+    if kind == "unrelated_words":
         return [
             Sample(s.sample_id, " ".join(rng.choice(_FILLER) for _ in range(len(s.text.split()))), s.label)
             for s in samples
@@ -205,6 +210,12 @@ def corrupt(samples: list[Sample], kind: str, rng: random.Random) -> list[Sample
     if kind == "truncated":
         return [Sample(s.sample_id, s.text.split()[0], s.label) for s in samples]
     raise ValueError(f"`kind` can be {', '.join(CORRUPTIONS)}, got {kind!r}")
+
+
+def _random_words(rng: random.Random, n: int) -> str:
+    """``n`` words of 2-6 random lowercase letters."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 6))) for _ in range(n))
 
 
 def arithmetic_problem(rng: random.Random) -> tuple[str, str, str]:
