@@ -230,6 +230,52 @@ def evaluate(
     )
 
 
+def signal_row(kind: str, records: Sequence[dict[str, Any]], corrupted: dict[int, bool]) -> str:
+    """Per-batch AUROC of single signals for one kind: where the information is (an oracle, see below).
+
+    The peers' one-sided z-scores of the loss and the global gradient norm; the level of the nuclear
+    norm and of the effective rank (the median over layers of ``log(value / median of the layer's
+    last 24 clean values)``, AUROC in the better direction, which is named); and the shape of the
+    nuclear-norm layer profile (the squared deviations of those per-layer log ratios from their
+    median). The clean baseline uses the labels: nothing corrupted enters it, which a live detector
+    cannot know.
+    """
+    import numpy as np
+
+    from gradspectra.scoring import auroc
+
+    labels = [corrupted[int(r["batch_idx"])] for r in records]
+    layers = [k for k in records[0]["metrics"] if all(k in r["metrics"] for r in records)]
+    scored = labels[WARMUP:]
+
+    def column(metric: str) -> Any:
+        values = [[r["metrics"][k].get(metric, math.nan) for k in layers] for r in records]
+        return np.log(np.maximum(np.asarray(values, dtype=np.float64), 1e-300))
+
+    def oracle(metric: str) -> tuple[list[float], list[float]]:
+        x = column(metric)
+        level, shape = [], []
+        for t in range(WARMUP, len(records)):
+            clean = [s for s in range(t) if not labels[s]][-24:]
+            d = x[t] - np.nanmedian(x[clean], axis=0)
+            level.append(float(np.nanmedian(d)))
+            shape.append(float(np.nansum((d - np.nanmedian(d)) ** 2)))
+        return level, shape
+
+    def directed(values: Sequence[float]) -> str:
+        a = auroc([0.0 if math.isnan(v) else v for v in values], scored)
+        return f"{max(a, 1 - a):.2f}, {'up' if a >= 0.5 else 'down'}"
+
+    loss_high, _ = peer_scores(records, "loss")
+    norm_high, _ = peer_scores(records, "grad_norm")
+    nuclear_level, nuclear_shape = oracle("nuclear_norm")
+    erank_level, _ = oracle("effective_rank")
+    return (
+        f"| {kind} | {_auroc(loss_high[WARMUP:], scored):.2f} | {_auroc(norm_high[WARMUP:], scored):.2f} "
+        f"| {directed(nuclear_level)} | {directed(erank_level)} | {_auroc(nuclear_shape, scored):.2f} |"
+    )
+
+
 def table(results: Sequence[KindResult]) -> str:
     lines = [
         "| kind | model | scored steps (corrupted) | AUROC ours | AUROC loss z | AUROC grad-norm z "
@@ -315,6 +361,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results = []
+    signals = [
+        "| kind | loss z (high) | gradient-norm z (high) | level of the nuclear norm | level of the effective rank "
+        "| shape of the nuclear-norm layer profile |",
+        "|---|---|---|---|---|---|",
+    ]
     for kind in args.kinds:
         is_lm = kind in LM_KINDS
         model = "tiny Llama (random init + clean pre-run)" if is_lm else "MiniLM-L6 (pretrained)"
@@ -337,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     _add_labels(args.records / f"{kind}.jsonl", corrupted)
         result = evaluate(kind, model, records, corrupted, time.perf_counter() - t0)
         results.append(result)
+        signals.append(signal_row(kind, records, corrupted))
         print(
             f"{kind}: {result.steps} steps in {result.seconds:.0f} s, AUROC ours {result.auroc_ours:.3f}, "
             f"loss z {result.auroc_loss:.3f}, grad-norm z {result.auroc_grad_norm:.3f}, "
@@ -362,7 +414,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ("scores re-computed from kept records" if args.rescore else "our scores as the monitor gave them live")
         + f"; CPU, {args.threads} torch thread(s); total {seconds / 60:.1f} min."
     )
-    text = table(results) + "\n\n" + settings
+    text = (
+        table(results)
+        + "\n\n"
+        + settings
+        + "\n\nSingle signals, per-batch AUROC (levels and profile against the last 24 clean steps, an oracle "
+        + "baseline that knows the labels; see `signal_row`):\n\n"
+        + "\n".join(signals)
+    )
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

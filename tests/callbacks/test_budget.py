@@ -166,3 +166,23 @@ def test_tiny_matrices_do_not_teach_the_flop_rate() -> None:
     assert budget.cost(EXACT, 1) == before
     budget.observe_work(EXACT, [1], 20.0)
     assert budget.cost(EXACT, 1) == pytest.approx(20.0)
+
+
+def test_figures_are_spaced_to_a_quarter_of_the_budget_and_taken_off_the_spectra() -> None:
+    budget = OverheadBudget(SHAPES, 0.03)
+    assert budget.figure_period(100, 12) == 100  # no step time yet: the user's spacing
+    budget.observe_step(1.0)
+    before = budget.per_step
+    # prior 0.5 s per figure: 6 s; a quarter of 80 % of 30 ms is 6 ms per step -> every 1000 steps
+    assert budget.figure_period(100, 12) == 1000
+    assert budget.per_step == pytest.approx(before - 6.0 / 1000)
+    budget.observe_figures(0.3)  # measured: cheap figures keep the user's spacing
+    assert budget.figure_period(100, 12) == 100
+    assert budget.per_step == pytest.approx(before - 0.3 / 100)
+    budget.observe_figures(math.nan)  # not a time: ignored
+    assert budget.figure_seconds == pytest.approx(0.3)
+    budget.observe_figures(3.0)  # a dearer drawing moves the average by the moving-average weight
+    assert budget.figure_seconds == pytest.approx(0.7 * 0.3 + 0.3 * 3.0)
+    assert budget.figure_period(100, 12) == math.ceil(budget.figure_seconds / 0.006)
+    with pytest.raises(ValueError, match="`min_steps` must be >= 1, got 0"):
+        budget.figure_period(0, 12)

@@ -342,3 +342,19 @@ def test_16_mixed_reads_the_gradient_the_optimizer_gets(tmp_path: Path) -> None:
         expected = spectral_metrics(grads["head.weight"])
         assert record["metrics"]["head"]["nuclear_norm"] == pytest.approx(float(expected["nuclear_norm"]), rel=1e-9)
         assert math.isfinite(record["loss"])
+
+
+@pytest.mark.parametrize("spectra", ["exact", "auto"])
+def test_figures_follow_the_spacing_or_the_budget(tmp_path: Path, spectra: str) -> None:
+    # a tiny model's step takes milliseconds and a drawing hundreds of them: under spectra="auto" the
+    # budget spaces drawings far apart (here only the end of training's drawing is left)
+    monitor = GradientSpectrumMonitor(spectra=spectra, figure_every_n_steps=2, warmup_steps=5)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, logger=logger), callbacks=[monitor]).fit(TinyBert(), loader())
+    drawn = [e.step for e in _event_file(logger.log_dir).Images("grad_spectrum_heatmap/frobenius_norm")]
+    if spectra == "exact":
+        assert drawn == [1, 3, 5, 7, 8]  # every 2nd measured step (steps 1, 3, ...), and at the end
+    else:
+        assert drawn == [8]
+        assert monitor.budget is not None
+        assert monitor.budget.figure_period(2, 12) > 1000

@@ -17,6 +17,9 @@ else it does reads each gradient once. :class:`OverheadBudget` keeps that cost a
   (its hooks outside the optimizer-step callback, the caches it evicts by reading every gradient,
   the moving averages lagging a change), so that the step time measured from outside stays
   within ``max_overhead``;
+- figures (TensorBoard images, which take seconds to draw) are spaced so that their cost, spread
+  over the steps between them, is at most a quarter of the planned budget, and that share is
+  taken off the spectral work (:meth:`OverheadBudget.figure_period`);
 - a quarter of the credit goes to an audit fund: when the fund covers the next layer in
   round-robin order, that layer is computed both exactly and by the estimator, its exact values
   are used and the estimator's relative error is recorded (so the estimates stay honest).
@@ -37,6 +40,8 @@ _EMA = 0.3  # weight of the newest measurement in the moving averages
 _MIN_RATE_FLOPS = 1e7  # work smaller than this does not teach the seconds-per-flop prior
 _AUDIT_SHARE = 0.25  # share of each step's credit that goes to the audit fund
 _HEADROOM = 0.8  # the budget plans to this share of max_overhead (see the module docstring)
+_FIGURE_SHARE = 0.25  # figures get at most this share of what the budget plans
+_FIGURE_PRIOR = 0.5  # seconds per figure until a drawing has been measured
 
 
 @dataclass
@@ -108,6 +113,8 @@ class OverheadBudget:
         self._planned_audit = 0.0
         self._calibrating = False
         self._step = 0
+        self.figure_seconds: float | None = None  # one drawing of all figures, measured
+        self._figures_per_step = 0.0  # the figures' cost spread over the steps between drawings
 
     # ------------------------------------------------------------------ measurements
 
@@ -121,6 +128,28 @@ class OverheadBudget:
         """The monitor's cost on the last step outside the spectra (norms, scoring, records, logging)."""
         if seconds >= 0 and math.isfinite(seconds):
             self.fixed_seconds = (1 - _EMA) * self.fixed_seconds + _EMA * seconds
+
+    def observe_figures(self, seconds: float) -> None:
+        """The wall time of one drawing of the figures."""
+        if seconds >= 0 and math.isfinite(seconds):
+            f = self.figure_seconds
+            self.figure_seconds = seconds if f is None else (1 - _EMA) * f + _EMA * seconds
+
+    def figure_period(self, min_steps: int, figures: int) -> int:
+        """Measured steps between two drawings of ``figures`` figures: at least ``min_steps``, and
+        enough that drawing costs at most a quarter of the planned budget per step on average.
+
+        The figures' cost per step at that spacing is taken off the spectral work from then on.
+        """
+        if min_steps < 1:
+            raise ValueError(f"`min_steps` must be >= 1, got {min_steps!r}")
+        if self.step_seconds is None:
+            return min_steps
+        cost = self.figure_seconds if self.figure_seconds is not None else _FIGURE_PRIOR * figures
+        allowed = _FIGURE_SHARE * _HEADROOM * self.max_overhead * self.step_seconds
+        period = max(min_steps, math.ceil(cost / allowed)) if allowed > 0 else min_steps
+        self._figures_per_step = cost / period
+        return period
 
     def cost(self, kind: str, layer: int) -> float:
         """Predicted seconds for one layer's ``kind`` work."""
@@ -163,7 +192,8 @@ class OverheadBudget:
         """Seconds of spectral work the budget allows per step (0 until a step time is known)."""
         if self.step_seconds is None:
             return 0.0
-        return max(0.0, _HEADROOM * self.max_overhead * self.step_seconds - self.fixed_seconds)
+        planned = _HEADROOM * self.max_overhead * self.step_seconds
+        return max(0.0, planned - self.fixed_seconds - self._figures_per_step)
 
     def plan(self) -> Plan:
         """Which layers get exact spectra, estimates, audits, or nothing on this step."""
@@ -252,5 +282,6 @@ class OverheadBudget:
             "step_seconds": self.step_seconds,
             "fixed_seconds": self.fixed_seconds,
             "spectra_seconds_per_step": self.per_step,
+            "figure_seconds": self.figure_seconds,
             "credit": self.credit,
         }

@@ -125,7 +125,9 @@ class GradientSpectrumMonitor(Callback):
         every_n_steps: measure every n-th optimizer step.
         log_every_n_steps: send per-layer scalars to the loggers every n-th measured step.
         figure_every_n_steps: draw layer-profile figures and heatmaps (TensorBoard) every n-th
-            measured step, and once at the end of training; ``0`` disables figures.
+            measured step, and once at the end of training; ``0`` disables figures. Under
+            ``spectra="auto"`` this is the shortest spacing: the budget spaces drawings further
+            apart when they would cost more than a quarter of it (figures take seconds to draw).
         heatmap_steps: how many recent measured steps the heatmaps show.
         output_dir: where ``batches.jsonl`` goes; default ``<first logger's log_dir>/gradspectra``,
             else ``<trainer.default_root_dir>/gradspectra``.
@@ -244,6 +246,8 @@ class GradientSpectrumMonitor(Callback):
         self._rows_computed = 0
         self._pending_plan: Plan | None = None
         self._last_flush = -math.inf
+        self._last_figures = 0  # steps_monitored when the figures were last drawn
+        self._figure_seconds = 0.0  # this step's figure drawing
         self._step_open = False
         # the scorer validates its own arguments, so a bad value fails here, in __init__
         self.scorer: BatchScorer | None = (
@@ -438,7 +442,8 @@ class GradientSpectrumMonitor(Callback):
         ended = time.perf_counter()
         self.monitor_seconds += ended - started
         if self.budget is not None:
-            self.budget.observe_fixed(max(0.0, ended - started - self._spectra_seconds))
+            # figures are paid for separately (spaced by the budget), not as a fixed cost per step
+            self.budget.observe_fixed(max(0.0, ended - started - self._spectra_seconds - self._figure_seconds))
         self._last_end = (ended, step)
         if self._factors is not None:
             self._factors.clear()
@@ -468,6 +473,7 @@ class GradientSpectrumMonitor(Callback):
         host_codes = torch.zeros(len(keys), dtype=torch.float64)
         host_valid = torch.zeros(values.shape, dtype=torch.bool)
         self._spectra_seconds = 0.0
+        self._figure_seconds = 0.0
         self._factored_rows = []
         layers_per_rank: list[int] | None = None
         try:
@@ -875,8 +881,18 @@ class GradientSpectrumMonitor(Callback):
                 for tb in tensorboards:
                     tb.experiment.add_custom_scalars(custom_scalars_layout(self.metric_names, components))
                 self._layout_written = True
-            if self.figure_every_n_steps and self.steps_monitored % self.figure_every_n_steps == 0:
-                self._draw_figures(tensorboards, step)
+            if self.figure_every_n_steps:
+                # under spectra="auto" the budget spaces the figures by what they cost to draw
+                period = self.figure_every_n_steps
+                if self.budget is not None:
+                    period = self.budget.figure_period(period, 2 * len(self.metric_names))
+                if self.steps_monitored - self._last_figures >= period:
+                    t0 = time.perf_counter()
+                    self._draw_figures(tensorboards, step)
+                    self._figure_seconds = time.perf_counter() - t0
+                    self._last_figures = self.steps_monitored
+                    if self.budget is not None:
+                        self.budget.observe_figures(self._figure_seconds)
             now = time.perf_counter()
             if now - self._last_flush >= _FLUSH_SECONDS:
                 # live enough for a person watching, and a flush per step cost ~0.3 ms per tag file
@@ -892,8 +908,10 @@ class GradientSpectrumMonitor(Callback):
         steps = [s for s, _ in self._history]
         stack = np.stack([v for _, v in self._history], axis=-1)  # layers x metrics x steps
         window = stack[..., -max(1, min(self.figure_every_n_steps, stack.shape[-1])) :]
-        with np.errstate(all="ignore"):
-            recent = np.nanmean(np.where(np.isfinite(window), window, np.nan), axis=-1)
+        finite = np.isfinite(window)
+        count = finite.sum(axis=-1)
+        # the mean of each layer's measured values in the window (NaN where none was measured)
+        recent = np.where(count > 0, np.where(finite, window, 0.0).sum(axis=-1) / np.maximum(count, 1), np.nan)
         keys = [w.key for w in self.watched]
         for j, metric in enumerate(self.metric_names):
             curves: dict[str, list[tuple[int, float]]] = {}
