@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import statistics
 import sys
 import tempfile
@@ -185,7 +186,8 @@ def run(args: argparse.Namespace, section: str) -> str:
     lines = [
         f"### {label}",
         "",
-        "| configuration | median step ms | ratio to no monitor | mean ratio | per-round ratio: median (range) "
+        "| configuration | median step ms | ratio to no monitor | mean ratio | per-round ratio: median (range), "
+        "mean +- standard error "
         "| monitor ms/step (median) | layers exact / estimated / deferred per step |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -206,7 +208,11 @@ def run(args: argparse.Namespace, section: str) -> str:
         # each round's block median over the same round's no-monitor block median: slow changes in the
         # machine's load cancel within a round
         paired = [c / n for c, n in zip(round_medians[config], round_medians["none"])]
-        per_round = f"{statistics.median(paired):.3f}x ({min(paired):.3f}-{max(paired):.3f})"
+        se = statistics.stdev(paired) / math.sqrt(len(paired)) if len(paired) > 1 else math.nan
+        per_round = (
+            f"{statistics.median(paired):.3f}x ({min(paired):.3f}-{max(paired):.3f}), "
+            f"{statistics.fmean(paired):.3f} +- {se:.3f}"
+        )
         lines.append(
             f"| {config} | {1000 * med:.0f} | {med / base:.3f}x | {mean_ratio:.3f}x | {per_round} "
             f"| {monitor_ms:.0f} | {spread} |"
