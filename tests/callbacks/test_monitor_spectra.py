@@ -110,6 +110,13 @@ def test_tensorboard_gets_the_split_and_no_nan_for_deferred_layers(tmp_path: Pat
     assert max(deferred) > 0
     for tag in tags:
         assert all(math.isfinite(e.value) for e in acc.Scalars(tag)), tag
+    # cross-layer aggregates only over every layer: the Frobenius norm every step, a spectral metric
+    # only on steps where no layer was deferred
+    assert [e.step for e in acc.Scalars("grad_spectrum_layers/frobenius_norm/mean")] == list(range(5))
+    complete = {e.step for e in acc.Scalars("gradspectra/spectra/deferred") if e.value == 0}
+    nuclear_tag = "grad_spectrum_layers/nuclear_norm/mean"
+    nuclear = {e.step for e in acc.Scalars(nuclear_tag)} if nuclear_tag in tags else set()
+    assert nuclear == complete
 
 
 @pytest.mark.parametrize(

@@ -858,7 +858,9 @@ class GradientSpectrumMonitor(Callback):
         for j, metric in enumerate(self.metric_names):
             col = arr[rows, j] if rows else np.zeros(0)
             finite = col[np.isfinite(col)]
-            if finite.size:
+            # over every present layer or not at all: a mean over the few layers whose spectra the
+            # budget afforded this step would jump with the choice of layers
+            if finite.size and finite.size == col.size:
                 scalars[f"{TAG_ROOT}_layers/{metric}/mean"] = float(finite.mean())
                 scalars[f"{TAG_ROOT}_layers/{metric}/min"] = float(finite.min())
                 scalars[f"{TAG_ROOT}_layers/{metric}/max"] = float(finite.max())
