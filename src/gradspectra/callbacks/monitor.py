@@ -138,7 +138,8 @@ class GradientSpectrumMonitor(Callback):
         action: what a flag does: ``"log"`` (default) only records it; ``"skip"`` drops the
             optimizer step (every parameter's ``.grad`` set to ``None``, so no optimizer moves it);
             ``"raise"`` raises :class:`GradientAnomalyError` carrying the record.
-        sample_id_key: key of the batch (a mapping) that holds per-sample ids, listed in the record.
+        sample_id_key: key of the batch (a mapping) that holds per-sample ids, listed in the record
+            (under DDP/FSDP every rank's ids of the step, rank 0's first).
         summary_top_k: rows in the end-of-training table of the highest-scoring batches.
         verbose: print that table on the console (rank 0) at the end of training.
         cpu_threads: intra-op threads for the monitor's linear algebra on CPU gradients (restored
@@ -429,6 +430,8 @@ class GradientSpectrumMonitor(Callback):
                 self._factors.clear()
             return
         started = time.perf_counter()
+        if self.sample_id_key is not None and trainer.world_size > 1:
+            sample_ids = _gather_ids(sample_ids, trainer.world_size)
         if self.budget is not None and self._last_end is not None and step > self._last_end[1]:
             # wall time since the monitor last finished: the training steps in between, without the monitor
             self.budget.observe_step((started - self._last_end[0]) / (step - self._last_end[1]))
@@ -476,6 +479,7 @@ class GradientSpectrumMonitor(Callback):
         self._figure_seconds = 0.0
         self._factored_rows = []
         layers_per_rank: list[int] | None = None
+        rank_counts: Tensor | None = None
         try:
             if grads:
                 device = grads[0].device
@@ -499,7 +503,7 @@ class GradientSpectrumMonitor(Callback):
                     )
                     parts = torch.split(packed, [full.numel(), errors.numel(), codes.numel(), world, 1])
                     full, errors, codes = parts[0].view(full.shape), parts[1].view(errors.shape), parts[2]
-                    layers_per_rank = [int(c) for c in parts[3].tolist()]
+                    rank_counts = parts[3]
                     if loss_sum is not None:
                         loss_sum = parts[4][0] / world
                 mask = torch.zeros(len(keys), dtype=torch.bool, device=device)
@@ -508,12 +512,22 @@ class GradientSpectrumMonitor(Callback):
                 valid = mask[:, None] & ((codes != _DEFERRED)[:, None] | self._entry_only_metrics(device)[None, :])
                 full = torch.where(valid, full, torch.full_like(full, float("nan")))
                 self._spectrum_on(device).update(full, mask=valid)
-                # the one device-to-host copy per step: (layers x metrics) scalars and the codes
-                host = torch.cat([full.flatten(), errors.flatten(), codes, valid.flatten().to(full.dtype)]).cpu()
-                values = host[: full.numel()].view(full.shape)
-                host_errors = host[full.numel() : 2 * full.numel()].view(full.shape)
-                host_codes = host[2 * full.numel() : 2 * full.numel() + len(keys)]
-                host_valid = host[2 * full.numel() + len(keys) :].view(full.shape) > 0
+                # the one device-to-host copy per step: (layers x metrics) scalars, the codes, the
+                # validity mask, the loss and (DDP) the layers each rank measured
+                tail = [rank_counts] if rank_counts is not None else []
+                if loss_sum is not None:
+                    tail.append(loss_sum.detach().reshape(1).to(device=device, dtype=full.dtype))
+                host = torch.cat([full.flatten(), errors.flatten(), codes, valid.flatten().to(full.dtype), *tail]).cpu()
+                sizes = [full.numel(), full.numel(), len(keys), full.numel()] + [t.numel() for t in tail]
+                pieces = list(torch.split(host, sizes))
+                values = pieces[0].view(full.shape)
+                host_errors = pieces[1].view(full.shape)
+                host_codes = pieces[2]
+                host_valid = pieces[3].view(full.shape) > 0
+                if rank_counts is not None:
+                    layers_per_rank = [int(c) for c in pieces[4].tolist()]
+                if loss_sum is not None:
+                    loss_sum = pieces[-1][0]  # on the host now: reading it is not another sync
         except Exception as err:  # a measurement failure must never stop the user's training
             error = f"{type(err).__name__}: {err}"
             self.error_total += 1
@@ -975,3 +989,14 @@ class GradientSpectrumMonitor(Callback):
         if self.record_path is not None:
             head += f"\nrecords: {self.record_path}"
         return head + "\n" + flagged_table(list(self.batch_records), top)
+
+
+def _gather_ids(ids: list[Any], world_size: int) -> list[Any]:
+    """Every rank's sample ids of this step, rank 0's first (one collective; every rank calls it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ids
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, list(ids))
+    return [i for part in gathered for i in (part or [])]
