@@ -27,6 +27,7 @@ layer watched (37 matrices). GPU section (only when CUDA is available): a Llama-
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import statistics
@@ -152,6 +153,11 @@ def run(args: argparse.Namespace, section: str) -> str:
         # round 0 warms up (allocator, kernels, the monitors' budgets and estimator bases) and is not timed
         for r in range(args.rounds + 1):
             for config in configs if r % 2 == 0 else tuple(reversed(configs)):
+                if args.settle > 0:
+                    # let the previous block's after-effects pass (a TensorBoard writer thread still
+                    # serialising, garbage, freed memory) before timing the next one
+                    gc.collect()
+                    time.sleep(args.settle)
                 timer = StepTimer()
                 callbacks = [timer] + ([monitors[config]] if config != "none" else [])
                 trainer = pl.Trainer(
@@ -234,6 +240,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block", type=int, default=6, help="steps per block, the first not timed (default 6)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=2.0,
+        help="seconds to wait (after a garbage collection) before each block (default 2)",
+    )
     parser.add_argument(
         "--configs",
         default=",".join(CONFIGS),
