@@ -61,6 +61,14 @@ def test_buffer_is_bounded() -> None:
         buf.append({"step": i})
     assert [r["step"] for r in buf] == [2, 3, 4]
     assert len(buf) == 3 and buf[-1]["step"] == 4
+    # slices work as on a list (monitor.batch_records[-10:])
+    assert [r["step"] for r in buf[1:]] == [3, 4]
+    assert [r["step"] for r in buf[::-1]] == [4, 3, 2]
+    assert buf[5:] == []
+    with pytest.raises(IndexError):
+        buf[3]
+    with pytest.raises(TypeError, match="indexed by an int or a slice, got str"):
+        buf["step"]  # type: ignore[call-overload]
 
 
 def test_flagged_table_orders_by_score() -> None:

@@ -8,7 +8,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, overload
 
 RECORD_FILENAME = "batches.jsonl"
 
@@ -69,7 +69,18 @@ class RecordBuffer:
     def __len__(self) -> int:
         return len(self._records)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    @overload
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        """A record by position (negative from the newest), or a list of them for a slice."""
+        if isinstance(i, slice):
+            return list(self._records)[i]
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"records are indexed by an int or a slice, got {type(i).__name__}")
         return self._records[i]
 
     def extend(self, records: Iterable[dict[str, Any]]) -> None:
