@@ -171,8 +171,12 @@ def test_resume_continues_state_and_appends(tmp_path: Path) -> None:
     kwargs["max_steps"] = 8
     pl.Trainer(**kwargs, callbacks=[second]).fit(TinyBert(), loader(), ckpt_path=str(ckpt))
     records = read_records(out / "batches.jsonl")
-    # appended, never truncated; step 5 ran after the checkpoint at step 5 was written, so it shows twice
-    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 5, 6, 7]
+    # step 5 ran after the checkpoint was written (after step 4), and runs again after the resume: the
+    # first run's record of it is set aside, not lost, and the main file holds each step once
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 6, 7]
+    aside = read_records(out / "batches.after-step-4.jsonl")
+    assert [r["step"] for r in aside] == [5]
+    assert aside[0]["loss"] == first.batch_records[5]["loss"]
     assert second.steps_monitored == 8
     assert second.spectrum is not None
     assert torch.all(second.spectrum.compute()["count"][:-1] == 8)  # every layer but `unused`

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from gradspectra.cli import main
-from gradspectra.reporting import RecordBuffer, RecordWriter, custom_scalars_layout, flagged_table, read_records
+from gradspectra.reporting import (
+    RecordBuffer,
+    RecordWriter,
+    custom_scalars_layout,
+    flagged_table,
+    read_records,
+    set_aside_records_after,
+)
 
 
 def _record(step: int, score: float | None, flagged: bool = False) -> dict[str, object]:
@@ -100,3 +107,29 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "3 records, 1 flagged" in out
     assert out.index("7.50") < out.index("1.00")
+
+
+def test_set_aside_moves_later_steps_and_a_cut_line_keeps_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "batches.jsonl"
+    writer = RecordWriter(path)
+    for step in range(6):
+        writer.write({"step": step, "loss": float(step)})
+    writer.close()
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('{"step": 6, "lo')  # the crash cut this write short
+    aside = tmp_path / "batches.after-step-10.jsonl"
+    assert set_aside_records_after(path, 10) == aside  # nothing after step 10 but the cut line
+    assert aside.read_text(encoding="utf-8") == '{"step": 6, "lo\n'
+    assert [r["step"] for r in read_records(path)] == list(range(6))
+
+    moved = set_aside_records_after(path, 3)
+    assert moved == tmp_path / "batches.after-step-3.jsonl"
+    assert [r["step"] for r in read_records(path)] == [0, 1, 2, 3]
+    assert [r["step"] for r in read_records(moved)] == [4, 5]
+    # a second resume from the same checkpoint appends to the same file; nothing to move is None
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('{"step": 4, "loss": 40.0}\n')
+    assert set_aside_records_after(path, 3) == moved
+    assert [r["loss"] for r in read_records(moved)] == [4.0, 5.0, 40.0]
+    assert set_aside_records_after(path, 3) is None
+    assert set_aside_records_after(tmp_path / "missing.jsonl", 3) is None

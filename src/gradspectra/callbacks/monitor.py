@@ -55,6 +55,7 @@ from gradspectra.reporting import (
     heatmap_figure,
     layer_profile_figure,
     layer_tag,
+    set_aside_records_after,
 )
 from gradspectra.scoring import BatchScorer, ScoreResult
 
@@ -270,6 +271,8 @@ class GradientSpectrumMonitor(Callback):
         self._writer: RecordWriter | None = None
         self._history: deque[tuple[int, np.ndarray]] = deque(maxlen=self.heatmap_steps)
         self._pending_state: dict[str, Any] | None = None
+        self._resume_after: int | None = None  # the restored checkpoint's last measured step
+        self._last_step: int | None = None  # the last step measured (kept in checkpoints)
         self._layout_written = False
         self._loss_sum: Tensor | None = None
         self._sample_ids: list[Any] = []
@@ -310,6 +313,8 @@ class GradientSpectrumMonitor(Callback):
             "missing_grad_total": self.missing_grad_total,
             "nonfinite_total": self.nonfinite_total,
             "error_total": self.error_total,
+            # the last step measured before this checkpoint: a resume sets later records aside
+            "last_step": self._last_step,
         }
 
     @override
@@ -323,6 +328,9 @@ class GradientSpectrumMonitor(Callback):
         self.missing_grad_total = int(state_dict.get("missing_grad_total", 0))
         self.nonfinite_total = int(state_dict.get("nonfinite_total", 0))
         self.error_total = int(state_dict.get("error_total", 0))
+        last_step = state_dict.get("last_step")
+        self._resume_after = int(last_step) if last_step is not None else None
+        self._last_step = self._resume_after
         if self.scorer is not None and state_dict.get("scorer") is not None:
             self.scorer.load_state_dict(state_dict["scorer"])
 
@@ -392,6 +400,19 @@ class GradientSpectrumMonitor(Callback):
         if self._sharded is not None:
             fsdp_groups(model, self.watched)
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # every checkpoint restore is done by now (some strategies restore after on_fit_start)
+        after, self._resume_after = self._resume_after, None
+        if after is None or not trainer.is_global_zero or self.record_path is None:
+            return
+        aside = set_aside_records_after(self.record_path, after)
+        if aside is not None:
+            rank_zero_info(
+                f"gradspectra: resumed after step {after}; the records of later steps, which this run "
+                f"repeats, were moved to {aside}"
+            )
+
     # ------------------------------------------------------------------ per batch
 
     @override
@@ -448,6 +469,7 @@ class GradientSpectrumMonitor(Callback):
             # figures are paid for separately (spaced by the budget), not as a fixed cost per step
             self.budget.observe_fixed(max(0.0, ended - started - self._spectra_seconds - self._figure_seconds))
         self._last_end = (ended, step)
+        self._last_step = step
         if self._factors is not None:
             self._factors.clear()
         if record.get("flagged") and self.action == "raise":

@@ -1,6 +1,13 @@
 """Reporting: the JSONL batch record and the TensorBoard views (layouts, figures, tables)."""
 
-from gradspectra.reporting.records import RECORD_FILENAME, RecordBuffer, RecordWriter, read_records, record_to_json
+from gradspectra.reporting.records import (
+    RECORD_FILENAME,
+    RecordBuffer,
+    RecordWriter,
+    read_records,
+    record_to_json,
+    set_aside_records_after,
+)
 from gradspectra.reporting.tensorboard import (
     TAG_ROOT,
     custom_scalars_layout,
@@ -22,4 +29,5 @@ __all__ = [
     "layer_tag",
     "read_records",
     "record_to_json",
+    "set_aside_records_after",
 ]

@@ -34,7 +34,8 @@ def record_to_json(record: Mapping[str, Any]) -> str:
 class RecordWriter:
     """Appends records to a JSONL file, one flushed line each, so the file can be tailed live.
 
-    The file is opened in append mode: a resumed run continues the same file, never truncates it.
+    The file is opened in append mode: a resumed run continues the same file (see
+    :func:`set_aside_records_after` for the records of steps the resume runs again).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -108,3 +109,42 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}: line {number} is not a JSON record: {err}") from err
     return out
+
+
+def set_aside_records_after(path: str | os.PathLike[str], step: int) -> Path | None:
+    """Move the records of steps after ``step`` from ``path`` to a sibling file; return it (or ``None``).
+
+    A run resumed from a checkpoint taken after step ``step`` runs the later steps again: their
+    records in the file come from a timeline that was abandoned. They are moved, not deleted, to
+    ``<stem>.after-step-<step>.jsonl`` next to ``path`` (appended if it exists), so the main file
+    holds each step once and nothing is lost. A line that is not a JSON record (a write cut short by
+    the crash) is moved too. The main file is replaced atomically.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    keep: list[str] = []
+    moved: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            text = line.rstrip("\n")
+            if not text.strip():
+                continue
+            try:
+                record_step = json.loads(text).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                record_step = None
+            if isinstance(record_step, int) and record_step <= step:
+                keep.append(text)
+            else:
+                moved.append(text)
+    if not moved:
+        return None
+    aside = path.with_name(f"{path.stem}.after-step-{step}{path.suffix}")
+    with open(aside, "a", encoding="utf-8") as fh:
+        fh.writelines(t + "\n" for t in moved)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(t + "\n" for t in keep)
+    os.replace(tmp, path)
+    return aside
