@@ -162,3 +162,16 @@ def test_grouped_transposed_conv_matches_conv_layout() -> None:
     assert g is not None and tuple(g.shape) == (6, 4 * 3 * 3)
     # output channel 3 belongs to group 1: its row is that group's (in/groups) kernels
     assert torch.equal(g[3], up.weight.grad[4:8, 0].flatten())
+
+
+def test_keys_of_a_deep_model_sort_in_layer_order() -> None:
+    class Deep(nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(n))
+
+    deep = [w.key for w in select_parameters(Deep(120)).watched]
+    assert deep[:2] == ["layers/layer_000", "layers/layer_001"] and deep[-1] == "layers/layer_119"
+    assert sorted(deep) == deep  # layer_100 after layer_099, not after layer_10
+    shallow = [w.key for w in select_parameters(Deep(12)).watched]
+    assert shallow[0] == "layers/layer_00" and sorted(shallow) == shallow  # unchanged below 100 layers

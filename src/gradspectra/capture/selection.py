@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -228,6 +228,11 @@ def select_parameters(
         else:
             index, component = parsed[name]
             selection.watched.append(WatchedParameter(name, path, index, component, param, module))
+    indices = [w.index for w in selection.watched if w.index is not None]
+    width = max([2] + [len(str(i)) for i in indices])
+    if width > 2:
+        # layer_100 must not sort before layer_11: pad every key to the widest index
+        selection.watched = [replace(w, index_width=width) for w in selection.watched]
     return selection
 
 

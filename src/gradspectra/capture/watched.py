@@ -25,6 +25,8 @@ class WatchedParameter:
             the module path (or the parameter name for a parameter not held by a module).
         param: the parameter itself (not compared, not in ``repr``).
         module: the module that owns it, used to read the gradient in the right orientation.
+        index_width: digits of the layer index in :attr:`key`, zero-padded (2; 3 in a model with 100
+            or more layers, so that the keys sort in layer order).
 
     Example:
         >>> lin = nn.Linear(4, 3)
@@ -44,6 +46,7 @@ class WatchedParameter:
     component: str
     param: nn.Parameter = field(compare=False, repr=False)
     module: nn.Module | None = field(default=None, compare=False, repr=False)
+    index_width: int = field(default=2, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -53,7 +56,7 @@ class WatchedParameter:
         """
         if self.index is None:
             return self.component
-        return f"{self.component}/layer_{self.index:02d}"
+        return f"{self.component}/layer_{self.index:0{self.index_width}d}"
 
     def grad_matrix(self) -> torch.Tensor | None:
         """The current gradient as an ``out x in`` matrix, or ``None`` when there is no gradient.
