@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from gradspectra.callbacks.budget import ESTIMATE, EXACT, OverheadBudget, Plan
+from gradspectra.monitoring.budget import ESTIMATE, EXACT, OverheadBudget, Plan
 
 SHAPES = [(384, 384)] * 24 + [(1536, 384)] * 6 + [(384, 1536)] * 6
 

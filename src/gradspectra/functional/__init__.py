@@ -5,7 +5,9 @@ from gradspectra.functional.estimate import SpectralEstimate, estimate_spectral_
 from gradspectra.functional.layers import adjacent_cosine, layer_mad, paper_segments
 from gradspectra.functional.reshape import as_matrix, is_conv1d
 from gradspectra.functional.spectral import (
+    ENTRY_METRICS,
     METRIC_NAMES,
+    check_metric_names,
     effective_rank,
     frobenius_norm,
     frobenius_norms,
@@ -17,14 +19,18 @@ from gradspectra.functional.spectral import (
     stable_rank,
     top_sv_ratio,
 )
-from gradspectra.functional.svd import METHODS, factored_singular_values, singular_values
+from gradspectra.functional.svd import METHODS, Method, check_method, factored_singular_values, singular_values
 
 __all__ = [
+    "ENTRY_METRICS",
     "METHODS",
     "METRIC_NAMES",
+    "Method",
     "SpectralEstimate",
     "adjacent_cosine",
     "as_matrix",
+    "check_method",
+    "check_metric_names",
     "effective_rank",
     "estimate_spectral_metrics_many",
     "factored_singular_values",

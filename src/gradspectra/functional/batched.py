@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from gradspectra.functional.spectral import _check_metric_names, spectral_metrics
+from gradspectra.functional.spectral import check_metric_names, spectral_metrics
 from gradspectra.functional.svd import Method
 
 
@@ -28,7 +28,7 @@ def spectral_metrics_many(
         >>> out[:, 0].tolist()
         [3.0, 4.0]
     """
-    names = _check_metric_names(metrics)
+    names = check_metric_names(metrics)
     if max_batch < 1:
         raise ValueError(f"`max_batch` must be >= 1, got {max_batch!r}")
     if not matrices:

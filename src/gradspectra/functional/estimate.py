@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradspectra.functional.spectral import _check_metric_names, _safe_div
+from gradspectra.functional.spectral import _safe_div, check_metric_names
 from gradspectra.functional.svd import _check_matrix
 
 # Matrices of one shape are stacked this many at a time, and at most _MAX_STACK_BYTES of them (one
@@ -412,7 +412,7 @@ def estimate_spectral_metrics_many(
         >>> est.bases[0].shape
         torch.Size([300, 96])
     """
-    names = _check_metric_names(metrics)
+    names = check_metric_names(metrics)
     opts = _Options(
         rank=_check_positive(rank, "rank", 1),
         power_iters=_check_positive(power_iters, "power_iters", 1),

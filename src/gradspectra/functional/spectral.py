@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from gradspectra.functional.svd import METHODS, Method, _check_matrix, _scaled_float64, singular_values
+from gradspectra.functional.svd import Method, _check_matrix, _scaled_float64, check_method, singular_values
 
 METRIC_NAMES: tuple[str, ...] = (
     "nuclear_norm",
@@ -23,6 +23,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "top_sv_ratio",
     "effective_rank",
 )
+# metrics computed from the entries alone: measured on every step, even when a spectrum is deferred
+ENTRY_METRICS: frozenset[str] = frozenset({"frobenius_norm"})
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -185,7 +187,7 @@ def metrics_from_singular_values(
 
     ``frobenius`` (from the entries) is used when given, else ``sqrt(sum s_i^2)``.
     """
-    names = _check_metric_names(metrics)
+    names = check_metric_names(metrics)
     s = s.to(torch.float64)
     if frobenius is None:
         top = _spectral(s)
@@ -208,12 +210,13 @@ def metrics_from_singular_values(
     nonfinite = ~torch.isfinite(s).all(-1)
     if bool(nonfinite.any()):
         for name in names:
-            if name != "frobenius_norm":
+            if name not in ENTRY_METRICS:
                 out[name] = torch.where(nonfinite, torch.full_like(out[name], float("nan")), out[name])
     return out
 
 
-def _check_metric_names(metrics: Sequence[str] | None) -> tuple[str, ...]:
+def check_metric_names(metrics: Sequence[str] | None) -> tuple[str, ...]:
+    """``metrics`` as a tuple (``None``: all of :data:`METRIC_NAMES`), or a ``ValueError`` naming the unknown ones."""
     if metrics is None:
         return METRIC_NAMES
     if isinstance(metrics, str):
@@ -227,7 +230,7 @@ def _check_metric_names(metrics: Sequence[str] | None) -> tuple[str, ...]:
 
 def needs_spectrum(metrics: Sequence[str] | None) -> bool:
     """Whether any of ``metrics`` needs singular values (only ``frobenius_norm`` does not)."""
-    return any(m != "frobenius_norm" for m in _check_metric_names(metrics))
+    return any(m not in ENTRY_METRICS for m in check_metric_names(metrics))
 
 
 def spectral_metrics(
@@ -254,11 +257,10 @@ def spectral_metrics(
         >>> round(out["top_sv_ratio"].item(), 4)
         0.5714
     """
-    names = _check_metric_names(metrics)
+    names = check_metric_names(metrics)
     _check_matrix(matrix)
     # checked here too: a Frobenius-only request never reaches singular_values
-    if method not in METHODS:
-        raise ValueError(f"`method` can be {', '.join(METHODS)}, got {method!r}")
+    check_method(method)
     fro = _frobenius_from_entries(matrix)
     if not needs_spectrum(names):
         return {"frobenius_norm": fro}

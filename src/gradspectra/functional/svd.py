@@ -15,6 +15,13 @@ from torch import Tensor
 Method = Literal["auto", "svd", "gram"]
 METHODS: tuple[str, ...] = get_args(Method)
 
+
+def check_method(method: object) -> Method:
+    """``method`` if it names a singular value route, else a ``ValueError`` naming the argument and the value."""
+    if method not in METHODS:
+        raise ValueError(f"`method` can be {', '.join(METHODS)}, got {method!r}")
+    return method  # type: ignore[return-value]
+
 # Relative error allowed, by the a-posteriori estimate in _gram_route, on the nuclear norm and on the
 # effective rank before the Gram route hands a matrix to svdvals: 10x inside the 1e-6 the package
 # promises on every metric. The estimate sums worst cases, so realised errors are far smaller
@@ -122,8 +129,7 @@ def singular_values(matrix: Tensor, method: Method = "auto") -> Tensor:
         True
     """
     _check_matrix(matrix)
-    if method not in METHODS:
-        raise ValueError(f"`method` can be {', '.join(METHODS)}, got {method!r}")
+    check_method(method)
     a, scale, finite = _scaled_float64(matrix)
     if min(a.shape[-2], a.shape[-1]) == 0 or a.numel() == 0:
         return a.new_zeros((*a.shape[:-2], min(a.shape[-2], a.shape[-1])))

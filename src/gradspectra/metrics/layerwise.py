@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from gradspectra.functional.spectral import _check_metric_names
+from gradspectra.functional.spectral import check_metric_names
 from gradspectra.functional.streaming import (
     STAT_NAMES,
     StreamingState,
@@ -58,7 +58,7 @@ class LayerwiseSpectrum(Metric):
         self.layer_keys: tuple[str, ...] = tuple(layer_keys)
         if not self.layer_keys:
             raise ValueError("`layer_keys` must name at least one layer, got an empty sequence")
-        self.metric_names: tuple[str, ...] = _check_metric_names(metrics)
+        self.metric_names: tuple[str, ...] = check_metric_names(metrics)
         shape = (len(self.layer_keys), len(self.metric_names))
         add_streaming_states(self, shape, persistent=True)
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from gradspectra.functional.spectral import _check_metric_names, spectral_metrics
+from gradspectra.functional.spectral import check_metric_names, spectral_metrics
 from gradspectra.functional.streaming import (
     EMPTY_LAST,
     STAT_NAMES,
@@ -18,7 +18,7 @@ from gradspectra.functional.streaming import (
     streaming_update,
     take_last,
 )
-from gradspectra.functional.svd import METHODS, Method
+from gradspectra.functional.svd import Method, check_method
 
 
 def add_streaming_states(metric: Metric, shape: tuple[int, ...], persistent: bool) -> None:
@@ -79,9 +79,8 @@ class GradientSpectrum(Metric):
 
     def __init__(self, metrics: Sequence[str] | None = None, method: Method = "auto", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.metric_names: tuple[str, ...] = _check_metric_names(metrics)
-        if method not in METHODS:
-            raise ValueError(f"`method` can be {', '.join(METHODS)}, got {method!r}")
+        self.metric_names: tuple[str, ...] = check_metric_names(metrics)
+        check_method(method)
         self.method: Method = method
         k = len(self.metric_names)
         add_streaming_states(self, (k,), persistent=False)

@@ -8,13 +8,14 @@ from gradspectra.reporting.records import (
     record_to_json,
     set_aside_records_after,
 )
+from gradspectra.reporting.tags import TAG_ROOT, custom_scalars_layout, layer_tag
 from gradspectra.reporting.tensorboard import (
-    TAG_ROOT,
-    custom_scalars_layout,
+    SummaryWriterLike,
+    TensorBoardViews,
+    ViewLayer,
     flagged_table,
     heatmap_figure,
     layer_profile_figure,
-    layer_tag,
 )
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "TAG_ROOT",
     "RecordBuffer",
     "RecordWriter",
+    "SummaryWriterLike",
+    "TensorBoardViews",
+    "ViewLayer",
     "custom_scalars_layout",
     "flagged_table",
     "heatmap_figure",

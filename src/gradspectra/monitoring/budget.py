@@ -24,17 +24,19 @@ else it does reads each gradient once. :class:`OverheadBudget` keeps that cost a
   round-robin order, that layer is computed both exactly and by the estimator, its exact values
   are used and the estimator's relative error is recorded (so the estimates stay honest).
 
-Pure Python, no torch: the callback measures, the budget decides.
+Pure Python, no torch: the engine measures, the budget decides.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 
-EXACT = "exact"
-ESTIMATE = "estimate"
+from gradspectra.monitoring.sources import SpectrumSource
+
+EXACT = SpectrumSource.EXACT
+ESTIMATE = SpectrumSource.ESTIMATE
 _KINDS = (EXACT, ESTIMATE)
 _EMA = 0.3  # weight of the newest measurement in the moving averages
 _MIN_RATE_FLOPS = 1e7  # work smaller than this does not teach the seconds-per-flop prior
@@ -57,8 +59,18 @@ class Plan:
     audit: list[int] = field(default_factory=list)
     deferred: list[int] = field(default_factory=list)
 
+    def mapped(self, index: Sequence[int], keep: Collection[int] | None = None) -> Plan:
+        """The same plan with each layer ``i`` renamed ``index[i]``, keeping only the names in ``keep``."""
 
-def _flops(kind: str, shape: tuple[int, int], rank: int, passes: int) -> float:
+        def names(idx: list[int]) -> list[int]:
+            return [index[i] for i in idx if keep is None or index[i] in keep]
+
+        return Plan(names(self.exact), names(self.estimate), names(self.audit), names(self.deferred))
+
+
+def work_flops(kind: str, shape: tuple[int, int], rank: int = 32, passes: int = 200) -> float:
+    """Counted flops of one ``kind`` of spectral work on an ``(m, n)`` matrix: the one cost model
+    (the budget's priors and the split of layers across ranks both use it)."""
     m, n = shape
     small, large = min(m, n), max(m, n)
     if kind == EXACT:
@@ -157,7 +169,7 @@ class OverheadBudget:
         known = self._cost.get((kind, shape))
         if known is not None:
             return known
-        return self._rate[kind] * _flops(kind, shape, self.estimate_rank, self.estimate_passes)
+        return self._rate[kind] * work_flops(kind, shape, self.estimate_rank, self.estimate_passes)
 
     def observe_work(self, kind: str, layers: Sequence[int], seconds: float) -> None:
         """``seconds`` spent on ``kind`` work for ``layers`` (shared out by predicted cost)."""
@@ -167,7 +179,7 @@ class OverheadBudget:
             return
         predicted = [self.cost(kind, i) for i in layers]
         total = sum(predicted) or 1.0
-        flops = sum(_flops(kind, self.shapes[i], self.estimate_rank, self.estimate_passes) for i in layers)
+        flops = sum(work_flops(kind, self.shapes[i], self.estimate_rank, self.estimate_passes) for i in layers)
         if flops >= _MIN_RATE_FLOPS:
             # tiny matrices cost call overhead, not flops: they would price big shapes absurdly high
             rate = seconds / flops

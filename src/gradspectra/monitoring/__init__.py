@@ -1,0 +1,36 @@
+"""The framework-free monitoring engine behind every front door (Lightning, transformers, a plain loop)."""
+
+from gradspectra.monitoring.budget import OverheadBudget, Plan
+from gradspectra.monitoring.config import ACTIONS, SPECTRA, Action, MonitorConfig, Spectra
+from gradspectra.monitoring.distributed import Processes, all_reduce_sum, default_process_group, layer_owners
+from gradspectra.monitoring.engine import Collected, GradientAnomalyError, MonitorEngine, Outputs, StepInputs
+from gradspectra.monitoring.planner import Planner
+from gradspectra.monitoring.records import BatchRecord, HostTable, assemble_record
+from gradspectra.monitoring.sources import SpectrumSource
+from gradspectra.monitoring.spectra import SpectraResult, SpectraRunner
+
+__all__ = [
+    "ACTIONS",
+    "SPECTRA",
+    "Action",
+    "BatchRecord",
+    "Collected",
+    "GradientAnomalyError",
+    "HostTable",
+    "MonitorConfig",
+    "MonitorEngine",
+    "Outputs",
+    "OverheadBudget",
+    "Plan",
+    "Planner",
+    "Processes",
+    "Spectra",
+    "SpectraResult",
+    "SpectraRunner",
+    "SpectrumSource",
+    "StepInputs",
+    "all_reduce_sum",
+    "assemble_record",
+    "default_process_group",
+    "layer_owners",
+]

@@ -1,0 +1,125 @@
+"""The monitor's options, checked in one place: every front door takes the same arguments and errors."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from torch import nn
+
+from gradspectra.functional import METRIC_NAMES, Method, check_method, check_metric_names
+from gradspectra.monitoring.budget import OverheadBudget
+from gradspectra.scoring import BatchScorer
+
+Action = Literal["log", "skip", "raise"]
+ACTIONS: tuple[str, ...] = get_args(Action)
+Spectra = Literal["auto", "exact", "estimate"]
+SPECTRA: tuple[str, ...] = get_args(Spectra)
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else a ``ValueError`` naming ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+    return value
+
+
+def nonnegative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
+    return value
+
+
+def choice(name: str, value: Any, allowed: Sequence[str]) -> Any:
+    if value not in allowed:
+        raise ValueError(f"`{name}` can be {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Every option of the monitor (see :class:`gradspectra.GradientSpectrumMonitor` for their meaning).
+
+    Built and checked once; a bad value raises ``ValueError``/``TypeError`` naming the argument, the
+    allowed values and what was received.
+
+    Example:
+        >>> MonitorConfig(spectra="exact").metric_names[:2]
+        ('nuclear_norm', 'spectral_norm')
+        >>> MonitorConfig(every_n_steps=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `every_n_steps` must be a positive int, got 0
+    """
+
+    include: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] | None = None
+    regex: str | re.Pattern[str] | None = None
+    module_types: Sequence[type[nn.Module]] | None = None
+    predicate: Callable[[str, nn.Parameter, nn.Module], bool] | None = None
+    include_embeddings: bool = False
+    metrics: Sequence[str] | None = None
+    method: Method = "auto"
+    spectra: Spectra = "auto"
+    max_overhead: float = 0.03
+    every_n_steps: int = 1
+    log_every_n_steps: int = 1
+    figure_every_n_steps: int = 100
+    heatmap_steps: int = 200
+    output_dir: str | os.PathLike[str] | None = None
+    max_records_in_memory: int = 10_000
+    scoring: bool = True
+    warmup_steps: int = 20
+    false_flag_rate: float = 0.01
+    action: Action = "log"
+    sample_id_key: str | None = None
+    summary_top_k: int = 10
+    verbose: bool = True
+    distribute: bool = True
+    cpu_threads: int | None = 1
+    factored: bool = True
+    metric_names: tuple[str, ...] = field(init=False, default=METRIC_NAMES)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "metric_names", check_metric_names(self.metrics))
+        check_method(self.method)
+        choice("spectra", self.spectra, SPECTRA)
+        OverheadBudget([], self.max_overhead)  # the budget's own checks of max_overhead
+        set_(self, "max_overhead", float(self.max_overhead))
+        choice("action", self.action, ACTIONS)
+        if self.action != "log" and not self.scoring:
+            raise ValueError(f"`action={self.action!r}` needs `scoring=True`, got scoring={self.scoring!r}")
+        nonnegative_int("figure_every_n_steps", self.figure_every_n_steps)
+        if self.sample_id_key is not None and not isinstance(self.sample_id_key, str):
+            raise TypeError(f"`sample_id_key` must be a str or None, got {self.sample_id_key!r}")
+        for name in ("every_n_steps", "log_every_n_steps", "heatmap_steps", "max_records_in_memory", "summary_top_k"):
+            positive_int(name, getattr(self, name))
+        if self.cpu_threads is not None:
+            positive_int("cpu_threads", self.cpu_threads)
+        set_(self, "distribute", bool(self.distribute))
+        set_(self, "factored", bool(self.factored))
+        if self.output_dir is not None:
+            set_(self, "output_dir", Path(self.output_dir))
+        self.make_scorer()  # the scorer checks its own arguments, so a bad value fails here too
+
+    @property
+    def selection_kwargs(self) -> dict[str, Any]:
+        """The arguments of :func:`gradspectra.capture.select_parameters`."""
+        return {
+            "include": self.include,
+            "exclude": self.exclude,
+            "regex": self.regex,
+            "module_types": self.module_types,
+            "predicate": self.predicate,
+            "include_embeddings": self.include_embeddings,
+        }
+
+    def make_scorer(self) -> BatchScorer | None:
+        if not self.scoring:
+            return None
+        return BatchScorer(warmup_steps=self.warmup_steps, false_flag_rate=self.false_flag_rate)

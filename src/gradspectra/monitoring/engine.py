@@ -1,0 +1,480 @@
+"""The monitoring engine: torch only, no training framework. One monitored step is a pipeline of stages
+(collect gradients, plan, compute across ranks, score, assemble the record, emit), each returning a value;
+the front doors (Lightning, transformers, a plain loop) translate their hooks into calls of this class.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from gradspectra.capture import Selection, WatchedParameter, group_by_component, select_parameters
+from gradspectra.capture.factors import FactorCapture
+from gradspectra.capture.sharded import fsdp_groups, is_sharded
+from gradspectra.functional import needs_spectrum
+from gradspectra.metrics import LayerwiseSpectrum
+from gradspectra.monitoring.config import MonitorConfig
+from gradspectra.monitoring.distributed import Processes, gather_ids, gather_sharded, layer_owners, pack, unpack
+from gradspectra.monitoring.planner import Planner
+from gradspectra.monitoring.records import BatchRecord, HostTable, assemble_record
+from gradspectra.monitoring.sources import SpectrumSource
+from gradspectra.monitoring.spectra import SpectraResult, SpectraRunner, entry_mask
+from gradspectra.reporting import (
+    RecordBuffer,
+    RecordWriter,
+    SummaryWriterLike,
+    TensorBoardViews,
+    ViewLayer,
+    flagged_table,
+    set_aside_records_after,
+)
+from gradspectra.reporting.tags import finite_only, layer_scalars, status_scalars
+
+log = logging.getLogger("gradspectra")
+_COUNTERS = (
+    "steps_monitored",
+    "flagged_total",
+    "skipped_total",
+    "missing_grad_total",
+    "nonfinite_total",
+    "error_total",
+)
+
+
+class GradientAnomalyError(RuntimeError):
+    """Raised with ``action="raise"`` for a flagged batch; ``.record`` holds its record."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+        reasons = "; ".join(record.get("reasons") or [])
+        super().__init__(
+            f"gradspectra flagged step {record.get('step')} (batch {record.get('batch_idx')}, "
+            f"score {record.get('score')}): {reasons}"
+        )
+
+
+@dataclass
+class StepInputs:
+    """What a front door knows of the optimizer step being measured.
+
+    ``loss``: the step's mean loss (a tensor may stay on the device: it travels in the one host copy),
+    times ``loss_scale`` (an AMP scale, divided out here). ``loss_seen=False`` where the front door
+    cannot see the loss (the record says so; the score rests on the gradients).
+    """
+
+    step: int
+    epoch: int | None = None
+    batch_idx: int | None = None
+    loss: Tensor | float | None = None
+    loss_scale: float | None = None
+    sample_ids: list[Any] = field(default_factory=list)
+    loss_seen: bool = True
+
+
+@dataclass
+class Outputs:
+    """Where a step's results go besides the record file: scalar loggers (every rank that logs) and
+    rank 0's TensorBoard writers (layout, figures, summary text)."""
+
+    log_scalars: Callable[[dict[str, float], int], None] | None = None
+    writers: Sequence[SummaryWriterLike] = ()
+
+
+@dataclass
+class Collected:
+    """The watched layers with a gradient this step (``present``) and their matrices (empty placeholders on
+    FSDP ranks that do not own a layer)."""
+
+    present: list[int]
+    matrices: list[Tensor]
+
+
+class MonitorEngine:
+    """Measures, scores, records and reports gradient spectra of a model's watched layers, one optimizer
+    step at a time. See :class:`gradspectra.GradientSpectrumMonitor` for the options (:class:`MonitorConfig`).
+    """
+
+    def __init__(self, config: MonitorConfig) -> None:
+        self.config = config
+        self.metric_names = config.metric_names
+        self.scorer = config.make_scorer()
+        self.batch_records = RecordBuffer(config.max_records_in_memory)
+        self.selection: Selection | None = None
+        self.watched: list[WatchedParameter] = []
+        self.spectrum: LayerwiseSpectrum | None = None
+        self.factors: FactorCapture | None = None
+        self.planner: Planner | None = None
+        self.runner = SpectraRunner(self.metric_names, config.method, config.cpu_threads)
+        self.views: TensorBoardViews | None = None
+        self.record_path: Path | None = None
+        self.sharded: nn.Module | None = None
+        self.steps_monitored = self.flagged_total = self.skipped_total = 0
+        self.missing_grad_total = self.nonfinite_total = self.error_total = 0
+        self.monitor_seconds = 0.0
+        self.layers_computed_here = 0
+        self.last_step: int | None = None  # the last step measured (kept in checkpoints)
+        self.resume_after: int | None = None  # the restored checkpoint's last measured step
+        self._writer: RecordWriter | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._shapes: list[tuple[int, int]] = []
+        self._component_rows: dict[str, list[int]] = {}
+        self._owners: tuple[int, list[int]] | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def attach(self, model: nn.Module, world: int = 1, owner: str = "GradientSpectrumMonitor") -> None:
+        """Choose the watched parameters of ``model`` (before any sharding wrapper flattens them)."""
+        kwargs = self.config.selection_kwargs
+        selection = select_parameters(model, **kwargs)
+        if not selection.watched:
+            raise ValueError(
+                f"`{owner}` found no parameter to watch with "
+                f"{ {k: v for k, v in kwargs.items() if v not in (None, False)} }. " + selection.describe_empty(model)
+            )
+        self.selection, self.watched = selection, selection.watched
+        # full (m, n) of each matrix, taken now: under FSDP `param.shape` becomes a flat shard's
+        self._shapes = [(int(w.param.shape[0]), math.prod(w.param.shape[1:])) for w in self.watched]
+        row = {id(w): i for i, w in enumerate(self.watched)}
+        self._component_rows = {
+            component: [row[id(p)] for p in params]
+            for component, params in group_by_component(self.watched).items()
+            if len(params) >= 2 and params[0].index is not None
+        }
+        self.planner = Planner(self.config.spectra, self.config.max_overhead, self._shapes)
+        self._owners = None
+        if self.factors is not None:
+            self.factors.close()
+        # factors of one process: under DDP/FSDP the gradient is the ranks' average, not Delta^T X. Only
+        # for spectra="exact": what the hooks cost happens inside the training step, unseen by the budget
+        use_factors = self.config.factored and self.config.spectra == "exact" and world == 1
+        self.factors = FactorCapture(self.watched) if use_factors else None
+        self.runner.factors = self.factors
+        if selection.frozen:
+            log.info(
+                f"gradspectra: {len(selection.frozen)} matching parameters are frozen and not watched "
+                f"(e.g. {selection.frozen[0]})"
+            )
+
+    def open(self, record_path: Path, write: bool, wrapped: nn.Module | None = None) -> None:
+        """Where records go (``write`` on global rank 0 only) and, once wrapped, whether gradients are sharded."""
+        self.record_path = record_path
+        if write:
+            self._writer = RecordWriter(record_path)
+        # under FSDP this fails early if the watched weights were flattened away
+        self.sharded = wrapped if wrapped is not None and is_sharded(wrapped) else None
+        if self.sharded is not None:
+            fsdp_groups(self.sharded, self.watched)
+        self.views = TensorBoardViews(
+            self.metric_names,
+            [ViewLayer(w.key, w.component, w.index) for w in self.watched],
+            self.config.figure_every_n_steps,
+            self.config.heatmap_steps,
+        )
+
+    def set_aside_after_resume(self) -> Path | None:
+        """After a restore: move the records of steps after the checkpoint's last measured step aside."""
+        after, self.resume_after = self.resume_after, None
+        if after is None or self._writer is None or self.record_path is None:
+            return None
+        aside = set_aside_records_after(self.record_path, after)
+        if aside is not None:
+            log.info(
+                f"gradspectra: resumed after step {after}; the records of later steps, which this run "
+                f"repeats, were moved to {aside}"
+            )
+        return aside
+
+    # ------------------------------------------------------------------ per step
+
+    def measures(self, step: int) -> bool:
+        return step % self.config.every_n_steps == 0 and bool(self.watched)
+
+    def begin_step(self, step: int) -> None:
+        """At an optimizer step's first micro-batch: plan its work, tell the factor hooks what to keep."""
+        measured = self.measures(step)
+        plan = self.planner.begin() if measured and self.planner is not None else None
+        if self.factors is not None:
+            if not measured:
+                self.factors.active = set()
+            elif self.config.spectra == "exact":
+                self.factors.active = None
+            else:
+                self.factors.active = set() if plan is None else set(plan.exact)
+
+    def step(
+        self,
+        inputs: StepInputs,
+        procs: Processes | None = None,
+        outputs: Outputs | None = None,
+        params: Callable[[], Iterable[nn.Parameter]] | None = None,
+    ) -> BatchRecord | None:
+        """Measure the gradients as they are now (accumulated, unscaled, before the optimizer step).
+
+        Returns the record, or ``None`` on a step that is not measured. With ``action="skip"`` a flagged
+        step's ``params`` lose their ``.grad``; with ``action="raise"`` a :class:`GradientAnomalyError` follows.
+        """
+        procs = procs or Processes()
+        if not self.measures(inputs.step):
+            if self.factors is not None:
+                self.factors.clear()
+            return None
+        started = time.perf_counter()
+        if self.config.sample_id_key is not None and procs.world > 1:
+            inputs.sample_ids = gather_ids(inputs.sample_ids, procs.world)
+        assert self.planner is not None
+        self.planner.step_started(started, inputs.step)
+        table, result, error = self._measure(inputs, procs)
+        record = self._record(inputs, table, result, error)
+        record["monitor_ms"] = 1000.0 * (time.perf_counter() - started)
+        figure_seconds = self._emit(record, table, procs, outputs or Outputs())
+        self._act(record, params)
+        ended = time.perf_counter()
+        self.monitor_seconds += ended - started
+        # figures are paid for separately (spaced by the budget), not as a fixed cost per step
+        self.planner.step_ended(ended, inputs.step, ended - started - result.seconds - figure_seconds)
+        self.last_step = inputs.step
+        if self.factors is not None:
+            self.factors.clear()
+        if record["flagged"] and self.config.action == "raise":
+            raise GradientAnomalyError(dict(record))
+        return record
+
+    def _collect(self, procs: Processes, world: int) -> Collected:
+        if self.sharded is not None:
+            present, matrices = gather_sharded(self.sharded, self.watched, self._layer_owners(world), procs.rank, world)
+            return Collected(present, matrices)
+        collected = Collected([], [])
+        for i, w in enumerate(self.watched):
+            g = w.grad_matrix()
+            if g is not None:
+                collected.present.append(i)
+                collected.matrices.append(g)
+        return collected
+
+    def _layer_owners(self, world: int) -> list[int]:
+        if self._owners is None or self._owners[0] != world:
+            self._owners = (world, layer_owners(self._shapes, world))
+        return self._owners[1]
+
+    def _measure(self, inputs: StepInputs, procs: Processes) -> tuple[HostTable, SpectraResult, str | None]:
+        """Collect, compute this rank's share, combine across ranks, fold into the streaming state, copy to host.
+
+        A failure is reported in the record and never stops the user's training.
+        """
+        n, k = len(self.watched), len(self.metric_names)
+        # under FSDP the layers are always split: a rank measuring every layer would hold every full gradient
+        world = procs.world if self.config.distribute or self.sharded is not None else 1
+        result = self.runner.empty(0, torch.device("cpu"))
+        present: list[int] = []
+        loss = inputs.loss
+        try:
+            collected = self._collect(procs, world)
+            present = collected.present
+            if not present:
+                return self._host_loss(HostTable.unmeasured(n, k, present), loss, inputs), result, None
+            result = self._compute(collected, procs, world)
+            table = self._combine(result, collected, procs, world, loss)
+            return self._host_loss(table, table.loss if loss is not None else None, inputs), result, None
+        except Exception as err:  # a measurement failure must never stop the user's training
+            error = f"{type(err).__name__}: {err}"
+            self.error_total += 1
+            if procs.is_zero:
+                warnings.warn(f"gradspectra could not measure step {inputs.step}: {error}", stacklevel=2)
+            return self._host_loss(HostTable.unmeasured(n, k, present), loss, inputs), result, error
+
+    @staticmethod
+    def _host_loss(table: HostTable, loss: Tensor | float | None, inputs: StepInputs) -> HostTable:
+        table.loss = None if loss is None else float(loss) / (inputs.loss_scale or 1.0)
+        return table
+
+    def _compute(self, collected: Collected, procs: Processes, world: int) -> SpectraResult:
+        """This rank's layers: every rank holds the same all-reduced gradients, each measures those it owns."""
+        assert self.planner is not None
+        present, matrices = collected.present, collected.matrices
+        owners = self._layer_owners(world)
+        mine = [j for j, i in enumerate(present) if world == 1 or owners[i] == procs.rank]
+        rows, todo = [present[j] for j in mine], [matrices[j] for j in mine]
+        plan = self.planner.plan(rows) if rows and needs_spectrum(self.metric_names) else None
+        result = self.runner.run(todo, rows, len(self.watched), matrices[0].device, plan, self.steps_monitored)
+        self.planner.learn(result, planned=plan is not None and self.config.spectra == "auto")
+        self.layers_computed_here += result.computed
+        return result
+
+    def _combine(
+        self, result: SpectraResult, collected: Collected, procs: Processes, world: int, loss: Tensor | float | None
+    ) -> HostTable:
+        values, errors, codes = result.values, result.errors, result.codes
+        device = values.device
+        loss_t = None if loss is None else torch.as_tensor(loss, dtype=torch.float64, device=device).reshape(1)
+        counts: Tensor | None = None
+        if world > 1:
+            counts = torch.zeros(world, dtype=torch.float64, device=device)
+            counts[procs.rank] = float(result.computed)
+            local_loss = loss_t if loss_t is not None else torch.zeros(1, dtype=torch.float64, device=device)
+            # one all-reduce: a layer's rows are its owner's values plus zeros from the others; the losses
+            # are summed so every rank scores the same global mean loss
+            parts = [values, errors, codes, counts, local_loss]
+            values, errors, codes, counts, local_loss = unpack(procs.reduce_sum(pack(parts)), parts)
+            if loss_t is not None:
+                loss_t = local_loss / world
+        mask = torch.zeros(len(self.watched), dtype=torch.bool, device=device)
+        mask[collected.present] = True
+        # a deferred layer's spectral values were not measured this step; its entry metrics were
+        deferred = codes == SpectrumSource.DEFERRED.code
+        valid = mask[:, None] & (~deferred[:, None] | entry_mask(self.metric_names, device)[None, :])
+        values = torch.where(valid, values, torch.full_like(values, float("nan")))
+        self._spectrum_on(device).update(values, mask=valid)
+        # the one device-to-host copy per step: the table, the sources, validity, (DDP) layers per rank, loss
+        parts = [values, errors, codes, valid, *(t for t in (counts, loss_t) if t is not None)]
+        host = [p.numpy() for p in unpack(pack(parts).cpu(), parts)]
+        return HostTable(
+            values=host[0],
+            valid=host[3] > 0,
+            errors=host[1],
+            sources=[SpectrumSource.from_code(c) for c in host[2].tolist()],
+            present=list(collected.present),
+            layers_per_rank=[int(c) for c in host[4].tolist()] if counts is not None else None,
+            loss=float(host[-1][0]) if loss_t is not None else None,
+        )
+
+    def _spectrum_on(self, device: torch.device) -> LayerwiseSpectrum:
+        if self.spectrum is None:
+            keys = [w.key for w in self.watched]
+            self.spectrum = LayerwiseSpectrum(keys, self.metric_names).to(device)
+            pending, self._pending_state = self._pending_state, None
+            if pending and pending.get("spectrum") is not None:
+                same = list(pending.get("layer_keys", [])) == keys
+                if not same or list(pending.get("metric_names", [])) != list(self.metric_names):
+                    warnings.warn(
+                        "gradspectra: the checkpoint watched other layers or metrics; streaming statistics restart",
+                        stacklevel=2,
+                    )
+                else:
+                    self.spectrum.load_state_dict({k: v.to(device) for k, v in pending["spectrum"].items()})
+        return self.spectrum
+
+    def _record(self, inputs: StepInputs, table: HostTable, result: SpectraResult, error: str | None) -> BatchRecord:
+        keys = [w.key for w in self.watched]
+        layer_metrics = table.layer_metrics(keys, self.metric_names)
+        score = None if self.scorer is None else self.scorer.score(layer_metrics, table.loss)
+        record = assemble_record(
+            step=inputs.step,
+            epoch=inputs.epoch,
+            batch_idx=inputs.batch_idx,
+            table=table,
+            keys=keys,
+            metric_names=self.metric_names,
+            result=score,
+            sample_ids=inputs.sample_ids,
+            with_sources=self.config.spectra != "exact",
+            factored_rows=result.factored_rows,
+            error=error,
+            loss_seen=inputs.loss_seen,
+        )
+        self.missing_grad_total += len(record["missing_layers"])
+        self.nonfinite_total += bool(record["nonfinite_layers"])
+        self.flagged_total += record["flagged"]
+        self.steps_monitored += 1
+        return record
+
+    def _emit(self, record: BatchRecord, table: HostTable, procs: Processes, outputs: Outputs) -> float:
+        """The record to memory and file, scalars to the loggers, rank 0's TensorBoard views; the seconds
+        spent drawing figures."""
+        self.batch_records.append(cast(dict[str, Any], record))
+        if self._writer is not None:
+            self._writer.write(record)
+        if self.views is None:
+            return 0.0
+        self.views.observe(record["step"], table.values)
+        if outputs.log_scalars is not None:
+            per_layer = (self.steps_monitored - 1) % self.config.log_every_n_steps == 0
+            keys = [w.key for w in self.watched]
+            scalars = status_scalars(record, self.flagged_total)
+            scalars.update(
+                layer_scalars(table.values, table.present, self.metric_names, keys, self._component_rows, per_layer)
+            )
+            outputs.log_scalars(finite_only(scalars), record["step"])
+        if not (procs.is_zero and outputs.writers):
+            return 0.0
+        assert self.planner is not None
+        period = self.config.figure_every_n_steps
+        if period:
+            # under spectra="auto" the budget spaces the figures by what they cost to draw
+            period = self.planner.figure_period(period, self.views.figures_per_drawing)
+        seconds = self.views.update(outputs.writers, record["step"], self.steps_monitored, period)
+        self.planner.observe_figures(seconds)
+        return seconds
+
+    def _act(self, record: BatchRecord, params: Callable[[], Iterable[nn.Parameter]] | None) -> None:
+        if record["flagged"] and self.config.action == "skip" and params is not None:
+            # torch optimizers leave a parameter without .grad untouched (momentum and weight decay included)
+            for p in params():
+                p.grad = None
+            self.skipped_total += 1
+            record["skipped"] = True
+
+    # ------------------------------------------------------------------ end, state, summary
+
+    def finish(self, step: int, outputs: Outputs | None, is_zero: bool) -> str | None:
+        """At the end of training (rank 0 gets the summary table, also written to TensorBoard)."""
+        if not is_zero:
+            return None
+        table = self.summary(self.config.summary_top_k)
+        if outputs is not None and outputs.writers and self.views is not None:
+            self.views.finish(outputs.writers, step, table)
+        if self.config.verbose:
+            print(table)
+        return table
+
+    def close(self) -> None:
+        if self.factors is not None:
+            self.factors.close()
+            self.factors = None
+            self.runner.factors = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "version": 1,
+            "layer_keys": [w.key for w in self.watched],
+            "metric_names": list(self.metric_names),
+            "spectrum": None if self.spectrum is None else {k: v.cpu() for k, v in self.spectrum.state_dict().items()},
+            "scorer": None if self.scorer is None else self.scorer.state_dict(),
+        }
+        state.update({name: getattr(self, name) for name in _COUNTERS})
+        # the last step measured before this checkpoint: a resume sets later records aside
+        state["last_step"] = self.last_step
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # the streaming state is applied once the layers are known and its device is (the first step)
+        self._pending_state = dict(state_dict)
+        for name in _COUNTERS:
+            setattr(self, name, int(state_dict.get(name, 0)))
+        last_step = state_dict.get("last_step")
+        self.resume_after = self.last_step = int(last_step) if last_step is not None else None
+        if self.scorer is not None and state_dict.get("scorer") is not None:
+            self.scorer.load_state_dict(state_dict["scorer"])
+
+    def summary(self, top: int = 10) -> str:
+        """A text report: counts, then the ``top`` highest-scoring batches (from the records in memory)."""
+        head = (
+            f"gradspectra: {self.steps_monitored} steps monitored, {self.flagged_total} flagged"
+            + (f", {self.skipped_total} skipped" if self.config.action == "skip" else "")
+            + f", {self.nonfinite_total} with non-finite gradients, {self.missing_grad_total} missing layer gradients"
+            + f"; monitor time {self.monitor_seconds:.2f} s"
+        )
+        if self.record_path is not None:
+            head += f"\nrecords: {self.record_path}"
+        return head + "\n" + flagged_table(list(self.batch_records), top)

@@ -1,0 +1,86 @@
+"""Which layers get which spectrum on a step, under the time budget of ``spectra="auto"``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gradspectra.monitoring.budget import OverheadBudget, Plan
+from gradspectra.monitoring.config import Spectra
+from gradspectra.monitoring.spectra import SpectraResult
+
+
+class Planner:
+    """Turns the mode (``spectra``) and, under ``"auto"``, the :class:`OverheadBudget` into per-step plans.
+
+    The budget covers the layers this rank measures, and is built once those are known (the first
+    measured step). Under ``"auto"`` a step's plan is made at its first micro-batch (:meth:`begin`),
+    so that the factor hooks know which layers to keep, and used when the step is measured.
+
+    Args:
+        spectra: ``"auto"``, ``"exact"`` or ``"estimate"``.
+        max_overhead: the budget's target, a fraction of the training step time.
+        shapes: every watched layer's ``(m, n)``.
+    """
+
+    def __init__(self, spectra: Spectra, max_overhead: float, shapes: Sequence[tuple[int, int]]) -> None:
+        self.spectra = spectra
+        self.max_overhead = max_overhead
+        self.shapes = list(shapes)
+        self.budget: OverheadBudget | None = None
+        self.rows: list[int] = []  # watched-layer index of each budget layer
+        self.pending: Plan | None = None
+        self._last_end: tuple[float, int] | None = None
+
+    def begin(self) -> Plan | None:
+        """A measured step starts: its plan under the budget (``None`` before the budget exists)."""
+        self.pending = None
+        if self.spectra == "auto" and self.budget is not None:
+            self.pending = self.budget.plan().mapped(self.rows)
+        return self.pending
+
+    def plan(self, rows: Sequence[int]) -> Plan | None:
+        """This step's plan over ``rows`` (this rank's present layers); ``None`` means every one exact."""
+        if self.spectra == "exact":
+            return None
+        if self.spectra == "estimate":
+            return Plan(estimate=list(rows))
+        pending, self.pending = self.pending, None
+        wanted = set(rows)
+        if pending is not None and self.budget is not None and wanted <= set(self.rows):
+            return Plan(
+                exact=[r for r in pending.exact if r in wanted],
+                estimate=[r for r in pending.estimate if r in wanted],
+                audit=[r for r in pending.audit if r in wanted],
+                deferred=[r for r in pending.deferred if r in wanted],
+            )
+        if self.budget is None or not wanted <= set(self.rows):
+            self.rows = sorted(set(self.rows) | wanted)
+            self.budget = OverheadBudget([self.shapes[r] for r in self.rows], self.max_overhead)
+        return self.budget.plan().mapped(self.rows, keep=wanted)
+
+    def learn(self, result: SpectraResult, planned: bool) -> None:
+        """Teach the budget what the work of a planned step cost, and charge it."""
+        if self.budget is None or not planned:
+            return
+        index = {row: k for k, row in enumerate(self.rows)}
+        for kind, rows, seconds in result.work:
+            self.budget.observe_work(kind, [index[r] for r in rows], seconds)
+        self.budget.spend(result.seconds)
+
+    def step_started(self, now: float, step: int) -> None:
+        """The wall time since the monitor last finished: the training steps in between, without the monitor."""
+        if self.budget is not None and self._last_end is not None and step > self._last_end[1]:
+            self.budget.observe_step((now - self._last_end[0]) / (step - self._last_end[1]))
+
+    def step_ended(self, now: float, step: int, fixed_seconds: float) -> None:
+        if self.budget is not None:
+            self.budget.observe_fixed(max(0.0, fixed_seconds))
+        self._last_end = (now, step)
+
+    def figure_period(self, min_steps: int, figures: int) -> int:
+        """Measured steps between drawings: ``min_steps``, spaced further by the budget under ``"auto"``."""
+        return min_steps if self.budget is None else self.budget.figure_period(min_steps, figures)
+
+    def observe_figures(self, seconds: float) -> None:
+        if self.budget is not None and seconds > 0:
+            self.budget.observe_figures(seconds)

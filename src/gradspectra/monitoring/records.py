@@ -1,0 +1,149 @@
+"""The batch record, defined once: its keys (a TypedDict) and how a step's host table becomes one."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+import numpy as np
+
+from gradspectra.functional import ENTRY_METRICS
+from gradspectra.monitoring.sources import SpectrumSource
+from gradspectra.scoring import ScoreResult
+
+
+class _Required(TypedDict):
+    step: int
+    epoch: int | None
+    batch_idx: int | None
+    score: float | None
+    flagged: bool
+    reasons: list[str]
+    loss: float | None
+    metrics: dict[str, dict[str, float]]
+    sample_ids: list[Any] | None
+    z: dict[str, float]
+    threshold: float | None
+    nonfinite_layers: list[str]
+    missing_layers: list[str]
+
+
+class BatchRecord(_Required, total=False):
+    """One line of ``batches.jsonl``. The keys of :class:`_Required` are on every record; the others:
+
+    ``spectra``, ``deferred_layers``, ``estimate_error`` (and ``audit_error`` when a layer was audited):
+    how each layer got its spectrum, unless ``spectra="exact"``. ``layers_per_rank``: layers measured by
+    each rank (DDP). ``factored_layers``: exact spectra from the ``T x T`` factors. ``error``: why the
+    step could not be measured. ``monitor_ms``: the monitor's cost up to the record. ``loss_seen``:
+    ``False`` where the front door cannot see the loss (the score then rests on the gradients alone).
+    ``skipped``: the optimizer step was dropped (``action="skip"``).
+    """
+
+    spectra: dict[str, str]
+    deferred_layers: list[str]
+    estimate_error: dict[str, dict[str, float]]
+    audit_error: dict[str, dict[str, float]]
+    layers_per_rank: list[int]
+    factored_layers: list[str]
+    error: str
+    monitor_ms: float
+    loss_seen: bool
+    skipped: bool
+
+
+@dataclass
+class HostTable:
+    """A measured step on the host: ``(layers, metrics)`` values, validity and errors, each row's source."""
+
+    values: np.ndarray
+    valid: np.ndarray
+    errors: np.ndarray
+    sources: list[SpectrumSource]
+    present: list[int]
+    layers_per_rank: list[int] | None = None
+    loss: float | None = None
+
+    @classmethod
+    def unmeasured(cls, n_layers: int, n_metrics: int, present: list[int]) -> HostTable:
+        nan = np.full((n_layers, n_metrics), np.nan)
+        sources = [SpectrumSource.DEFERRED] * n_layers
+        return cls(nan, np.zeros(nan.shape, dtype=bool), np.zeros(nan.shape), sources, present)
+
+    def layer_metrics(self, keys: Sequence[str], metric_names: Sequence[str]) -> dict[str, dict[str, float]]:
+        """``{layer key: {metric: value}}`` of the present layers' measured values."""
+        return {
+            keys[i]: {name: float(self.values[i, j]) for j, name in enumerate(metric_names) if self.valid[i, j]}
+            for i in sorted(self.present)
+        }
+
+    def source_fields(self, keys: Sequence[str], metric_names: Sequence[str]) -> dict[str, Any]:
+        """``spectra``, ``deferred_layers``, ``estimate_error`` and (when any) ``audit_error``."""
+        spectra = {keys[i]: s.value for i, s in enumerate(self.sources) if s is not SpectrumSource.DEFERRED}
+        errors: dict[SpectrumSource, dict[str, dict[str, float]]] = {
+            SpectrumSource.ESTIMATE: {},
+            SpectrumSource.AUDIT: {},
+        }
+        for i, source in enumerate(self.sources):
+            if source in errors:
+                errors[source][keys[i]] = {
+                    name: float(self.errors[i, j])
+                    for j, name in enumerate(metric_names)
+                    if name not in ENTRY_METRICS and math.isfinite(float(self.errors[i, j]))
+                }
+        fields: dict[str, Any] = {
+            "spectra": spectra,
+            "deferred_layers": [keys[i] for i in sorted(self.present) if keys[i] not in spectra],
+            "estimate_error": errors[SpectrumSource.ESTIMATE],
+        }
+        if errors[SpectrumSource.AUDIT]:
+            fields["audit_error"] = errors[SpectrumSource.AUDIT]
+        return fields
+
+
+def assemble_record(
+    *,
+    step: int,
+    epoch: int | None,
+    batch_idx: int | None,
+    table: HostTable,
+    keys: Sequence[str],
+    metric_names: Sequence[str],
+    result: ScoreResult | None,
+    sample_ids: list[Any],
+    with_sources: bool,
+    factored_rows: Sequence[int] = (),
+    error: str | None = None,
+    loss_seen: bool = True,
+) -> BatchRecord:
+    """The record of a measured step (``monitor_ms`` is added by the caller, once everything before it is done)."""
+    layer_metrics = table.layer_metrics(keys, metric_names)
+    present = set(table.present)
+    record: BatchRecord = {
+        "step": step,
+        "epoch": epoch,
+        "batch_idx": batch_idx,
+        "score": None if result is None or result.score is None else float(result.score),
+        "flagged": bool(result.flagged) if result is not None else False,
+        "reasons": [] if result is None else list(result.reasons),
+        "loss": table.loss,
+        "metrics": layer_metrics,
+        "sample_ids": sample_ids or None,
+        "z": {} if result is None else dict(result.z),
+        "threshold": None if result is None else getattr(result, "threshold", None),
+        "nonfinite_layers": [k for k, mv in layer_metrics.items() if not all(math.isfinite(v) for v in mv.values())],
+        "missing_layers": [keys[i] for i in range(len(keys)) if i not in present],
+    }
+    if with_sources:
+        # which layers got which spectrum; deferred layers only have their Frobenius norm this step
+        record.update(table.source_fields(keys, metric_names))  # type: ignore[typeddict-item]
+    if table.layers_per_rank is not None:
+        record["layers_per_rank"] = table.layers_per_rank
+    if factored_rows:
+        record["factored_layers"] = [keys[i] for i in sorted(factored_rows)]
+    if error is not None:
+        record["error"] = error
+    if not loss_seen:
+        record["loss_seen"] = False
+    return record

@@ -1,0 +1,179 @@
+"""The spectral stage of a monitored step: per layer, exact (from the matrix or its ``T x T`` factors),
+estimated, audited or deferred, returned as a value."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gradspectra.capture.factors import FactorCapture
+from gradspectra.functional import (
+    ENTRY_METRICS,
+    Method,
+    estimate_spectral_metrics_many,
+    factored_singular_values,
+    frobenius_norm,
+    frobenius_norms,
+    metrics_from_singular_values,
+    needs_spectrum,
+    spectral_metrics_many,
+)
+from gradspectra.monitoring.budget import Plan
+from gradspectra.monitoring.sources import SpectrumSource
+
+
+@dataclass
+class SpectraResult:
+    """One rank's share of a step's table.
+
+    ``values`` and ``errors`` are ``(layers, metrics)`` float64 with zeros outside this rank's rows (so
+    that a sum over ranks assembles the table); ``codes`` ``(layers,)`` the :attr:`SpectrumSource.code`
+    of each row. ``errors`` holds the estimator's own relative error estimate for estimated rows and the
+    realised relative error (estimate vs exact) for audited rows. ``work`` lists ``(kind, rows, seconds)``
+    of the timed work, for the budget to learn from.
+    """
+
+    values: Tensor
+    codes: Tensor
+    errors: Tensor
+    computed: int = 0  # layers given a spectrum here (counted on the host, no device sync)
+    factored_rows: list[int] = field(default_factory=list)
+    work: list[tuple[SpectrumSource, list[int], float]] = field(default_factory=list)
+    seconds: float = 0.0  # spectral work of this step (the Frobenius norms excluded)
+
+
+def entry_mask(metric_names: Sequence[str], device: torch.device) -> Tensor:
+    """Which metric columns come from the entries alone (measured even when a spectrum is deferred)."""
+    return torch.tensor([name in ENTRY_METRICS for name in metric_names], dtype=torch.bool, device=device)
+
+
+class SpectraRunner:
+    """Computes spectral metrics of a step's matrices by a plan; keeps only the estimator's warm starts.
+
+    Args:
+        metric_names: the metric columns.
+        method: exact singular value route.
+        cpu_threads: intra-op threads for this work on CPU tensors (restored after), ``None`` to keep torch's.
+        factors: hooks holding each linear layer's inputs and output gradients, for the ``T x T`` route.
+    """
+
+    def __init__(
+        self,
+        metric_names: Sequence[str],
+        method: Method = "auto",
+        cpu_threads: int | None = 1,
+        factors: FactorCapture | None = None,
+    ) -> None:
+        self.metric_names = tuple(metric_names)
+        self.method: Method = method
+        self.cpu_threads = cpu_threads
+        self.factors = factors
+        self.bases: dict[int, Tensor] = {}
+
+    @contextmanager
+    def threads(self, device: torch.device) -> Iterator[None]:
+        if self.cpu_threads is None or device.type != "cpu":
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.cpu_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+    def empty(self, n_layers: int, device: torch.device) -> SpectraResult:
+        shape = (n_layers, len(self.metric_names))
+        zeros = torch.zeros(shape, dtype=torch.float64, device=device)
+        codes = torch.full((n_layers,), SpectrumSource.DEFERRED.code, dtype=torch.float64, device=device)
+        return SpectraResult(zeros, codes, torch.zeros_like(zeros))
+
+    def run(
+        self, matrices: list[Tensor], rows: list[int], n_layers: int, device: torch.device, plan: Plan | None, seed: int
+    ) -> SpectraResult:
+        """Metrics of ``matrices`` (the layers ``rows``): every one exact when ``plan`` is ``None``."""
+        out = self.empty(n_layers, device)
+        if not rows:
+            return out
+        if plan is None or not needs_spectrum(self.metric_names):
+            self._exact_rows(out, rows, matrices)
+            return out
+        at = {row: k for k, row in enumerate(rows)}
+        fro = [j for j, name in enumerate(self.metric_names) if name in ENTRY_METRICS]
+        if fro:
+            with self.threads(device):
+                # every layer's exact norm, one read each and one host sync for all of them
+                out.values[rows, fro[0]] = frobenius_norms(matrices).to(device)
+        exact_rows = [r for r in plan.exact if r in at]
+        estimate_rows = [r for r in plan.estimate + plan.audit if r in at]
+        out.computed = len(exact_rows) + len([r for r in plan.estimate if r in at])
+        if exact_rows:
+            self._exact_rows(out, exact_rows, [matrices[at[r]] for r in exact_rows])
+        if estimate_rows:
+            self._estimate_rows(out, estimate_rows, [matrices[at[r]] for r in estimate_rows], set(plan.audit), seed)
+        return out
+
+    def _exact_rows(self, out: SpectraResult, rows: list[int], matrices: list[Tensor]) -> None:
+        t0 = time.perf_counter()
+        out.values[rows] = self.exact(rows, matrices, out.factored_rows).to(out.values.device)
+        out.codes[rows] = SpectrumSource.EXACT.code
+        seconds = time.perf_counter() - t0
+        out.computed = max(out.computed, len(rows))
+        out.work.append((SpectrumSource.EXACT, list(rows), seconds))
+        out.seconds += seconds
+
+    def _estimate_rows(
+        self, out: SpectraResult, rows: list[int], matrices: list[Tensor], audit: set[int], seed: int
+    ) -> None:
+        device = out.values.device
+        t0 = time.perf_counter()
+        with self.threads(device):
+            est = estimate_spectral_metrics_many(
+                matrices, self.metric_names, warm_start=[self.bases.get(r) for r in rows], seed=seed
+            )
+        seconds = time.perf_counter() - t0
+        out.work.append((SpectrumSource.ESTIMATE, list(rows), seconds))
+        out.seconds += seconds
+        for k, r in enumerate(rows):
+            self.bases[r] = est.bases[k]
+        values = est.values.to(device)
+        # positions in rows, from host lists (no device round trip)
+        plain_k = [k for k, r in enumerate(rows) if r not in audit]
+        audit_k = [k for k, r in enumerate(rows) if r in audit]
+        plain = [rows[k] for k in plain_k]
+        if plain:
+            out.values[plain] = values[plain_k]
+            out.errors[plain] = est.rel_error.to(device)[plain_k]
+            out.codes[plain] = SpectrumSource.ESTIMATE.code
+        audited = [rows[k] for k in audit_k]
+        if audited:
+            exact = out.values[audited]
+            out.errors[audited] = (values[audit_k] - exact).abs() / exact.abs().clamp_min(torch.finfo(exact.dtype).tiny)
+            out.codes[audited] = SpectrumSource.AUDIT.code
+
+    def exact(self, rows: list[int], matrices: list[Tensor], factored_rows: list[int]) -> Tensor:
+        """Exact metrics of the layers ``rows``: from the ``T x T`` factored problem where the hooks kept
+        factors that reproduce the gradient (those rows are appended to ``factored_rows``), else from the matrix."""
+        out = torch.empty((len(rows), len(self.metric_names)), dtype=torch.float64, device=matrices[0].device)
+        plain = list(range(len(rows)))
+        with self.threads(matrices[0].device):
+            if self.factors is not None and needs_spectrum(self.metric_names):
+                plain = []
+                for k, (row, matrix) in enumerate(zip(rows, matrices)):
+                    factors = self.factors.factors(row, matrix)
+                    if factors is None:
+                        plain.append(k)
+                        continue
+                    s = factored_singular_values(*factors)
+                    values = metrics_from_singular_values(s, frobenius_norm(matrix), self.metric_names)
+                    out[k] = torch.stack([values[n] for n in self.metric_names]).to(out.device)
+                    factored_rows.append(row)
+            if plain:
+                computed = spectral_metrics_many([matrices[k] for k in plain], self.metric_names, self.method)
+                out[plain] = computed.to(out.device)
+        return out
