@@ -13,7 +13,7 @@ with that kind (the first 25 batches clean):
 
 Then, over the scored steps (after the monitor's warm-up), per kind: the AUROC of the monitor's live
 ``score``, of a loss z-score detector and of a global gradient-norm z-score detector (the peers,
-:class:`gradspectra.scoring.ZScoreDetector` on the same steps' loss and
+:class:`gradspectra.evaluation.ZScoreDetector` on the same steps' loss and
 ``sqrt(sum_l frobenius_norm_l^2)``), and the share of clean steps the monitor flagged. Peers get the
 benefit of the doubt: each peer's AUROC is the better of its one-sided ("high", what spike detectors
 do) and two-sided form, per kind.
@@ -167,7 +167,7 @@ def run_causal_lm(
 
 def peer_scores(records: Sequence[dict[str, Any]], name: str) -> tuple[list[float | None], list[float | None]]:
     """One-sided (high) and two-sided scores of a peer z-score detector on the records' loss or grad norm."""
-    from gradspectra.scoring import ZScoreDetector, global_grad_norm
+    from gradspectra.evaluation import ZScoreDetector, global_grad_norm
 
     high = ZScoreDetector(name=name, side="high", warmup_steps=WARMUP)
     both = ZScoreDetector(name=name, side="both", warmup_steps=WARMUP)
@@ -194,7 +194,7 @@ def rescore(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _auroc(scores: Sequence[float | None], labels: Sequence[bool]) -> float:
-    from gradspectra.scoring import auroc
+    from gradspectra.evaluation import auroc
 
     return auroc([math.inf if s is None or math.isnan(s) else s for s in scores], labels)
 
@@ -242,7 +242,7 @@ def signal_row(kind: str, records: Sequence[dict[str, Any]], corrupted: dict[int
     """
     import numpy as np
 
-    from gradspectra.scoring import auroc
+    from gradspectra.evaluation import auroc
 
     labels = [corrupted[int(r["batch_idx"])] for r in records]
     layers = [k for k in records[0]["metrics"] if all(k in r["metrics"] for r in records)]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradspectra.scoring import BatchScorer, ScoreResult, auroc
+from gradspectra.evaluation import auroc
+from gradspectra.scoring import BatchScorer, ScoreResult
 
 from .streams import METRICS, SyntheticRun, finetune_drift
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gradspectra.scoring import BatchScorer, auroc
+from gradspectra.evaluation import auroc
+from gradspectra.scoring import BatchScorer
 
 DATA = Path(__file__).parent / "data" / "minilm_near_duplicate.npz"
 

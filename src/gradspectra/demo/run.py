@@ -88,7 +88,7 @@ def run_demo(
 
 def demo_summary(result: DemoResult, top: int = 10) -> str:
     """The demo's closing text: where things are, how to look, and the most suspicious batches."""
-    from gradspectra.scoring import auroc
+    from gradspectra.evaluation import auroc
 
     records = result.records
     scored = [r for r in records if r.get("score") is not None]

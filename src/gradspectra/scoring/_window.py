@@ -155,6 +155,11 @@ class ScalarWindow:
     def count(self) -> NDArray[np.int64]:
         return np.array([len(self._sorted)], dtype=np.int64)
 
+    def grow(self, shape: tuple[int, ...]) -> None:
+        """Nothing to do: one series never grows. Here so that every window can be grown alike."""
+        if tuple(shape) != self.shape:
+            raise ValueError(f"a ScalarWindow holds one series, shape {self.shape}, not {tuple(shape)}")
+
     def push(self, values: FloatArray | float) -> None:
         value = float(np.asarray(values, dtype=np.float64).reshape(-1)[0])
         if len(self._order) == self.capacity:

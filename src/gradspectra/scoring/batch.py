@@ -111,15 +111,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
+from gradspectra.scoring._baseline import Baseline, Block, Columns, Series, Sizes
 from gradspectra.scoring._checks import check_bool, check_float, check_int, check_names
-from gradspectra.scoring._profile import ProfileBasis
-from gradspectra.scoring._trend import TrendWindow
 from gradspectra.scoring._window import FloatArray, ScalarWindow, SortedWindow
 from gradspectra.scoring.result import ScoreResult
 
@@ -258,18 +258,14 @@ class BatchScorer:
         self._trend_start = max(2, min(5, self.warmup_steps // 4, self.trend_window))
         self._min_history = self.warmup_steps - self._trend_start
 
-        self._trend_values: TrendWindow  # every step's values, for the trends
-        self._trend_profile: TrendWindow
-        self._trend_loss: TrendWindow
-        self._res_values: SortedWindow  # clean steps' residuals, for the level-1 scales
-        self._res_profile: SortedWindow
-        self._res_loss: ScalarWindow
-        self._bases: list[ProfileBasis]  # clean steps' profile z, for the usual directions of change
-        self._terms_window: SortedWindow | None  # level 2; None during warm-up
-        self._scores: ScalarWindow | None  # accepted scores; None during warm-up
-        self._accepted: int
-        self._consecutive_flags: int
-        self._levels: tuple[FloatArray, float]  # the latest predictions' magnitudes (linear-scale floors)
+        self._sizes = Sizes(
+            window=self.window,
+            trend_window=self.trend_window,
+            loss_window=self.loss_window,
+            threshold_window=self.threshold_window,
+            profile_components=self.profile_components,
+        )
+        self._base: Baseline  # everything learnt from past steps; replaced whole on a reset
         self._layers: list[str] = []
         self._layer_index: dict[str, int] = {}
         self._metrics: list[str] = []
@@ -286,7 +282,7 @@ class BatchScorer:
     @property
     def in_warmup(self) -> bool:
         """Whether the next step will still be part of the warm-up."""
-        return self._accepted < self.warmup_steps
+        return self._base.accepted < self.warmup_steps
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -314,78 +310,17 @@ class BatchScorer:
         Returns:
             The :class:`ScoreResult`. Never raises on non-finite values.
         """
-        t = float(self.steps)
-        self.steps += 1
-        y, nonfinite_layers = self._read(layer_metrics)
-        loss_y, loss_bad = self._read_loss(loss)
-        reasons: list[str] = []
-        if nonfinite_layers:
-            listed = ", ".join(nonfinite_layers[:_MAX_LISTED_LAYERS])
-            more = ", ..." if len(nonfinite_layers) > _MAX_LISTED_LAYERS else ""
-            noun = "layer" if len(nonfinite_layers) == 1 else "layers"
-            reasons.append(f"non-finite gradient in {len(nonfinite_layers)} {noun}: {listed}{more}")
-        if loss_bad is not None:
-            reasons.append(f"non-finite loss ({loss_bad})")
-        nonfinite = bool(reasons)
-        p = self._profiles(y)
-        residuals = self._residuals(y, p, loss_y, t)
-
+        step = self._read_step(layer_metrics, loss)
+        residuals = self._residuals(step)
         if self.in_warmup:
-            if nonfinite:
-                self.flagged_steps += 1
-                return ScoreResult(None, True, reasons, {}, in_warmup=True)
-            if not np.isfinite(y).any() and not math.isfinite(loss_y):
-                return ScoreResult(None, False, [], {}, in_warmup=True)  # nothing measured
-            self._push_trends(y, p, loss_y, t)
-            if residuals is not None:
-                self._push_residuals(*residuals)
-            self._accepted += 1
-            if not self.in_warmup:
-                self._start_scoring()
-            return ScoreResult(None, False, [], {}, in_warmup=True)
-
-        if residuals is None:  # only after loading a state with shorter trends than this scorer needs
-            if nonfinite:
-                self.flagged_steps += 1
-            elif np.isfinite(y).any() or math.isfinite(loss_y):
-                self._push_trends(y, p, loss_y, t)
-            return ScoreResult(math.inf if nonfinite else None, nonfinite, reasons, {}, threshold=self._threshold())
-        z_values, z_profile, z_loss = self._standardize_all(*residuals)
-        terms, remainders = self._terms(z_values, z_profile, z_loss)
-        z_terms = self._level2(terms)
-        strength = self._strength(z_terms)
-        finite = np.isfinite(strength)
-        score: float | None = float(np.max(strength[finite])) if finite.any() else None
-        threshold = self._threshold()
-        over = score is not None and score > threshold
-        flagged = nonfinite or over
-        names = self._term_names()
-        z_dict = {name: float(z_terms[k]) for k, name in enumerate(names) if np.isfinite(z_terms[k])}
-        if flagged:
-            reasons.extend(self._term_reasons(z_values, remainders, z_terms, strength, threshold))
-        if nonfinite:
-            self.flagged_steps += 1
-            return ScoreResult(math.inf, True, reasons, z_dict, in_warmup=False, threshold=threshold)
-        if score is None:  # nothing measured: keep the windows as they are rather than evict for nothing
-            return ScoreResult(None, False, [], z_dict, in_warmup=False, threshold=threshold)
-        self._push_trends(y, p, loss_y, t, flagged=over)
-        if over:
-            self.flagged_steps += 1
-            self._consecutive_flags += 1
-            if self.rebaseline_after is not None and self._consecutive_flags >= self.rebaseline_after:
-                reasons.append(
-                    f"baseline restarted after {self._consecutive_flags} consecutive flagged steps (regime change?)"
-                )
-                self._reset_baseline()
+            result = self._warm_up(step, residuals)
+        elif residuals is None:  # only after loading a state with shorter trends than this scorer needs
+            result = self._follow_trends(step)
         else:
-            self._consecutive_flags = 0
-            assert self._scores is not None
-            self._scores.push(score)
-            if score <= _GUARD * threshold:
-                self._push_residuals(*residuals)
-                self._push_terms(terms, z_profile)
-                self._accepted += 1
-        return ScoreResult(score, flagged, reasons, z_dict, in_warmup=False, threshold=threshold)
+            result = self._judge(step, residuals)
+        if result.flagged:
+            self.flagged_steps += 1
+        return result
 
     def state_dict(self) -> dict[str, Any]:
         """Picklable state (plain lists, floats and ints): every window oldest first, and counters.
@@ -400,18 +335,7 @@ class BatchScorer:
             "profile_metrics": list(self.profile_metrics),
             "steps": self.steps,
             "flagged_steps": self.flagged_steps,
-            "accepted": self._accepted,
-            "consecutive_flags": self._consecutive_flags,
-            "trend_values": self._trend_values.state(),
-            "trend_profile": self._trend_profile.state(),
-            "trend_loss": self._trend_loss.state(),
-            "residuals": self._res_values.history().tolist(),
-            "profile_residuals": self._res_profile.history().tolist(),
-            "loss_residuals": self._res_loss.history()[0].tolist(),
-            "bases": [b.state() for b in self._bases],
-            "terms": None if self._terms_window is None else self._terms_window.history().tolist(),
-            "term_names": None if self._terms_window is None else self._term_names(),
-            "scores": None if self._scores is None else self._scores.history()[0].tolist(),
+            **self._base.state(self._term_names()),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -423,119 +347,122 @@ class BatchScorer:
         """
         layers = [str(n) for n in state.get("layers", [])]
         stored_metrics = [str(n) for n in state.get("metrics", [])]
-        metrics = list(self._metrics) if self._fixed_metrics else stored_metrics
+        self._set_names(layers, list(self._metrics) if self._fixed_metrics else stored_metrics)
+        self.steps = int(state.get("steps", 0))
+        self.flagged_steps = int(state.get("flagged_steps", 0))
+        self._reset_baseline()
+        if int(state.get("version", 1)) != _STATE_VERSION:
+            return
+        metrics = Columns(tuple(stored_metrics), tuple(self._metrics))
+        stored_profile = tuple(str(n) for n in state.get("profile_metrics", []))
+        profile = Columns(stored_profile, self.profile_metrics)
+        self._base = Baseline.load(self._sizes, state, len(layers), metrics, profile)
+        if not self.in_warmup and not self._base.load_level2(state, self._term_names()):
+            self._start_scoring()  # a state without level 2: rebuild it as at the end of warm-up
+
+    # ------------------------------------------------------------------ internals: one step
+
+    def _read_step(self, layer_metrics: Mapping[str, Mapping[str, float]], loss: float | None) -> _Step:
+        t = float(self.steps)
+        self.steps += 1
+        y, nonfinite_layers = self._read(layer_metrics)
+        loss_y, loss_bad = self._read_loss(loss)
+        problems: list[str] = []
+        if nonfinite_layers:
+            listed = ", ".join(nonfinite_layers[:_MAX_LISTED_LAYERS])
+            more = ", ..." if len(nonfinite_layers) > _MAX_LISTED_LAYERS else ""
+            noun = "layer" if len(nonfinite_layers) == 1 else "layers"
+            problems.append(f"non-finite gradient in {len(nonfinite_layers)} {noun}: {listed}{more}")
+        if loss_bad is not None:
+            problems.append(f"non-finite loss ({loss_bad})")
+        return _Step(t, {"values": y, "profile": self._profiles(y), "loss": np.array([loss_y])}, problems)
+
+    def _warm_up(self, step: _Step, residuals: Series | None) -> ScoreResult:
+        """A warm-up step only fills the windows; the last one also starts level 2 and the threshold."""
+        if step.problems:
+            return ScoreResult(None, True, step.problems, {}, in_warmup=True)
+        if not step.measured:
+            return ScoreResult(None, False, [], {}, in_warmup=True)
+        self._base.push_trends(step.series, step.t, for_slope=True)
+        if residuals is not None:
+            self._base.push_residuals(residuals)
+        self._base.accepted += 1
+        if not self.in_warmup:
+            self._start_scoring()
+        return ScoreResult(None, False, [], {}, in_warmup=True)
+
+    def _follow_trends(self, step: _Step) -> ScoreResult:
+        """No score until the trends are long enough again, but a measured step lengthens them."""
+        if not step.problems and step.measured:
+            self._base.push_trends(step.series, step.t, for_slope=True)
+        nonfinite = bool(step.problems)
+        return ScoreResult(math.inf if nonfinite else None, nonfinite, step.problems, {}, threshold=self._threshold())
+
+    def _judge(self, step: _Step, residuals: Series) -> ScoreResult:
+        """Score a step after warm-up, flag it or not, and let it teach the windows it may teach."""
+        z = self._standardize_all(residuals)
+        terms, remainders = self._terms(z)
+        z_terms = self._level2(terms)
+        strength = self._strength(z_terms)
+        finite = np.isfinite(strength)
+        score: float | None = float(np.max(strength[finite])) if finite.any() else None
+        threshold = self._threshold()
+        over = score is not None and score > threshold
+        nonfinite = bool(step.problems)
+        names = self._term_names()
+        z_dict = {name: float(z_terms[k]) for k, name in enumerate(names) if np.isfinite(z_terms[k])}
+        reasons = list(step.problems)
+        if nonfinite or over:
+            reasons.extend(self._term_reasons(z["values"], remainders, z_terms, strength, threshold))
+        if nonfinite:  # kept out of every window
+            return ScoreResult(math.inf, True, reasons, z_dict, in_warmup=False, threshold=threshold)
+        if score is None:  # nothing measured: keep the windows as they are rather than evict for nothing
+            return ScoreResult(None, False, [], z_dict, in_warmup=False, threshold=threshold)
+        self._base.push_trends(step.series, step.t, for_slope=not over)
+        if over:
+            reasons.extend(self._count_flag())
+        else:
+            self._accept(score, threshold, residuals, terms, z["profile"])
+        return ScoreResult(score, over, reasons, z_dict, in_warmup=False, threshold=threshold)
+
+    def _count_flag(self) -> list[str]:
+        """A flagged step in a row; after ``rebaseline_after`` of them the regime has changed: start over."""
+        self._base.consecutive_flags += 1
+        flags = self._base.consecutive_flags
+        if self.rebaseline_after is None or flags < self.rebaseline_after:
+            return []
+        self._reset_baseline()
+        return [f"baseline restarted after {flags} consecutive flagged steps (regime change?)"]
+
+    def _accept(
+        self, score: float, threshold: float, residuals: Series, terms: FloatArray, z_profile: FloatArray
+    ) -> None:
+        """An accepted step sets the threshold; only a clean-looking one also teaches the scales and directions."""
+        base = self._base
+        base.consecutive_flags = 0
+        assert base.scores is not None
+        base.scores.push(score)
+        if score <= _GUARD * threshold:
+            base.push_residuals(residuals)
+            base.push_terms(terms, z_profile)
+            base.accepted += 1
+
+    # ------------------------------------------------------------------ internals: bookkeeping
+
+    def _reset_baseline(self) -> None:
+        self._base = Baseline(self._sizes, len(self._layers), len(self._metrics), len(self.profile_metrics))
+
+    def _term_names(self) -> list[str]:
+        """Level-2 rows: the loss, the profile terms (fixed), then one level term per metric (growing)."""
+        return [LOSS_KEY, *(m + PROFILE_SUFFIX for m in self.profile_metrics), *self._metrics]
+
+    def _set_names(self, layers: Sequence[str], metrics: Sequence[str]) -> None:
         self._layers, self._layer_index = [], {}
         self._metrics, self._metric_index, self._log_mask = [], {}, np.zeros(0, dtype=bool)
         for name in layers:
             self._add_layer(name)
         for name in metrics:
             self._add_metric(name)
-        self.steps = int(state.get("steps", 0))
-        self.flagged_steps = int(state.get("flagged_steps", 0))
-        self._reset_baseline()
-        if int(state.get("version", 1)) != _STATE_VERSION:
-            return
-        n_layers, n_metrics = len(layers), len(stored_metrics)
-        stored_profile = [str(n) for n in state.get("profile_metrics", [])]
-        residuals = np.asarray(state.get("residuals", []), dtype=np.float64)
-        if residuals.size == 0:
-            residuals = np.full((n_layers, n_metrics, 0), np.nan)
-        if residuals.ndim != 3 or residuals.shape[:2] != (n_layers, n_metrics):
-            raise ValueError(
-                f"`state['residuals']` must be shaped (layers, metrics, steps) = ({n_layers}, {n_metrics}, T), "
-                f"got {residuals.shape}"
-            )
-        col = {name: stored_metrics.index(name) for name in metrics if name in stored_metrics}
-        pcol = {name: stored_profile.index(name) for name in self.profile_metrics if name in stored_profile}
-
-        def remap_metrics(block: NDArray[np.float64]) -> NDArray[np.float64]:
-            """(layers, stored metrics, ...) -> (layers, metrics, ...), NaN for metrics the state lacks."""
-            out = np.full((n_layers, len(metrics), *block.shape[2:]), np.nan)
-            for j, name in enumerate(metrics):
-                if name in col:
-                    out[:, j] = block[:, col[name]]
-            return out
-
-        def remap_profile(block: NDArray[np.float64]) -> NDArray[np.float64]:
-            out = np.full((n_layers, len(self.profile_metrics), *block.shape[2:]), np.nan)
-            for j, name in enumerate(self.profile_metrics):
-                if name in pcol and block.ndim >= 2 and block.shape[1] > pcol[name]:
-                    out[:, j] = block[:, pcol[name]]
-            return out
-
-        trend = dict(state.get("trend_values") or {})
-        if metrics != stored_metrics:  # remapped columns: the cached slopes no longer line up, refit them
-            trend = {
-                "values": [remap_metrics(np.asarray(r)) for r in trend.get("values", [])],
-                "steps": trend.get("steps"),
-            }
-        self._trend_values = TrendWindow.from_state((n_layers, len(metrics)), self.trend_window, trend)
-        trend = dict(state.get("trend_profile") or {})
-        if list(self.profile_metrics) != stored_profile:
-            trend = {
-                "values": [remap_profile(np.asarray(r)) for r in trend.get("values", [])],
-                "steps": trend.get("steps"),
-            }
-        self._trend_profile = TrendWindow.from_state((n_layers, len(self.profile_metrics)), self.trend_window, trend)
-        self._trend_loss = TrendWindow.from_state((1,), self._loss_capacity, state.get("trend_loss") or {})
-        self._res_values = SortedWindow.from_history(remap_metrics(residuals), self.window)
-        profile_res = np.asarray(state.get("profile_residuals", []), dtype=np.float64)
-        if profile_res.ndim != 3:
-            profile_res = np.full((n_layers, len(stored_profile), 0), np.nan)
-        self._res_profile = SortedWindow.from_history(remap_profile(profile_res), self.window)
-        loss_res = np.asarray(state.get("loss_residuals", []), dtype=np.float64).reshape(1, -1)
-        self._res_loss = ScalarWindow.from_history(loss_res, self.window)
-        stored_bases = list(state.get("bases") or [])
-        self._bases = [
-            ProfileBasis.from_state(
-                n_layers,
-                self.window,
-                self.profile_components,
-                stored_bases[pcol[name]] if name in pcol and pcol[name] < len(stored_bases) else None,
-            )
-            for name in self.profile_metrics
-        ]
-        self._accepted = int(state.get("accepted", 0))
-        self._consecutive_flags = int(state.get("consecutive_flags", 0))
-        if self.in_warmup:
-            return
-        stored_terms = state.get("terms")
-        names = state.get("term_names")
-        scores = state.get("scores")
-        if stored_terms is None or names is None or scores is None:
-            self._start_scoring()  # a state without level 2: rebuild it as at the end of warm-up
-            return
-        terms = np.asarray(stored_terms, dtype=np.float64)
-        width = terms.shape[-1] if terms.ndim == 2 else 0
-        agg = np.full((len(self._term_names()), width), np.nan)
-        for k, name in enumerate(self._term_names()):
-            if name in names and width:
-                agg[k] = terms[list(names).index(name)]
-        self._terms_window = SortedWindow.from_history(agg, self.window)
-        self._scores = ScalarWindow.from_history(
-            np.asarray(scores, dtype=np.float64).reshape(1, -1), self.threshold_window
-        )
-
-    # ------------------------------------------------------------------ internals: bookkeeping
-
-    def _reset_baseline(self) -> None:
-        n_layers, n_metrics, n_profile = len(self._layers), len(self._metrics), len(self.profile_metrics)
-        self._trend_values = TrendWindow((n_layers, n_metrics), self.trend_window)
-        self._trend_profile = TrendWindow((n_layers, n_profile), self.trend_window)
-        self._trend_loss = TrendWindow((1,), self._loss_capacity)
-        self._res_values = SortedWindow((n_layers, n_metrics), self.window)
-        self._res_profile = SortedWindow((n_layers, n_profile), self.window)
-        self._res_loss = ScalarWindow(self.window)
-        self._bases = [ProfileBasis(n_layers, self.window, self.profile_components) for _ in self.profile_metrics]
-        self._terms_window = None
-        self._scores = None
-        self._accepted = 0
-        self._consecutive_flags = 0
-        self._levels = (np.ones((n_layers, n_metrics)), 1.0)
-
-    def _term_names(self) -> list[str]:
-        """Level-2 rows: the loss, the profile terms (fixed), then one level term per metric (growing)."""
-        return [LOSS_KEY, *(m + PROFILE_SUFFIX for m in self.profile_metrics), *self._metrics]
 
     def _add_layer(self, name: str) -> None:
         self._layer_index[name] = len(self._layers)
@@ -559,16 +486,7 @@ class BatchScorer:
                         if name not in self._metric_index and name != LOSS_KEY:
                             self._add_metric(name)
         if (len(self._layers), len(self._metrics)) != (n_layers, n_metrics):
-            shape = (len(self._layers), len(self._metrics))
-            pshape = (len(self._layers), len(self.profile_metrics))
-            self._trend_values.grow(shape)
-            self._trend_profile.grow(pshape)
-            self._res_values.grow(shape)
-            self._res_profile.grow(pshape)
-            for basis in self._bases:
-                basis.grow(len(self._layers))
-            if self._terms_window is not None:
-                self._terms_window.grow((len(self._term_names()),))
+            self._base.grow(len(self._layers), len(self._metrics), len(self.profile_metrics))
 
     def _read(self, layer_metrics: Mapping[str, Mapping[str, float]]) -> tuple[FloatArray, list[str]]:
         """The step as a (layers, metrics) array on the scoring scale (NaN = absent or non-finite)."""
@@ -623,83 +541,52 @@ class BatchScorer:
                 out[:, j] = col - float(np.median(col[finite]))
         return out
 
-    @property
-    def _loss_capacity(self) -> int:
-        return self.loss_window
-
     # ------------------------------------------------------------------ internals: the math
 
-    def _residuals(
-        self, y: FloatArray, p: FloatArray, loss_y: float, t: float
-    ) -> tuple[FloatArray, FloatArray, float] | None:
-        """Each series minus its trend prediction for step ``t``; ``None`` while the trends are too short.
+    def _residuals(self, step: _Step) -> Series | None:
+        """Each series minus its trend prediction; ``None`` while the trends are too short.
 
         Also keeps the predictions' magnitudes, the level that the linear-scale floor is relative to.
         """
-        if min(len(self._trend_loss), len(self._trend_values), len(self._trend_profile)) < self._trend_start:
+        trends = self._base.trends
+        if min(len(trend) for trend in trends.values()) < self._trend_start:
             return None
-        pred_values = self._trend_values.predict(t)
-        pred_loss = float(self._trend_loss.predict(t, slope=self.loss_trend)[0])
-        self._levels = (np.abs(pred_values), abs(pred_loss))
-        return y - pred_values, p - self._trend_profile.predict(t), float(loss_y - pred_loss)
+        predicted: dict[Block, FloatArray] = {
+            block: trend.predict(step.t, slope=self.loss_trend if block == "loss" else True)
+            for block, trend in trends.items()
+        }
+        self._base.levels = (np.abs(predicted["values"]), abs(float(predicted["loss"][0])))
+        return {block: step.series[block] - predicted[block] for block in predicted}
 
-    def _push_trends(self, y: FloatArray, p: FloatArray, loss_y: float, t: float, flagged: bool = False) -> None:
-        self._trend_values.push(y, t, not flagged)
-        self._trend_profile.push(p, t, not flagged)
-        self._trend_loss.push(np.array([loss_y]), t, not flagged)
-
-    def _push_residuals(self, r_values: FloatArray, r_profile: FloatArray, r_loss: float) -> None:
-        self._res_values.push(r_values)
-        self._res_profile.push(r_profile)
-        self._res_loss.push(r_loss)
-
-    def _push_terms(self, terms: FloatArray, z_profile: FloatArray) -> None:
-        assert self._terms_window is not None
-        self._terms_window.push(terms)
-        for j, basis in enumerate(self._bases):
-            basis.push(z_profile[:, j])
-
-    def _standardize(
-        self, r: NDArray[np.floating[Any]], window: SortedWindow | ScalarWindow, floor: NDArray[np.floating[Any]]
-    ) -> FloatArray:
-        """Level-1 robust z of residuals ``r`` (an extra last axis for histories) against ``window``."""
-        q1, med, q3 = window.quantiles((0.25, 0.5, 0.75))
-        scale = np.maximum((q3 - q1) / _IQR_PER_SIGMA, np.nan_to_num(floor, nan=self.min_scale) + 1e-300)
-        usable = window.count >= min(self._min_history, window.capacity)
-        med = np.where(usable, med, np.nan)
-        extra = r.ndim - med.ndim
-        shape = med.shape + (1,) * extra
-        z: FloatArray = (r - med.reshape(shape)) / scale.reshape(shape)
-        return z
-
-    def _standardize_all(
-        self, r_values: NDArray[np.floating[Any]], r_profile: NDArray[np.floating[Any]], r_loss: Any
-    ) -> tuple[FloatArray, FloatArray, Any]:
-        """Level-1 z of the metric, profile and loss residuals.
+    def _standardize_all(self, residuals: Series) -> dict[Block, FloatArray]:
+        """Level-1 z of each block's residuals (an extra last axis for histories).
 
         The floor on a scale is ``min_scale`` on log scale and ``min_scale`` times the series' current
         prediction on linear scale (a metric that never moves does not turn rounding noise into huge z).
         """
-        level_values, level_loss = self._levels
-        floor_values = np.where(self._log_mask, self.min_scale, self.min_scale * level_values)
-        z_values = self._standardize(r_values, self._res_values, floor_values)
-        z_profile = self._standardize(r_profile, self._res_profile, np.full(self._res_profile.shape, self.min_scale))
-        loss_floor = np.array([self.min_scale * (level_loss if not self.log_loss else 1.0)])
-        r = np.asarray(r_loss, dtype=np.float64)
-        z_loss = self._standardize(r.reshape(1, -1), self._res_loss, loss_floor)[0]
-        return z_values, z_profile, (z_loss if r.ndim else float(z_loss[0]))
+        level_values, level_loss = self._base.levels
+        floors: dict[Block, FloatArray] = {
+            "values": np.where(self._log_mask, self.min_scale, self.min_scale * level_values),
+            "profile": np.full(self._base.residuals["profile"].shape, self.min_scale),
+            "loss": np.array([self.min_scale * (level_loss if not self.log_loss else 1.0)]),
+        }
+        windows = self._base.residuals
+        # NaN prediction (an empty trend): the log-scale floor; + 1e-300: a zero prediction never divides by 0
+        floor = {block: np.nan_to_num(f, nan=self.min_scale) + 1e-300 for block, f in floors.items()}
+        return {block: _robust_z(r, windows[block], floor[block], self._min_history) for block, r in residuals.items()}
 
-    def _terms(self, z_values: FloatArray, z_profile: FloatArray, z_loss: FloatArray) -> tuple[FloatArray, FloatArray]:
+    def _terms(self, z: Series) -> tuple[FloatArray, FloatArray]:
         """The level-2 inputs (loss, profile terms, level terms) and the profile remainders (layers, profiles).
 
-        ``z_*`` may carry an extra last axis (a history); the outputs then carry it too.
+        ``z`` may carry an extra last axis (a history); the outputs then carry it too.
         """
+        z_values, z_profile = z["values"], z["profile"]
         extra = z_values.shape[2:]
         n_profile = len(self.profile_metrics)
         terms = np.full((1 + n_profile + len(self._metrics), *extra), np.nan)
-        terms[0] = z_loss
+        terms[0] = z["loss"][0]
         remainders = np.full(z_profile.shape, np.nan)
-        for j, basis in enumerate(self._bases):
+        for j, basis in enumerate(self._base.bases):
             x = z_profile[:, j]
             if x.ndim == 1:
                 rem = basis.residual(x)
@@ -714,15 +601,9 @@ class BatchScorer:
         return terms, remainders
 
     def _level2(self, terms: FloatArray) -> FloatArray:
-        """Level-2 z of each term against its window of clean values (median and IQR)."""
-        assert self._terms_window is not None
-        q1, med, q3 = self._terms_window.quantiles((0.25, 0.5, 0.75))
-        usable = self._terms_window.count >= min(self._min_history, self.window)
-        scale = np.maximum((q3 - q1) / _IQR_PER_SIGMA, _MIN_AGGREGATE_SCALE)
-        extra = terms.ndim - med.ndim
-        shape = med.shape + (1,) * extra
-        out: FloatArray = (terms - np.where(usable, med, np.nan).reshape(shape)) / scale.reshape(shape)
-        return out
+        """Level-2 z of each term against its window of clean values."""
+        assert self._base.terms is not None
+        return _robust_z(terms, self._base.terms, np.float64(_MIN_AGGREGATE_SCALE), self._min_history)
 
     def _one_sided(self) -> NDArray[np.bool_]:
         """Level-2 rows that count only upwards: profiles, ``high_metrics``, the loss if ``loss_side="high"``."""
@@ -743,26 +624,26 @@ class BatchScorer:
         return out
 
     def _threshold(self) -> float:
-        if self._scores is None or self._scores.count[0] == 0:
+        scores = self._base.scores
+        if scores is None or scores.count[0] == 0:
             return self.min_threshold
-        median, tail = (float(q) for q in self._scores.quantiles((0.5, _TAIL_QUANTILE))[:, 0])
+        median, tail = (float(q) for q in scores.quantiles((0.5, _TAIL_QUANTILE))[:, 0])
         return max(self.min_threshold, tail + (tail - median) * self._tail_factor)
 
     def _start_scoring(self) -> None:
         """End of warm-up: level-2, profile and score windows from the warm-up steps, scored in-sample."""
-        r_values = self._res_values.history().astype(np.float64)  # (layers, metrics, T)
-        r_profile = self._res_profile.history().astype(np.float64)
-        r_loss = self._res_loss.history().astype(np.float64)[0]
-        z_values, z_profile, z_loss = self._standardize_all(r_values, r_profile, r_loss)
+        base = self._base
+        z = self._standardize_all({block: w.history().astype(np.float64) for block, w in base.residuals.items()})
+        z_profile = z["profile"]
         for k in range(z_profile.shape[-1]):
-            for j, basis in enumerate(self._bases):
+            for j, basis in enumerate(base.bases):
                 basis.push(z_profile[:, j, k])
-        terms, _ = self._terms(z_values, z_profile, z_loss)
-        self._terms_window = SortedWindow.from_history(terms, self.window)
+        terms, _ = self._terms(z)
+        base.terms = SortedWindow.from_history(terms, self.window)
         strength = self._strength(self._level2(terms))
         finite = np.isfinite(strength)
         scores = np.where(finite.any(axis=0), np.max(np.where(finite, strength, -np.inf), axis=0), np.nan)
-        self._scores = ScalarWindow.from_history(scores, self.threshold_window)
+        base.scores = ScalarWindow.from_history(scores, self.threshold_window)
 
     def _term_reasons(
         self,
@@ -798,6 +679,37 @@ class BatchScorer:
                 count = int(np.count_nonzero(beyond))
                 reasons.append(f"{names[k]} {direction} in {count}/{n_layers} layers (z={value:.1f})")
         return reasons
+
+
+@dataclass
+class _Step:
+    """One step on the scoring scale, with the non-finite values found while reading it (as reasons)."""
+
+    t: float  # the step's position on the trends' time axis
+    series: dict[Block, FloatArray]  # values (layers, metrics), profile (layers, profiles), loss (1,); NaN = absent
+    problems: list[str]
+
+    @property
+    def measured(self) -> bool:
+        """Whether anything finite was given; a step without is skipped rather than allowed to evict window values."""
+        return bool(np.isfinite(self.series["values"]).any()) or bool(np.isfinite(self.series["loss"][0]))
+
+
+def _robust_z(
+    x: NDArray[np.floating[Any]], window: SortedWindow | ScalarWindow, floor: NDArray[np.floating[Any]], min_count: int
+) -> FloatArray:
+    """``(x - median) / max(IQR / 1.349, floor)`` against ``window``, the one z that both levels use.
+
+    The median and IQR are robust to the outliers the score is looking for; the floor keeps a series
+    that never moves from turning rounding noise into a huge z. NaN until the window holds ``min_count``
+    values (or is full). ``x`` may carry extra last axes (a history of steps).
+    """
+    q1, med, q3 = window.quantiles((0.25, 0.5, 0.75))
+    scale = np.maximum((q3 - q1) / _IQR_PER_SIGMA, floor)
+    med = np.where(window.count >= min(min_count, window.capacity), med, np.nan)
+    shape = med.shape + (1,) * (x.ndim - med.ndim)
+    z: FloatArray = (x - med.reshape(shape)) / scale.reshape(shape)
+    return z
 
 
 def _as_float(value: Any) -> float:

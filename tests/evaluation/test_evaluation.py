@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradspectra.scoring import ZScoreDetector, auroc, average_ranks, global_grad_norm
+from gradspectra.evaluation import ZScoreDetector, auroc, average_ranks, global_grad_norm
 
 
 def pairwise_auroc(scores: list[float], labels: list[bool]) -> float:
@@ -136,3 +136,9 @@ def test_global_grad_norm() -> None:
     layers = {"a": {"frobenius_norm": 1.0}, "b": {"frobenius_norm": 2.0}, "c": {"nuclear_norm": 9.0}}
     assert global_grad_norm(layers) == pytest.approx(math.sqrt(5.0))
     assert math.isnan(global_grad_norm({"a": {"frobenius_norm": math.nan}}))
+
+
+def test_the_runtime_scoring_package_does_not_export_the_benchmark_tools() -> None:
+    import gradspectra.scoring
+
+    assert not {"ZScoreDetector", "auroc", "average_ranks", "global_grad_norm"} & set(dir(gradspectra.scoring))
