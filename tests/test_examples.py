@@ -22,7 +22,7 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"minimal.py", "demo.py", "fast_vs_slow_thinking.py"}
+    tested = {"minimal.py", "demo.py", "fast_vs_slow_thinking.py", "hf_trainer.py", "plain_loop.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -47,3 +47,21 @@ def test_fast_vs_slow_thinking(tmp_path: Path) -> None:
     out = run("fast_vs_slow_thinking.py", "--steps", "4", "--layers", "2", "--out", "fs", cwd=tmp_path)
     assert "self_attn.q_proj" in out
     assert (tmp_path / "fs" / "nuclear_norm_by_layer.png").stat().st_size > 1000
+
+
+def test_hf_trainer_short(tmp_path: Path) -> None:
+    out = run("hf_trainer.py", "--steps", "8", "--max-length", "16", "--out", "hf", cwd=tmp_path)
+    assert "tensorboard --logdir" in out
+    records = read_records(tmp_path / "hf" / "gradspectra" / "batches.jsonl")
+    assert [r["step"] for r in records] == list(range(8))
+    assert "attention.self.query/layer_05" in records[0]["metrics"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "hf" / "gradspectra").iterdir())
+
+
+def test_plain_loop_short(tmp_path: Path) -> None:
+    out = run("plain_loop.py", "--steps", "8", "--max-length", "16", "--out", "plain", cwd=tmp_path)
+    assert "tensorboard --logdir" in out
+    records = read_records(tmp_path / "plain" / "gradspectra" / "batches.jsonl")
+    assert [r["step"] for r in records] == list(range(8))
+    assert records[0]["sample_ids"] == list(range(16))
+    assert all(r["loss"] > 0 for r in records)

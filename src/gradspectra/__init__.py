@@ -1,4 +1,4 @@
-"""gradspectra: live spectra of layer-wise gradients for PyTorch Lightning fine-tunes."""
+"""gradspectra: live spectra of layer-wise gradients for fine-tunes (Lightning, transformers Trainer, plain loops)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,26 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["GradientAnomalyError", "GradientSpectrumMonitor", "__version__"]
+__all__ = ["GradientAnomalyError", "GradientSpectrumMonitor", "GradientSpectrumTracker", "__version__"]
 
 if TYPE_CHECKING:
-    from gradspectra.callbacks import GradientAnomalyError, GradientSpectrumMonitor
+    from gradspectra.callbacks import GradientSpectrumMonitor
+    from gradspectra.monitoring import GradientAnomalyError
+    from gradspectra.tracker import GradientSpectrumTracker
 
 
 def __getattr__(name: str) -> Any:
-    # the callback pulls in Lightning; `gradspectra.functional` alone should not
-    if name in ("GradientSpectrumMonitor", "GradientAnomalyError"):
+    # the callback pulls in Lightning; `gradspectra.functional`, the engine and the plain-loop tracker do not
+    if name == "GradientSpectrumMonitor":
         from gradspectra import callbacks
 
-        return getattr(callbacks, name)
+        return callbacks.GradientSpectrumMonitor
+    if name == "GradientAnomalyError":
+        from gradspectra import monitoring
+
+        return monitoring.GradientAnomalyError
+    if name == "GradientSpectrumTracker":
+        from gradspectra import tracker
+
+        return tracker.GradientSpectrumTracker
     raise AttributeError(f"module 'gradspectra' has no attribute {name!r}")

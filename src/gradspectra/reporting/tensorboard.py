@@ -77,6 +77,11 @@ def heatmap_figure(metric: str, layer_keys: Sequence[str], steps: Sequence[int],
     return fig  # type: ignore[no-any-return]
 
 
+def _cell(value: Any) -> str:
+    """A table cell; a front door that does not know a field (a batch index, an epoch) leaves ``-``."""
+    return "-" if value is None else str(value)
+
+
 def flagged_table(records: Sequence[Mapping[str, Any]], top: int = 10) -> str:
     """A plain-text table of the ``top`` highest-scoring records (flagged or not), highest first."""
     scored = [r for r in records if isinstance(r.get("score"), (int, float)) and np.isfinite(r["score"])]
@@ -91,7 +96,7 @@ def flagged_table(records: Sequence[Mapping[str, Any]], top: int = 10) -> str:
             shown = ", ".join(str(i) for i in list(ids)[:6]) + (" ..." if len(ids) > 6 else "")
             reasons += f"  [samples: {shown}]"
         lines.append(
-            f"{r.get('step', ''):>6} {r.get('epoch', ''):>5} {r.get('batch_idx', ''):>6} "
+            f"{_cell(r.get('step')):>6} {_cell(r.get('epoch')):>5} {_cell(r.get('batch_idx')):>6} "
             f"{float(r['score']):>8.2f} {'yes' if r.get('flagged') else 'no':>4}  {reasons}"
         )
     if not rows:

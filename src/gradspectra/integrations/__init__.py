@@ -1,0 +1,1 @@
+"""Front doors for training frameworks other than Lightning (each an optional extra)."""

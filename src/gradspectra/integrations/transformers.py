@@ -1,0 +1,196 @@
+"""``GradientSpectrumCallback``: the transformers ``Trainer`` front door of the monitoring engine.
+
+Needs the ``hf`` extra (``pip install "gradspectra[hf]"``: transformers >= 4.45, whose ``Trainer`` calls
+``on_pre_optimizer_step``, and accelerate).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradspectra.monitoring import MonitorConfig, MonitorEngine, Processes, StepInputs, all_reduce_sum
+from gradspectra.monitoring.events import EventFiles
+from gradspectra.monitoring.records import BatchRecord
+from gradspectra.reporting import RECORD_FILENAME, RecordBuffer
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import ExportableState
+except ImportError as err:  # pragma: no cover - exercised without the extra
+    raise ImportError(
+        "gradspectra.integrations.transformers needs the `hf` extra (transformers>=4.45 and accelerate): "
+        'pip install "gradspectra[hf]"'
+    ) from err
+
+_STATE_ATTRIBUTE = "saved_state"
+
+
+class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
+    """Gradient spectra of every watched layer in a transformers ``Trainer`` run.
+
+    Takes the options of :class:`gradspectra.GradientSpectrumMonitor`, with the same defaults and checks.
+    Gradients are read in ``on_pre_optimizer_step``: accumulated over ``gradient_accumulation_steps``,
+    all-reduced under DDP, unscaled under fp16, and **after** the Trainer's clipping (``max_grad_norm``,
+    default 1.0): a clipped step's gradient is the unclipped one times ``max_grad_norm / norm``, so its
+    norms (nuclear, spectral, Frobenius) are scaled down by that factor while its ranks and ratios
+    (effective and stable rank, top-sv ratio) are unchanged. Set ``max_grad_norm=0`` to read unclipped values.
+
+    Where things go: records to ``<output_dir>/gradspectra/batches.jsonl`` (``output_dir`` of the
+    ``TrainingArguments``, or this callback's ``output_dir=`` option as the folder), TensorBoard event
+    files to the same folder (world process zero only), so ``tensorboard --logdir <output_dir>`` shows
+    them beside the Trainer's own.
+
+    What a ``TrainerCallback`` cannot see: the loss and the batch. The score rests on the gradients
+    alone and each record says ``"loss_seen": false``; ``sample_ids`` stay ``None``.
+
+    Resume: the callback's state travels in the checkpoint's ``trainer_state.json`` (transformers'
+    stateful callbacks) and is restored at ``on_train_begin`` of
+    ``trainer.train(resume_from_checkpoint=...)``.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self.options = dict(options)
+        self.config = MonitorConfig(**options)
+        if self.config.sample_id_key is not None:
+            warnings.warn(
+                "`sample_id_key` has no effect in the transformers callback: Trainer callbacks do not see the batch",
+                stacklevel=2,
+            )
+        self.engine = MonitorEngine(self.config)
+        self.saved_state: str | None = None  # set by transformers when it rebuilds the callback from a checkpoint
+        self._events: EventFiles | None = None
+        self._procs = Processes()
+
+    @property
+    def batch_records(self) -> RecordBuffer:
+        return self.engine.batch_records
+
+    @property
+    def record_path(self) -> Path | None:
+        return self.engine.record_path
+
+    # ------------------------------------------------------------------ transformers hooks
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None:
+            raise ValueError("`GradientSpectrumCallback` needs the model: the Trainer passes it to on_train_begin")
+        self._procs = Processes(int(args.process_index), int(args.world_size), all_reduce_sum)
+        self.engine.attach(model, self._procs.world, owner=type(self).__name__)
+        chosen = self.config.output_dir
+        base = Path(chosen) if chosen is not None else Path(args.output_dir or "trainer_output") / "gradspectra"
+        self.engine.open(base / RECORD_FILENAME, bool(state.is_world_process_zero), model)
+        self._events = EventFiles(base, bool(state.is_world_process_zero))
+        saved = self.saved_state or _saved_state(state, type(self).__name__)
+        if saved is not None and state.global_step > 0:
+            self.engine.load_state_dict(_decode(saved))
+            self.engine.set_aside_after_resume()
+        self.saved_state = None
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.engine.begin_step(state.global_step)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        optimizer = kwargs.get("optimizer")
+        _unscale(optimizer)
+        inputs = StepInputs(step=state.global_step, epoch=int(state.epoch or 0), loss_seen=False)
+        model = kwargs.get("model")
+
+        def params() -> Any:
+            if optimizer is not None:
+                return (p for group in optimizer.param_groups for p in group["params"])
+            return model.parameters() if model is not None else ()
+
+        outputs = self._events.outputs() if self._events is not None else None
+        self.engine.step(inputs, self._procs, outputs, params)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        outputs = self._events.outputs() if self._events is not None else None
+        self.engine.finish(max(0, state.global_step - 1), outputs, bool(state.is_world_process_zero))
+        self._close()
+
+    def _close(self) -> None:
+        self.engine.close()
+        if self._events is not None:
+            self._events.close()
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state(self) -> dict[str, Any]:
+        """transformers' stateful-callback format: JSON-safe ``args`` (the options that are) and the
+        engine's state, serialised, under ``attributes``."""
+        return {
+            "args": {k: v for k, v in self.options.items() if _json_safe(v)},
+            "attributes": {_STATE_ATTRIBUTE: _encode(self.engine.state_dict())},
+        }
+
+    def summary(self, top: int = 10) -> str:
+        return self.engine.summary(top)
+
+
+def _unscale(optimizer: Any) -> None:
+    """Undo the fp16 loss scale if the Trainer has not (older transformers without clipping).
+
+    ``GradScaler.unscale_`` refuses a second call for the same step, which is how we know it was done.
+    """
+    scaler = getattr(optimizer, "scaler", None)  # accelerate's optimizer wrapper keeps the GradScaler
+    inner = getattr(optimizer, "optimizer", None)
+    if scaler is None or inner is None or not scaler.is_enabled():
+        return
+    with contextlib.suppress(RuntimeError):  # already unscaled for this step
+        scaler.unscale_(inner)
+
+
+def _saved_state(state: TrainerState, name: str) -> str | None:
+    entry = (getattr(state, "stateful_callbacks", None) or {}).get(name)
+    if isinstance(entry, list):  # several instances of the callback: the first one's
+        entry = entry[0] if entry else None
+    if not isinstance(entry, dict):
+        return None
+    saved = (entry.get("attributes") or {}).get(_STATE_ATTRIBUTE)
+    return saved if isinstance(saved, str) else None
+
+
+def _encode(state: dict[str, Any]) -> str:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _decode(text: str) -> dict[str, Any]:
+    # our own checkpoint (numpy arrays in the scorer's state need the full unpickler)
+    state = torch.load(io.BytesIO(base64.b64decode(text)), weights_only=False)
+    return dict(state)
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        json.dumps(os.fspath(value) if isinstance(value, os.PathLike) else value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, os.PathLike)
+
+
+__all__ = ["BatchRecord", "GradientSpectrumCallback"]

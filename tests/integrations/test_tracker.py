@@ -1,0 +1,69 @@
+"""The plain-loop tracker: records and event files, NaN steps, skip, resume, every_n_steps, close."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gradspectra import GradientAnomalyError, GradientSpectrumTracker
+from gradspectra.reporting import read_records
+
+from .conftest import batches, tiny_llama
+
+
+def test_nan_step_is_recorded_flagged_and_skipped(tmp_path: Path) -> None:
+    model = tiny_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = {"action": "skip", "spectra": "exact", "figure_every_n_steps": 0, "verbose": False}
+    tracker = GradientSpectrumTracker(model, log_dir=tmp_path, optimizer=optimizer, **options)
+    for step, batch in enumerate(batches(4)):
+        loss = model(**batch).loss * (float("nan") if step == 2 else 1.0)
+        loss.backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        record = tracker.step(loss=loss, sample_ids=[10 * step + i for i in range(4)])
+        optimizer.step()
+        optimizer.zero_grad()
+        assert record is not None
+        if step == 2:
+            assert record["flagged"] and record["skipped"] and record["nonfinite_layers"]
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    tracker.close()
+    records = read_records(tmp_path / "gradspectra" / "batches.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert records[1]["sample_ids"] == [10, 11, 12, 13]
+    assert records[2]["loss"] is None  # NaN written as null
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("grad_spectrum/nuclear_norm/self_attn.q_proj/layer_00")]
+    assert steps == [0, 1, 3]  # a NaN is not written as a scalar: the record names the layers instead
+    assert "gradspectra/summary/text_summary" in acc.Tags()["tensors"]
+
+
+def test_every_n_steps_resume_and_raise(tmp_path: Path) -> None:
+    model = tiny_llama()
+    data = batches(6)
+    with GradientSpectrumTracker(model, log_dir=tmp_path, every_n_steps=2, verbose=False) as tracker:
+        for batch in data[:4]:
+            model(**batch).loss.backward()
+            tracker.step()
+            model.zero_grad()
+        state = tracker.state_dict()
+    assert [r["step"] for r in tracker.batch_records] == [0, 2]
+    resumed = GradientSpectrumTracker(model, log_dir=tmp_path, every_n_steps=2, verbose=False, action="raise")
+    resumed.load_state_dict(state)
+    model(**data[4]).loss.backward()
+    assert resumed.step() is not None and resumed.global_step == 5
+    model.zero_grad()
+    (model(**data[5]).loss * float("nan")).backward()
+    assert resumed.step() is None  # step 5 is not measured
+    with pytest.raises(GradientAnomalyError, match="non-finite"):
+        model.zero_grad()
+        (model(**data[5]).loss * float("nan")).backward()
+        resumed.step()
+    resumed.close()
+    with pytest.raises(RuntimeError, match="after `close\\(\\)`"):
+        resumed.step()
+    assert [r["step"] for r in read_records(tmp_path / "gradspectra" / "batches.jsonl")] == [0, 2, 4, 6]

@@ -1,0 +1,107 @@
+"""The transformers Trainer front door in real Trainer runs on CPU: resume, skip, the missing extra."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from gradspectra.integrations.transformers import GradientSpectrumCallback
+from gradspectra.reporting import read_records
+
+from .conftest import Samples, batches, clone, hf_args, tiny_llama
+
+OPTIONS: dict[str, Any] = {"spectra": "exact", "figure_every_n_steps": 0, "warmup_steps": 5, "verbose": False}
+
+
+class NanAtMarker(nn.Module):
+    """The wrapped model's loss, made NaN for a batch whose first sample starts with token 0."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, labels: Tensor, **kwargs: Any) -> dict[str, Tensor]:
+        loss = self.model(input_ids=input_ids, labels=labels).loss
+        if int(input_ids[0, 0]) == 0:
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+
+def train(model: nn.Module, data: list[dict[str, Tensor]], out: Path, callback: Any, **args: Any) -> Any:
+    from transformers import Trainer
+
+    trainer = Trainer(
+        model=model,
+        args=hf_args(out, len(data), **args),
+        train_dataset=Samples(data),
+        callbacks=[callback],
+        optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+    )
+    return trainer
+
+
+def test_resume_restores_state_and_sets_repeated_records_aside(tmp_path: Path) -> None:
+    model, data = tiny_llama(), batches(6)
+    first = GradientSpectrumCallback(**OPTIONS)
+    train(clone(model), data, tmp_path, first, save_strategy="steps", save_steps=3).train()
+    assert first.engine.steps_monitored == 6
+    # a second run from the step-3 checkpoint repeats steps 3-5
+    second = GradientSpectrumCallback(**OPTIONS)
+    train(clone(model), data, tmp_path, second, save_strategy="no").train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-3")
+    )
+    assert second.engine.steps_monitored == 6  # 3 restored + 3 measured
+    assert second.engine.scorer is not None and second.engine.scorer.state_dict()["steps"] >= 6
+    folder = tmp_path / "gradspectra"
+    assert [r["step"] for r in read_records(folder / "batches.jsonl")] == list(range(6))
+    assert [r["step"] for r in read_records(folder / "batches.after-step-2.jsonl")] == [3, 4, 5]
+
+
+def test_skip_drops_the_flagged_step_and_nothing_recreates_the_gradients(tmp_path: Path) -> None:
+    data = batches(4)
+    data[2]["input_ids"][0, 0] = 0  # step 2's loss is NaN: every gradient NaN, the step is flagged
+    model = NanAtMarker(tiny_llama())
+    callback = GradientSpectrumCallback(**{**OPTIONS, "action": "skip"})
+    trainer = train(model, data, tmp_path, callback)
+    seen: list[dict[str, Tensor]] = []
+
+    class Snapshot(__import__("transformers").TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    records = list(callback.batch_records)
+    assert [r["flagged"] for r in records] == [False, False, True, False]
+    assert records[2].get("skipped") is True and callback.engine.skipped_total == 1
+    assert all(torch.isfinite(p).all() for p in seen[-1].values())  # the NaN step never reached the weights
+    for name, before in seen[1].items():
+        assert torch.equal(seen[2][name], before), name  # step 2 left every parameter as it was
+    assert any(not torch.equal(seen[3][n], seen[2][n]) for n in seen[2])  # step 3 trained again
+
+
+def test_missing_extra_names_it() -> None:
+    # the engine first (torchmetrics looks transformers up on import), then transformers made unimportable
+    code = (
+        "import sys, gradspectra.monitoring\n"
+        "for name in [m for m in sys.modules if m.split('.')[0] == 'transformers']:\n"
+        "    del sys.modules[name]\n"
+        "sys.modules['transformers'] = None\n"
+        "try:\n    import gradspectra.integrations.transformers\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert 'pip install "gradspectra[hf]"' in out.stdout, out.stdout + out.stderr
+
+
+def test_bad_option_names_itself() -> None:
+    with pytest.raises(ValueError, match="`spectra` can be auto, exact, estimate, got 'fast'"):
+        GradientSpectrumCallback(spectra="fast")
+    with pytest.raises(TypeError, match="max_overheads"):
+        GradientSpectrumCallback(max_overheads=0.1)
