@@ -1,0 +1,122 @@
+"""One rank of a real 2-process CPU (gloo) run of a front door, launched by ``torch.distributed.run``.
+
+Usage: ``python -m torch.distributed.run --nproc_per_node 2 _ddp_worker.py {tracker|trainer} OUT STEPS``.
+
+``tracker``: the tiny Llama in ``DistributedDataParallel``, each rank trained on its half of every global
+batch of :func:`conftest.batches`, a ``GradientSpectrumTracker`` between backward and the SGD step.
+``trainer``: a transformers ``Trainer`` (per-device batch 2) over :class:`conftest.Samples` with a
+``GradientSpectrumCallback``. Each rank writes ``OUT/rank<r>.json``: its rank and world, the layers it
+measured, the records its door returned, the token rows it trained on.
+
+Imported (not run) by pytest's doctest collection: nothing happens at import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+OPTIONS: dict[str, Any] = {"spectra": "exact", "figure_every_n_steps": 0, "warmup_steps": 5, "verbose": False}
+
+
+def _conftest() -> Any:
+    tests = str(Path(__file__).resolve().parents[1])
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from integrations import conftest
+
+    return conftest
+
+
+def _dump(out: Path, rank: int, payload: dict[str, Any]) -> None:
+    (out / f"rank{rank}.json").write_text(json.dumps(payload, default=float))
+
+
+def run_tracker(out: Path, steps: int) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gradspectra import GradientSpectrumTracker
+
+    c = _conftest()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = c.BATCH // world
+    model = DistributedDataParallel(c.tiny_llama())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = GradientSpectrumTracker(model, log_dir=out / "logs", **OPTIONS)
+    returned, rows = [], []
+    for batch in c.batches(steps):
+        mine = {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}
+        rows.append(mine["input_ids"].tolist())
+        loss = model(**mine).loss
+        loss.backward()
+        returned.append(tracker.step(loss=loss))
+        optimizer.step()
+        optimizer.zero_grad()
+    tracker.close()
+    _dump(
+        out,
+        rank,
+        {
+            "rank": rank,
+            "world": world,
+            "layers_computed_here": tracker.engine.layers_computed_here,
+            "records": returned,
+            "rows": rows,
+        },
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_trainer(out: Path, steps: int) -> None:
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    from gradspectra.integrations.transformers import GradientSpectrumCallback
+
+    c = _conftest()
+    torch.set_num_threads(1)
+    model = c.tiny_llama()
+    rows: list[list[list[int]]] = []
+    # the token rows this rank's forward passes see (a Trainer callback does not see the batch)
+    model.model.embed_tokens.register_forward_hook(lambda m, args, output: rows.append(args[0].tolist()))
+    callback = GradientSpectrumCallback(**OPTIONS)
+    returned: list[Any] = []
+
+    class Tap(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            returned.append(callback.engine.batch_records[-1] if callback.engine.batch_records else None)
+
+    per_device = c.BATCH // int(os.environ["WORLD_SIZE"])
+    args = c.hf_args(out / "trainer", steps, per_device_train_batch_size=per_device, ddp_backend="gloo")
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=c.Samples(c.batches(steps)),
+        callbacks=[callback, Tap()],
+        optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+    )
+    trainer.train()
+    _dump(
+        out,
+        args.process_index,
+        {
+            "rank": args.process_index,
+            "world": args.world_size,
+            "layers_computed_here": callback.engine.layers_computed_here,
+            "records": returned,
+            "rows": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    mode, folder, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    {"tracker": run_tracker, "trainer": run_trainer}[mode](folder, n)
