@@ -93,7 +93,8 @@ class GradientSpectrumTracker:
 
         Args:
             loss: the step's loss (its mean over accumulated micro-batches), for the score and the record.
-            sample_ids: ids of the step's samples, listed in the record.
+            sample_ids: ids of the step's samples, listed in the record; under ``torch.distributed`` every
+                rank's (gathered: pass them on every rank or on none).
             batch_idx, epoch: copied into the record.
 
         Returns:
@@ -112,6 +113,7 @@ class GradientSpectrumTracker:
             batch_idx=batch_idx,
             loss=loss,
             sample_ids=list(sample_ids) if sample_ids is not None else [],
+            share_ids=sample_ids is not None,
         )
         try:
             return self.engine.step(inputs, self.procs, self.events.outputs(), self._params)

@@ -57,3 +57,17 @@ def test_record_keys_and_tags_are_the_frozen_contract(tmp_path: Path, spectra: s
         golden[spectra] = got
         GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
     assert got == golden[spectra]
+
+
+def test_state_key_survives_a_longer_default_metric_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A metric added to the defaults by a later release must not orphan the checkpoints of default monitors."""
+    from gradspectra.functional import spectral
+
+    frozen = json.loads(GOLDEN.read_text())["exact"]["state_key"]
+    assert GradientSpectrumMonitor().state_key == frozen
+    monkeypatch.setattr(spectral, "METRIC_NAMES", (*spectral.METRIC_NAMES, "participation_ratio"))
+    grown = GradientSpectrumMonitor()
+    assert grown.metric_names[-1] == "participation_ratio"
+    assert grown.state_key == frozen
+    # an explicit list still names its metrics, so two monitors with different lists can coexist
+    assert "['effective_rank']" in GradientSpectrumMonitor(metrics=["effective_rank"]).state_key

@@ -41,6 +41,15 @@ from gradspectra.scoring import BatchScorer
 
 __all__ = ["ACTIONS", "GradientAnomalyError", "GradientSpectrumMonitor"]
 
+_DEFAULT_METRICS_IN_KEY = (
+    "nuclear_norm",
+    "spectral_norm",
+    "frobenius_norm",
+    "stable_rank",
+    "top_sv_ratio",
+    "effective_rank",
+)
+
 
 class GradientSpectrumMonitor(Callback):
     r"""Watch the spectrum of every layer's gradient while a model trains.
@@ -231,7 +240,10 @@ class GradientSpectrumMonitor(Callback):
     @override
     def state_key(self) -> str:
         keys = {k: v for k, v in self.selection_kwargs.items() if isinstance(v, (str, bool, type(None)))}
-        return f"{type(self).__qualname__}{{metrics={list(self.metric_names)!r}, selection={keys!r}}}"
+        # the default metric list as it was when checkpoints were first written: a metric added to the
+        # defaults later must not change the key, or every old checkpoint's state would be orphaned
+        metrics = _DEFAULT_METRICS_IN_KEY if self.config.metrics is None else self.metric_names
+        return f"{type(self).__qualname__}{{metrics={list(metrics)!r}, selection={keys!r}}}"
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -317,6 +329,7 @@ class GradientSpectrumMonitor(Callback):
             loss=loss_sum,
             loss_scale=float(scaler.get_scale()) if scaler is not None and hasattr(scaler, "get_scale") else None,
             sample_ids=sample_ids,
+            share_ids=self.config.sample_id_key is not None,
         )
         reduce_sum = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
         procs = Processes(trainer.global_rank, trainer.world_size, reduce_sum)

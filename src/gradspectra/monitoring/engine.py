@@ -68,7 +68,8 @@ class StepInputs:
 
     ``loss``: the step's mean loss (a tensor may stay on the device: it travels in the one host copy),
     times ``loss_scale`` (an AMP scale, divided out here). ``loss_seen=False`` where the front door
-    cannot see the loss (the record says so; the score rests on the gradients).
+    cannot see the loss (the record says so; the score rests on the gradients). ``share_ids``: under
+    DDP/FSDP the record lists every rank's ``sample_ids`` (rank 0's first).
     """
 
     step: int
@@ -78,6 +79,7 @@ class StepInputs:
     loss_scale: float | None = None
     sample_ids: list[Any] = field(default_factory=list)
     loss_seen: bool = True
+    share_ids: bool = False  # gather every rank's ids (a collective: every rank must say the same)
 
 
 @dataclass
@@ -228,7 +230,7 @@ class MonitorEngine:
                 self.factors.clear()
             return None
         started = time.perf_counter()
-        if self.config.sample_id_key is not None and procs.world > 1:
+        if inputs.share_ids and procs.world > 1:
             inputs.sample_ids = gather_ids(inputs.sample_ids, procs.world)
         assert self.planner is not None
         self.planner.step_started(started, inputs.step)
