@@ -283,8 +283,16 @@ class MonitorEngine:
             present = collected.present
             if not present:
                 return self._host_loss(HostTable.unmeasured(n, k, present), loss, inputs), result, None
-            result = self._compute(collected, procs, world)
-            table = self._combine(result, collected, procs, world, loss)
+            failure: str | None = None
+            try:
+                result = self._compute(collected, procs, world)
+            except Exception as err:
+                if world == 1:
+                    raise
+                # this rank still joins the step's all-reduce (the other ranks wait in it), saying it failed
+                failure = f"{type(err).__name__}: {err}"
+                result = self.runner.empty(n, collected.matrices[0].device)
+            table = self._combine(result, collected, procs, world, loss, failure)
             return self._host_loss(table, table.loss if loss is not None else None, inputs), result, None
         except Exception as err:  # a measurement failure must never stop the user's training
             error = f"{type(err).__name__}: {err}"
@@ -312,20 +320,28 @@ class MonitorEngine:
         return result
 
     def _combine(
-        self, result: SpectraResult, collected: Collected, procs: Processes, world: int, loss: Tensor | float | None
+        self,
+        result: SpectraResult,
+        collected: Collected,
+        procs: Processes,
+        world: int,
+        loss: Tensor | float | None,
+        failure: str | None = None,
     ) -> HostTable:
         values, errors, codes = result.values, result.errors, result.codes
         device = values.device
         loss_t = None if loss is None else torch.as_tensor(loss, dtype=torch.float64, device=device).reshape(1)
         counts: Tensor | None = None
+        failed = torch.zeros(1, dtype=torch.float64, device=device)
         if world > 1:
             counts = torch.zeros(world, dtype=torch.float64, device=device)
             counts[procs.rank] = float(result.computed)
+            failed += failure is not None
             local_loss = loss_t if loss_t is not None else torch.zeros(1, dtype=torch.float64, device=device)
             # one all-reduce: a layer's rows are its owner's values plus zeros from the others; the losses
-            # are summed so every rank scores the same global mean loss
-            parts = [values, errors, codes, counts, local_loss]
-            values, errors, codes, counts, local_loss = unpack(procs.reduce_sum(pack(parts)), parts)
+            # are summed so every rank scores the same global mean loss; ranks whose work failed are counted
+            parts = [values, errors, codes, counts, local_loss, failed]
+            values, errors, codes, counts, local_loss, failed = unpack(procs.reduce_sum(pack(parts)), parts)
             if loss_t is not None:
                 loss_t = local_loss / world
         mask = torch.zeros(len(self.watched), dtype=torch.bool, device=device)
@@ -334,17 +350,21 @@ class MonitorEngine:
         deferred = codes == SpectrumSource.DEFERRED.code
         valid = mask[:, None] & (~deferred[:, None] | entry_mask(self.metric_names, device)[None, :])
         values = torch.where(valid, values, torch.full_like(values, float("nan")))
-        self._spectrum_on(device).update(values, mask=valid)
-        # the one device-to-host copy per step: the table, the sources, validity, (DDP) layers per rank, loss
-        parts = [values, errors, codes, valid, *(t for t in (counts, loss_t) if t is not None)]
+        # the one device-to-host copy per step: the table, the sources, validity, failures, (DDP) layers per
+        # rank, the loss
+        parts = [values, errors, codes, valid, failed, *(t for t in (counts, loss_t) if t is not None)]
         host = [p.numpy() for p in unpack(pack(parts).cpu(), parts)]
+        if host[4][0] > 0:  # every rank sees the same count, so every rank drops the step alike
+            detail = f": {failure}" if failure else ""
+            raise RuntimeError(f"measurement failed on {int(host[4][0])} of {world} ranks{detail}")
+        self._spectrum_on(device).update(values, mask=valid)
         return HostTable(
             values=host[0],
             valid=host[3] > 0,
             errors=host[1],
             sources=[SpectrumSource.from_code(c) for c in host[2].tolist()],
             present=list(collected.present),
-            layers_per_rank=[int(c) for c in host[4].tolist()] if counts is not None else None,
+            layers_per_rank=[int(c) for c in host[5].tolist()] if counts is not None else None,
             loss=float(host[-1][0]) if loss_t is not None else None,
         )
 
