@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -236,7 +237,7 @@ def test_nan_gradient_is_reported_and_training_goes_on(tmp_path: Path) -> None:
     assert monitor.nonfinite_total >= 1
 
 
-def test_skip_action_drops_the_flagged_step(tmp_path: Path) -> None:
+def test_skip_action_drops_the_flagged_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     class ParamTap(Callback):
         def __init__(self) -> None:
             self.before: list[torch.Tensor] = []
@@ -247,12 +248,22 @@ def test_skip_action_drops_the_flagged_step(tmp_path: Path) -> None:
     tap = ParamTap()
     monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, warmup_steps=5, action="skip")
     model = TinyBert()
-    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, logger=False), callbacks=[monitor, tap]).fit(
-        model, loader(nan_at={13})
-    )
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    with caplog.at_level(logging.WARNING, logger="gradspectra"):
+        pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, logger=logger), callbacks=[monitor, tap]).fit(
+            model, loader(nan_at={13})
+        )
     records = list(monitor.batch_records)
     assert records[3]["flagged"] and records[3].get("skipped")
     assert monitor.skipped_total == sum(bool(r.get("skipped")) for r in records) >= 1
+    # the skip is in the file, in TensorBoard and on the console
+    written = read_records(Path(logger.log_dir) / "gradspectra" / "batches.jsonl")
+    assert [bool(r.get("skipped")) for r in written] == [bool(r.get("skipped")) for r in records]
+    acc = _event_file(logger.log_dir)
+    assert [e.value for e in acc.Scalars("gradspectra/skipped")][3] == 1.0
+    assert acc.Scalars("gradspectra/skipped_total")[-1].value == monitor.skipped_total
+    said = [r.getMessage() for r in caplog.records if "skipped the optimizer step 3" in r.getMessage()]
+    assert len(said) == 1 and "non-finite" in said[0]
     torch.testing.assert_close(tap.before[4], tap.before[3])  # step 3 did not move the weights
     assert not torch.equal(tap.before[3], tap.before[2])
     assert all(torch.isfinite(p).all() for p in model.parameters())  # NaN never reached the weights

@@ -37,9 +37,10 @@ from gradspectra.reporting import (
     flagged_table,
     set_aside_records_after,
 )
-from gradspectra.reporting.tags import finite_only, layer_scalars, status_scalars
+from gradspectra.reporting.tags import finite_only, layer_scalars, skip_scalars, status_scalars
 
 log = logging.getLogger("gradspectra")
+_SKIP_MESSAGE_SECONDS = 10.0  # a run skipping many steps says so, without a line per step
 _COUNTERS = (
     "steps_monitored",
     "flagged_total",
@@ -130,6 +131,8 @@ class MonitorEngine:
         self._shapes: list[tuple[int, int]] = []
         self._component_rows: dict[str, list[int]] = {}
         self._owners: tuple[int, list[int]] | None = None
+        self._last_skip_message = -math.inf
+        self._skips_unsaid = 0
 
     # ------------------------------------------------------------------ set-up
 
@@ -237,8 +240,9 @@ class MonitorEngine:
         table, result, error = self._measure(inputs, procs)
         record = self._record(inputs, table, result, error)
         record["monitor_ms"] = 1000.0 * (time.perf_counter() - started)
+        # the action before the record goes out, so that the file, the scalars and the console all say so
+        self._act(record, params, procs)
         figure_seconds = self._emit(record, table, procs, outputs or Outputs())
-        self._act(record, params)
         ended = time.perf_counter()
         self.monitor_seconds += ended - started
         # figures are paid for separately (spaced by the budget), not as a fixed cost per step
@@ -421,6 +425,8 @@ class MonitorEngine:
             per_layer = (self.steps_monitored - 1) % self.config.log_every_n_steps == 0
             keys = [w.key for w in self.watched]
             scalars = status_scalars(record, self.flagged_total)
+            if self.config.action == "skip":
+                scalars.update(skip_scalars(record, self.skipped_total))
             scalars.update(
                 layer_scalars(table.values, table.present, self.metric_names, keys, self._component_rows, per_layer)
             )
@@ -436,13 +442,29 @@ class MonitorEngine:
         self.planner.observe_figures(seconds)
         return seconds
 
-    def _act(self, record: BatchRecord, params: Callable[[], Iterable[nn.Parameter]] | None) -> None:
-        if record["flagged"] and self.config.action == "skip" and params is not None:
-            # torch optimizers leave a parameter without .grad untouched (momentum and weight decay included)
-            for p in params():
-                p.grad = None
-            self.skipped_total += 1
-            record["skipped"] = True
+    def _act(
+        self, record: BatchRecord, params: Callable[[], Iterable[nn.Parameter]] | None, procs: Processes
+    ) -> None:
+        if not (record["flagged"] and self.config.action == "skip" and params is not None):
+            return
+        # torch optimizers leave a parameter without .grad untouched (momentum and weight decay included)
+        for p in params():
+            p.grad = None
+        self.skipped_total += 1
+        record["skipped"] = True
+        if procs.is_zero:
+            self._say_skipped(record)
+
+    def _say_skipped(self, record: BatchRecord) -> None:
+        """One line per skipped step on rank 0, at most one every ``_SKIP_MESSAGE_SECONDS`` (the rest counted)."""
+        now = time.perf_counter()
+        if now - self._last_skip_message < _SKIP_MESSAGE_SECONDS:
+            self._skips_unsaid += 1
+            return
+        more = f" ({self._skips_unsaid} more skipped since the last message)" if self._skips_unsaid else ""
+        reasons = "; ".join(record["reasons"]) or "flagged"
+        log.warning(f"gradspectra skipped the optimizer step {record['step']}: {reasons}{more}")
+        self._last_skip_message, self._skips_unsaid = now, 0
 
     # ------------------------------------------------------------------ end, state, summary
 

@@ -62,7 +62,7 @@ def custom_scalars_layout(metrics: Sequence[str], components: Sequence[str]) -> 
         layout[f"gradspectra: {metric}"] = charts
     layout["gradspectra: batches"] = {
         "score and threshold": ["Multiline", [rf"^{status_tag('(score|threshold)')}$"]],
-        "flagged": ["Multiline", [rf"^{status_tag('(flagged|flagged_total)')}$"]],
+        "flagged": ["Multiline", [rf"^{status_tag('(flagged|flagged_total|skipped|skipped_total)')}$"]],
     }
     return layout
 
@@ -98,6 +98,12 @@ def status_scalars(record: Mapping[str, Any], flagged_total: int) -> dict[str, f
                 # the worst layer: an audit shows what the estimator really got wrong
                 scalars[status_tag(f"{key}/{metric}")] = max(errs)
     return scalars
+
+
+def skip_scalars(record: Mapping[str, Any], skipped_total: int) -> dict[str, float]:
+    """With ``action="skip"``: whether this step's optimizer step was dropped, and how many so far."""
+    skipped = float(bool(record.get("skipped")))
+    return {status_tag("skipped"): skipped, status_tag("skipped_total"): float(skipped_total)}
 
 
 def layer_scalars(
