@@ -373,3 +373,56 @@ def test_figures_follow_the_spacing_or_the_budget(tmp_path: Path, spectra: str) 
         assert drawn == [8]
         assert monitor.budget is not None
         assert monitor.budget.figure_period(2, 12) > 1000
+
+
+class TwoOptimizers(pl.LightningModule):
+    """GAN-style manual optimization: optimizer 0 steps `layer`, optimizer 1 steps `l2`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = nn.Linear(8, 16)
+        self.l2 = nn.Linear(16, 4)
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x = batch[0]
+        opt1, opt2 = self.optimizers()  # type: ignore[misc]
+        opt1.zero_grad()
+        self.manual_backward(self.layer(x).pow(2).mean())
+        self.grads.append({"layer": self.layer.weight.grad.clone()})
+        opt1.step()
+        opt2.zero_grad()
+        self.manual_backward(self.l2(torch.relu(self.layer(x)).detach()).abs().mean())
+        self.grads.append({"l2": self.l2.weight.grad.clone()})
+        opt2.step()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.layer.parameters(), lr=0.01), torch.optim.SGD(self.l2.parameters(), lr=0.01)
+
+
+def test_several_optimizers_each_measure_their_own_layers(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, warmup_steps=5)
+    model = TwoOptimizers()
+    data = DataLoader(TensorDataset(torch.randn(64, 8)), batch_size=8)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=16, logger=logger), callbacks=[monitor]).fit(model, data)
+    records = list(monitor.batch_records)
+    assert [r["optimizer"] for r in records] == [0, 1] * 8
+    for record, grads in zip(records, model.grads):
+        # only the stepping optimizer's layer, measured on the gradient it steps with; nothing reported missing
+        assert set(record["metrics"]) == set(grads) and record["missing_layers"] == []
+        (name, grad), = grads.items()
+        expected = spectral_metrics(grad)
+        for metric, value in record["metrics"][name].items():
+            assert value == pytest.approx(float(expected[metric]), rel=1e-6)
+    # one baseline per optimizer: each saw only its own 8 steps
+    assert monitor.engine.scorer is not None and monitor.engine.scorer.state_dict()["steps"] == 8
+    assert monitor.engine.optimizer_scorers[1].state_dict()["steps"] == 8
+    scalars = set(_event_file(logger.log_dir).Tags()["scalars"])
+    assert {"gradspectra/optimizer_0/score", "gradspectra/optimizer_1/score"} <= scalars
+    restored = GradientSpectrumMonitor()
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.engine.optimizer_scorers[1].state_dict()["steps"] == 8

@@ -331,6 +331,11 @@ class GradientSpectrumMonitor(Callback):
             sample_ids=sample_ids,
             share_ids=self.config.sample_id_key is not None,
         )
+        if len(trainer.optimizers) > 1:
+            # several optimizers (manual optimization): measure the layers of the one that steps, against its
+            # own baseline; another optimizer's gradients were used (or will be) by that optimizer's step
+            inputs.optimizer = next(i for i, opt in enumerate(trainer.optimizers) if opt is optimizer)
+            inputs.scope = self.engine.rows_of(p for group in optimizer.param_groups for p in group["params"])
         reduce_sum = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
         procs = Processes(trainer.global_rank, trainer.world_size, reduce_sum)
         params = lambda: (p for group in optimizer.param_groups for p in group["params"])  # noqa: E731

@@ -38,6 +38,7 @@ from gradspectra.reporting import (
     set_aside_records_after,
 )
 from gradspectra.reporting.tags import finite_only, layer_scalars, skip_scalars, status_scalars
+from gradspectra.scoring import BatchScorer
 
 log = logging.getLogger("gradspectra")
 _SKIP_MESSAGE_SECONDS = 10.0  # a run skipping many steps says so, without a line per step
@@ -70,7 +71,9 @@ class StepInputs:
     ``loss``: the step's mean loss (a tensor may stay on the device: it travels in the one host copy),
     times ``loss_scale`` (an AMP scale, divided out here). ``loss_seen=False`` where the front door
     cannot see the loss (the record says so; the score rests on the gradients). ``share_ids``: under
-    DDP/FSDP the record lists every rank's ``sample_ids`` (rank 0's first).
+    DDP/FSDP the record lists every rank's ``sample_ids`` (rank 0's first). ``scope`` and ``optimizer``:
+    with several optimizers, each step measures the layers of the optimizer that steps
+    (:meth:`MonitorEngine.rows_of`) and is scored against that optimizer's own baseline.
     """
 
     step: int
@@ -81,6 +84,8 @@ class StepInputs:
     sample_ids: list[Any] = field(default_factory=list)
     loss_seen: bool = True
     share_ids: bool = False  # gather every rank's ids (a collective: every rank must say the same)
+    scope: frozenset[int] | None = None  # the watched layers this step measures (default: all)
+    optimizer: int | None = None  # which of several optimizers steps: its own baseline, named in the record
 
 
 @dataclass
@@ -110,6 +115,7 @@ class MonitorEngine:
         self.config = config
         self.metric_names = config.metric_names
         self.scorer = config.make_scorer()
+        self.optimizer_scorers: dict[int, BatchScorer] = {}  # optimizers after the first, each its own baseline
         self.batch_records = RecordBuffer(config.max_records_in_memory)
         self.selection: Selection | None = None
         self.watched: list[WatchedParameter] = []
@@ -200,6 +206,18 @@ class MonitorEngine:
 
     # ------------------------------------------------------------------ per step
 
+    def rows_of(self, params: Iterable[nn.Parameter]) -> frozenset[int]:
+        """The watched layers among ``params`` (an optimizer's parameters, say)."""
+        ids = {id(p) for p in params}
+        return frozenset(i for i, w in enumerate(self.watched) if id(w.param) in ids)
+
+    def _scorer_for(self, optimizer: int | None) -> BatchScorer | None:
+        if not optimizer or self.scorer is None:
+            return self.scorer
+        if optimizer not in self.optimizer_scorers:
+            self.optimizer_scorers[optimizer] = self.config.make_scorer()  # type: ignore[assignment]
+        return self.optimizer_scorers[optimizer]
+
     def measures(self, step: int) -> bool:
         return step % self.config.every_n_steps == 0 and bool(self.watched)
 
@@ -254,12 +272,15 @@ class MonitorEngine:
             raise GradientAnomalyError(dict(record))
         return record
 
-    def _collect(self, procs: Processes, world: int) -> Collected:
+    def _collect(self, procs: Processes, world: int, scope: frozenset[int] | None) -> Collected:
         if self.sharded is not None:
             present, matrices = gather_sharded(self.sharded, self.watched, self._layer_owners(world), procs.rank, world)
-            return Collected(present, matrices)
+            kept = [k for k, i in enumerate(present) if scope is None or i in scope]
+            return Collected([present[k] for k in kept], [matrices[k] for k in kept])
         collected = Collected([], [])
         for i, w in enumerate(self.watched):
+            if scope is not None and i not in scope:
+                continue
             g = w.grad_matrix()
             if g is not None:
                 collected.present.append(i)
@@ -283,7 +304,7 @@ class MonitorEngine:
         present: list[int] = []
         loss = inputs.loss
         try:
-            collected = self._collect(procs, world)
+            collected = self._collect(procs, world, inputs.scope)
             present = collected.present
             if not present:
                 return self._host_loss(HostTable.unmeasured(n, k, present), loss, inputs), result, None
@@ -391,7 +412,8 @@ class MonitorEngine:
     def _record(self, inputs: StepInputs, table: HostTable, result: SpectraResult, error: str | None) -> BatchRecord:
         keys = [w.key for w in self.watched]
         layer_metrics = table.layer_metrics(keys, self.metric_names)
-        score = None if self.scorer is None else self.scorer.score(layer_metrics, table.loss)
+        scorer = self._scorer_for(inputs.optimizer)
+        score = None if scorer is None else scorer.score(layer_metrics, table.loss)
         record = assemble_record(
             step=inputs.step,
             epoch=inputs.epoch,
@@ -405,7 +427,10 @@ class MonitorEngine:
             factored_rows=result.factored_rows,
             error=error,
             loss_seen=inputs.loss_seen,
+            scope=inputs.scope,
         )
+        if inputs.optimizer is not None:
+            record["optimizer"] = inputs.optimizer
         self.missing_grad_total += len(record["missing_layers"])
         self.nonfinite_total += bool(record["nonfinite_layers"])
         self.flagged_total += record["flagged"]
@@ -424,7 +449,7 @@ class MonitorEngine:
         if outputs.log_scalars is not None:
             per_layer = (self.steps_monitored - 1) % self.config.log_every_n_steps == 0
             keys = [w.key for w in self.watched]
-            scalars = status_scalars(record, self.flagged_total)
+            scalars = status_scalars(record, self.flagged_total, record.get("optimizer"))
             if self.config.action == "skip":
                 scalars.update(skip_scalars(record, self.skipped_total))
             scalars.update(
@@ -496,6 +521,8 @@ class MonitorEngine:
             "spectrum": None if self.spectrum is None else {k: v.cpu() for k, v in self.spectrum.state_dict().items()},
             "scorer": None if self.scorer is None else self.scorer.state_dict(),
         }
+        if self.optimizer_scorers:
+            state["optimizer_scorers"] = {k: v.state_dict() for k, v in self.optimizer_scorers.items()}
         state.update({name: getattr(self, name) for name in _COUNTERS})
         # the last step measured before this checkpoint: a resume sets later records aside
         state["last_step"] = self.last_step
@@ -510,6 +537,10 @@ class MonitorEngine:
         self.resume_after = self.last_step = int(last_step) if last_step is not None else None
         if self.scorer is not None and state_dict.get("scorer") is not None:
             self.scorer.load_state_dict(state_dict["scorer"])
+        for k, state in (state_dict.get("optimizer_scorers") or {}).items():
+            scorer = self._scorer_for(int(k))
+            if scorer is not None:
+                scorer.load_state_dict(state)
 
     def summary(self, top: int = 10) -> str:
         """A text report: counts, then the ``top`` highest-scoring batches (from the records in memory)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -38,7 +38,8 @@ class BatchRecord(_Required, total=False):
     each rank (DDP). ``factored_layers``: exact spectra from the ``T x T`` factors. ``error``: why the
     step could not be measured. ``monitor_ms``: the monitor's cost up to the record. ``loss_seen``:
     ``False`` where the front door cannot see the loss (the score then rests on the gradients alone).
-    ``skipped``: the optimizer step was dropped (``action="skip"``).
+    ``skipped``: the optimizer step was dropped (``action="skip"``). ``optimizer``: which of several
+    optimizers stepped (only its layers are measured; it has its own baseline).
     """
 
     spectra: dict[str, str]
@@ -51,6 +52,7 @@ class BatchRecord(_Required, total=False):
     monitor_ms: float
     loss_seen: bool
     skipped: bool
+    optimizer: int
 
 
 @dataclass
@@ -116,6 +118,7 @@ def assemble_record(
     factored_rows: Sequence[int] = (),
     error: str | None = None,
     loss_seen: bool = True,
+    scope: Collection[int] | None = None,
 ) -> BatchRecord:
     """The record of a measured step (``monitor_ms`` is added by the caller, once everything before it is done)."""
     layer_metrics = table.layer_metrics(keys, metric_names)
@@ -133,7 +136,7 @@ def assemble_record(
         "z": {} if result is None else dict(result.z),
         "threshold": None if result is None else getattr(result, "threshold", None),
         "nonfinite_layers": [k for k, mv in layer_metrics.items() if not all(math.isfinite(v) for v in mv.values())],
-        "missing_layers": [keys[i] for i in range(len(keys)) if i not in present],
+        "missing_layers": [keys[i] for i in range(len(keys)) if i not in present and (scope is None or i in scope)],
     }
     if with_sources:
         # which layers got which spectrum; deferred layers only have their Frobenius norm this step

@@ -71,9 +71,17 @@ def _re_escape(text: str) -> str:
     return "".join("\\" + c if c in ".^$*+?{}[]\\|()" else c for c in text)
 
 
-def status_scalars(record: Mapping[str, Any], flagged_total: int) -> dict[str, float]:
-    """The batch's own scalars: score, threshold, flags, counts, and how its spectra were obtained."""
+def status_scalars(record: Mapping[str, Any], flagged_total: int, optimizer: int | None = None) -> dict[str, float]:
+    """The batch's own scalars: score, threshold, flags, counts, and how its spectra were obtained.
+
+    With several optimizers each has its own series, ``gradspectra/optimizer_<k>/<name>``.
+    """
     scalars: dict[str, float] = {}
+    if optimizer is not None:
+        return {
+            tag.replace(f"{STATUS_ROOT}/", f"{STATUS_ROOT}/optimizer_{optimizer}/", 1): value
+            for tag, value in status_scalars(record, flagged_total).items()
+        }
     if record["score"] is not None:
         scalars[status_tag("score")] = record["score"]
     if record["threshold"] is not None:
