@@ -426,3 +426,21 @@ def test_several_optimizers_each_measure_their_own_layers(tmp_path: Path) -> Non
     restored = GradientSpectrumMonitor()
     restored.load_state_dict(monitor.state_dict())
     assert restored.engine.optimizer_scorers[1].state_dict()["steps"] == 8
+
+
+def test_layer_runs_give_each_layer_its_own_run(tmp_path: Path) -> None:
+    monitor = GradientSpectrumMonitor(spectra="exact", figure_every_n_steps=0, warmup_steps=5, layer_runs=True)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, logger=logger), callbacks=[monitor]).fit(TinyBert(), loader())
+    runs = Path(logger.log_dir) / "layers"
+    assert sorted(p.name for p in runs.iterdir()) == ["layer_00", "layer_01"]
+    records = list(monitor.batch_records)
+    for layer in (0, 1):
+        acc = _event_file(str(runs / f"layer_{layer:02d}"))
+        # one tag per metric and component; the layer is the run, so TensorBoard colours and names it
+        assert "grad_spectrum/effective_rank/attention.self.query" in acc.Tags()["scalars"]
+        logged = [e.value for e in acc.Scalars("grad_spectrum/nuclear_norm/attention.self.query")]
+        expected = [r["metrics"][f"attention.self.query/layer_{layer:02d}"]["nuclear_norm"] for r in records]
+        assert logged == pytest.approx(expected, rel=1e-6)
+    # off by default
+    assert not (tmp_path / "tb" / "version_1" / "layers").exists()

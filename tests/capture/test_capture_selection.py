@@ -35,8 +35,9 @@ def test_conv_net_selection_and_shapes() -> None:
     model = ConvNet()
     watched = select_parameters(model).watched
     assert [(w.name, w.index, w.key) for w in watched] == [
-        ("features.0.0.weight", 0, "0/layer_00"),
-        ("features.1.0.weight", 1, "0/layer_01"),
+        # 3 -> 8 and 8 -> 16 (grouped): not repeated blocks, so not one layer profile (issue 16, item 6)
+        ("features.0.0.weight", None, "features.0.0"),
+        ("features.1.0.weight", None, "features.1.0"),
         ("up.weight", None, "up"),
         ("temporal.weight", None, "temporal"),
         ("classifier.weight", None, "classifier"),

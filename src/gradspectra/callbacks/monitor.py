@@ -119,6 +119,11 @@ class GradientSpectrumMonitor(Callback):
             gradients (hooks), and compute its exact spectrum from the ``T x T`` factored problem
             when fewer tokens than ``min(m, n)`` carry gradient and the factors reproduce the
             gradient (checked on a random direction; single process only).
+        layer_runs: also write each indexed layer's scalars as a TensorBoard run of its own,
+            ``<log dir>/layers/layer_<NN>``, under the tag ``grad_spectrum/<metric>/<component>``: in
+            TensorBoard's scalars dashboard one chart per metric and component then shows every layer
+            in its own colour, named in the legend (the custom-scalars charts colour all layers of a
+            run alike). Costs a second write of the per-layer scalars; off by default.
 
     Raises:
         ValueError / TypeError: for a bad argument, naming it and what was received.
@@ -160,6 +165,7 @@ class GradientSpectrumMonitor(Callback):
         distribute: bool = True,
         cpu_threads: int | None = 1,
         factored: bool = True,
+        layer_runs: bool = False,
     ) -> None:
         super().__init__()
         self.config = MonitorConfig(
@@ -189,6 +195,7 @@ class GradientSpectrumMonitor(Callback):
             distribute=distribute,
             cpu_threads=cpu_threads,
             factored=factored,
+            layer_runs=layer_runs,
         )
         self.engine = MonitorEngine(self.config)
         self._loss_sum: Tensor | None = None
@@ -347,8 +354,11 @@ class GradientSpectrumMonitor(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=step)
 
-        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        return Outputs(log_scalars if trainer.loggers else None, writers if trainer.is_global_zero else [])
+        tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not trainer.is_global_zero:
+            return Outputs(log_scalars if trainer.loggers else None)
+        runs = Path(tensorboards[0].log_dir) / "layers" if tensorboards else None
+        return Outputs(log_scalars if trainer.loggers else None, [tb.experiment for tb in tensorboards], runs)
 
     # ------------------------------------------------------------------ end of training
 

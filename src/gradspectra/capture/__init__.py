@@ -2,7 +2,7 @@
 
 from gradspectra.capture.factors import FactorCapture
 from gradspectra.capture.naming import LAYER_CONTAINERS, WRAPPER_SEGMENTS, parse_layer_name, parse_layer_names
-from gradspectra.capture.selection import DEFAULT_MODULE_TYPES, Selection, select_parameters
+from gradspectra.capture.selection import DEFAULT_MODULE_TYPES, Selection, check_selection_args, select_parameters
 from gradspectra.capture.watched import WatchedParameter, group_by_component
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "FactorCapture",
     "Selection",
     "WatchedParameter",
+    "check_selection_args",
     "group_by_component",
     "parse_layer_name",
     "parse_layer_names",

@@ -117,6 +117,59 @@ def _module_types(value: type[nn.Module] | Sequence[type[nn.Module]] | None) -> 
     return tuple(items)
 
 
+def _checked(
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    regex: str | re.Pattern[str] | None,
+    module_types: type[nn.Module] | Sequence[type[nn.Module]] | None,
+    predicate: Predicate | None,
+    include_embeddings: bool,
+) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None, re.Pattern[str] | None, tuple[type[nn.Module], ...] | None]:
+    """The selection arguments checked, with the globs, the regex and the types in their normal form."""
+    includes = _patterns(include, "include", allow_empty=False)
+    excludes = _patterns(exclude, "exclude", allow_empty=True)
+    if regex is not None and not isinstance(regex, (str, re.Pattern)):
+        raise TypeError(f"`regex` must be a str or a compiled re.Pattern, got {regex!r}")
+    try:
+        pattern = re.compile(regex) if isinstance(regex, str) else regex
+    except re.error as err:
+        raise ValueError(f"`regex` does not compile ({err}), got {regex!r}") from err
+    types = _module_types(module_types)
+    if predicate is not None and not callable(predicate):
+        raise TypeError(f"`predicate` must be a callable (name, param, module) -> bool, got {predicate!r}")
+    if not isinstance(include_embeddings, bool):
+        raise TypeError(f"`include_embeddings` must be a bool, got {include_embeddings!r}")
+    return includes, excludes, pattern, types
+
+
+def check_selection_args(
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    regex: str | re.Pattern[str] | None = None,
+    module_types: type[nn.Module] | Sequence[type[nn.Module]] | None = None,
+    predicate: Predicate | None = None,
+    include_embeddings: bool = False,
+) -> None:
+    """Check the arguments of :func:`select_parameters` without a model, so that a bad one fails early.
+
+    The monitor's options (:class:`gradspectra.monitoring.MonitorConfig`) call it when they are built,
+    so ``GradientSpectrumMonitor(include=[])`` fails at construction rather than at ``fit()``; the
+    errors are the ones :func:`select_parameters` raises.
+
+    Raises:
+        TypeError: an argument of the wrong type (the message names it and shows what was received).
+        ValueError: an empty ``include`` or ``module_types``, or a ``regex`` that does not compile.
+
+    Example:
+        >>> check_selection_args(include="*.q_proj.weight", module_types=[nn.Linear])
+        >>> check_selection_args(module_types=["Linear"])
+        Traceback (most recent call last):
+        ...
+        TypeError: `module_types` must be a sequence of nn.Module subclasses, got ['Linear']
+    """
+    _checked(include, exclude, regex, module_types, predicate, include_embeddings)
+
+
 def select_parameters(
     model: nn.Module,
     *,
@@ -146,9 +199,12 @@ def select_parameters(
     A parameter shared by several modules (tied weights) is watched once, under the module that
     measures it best: a non-embedding module first (GPT-2's tied ``wte`` / ``lm_head`` weight is watched
     as ``lm_head.weight``), else the first in ``named_modules()`` order. ``(index, component)`` come
-    from :func:`~gradspectra.capture.parse_layer_names` over all the model's parameter names.
+    from :func:`~gradspectra.capture.parse_layer_names` over all the model's parameter names, given the
+    model: a numeric segment is a layer index only where it numbers repeated blocks (same class, same
+    shapes), so the differently shaped layers of a ``Sequential`` head keep their own names.
 
-    An empty selection is not an error here; :meth:`Selection.describe_empty` explains it.
+    An empty selection is not an error here; :meth:`Selection.describe_empty` explains it. The
+    arguments are checked by :func:`check_selection_args`, which can be called without a model.
 
     Raises:
         TypeError: an argument of the wrong type (the message names it and shows what was received).
@@ -164,19 +220,7 @@ def select_parameters(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {model!r}")
-    includes = _patterns(include, "include", allow_empty=False)
-    excludes = _patterns(exclude, "exclude", allow_empty=True)
-    if regex is not None and not isinstance(regex, (str, re.Pattern)):
-        raise TypeError(f"`regex` must be a str or a compiled re.Pattern, got {regex!r}")
-    try:
-        pattern = re.compile(regex) if isinstance(regex, str) else regex
-    except re.error as err:
-        raise ValueError(f"`regex` does not compile ({err}), got {regex!r}") from err
-    types = _module_types(module_types)
-    if predicate is not None and not callable(predicate):
-        raise TypeError(f"`predicate` must be a callable (name, param, module) -> bool, got {predicate!r}")
-    if not isinstance(include_embeddings, bool):
-        raise TypeError(f"`include_embeddings` must be a bool, got {include_embeddings!r}")
+    includes, excludes, pattern, types = _checked(include, exclude, regex, module_types, predicate, include_embeddings)
 
     def is_candidate(module: nn.Module) -> bool:
         if types is None:
@@ -215,7 +259,7 @@ def select_parameters(
 
     chosen = sorted((min(group, key=rank) for group in owners.values()), key=lambda owner: owner[0])
     all_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    parsed = parse_layer_names(all_names + [f"{p}.weight" if p else "weight" for _, p, _, _ in chosen])
+    parsed = parse_layer_names(all_names + [f"{p}.weight" if p else "weight" for _, p, _, _ in chosen], model)
 
     criteria = _criteria(includes, excludes, pattern, types, predicate, include_embeddings)
     selection = Selection(watched=[], criteria=criteria)

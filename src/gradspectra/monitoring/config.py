@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 
 from torch import nn
 
+from gradspectra.capture.selection import check_selection_args
 from gradspectra.functional import METRIC_NAMES, Method, check_method, check_metric_names
 from gradspectra.monitoring.budget import OverheadBudget
 from gradspectra.scoring import BatchScorer
@@ -82,9 +83,11 @@ class MonitorConfig:
     distribute: bool = True
     cpu_threads: int | None = 1
     factored: bool = True
+    layer_runs: bool = False
     metric_names: tuple[str, ...] = field(init=False, default=METRIC_NAMES)
 
     def __post_init__(self) -> None:
+        check_selection_args(**self.selection_kwargs)  # the errors select_parameters would raise at fit()
         set_ = object.__setattr__
         set_(self, "metric_names", check_metric_names(self.metrics))
         check_method(self.method)
@@ -103,6 +106,7 @@ class MonitorConfig:
             positive_int("cpu_threads", self.cpu_threads)
         set_(self, "distribute", bool(self.distribute))
         set_(self, "factored", bool(self.factored))
+        set_(self, "layer_runs", bool(self.layer_runs))
         if self.output_dir is not None:
             set_(self, "output_dir", Path(self.output_dir))
         self.make_scorer()  # the scorer checks its own arguments, so a bad value fails here too

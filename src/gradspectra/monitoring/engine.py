@@ -29,6 +29,7 @@ from gradspectra.monitoring.records import BatchRecord, HostTable, assemble_reco
 from gradspectra.monitoring.sources import SpectrumSource
 from gradspectra.monitoring.spectra import SpectraResult, SpectraRunner, entry_mask
 from gradspectra.reporting import (
+    LayerRuns,
     RecordBuffer,
     RecordWriter,
     SummaryWriterLike,
@@ -37,7 +38,7 @@ from gradspectra.reporting import (
     flagged_table,
     set_aside_records_after,
 )
-from gradspectra.reporting.tags import finite_only, layer_scalars, skip_scalars, status_scalars
+from gradspectra.reporting.tags import finite_only, layer_run_scalars, layer_scalars, skip_scalars, status_scalars
 from gradspectra.scoring import BatchScorer
 
 log = logging.getLogger("gradspectra")
@@ -95,6 +96,7 @@ class Outputs:
 
     log_scalars: Callable[[dict[str, float], int], None] | None = None
     writers: Sequence[SummaryWriterLike] = ()
+    layer_runs_dir: Path | None = None  # rank 0's folder of per-layer runs, used with ``layer_runs=True``
 
 
 @dataclass
@@ -137,6 +139,7 @@ class MonitorEngine:
         self._shapes: list[tuple[int, int]] = []
         self._component_rows: dict[str, list[int]] = {}
         self._owners: tuple[int, list[int]] | None = None
+        self._layer_runs: LayerRuns | None = None
         self._last_skip_message = -math.inf
         self._skips_unsaid = 0
 
@@ -456,7 +459,10 @@ class MonitorEngine:
                 layer_scalars(table.values, table.present, self.metric_names, keys, self._component_rows, per_layer)
             )
             outputs.log_scalars(finite_only(scalars), record["step"])
-        if not (procs.is_zero and outputs.writers):
+        if not procs.is_zero:
+            return 0.0
+        self._log_layer_runs(record, table, outputs)
+        if not outputs.writers:
             return 0.0
         assert self.planner is not None
         period = self.config.figure_every_n_steps
@@ -466,6 +472,18 @@ class MonitorEngine:
         seconds = self.views.update(outputs.writers, record["step"], self.steps_monitored, period)
         self.planner.observe_figures(seconds)
         return seconds
+
+    def _log_layer_runs(self, record: BatchRecord, table: HostTable, outputs: Outputs) -> None:
+        if not self.config.layer_runs or outputs.layer_runs_dir is None:
+            return
+        if (self.steps_monitored - 1) % self.config.log_every_n_steps:
+            return
+        if self._layer_runs is None or self._layer_runs.base != outputs.layer_runs_dir:
+            self._layer_runs = LayerRuns(outputs.layer_runs_dir)
+        layers = [(w.component, w.index) for w in self.watched]
+        width = max((w.index_width for w in self.watched), default=2)
+        runs = layer_run_scalars(table.values, table.present, self.metric_names, layers, width)
+        self._layer_runs.log(runs, record["step"])
 
     def _act(
         self, record: BatchRecord, params: Callable[[], Iterable[nn.Parameter]] | None, procs: Processes
@@ -512,6 +530,9 @@ class MonitorEngine:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._layer_runs is not None:
+            self._layer_runs.close()
+            self._layer_runs = None
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {

@@ -36,10 +36,11 @@ class EventFiles:
     def outputs(self) -> Outputs:
         if not self.is_zero:
             return Outputs()
-        return Outputs(self.log_scalars, [self.writer])
+        return Outputs(self.log_scalars, [self.writer], layer_runs_dir=self.log_dir / "layers")
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
             self._writer = None
+

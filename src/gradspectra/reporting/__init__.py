@@ -10,6 +10,7 @@ from gradspectra.reporting.records import (
 )
 from gradspectra.reporting.tags import TAG_ROOT, custom_scalars_layout, layer_tag
 from gradspectra.reporting.tensorboard import (
+    LayerRuns,
     SummaryWriterLike,
     TensorBoardViews,
     ViewLayer,
@@ -21,6 +22,7 @@ from gradspectra.reporting.tensorboard import (
 __all__ = [
     "RECORD_FILENAME",
     "TAG_ROOT",
+    "LayerRuns",
     "RecordBuffer",
     "RecordWriter",
     "SummaryWriterLike",

@@ -151,3 +151,32 @@ def layer_scalars(
 
 def finite_only(scalars: Mapping[str, float]) -> dict[str, float]:
     return {k: v for k, v in scalars.items() if math.isfinite(v)}
+
+
+def layer_run_name(index: int, width: int = 2) -> str:
+    """The TensorBoard run of one layer index (``layer_runs=True``): ``layer_03``."""
+    return f"layer_{index:0{width}d}"
+
+
+def layer_run_scalars(
+    values: np.ndarray,
+    present: Sequence[int],
+    metric_names: Sequence[str],
+    layers: Sequence[tuple[str, int | None]],
+    width: int = 2,
+) -> dict[str, dict[str, float]]:
+    """``{run: {grad_spectrum/<metric>/<component>: value}}``: each indexed layer in a run of its own, so that
+    TensorBoard draws the layers of one component in one chart, each in its own colour.
+
+    ``layers`` holds each row's ``(component, index)``; rows without an index have no run.
+    """
+    runs: dict[str, dict[str, float]] = {}
+    for i in sorted(present):
+        component, index = layers[i]
+        if index is None:
+            continue
+        run = runs.setdefault(layer_run_name(index, width), {})
+        for j, metric in enumerate(metric_names):
+            if math.isfinite(float(values[i, j])):
+                run[layer_tag(metric, component)] = float(values[i, j])
+    return runs

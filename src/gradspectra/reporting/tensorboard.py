@@ -7,10 +7,12 @@ Figures are built with matplotlib's Agg backend (imported lazily) and handed to 
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -219,3 +221,29 @@ class TensorBoardViews:
                 for writer in writers:
                     writer.add_figure(tag, fig, global_step=step, close=False)
                 plt.close(fig)
+
+
+class LayerRuns:
+    """One ``SummaryWriter`` per layer index under ``base`` (``base/layer_03``), created at first use."""
+
+    def __init__(self, base: str | os.PathLike[str]) -> None:
+        self.base = Path(base)
+        self._writers: dict[str, Any] = {}
+
+    def log(self, runs: dict[str, dict[str, float]], step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        for run, scalars in runs.items():
+            if run not in self._writers:
+                self._writers[run] = SummaryWriter(log_dir=str(self.base / run))
+            for tag, value in scalars.items():
+                self._writers[run].add_scalar(tag, value, global_step=step)
+
+    def flush(self) -> None:
+        for writer in self._writers.values():
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
