@@ -5,6 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gradspectra import __version__
+from gradspectra.reporting.records import RECORD_FILENAME
+
+#: where `report` looks inside a folder, in order: the folder a front door writes (`<log dir>/gradspectra`)
+#: is the usual one to be handed, then its parent
+_IN_FOLDER = (RECORD_FILENAME, f"gradspectra/{RECORD_FILENAME}")
 
 
 def _positive(text: str) -> int:
@@ -16,6 +25,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradspectra", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gradspectra {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="fine-tune MiniLM-L6 on generated reviews with injected bad batches")
@@ -27,10 +37,95 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress-bar", action="store_true")
 
-    report = sub.add_parser("report", help="print the highest-scoring batches of a batches.jsonl file")
-    report.add_argument("path", help="a gradspectra batches.jsonl")
-    report.add_argument("--top", type=_positive, default=10)
+    report = sub.add_parser(
+        "report",
+        help="print the worst batches of a run's batches.jsonl",
+        description="Print the worst batches of a run: steps with non-finite (NaN/Inf) gradients or loss "
+        "first, then the highest scores.",
+    )
+    report.add_argument(
+        "path",
+        help=f"a batches.jsonl file, or a folder holding {_IN_FOLDER[0]} or {_IN_FOLDER[1]} (the run's log folder)",
+    )
+    report.add_argument(
+        "--top",
+        type=_positive,
+        default=10,
+        metavar="N",
+        help="rows to show: non-finite steps first, then the highest scores (default 10)",
+    )
+    report.add_argument("--flagged", action="store_true", help="only flagged steps")
+    report.add_argument(
+        "--skipped", action="store_true", help='only steps whose optimizer step was skipped (action="skip")'
+    )
+    report.add_argument(
+        "--ids", action="store_true", help="after the table, every sample id of each row (the table shows six)"
+    )
     return parser
+
+
+class _ReportError(Exception):
+    """A path `report` cannot read: the message is printed, the exit status is 2."""
+
+
+def _find_records(path: Path) -> Path:
+    """The records file ``path`` names: the file itself, or the one in a folder (see :data:`_IN_FOLDER`)."""
+    if not path.exists():
+        raise _ReportError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        return path
+    for name in _IN_FOLDER:
+        candidate = path / name
+        if candidate.is_file():
+            return candidate
+    looked = " or ".join(str(path / name) for name in _IN_FOLDER)
+    deeper = sorted(str(p) for depth in ("*", "*/*", "*/*/*") for p in path.glob(f"{depth}/{RECORD_FILENAME}"))
+    hint = f"; record files further down: {', '.join(deeper[:5])}{', ...' if len(deeper) > 5 else ''}" if deeper else ""
+    raise _ReportError(f"{path} is a folder without a records file (looked for {looked}){hint}")
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    from gradspectra.reporting.records import read_records
+
+    try:
+        return read_records(path)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise _ReportError(f"cannot read {path}: {reason}") from err
+
+
+def _report(args: argparse.Namespace) -> int:
+    from gradspectra.reporting.tensorboard import flagged_table, is_nonfinite_record, table_records
+
+    try:
+        path = _find_records(Path(args.path))
+        records = _read(path)
+    except _ReportError as err:
+        print(f"gradspectra report: {err}", file=sys.stderr)
+        return 2
+    flagged = sum(bool(r.get("flagged")) for r in records)
+    nonfinite = sum(is_nonfinite_record(r) for r in records)
+    skipped = sum(bool(r.get("skipped")) for r in records)
+    print(
+        f"{path}: {len(records)} records, {flagged} flagged, {nonfinite} with non-finite gradients or loss, "
+        f"{skipped} skipped"
+    )
+    chosen = [r for r in records if (not args.flagged or r.get("flagged")) and (not args.skipped or r.get("skipped"))]
+    if records and not chosen:
+        which = " and ".join(w for w, on in (("flagged", args.flagged), ("skipped", args.skipped)) if on)
+        print(f"(no {which} steps)")
+        return 0
+    print(flagged_table(chosen, args.top))
+    if args.ids:
+        rows = table_records(chosen, args.top)
+        with_ids = [r for r in rows if r.get("sample_ids")]
+        if not with_ids:
+            print("\n(no sample ids in these records: set sample_id_key to record them)")
+        else:
+            print("\nsample ids:")
+            for r in with_ids:
+                print(f"step {r.get('step')}: {', '.join(str(i) for i in r['sample_ids'])}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,13 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress_bar=not args.no_progress_bar,
         )
         return 0
-    from gradspectra.reporting import flagged_table, read_records
-
-    records = read_records(args.path)
-    flagged = sum(bool(r.get("flagged")) for r in records)
-    print(f"{args.path}: {len(records)} records, {flagged} flagged")
-    print(flagged_table(records, args.top))
-    return 0
+    return _report(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -364,7 +364,8 @@ class GradientSpectrumMonitor(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.engine.finish(trainer.global_step, self._outputs(trainer), trainer.is_global_zero)
+        # global_step is one past the last optimizer step by now: the last measured step is one before
+        self.engine.finish(max(0, trainer.global_step - 1), self._outputs(trainer), trainer.is_global_zero)
         self.engine.close()
 
     @override

@@ -91,8 +91,9 @@ class RecordBuffer:
 def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """All records of a ``batches.jsonl`` file, in order.
 
-    A truncated last line (a run killed mid-write) is ignored; a malformed line anywhere else raises
-    ``ValueError`` naming the line, since that is damage, not an interrupted write.
+    A truncated last line (a run killed mid-write) is ignored; a malformed line anywhere else, or a line
+    that is JSON but not an object, raises ``ValueError`` naming the line, since that is damage (or not a
+    records file), not an interrupted write.
     """
     with open(path, encoding="utf-8") as fh:
         lines = [line.strip() for line in fh]
@@ -103,11 +104,14 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         if not line:
             continue
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             if number == len(lines):
                 break
             raise ValueError(f"{path}: line {number} is not a JSON record: {err}") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {number} is not a JSON record: a {type(record).__name__}, not an object")
+        out.append(record)
     return out
 
 

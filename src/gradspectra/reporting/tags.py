@@ -10,9 +10,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
-
-from gradspectra.functional import layer_mad
 
 TAG_ROOT = "grad_spectrum"
 STATUS_ROOT = "gradspectra"
@@ -126,6 +123,11 @@ def layer_scalars(
 
     ``values`` is ``(layers, metrics)``; ``present`` the rows that had a gradient this step.
     """
+    # imported here: `gradspectra report` reads this module and should start without loading torch
+    import torch
+
+    from gradspectra.functional import layer_mad
+
     scalars: dict[str, float] = {}
     rows = sorted(present)
     for j, metric in enumerate(metric_names):
@@ -145,7 +147,8 @@ def layer_scalars(
             continue  # nothing measured for this metric this step (spectra deferred)
         for component, order in component_rows.items():
             # a component with a missing or non-finite layer gets a NaN MAD, dropped by the caller
-            scalars[mad_tag(metric, component)] = float(layer_mad(torch.from_numpy(values[list(order), j])))
+            curve = torch.from_numpy(values[list(order), j])
+            scalars[mad_tag(metric, component)] = float(layer_mad(curve))
     return scalars
 
 
