@@ -16,11 +16,14 @@ Configurations:
 - ``estimate``: ``spectra="estimate"``, estimates of every layer every step.
 
 CPU section: the pretrained MiniLM-L6 (``gradspectra.demo``), 16 reviews x 64 tokens, every linear
-layer watched (37 matrices). GPU section (only when CUDA is available): a Llama-shaped model of about
+layer watched (37 matrices). Small section: a tiny Llama (hidden 128, 4 layers, 8 x 32 tokens, a ~20 ms
+step on 2 cores), where the monitor's fixed cost, not the spectra, decides the overhead. GPU section
+(only when CUDA is available): a Llama-shaped model of about
 1.1 B parameters (hidden 2048, 22 layers, intermediate 5632, random init, bf16-mixed), 4 x 512 tokens.
 
     python benchmarks/overhead.py                         # CPU, ~10 min on 2 cores
     python benchmarks/overhead.py --rounds 2 --block 4    # quicker, noisier
+    python benchmarks/overhead.py --section small --configs none,default --rounds 12   # the tiny model
     python benchmarks/overhead.py --section gpu           # on a machine with a GPU
 """
 
@@ -91,13 +94,17 @@ def minilm_section(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return ReviewClassifier(), DataLoader(data, batch_size=None, shuffle=False), "MiniLM-L6, 16 x 64 tokens, CPU"
 
 
-def llama_section(args: argparse.Namespace, small: bool) -> tuple[Any, Any, str]:
+def llama_section(args: argparse.Namespace, small: bool | str) -> tuple[Any, Any, str]:
     """A Llama-shaped causal LM; ``small`` shrinks it to run anywhere (a smoke test of this section)."""
     import lightning.pytorch as pl
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if small:
+    if small == "tiny":
+        # the first-hour case of issue #16: a step of ~20 ms on this CPU
+        shape = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4}
+        batch, tokens = 8, 32
+    elif small:
         shape = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4}
         batch, tokens = 2, 32
     else:
@@ -135,6 +142,10 @@ def run(args: argparse.Namespace, section: str) -> str:
     if section == "cpu":
         model, loader, label = minilm_section(args)
         trainer_kw: dict[str, Any] = {"accelerator": "cpu"}
+    elif section == "small":
+        model, loader, label = llama_section(args, small="tiny")
+        label = "tiny " + label
+        trainer_kw = {"accelerator": "cpu"}
     else:
         model, loader, label = llama_section(args, small=not torch.cuda.is_available())
         cuda = torch.cuda.is_available()
@@ -235,7 +246,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--section", choices=("cpu", "gpu", "all"), default="all", help="gpu runs only with CUDA")
+    parser.add_argument(
+        "--section", choices=("cpu", "small", "gpu", "all"), default="all", help="gpu runs only with CUDA"
+    )
     parser.add_argument("--rounds", type=int, default=4, help="rounds over the configurations (default 4)")
     parser.add_argument("--block", type=int, default=6, help="steps per block, the first not timed (default 6)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
@@ -278,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections = []
     if args.section in ("cpu", "all") and not args.gpu_smoke:
         sections.append(run(args, "cpu"))
+    if args.section in ("small", "all") and not args.gpu_smoke:
+        sections.append(run(args, "small"))
     if args.section in ("gpu", "all"):
         if torch.cuda.is_available() or args.gpu_smoke:
             sections.append(run(args, "gpu"))

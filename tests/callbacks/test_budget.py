@@ -186,3 +186,18 @@ def test_figures_are_spaced_to_a_quarter_of_the_budget_and_taken_off_the_spectra
     assert budget.figure_period(100, 12) == math.ceil(budget.figure_seconds / 0.006)
     with pytest.raises(ValueError, match="`min_steps` must be >= 1, got 0"):
         budget.figure_period(0, 12)
+
+
+def test_logging_is_spaced_and_paid_for_like_figures() -> None:
+    budget = OverheadBudget([(64, 64)] * 4, max_overhead=0.03)
+    budget.observe_step(0.020)  # a 20 ms step: 0.8 * 3% = 0.48 ms planned per step
+    assert budget.log_period(1) == 1  # nothing measured yet
+    before = budget.per_step
+    budget.observe_logging(0.004)  # one logging of the per-layer scalars: 4 ms
+    period = budget.log_period(1)
+    # at most a quarter of the planned 0.48 ms per step: 4 ms / 0.12 ms -> every 34th step
+    assert period == 34
+    assert budget.per_step == pytest.approx(before - 0.004 / period)
+    assert budget.log_period(50) == 50  # the user's own spacing is the floor
+    with pytest.raises(ValueError, match="`min_steps` must be >= 1"):
+        budget.log_period(0)

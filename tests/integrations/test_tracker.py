@@ -67,3 +67,34 @@ def test_every_n_steps_resume_and_raise(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="after `close\\(\\)`"):
         resumed.step()
     assert [r["step"] for r in read_records(tmp_path / "gradspectra" / "batches.jsonl")] == [0, 2, 4, 6]
+
+
+def test_a_fast_step_spaces_per_layer_logging_and_says_what_the_budget_affords(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """#16: on a step of milliseconds hundreds of per-layer scalars cost more than the whole budget: they are
+    spaced out, every step is still recorded and scored, and the user is told once what the budget affords."""
+    import logging
+
+    model = tiny_llama()
+    steps = 40
+    with caplog.at_level(logging.INFO, logger="gradspectra"):
+        with GradientSpectrumTracker(model, log_dir=tmp_path, max_overhead=0.01, warmup_steps=5, verbose=False) as t:
+            for batch in batches(steps):
+                loss = model(**batch).loss
+                loss.backward()
+                t.step(loss=loss)
+                model.zero_grad()
+    said = [r.getMessage() for r in caplog.records if "the monitor logs per-layer scalars" in r.getMessage()]
+    assert len(said) == 1 and said[0] == t.engine.affordance
+    assert "at 1% of a" in said[0] and "ms step" in said[0]
+    records = read_records(tmp_path / "gradspectra" / "batches.jsonl")
+    assert [r["step"] for r in records] == list(range(steps))
+    assert all(isinstance(r["score"], float) for r in records[5:])  # every step after warm-up scored
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    per_layer = [e.step for e in acc.Scalars("grad_spectrum/frobenius_norm/self_attn.q_proj/layer_00")]
+    assert [e.step for e in acc.Scalars("gradspectra/score")] == list(range(5, steps))
+    assert per_layer[0] == 0 and len(per_layer) < steps // 2  # spaced by the budget
+    budget = t.engine.planner.budget if t.engine.planner is not None else None
+    assert budget is not None and budget.log_period(1) > 1

@@ -67,6 +67,21 @@ def _frobenius_from_entries(matrix: Tensor) -> Tensor:
     return _frobenius_rescaled(matrix)
 
 
+_STACK_LIMIT = 1 << 16  # entries: matrices at most this large are stacked by shape (a copy costs less than a call)
+
+
+def _small_groups(matrices: Sequence[Tensor]) -> list[list[int]]:
+    """Indices grouped by shape, dtype and device for small matrices; one group per large matrix."""
+    groups: dict[tuple[object, ...], list[int]] = {}
+    singles: list[list[int]] = []
+    for i, m in enumerate(matrices):
+        if m.numel() <= _STACK_LIMIT and m.layout == torch.strided:
+            groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
+        else:
+            singles.append([i])
+    return [*groups.values(), *singles]
+
+
 def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
     """Frobenius norms of matrices of mixed shapes, ``(len,)`` float64 on the first one's device.
 
@@ -82,9 +97,14 @@ def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
     for m in matrices:
         _check_matrix(m)
     device = matrices[0].device
-    pairs = [_frobenius_fast(m) for m in matrices]
-    out = torch.stack([f.reshape(()).to(device) for f, _ in pairs])
-    trusted = torch.stack([t.reshape(()).to(device) for _, t in pairs])
+    out = torch.empty(len(matrices), dtype=torch.float64, device=device)
+    trusted = torch.empty(len(matrices), dtype=torch.bool, device=device)
+    for idx in _small_groups(matrices):
+        # small same-shaped matrices in one call: on a small model the per-call cost is most of the time
+        batch = matrices[idx[0]][None] if len(idx) == 1 else torch.stack([matrices[i] for i in idx])
+        fro, ok = _frobenius_fast(batch)
+        out[idx] = fro.to(device)
+        trusted[idx] = ok.to(device)
     if not bool(trusted.all()):
         for i in (~trusted).nonzero().flatten().tolist():
             out[i] = _frobenius_rescaled(matrices[i]).to(device)

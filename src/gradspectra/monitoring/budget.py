@@ -44,6 +44,7 @@ _AUDIT_SHARE = 0.25  # share of each step's credit that goes to the audit fund
 _HEADROOM = 0.8  # the budget plans to this share of max_overhead (see the module docstring)
 _FIGURE_SHARE = 0.25  # figures get at most this share of what the budget plans
 _FIGURE_PRIOR = 0.5  # seconds per figure until a drawing has been measured
+_LOG_SHARE = 0.25  # per-layer scalar logging gets at most this share of what the budget plans
 
 
 @dataclass
@@ -127,6 +128,8 @@ class OverheadBudget:
         self._step = 0
         self.figure_seconds: float | None = None  # one drawing of all figures, measured
         self._figures_per_step = 0.0  # the figures' cost spread over the steps between drawings
+        self.log_seconds: float | None = None  # one logging of the per-layer scalars, measured
+        self._logging_per_step = 0.0
 
     # ------------------------------------------------------------------ measurements
 
@@ -161,6 +164,25 @@ class OverheadBudget:
         allowed = _FIGURE_SHARE * _HEADROOM * self.max_overhead * self.step_seconds
         period = max(min_steps, math.ceil(cost / allowed)) if allowed > 0 else min_steps
         self._figures_per_step = cost / period
+        return period
+
+    def observe_logging(self, seconds: float) -> None:
+        """The wall time of one logging of the per-layer scalars (to every logger)."""
+        if seconds >= 0 and math.isfinite(seconds):
+            t = self.log_seconds
+            self.log_seconds = seconds if t is None else (1 - _EMA) * t + _EMA * seconds
+
+    def log_period(self, min_steps: int) -> int:
+        """Measured steps between two loggings of the per-layer scalars: at least ``min_steps``, and enough
+        that logging costs at most a quarter of the planned budget per step on average (on a fast step,
+        hundreds of scalars cost more than the whole budget). Taken off the spectral work from then on."""
+        if min_steps < 1:
+            raise ValueError(f"`min_steps` must be >= 1, got {min_steps!r}")
+        if self.step_seconds is None or self.log_seconds is None:
+            return min_steps
+        allowed = _LOG_SHARE * _HEADROOM * self.max_overhead * self.step_seconds
+        period = max(min_steps, math.ceil(self.log_seconds / allowed)) if allowed > 0 else min_steps
+        self._logging_per_step = self.log_seconds / period
         return period
 
     def cost(self, kind: str, layer: int) -> float:
@@ -205,7 +227,7 @@ class OverheadBudget:
         if self.step_seconds is None:
             return 0.0
         planned = _HEADROOM * self.max_overhead * self.step_seconds
-        return max(0.0, planned - self.fixed_seconds - self._figures_per_step)
+        return max(0.0, planned - self.fixed_seconds - self._figures_per_step - self._logging_per_step)
 
     def plan(self) -> Plan:
         """Which layers get exact spectra, estimates, audits, or nothing on this step."""
@@ -295,5 +317,6 @@ class OverheadBudget:
             "fixed_seconds": self.fixed_seconds,
             "spectra_seconds_per_step": self.per_step,
             "figure_seconds": self.figure_seconds,
+            "log_seconds": self.log_seconds,
             "credit": self.credit,
         }

@@ -9,6 +9,7 @@ import logging
 import math
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,22 @@ from gradspectra.reporting.tags import finite_only, layer_run_scalars, layer_sca
 from gradspectra.scoring import BatchScorer
 
 log = logging.getLogger("gradspectra")
+
+
+class _FallbackHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Prints gradspectra's messages (INFO and up) while the application has not configured logging; once
+    the root logger has a handler, the records propagate there instead (no double printing)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
+if not log.handlers:
+    log.addHandler(_FallbackHandler())
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+_AFFORDS_AFTER = 20  # measured steps before the monitor says what the budget affords (it has learned by then)
 _SKIP_MESSAGE_SECONDS = 10.0  # a run skipping many steps says so, without a line per step
 _COUNTERS = (
     "steps_monitored",
@@ -133,6 +150,7 @@ class MonitorEngine:
         self.monitor_seconds = 0.0
         self.layers_computed_here = 0
         self.last_step: int | None = None  # the last step measured (kept in checkpoints)
+        self.affordance: str | None = None  # what the budget affords, in words, once learned
         self.resume_after: int | None = None  # the restored checkpoint's last measured step
         self._writer: RecordWriter | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -141,6 +159,9 @@ class MonitorEngine:
         self._owners: tuple[int, list[int]] | None = None
         self._layer_runs: LayerRuns | None = None
         self._last_skip_message = -math.inf
+        self._last_layer_log = -math.inf  # steps_monitored when per-layer scalars were last logged
+        self._spectra_counts: deque[int] = deque(maxlen=_AFFORDS_AFTER)  # layers with a spectrum, per step
+        self._affordance_said = False
         self._skips_unsaid = 0
 
     # ------------------------------------------------------------------ set-up
@@ -263,11 +284,12 @@ class MonitorEngine:
         record["monitor_ms"] = 1000.0 * (time.perf_counter() - started)
         # the action before the record goes out, so that the file, the scalars and the console all say so
         self._act(record, params, procs)
-        figure_seconds = self._emit(record, table, procs, outputs or Outputs())
+        spaced_seconds = self._emit(record, table, procs, outputs or Outputs())
         ended = time.perf_counter()
         self.monitor_seconds += ended - started
-        # figures are paid for separately (spaced by the budget), not as a fixed cost per step
-        self.planner.step_ended(ended, inputs.step, ended - started - result.seconds - figure_seconds)
+        # per-layer logging and figures are paid for apart (spaced by the budget), not as a fixed cost per step
+        self.planner.step_ended(ended, inputs.step, ended - started - result.seconds - spaced_seconds)
+        self._say_affordance(record, procs)
         self.last_step = inputs.step
         if self.factors is not None:
             self.factors.clear()
@@ -441,16 +463,20 @@ class MonitorEngine:
         return record
 
     def _emit(self, record: BatchRecord, table: HostTable, procs: Processes, outputs: Outputs) -> float:
-        """The record to memory and file, scalars to the loggers, rank 0's TensorBoard views; the seconds
-        spent drawing figures."""
+        """The record to memory and file, scalars to the loggers, rank 0's TensorBoard views. Returns the
+        seconds of the work the budget spaces out and pays for apart (per-layer logging, figures)."""
         self.batch_records.append(cast(dict[str, Any], record))
         if self._writer is not None:
             self._writer.write(record)
         if self.views is None:
             return 0.0
         self.views.observe(record["step"], table.values)
+        assert self.planner is not None
+        # per-layer scalars on their cadence: under spectra="auto" the budget spaces them by what they cost
+        period = self.planner.log_period(self.config.log_every_n_steps)
+        per_layer = self.steps_monitored - self._last_layer_log >= period
+        t0 = time.perf_counter()
         if outputs.log_scalars is not None:
-            per_layer = (self.steps_monitored - 1) % self.config.log_every_n_steps == 0
             keys = [w.key for w in self.watched]
             scalars = status_scalars(record, self.flagged_total, record.get("optimizer"))
             if self.config.action == "skip":
@@ -459,24 +485,25 @@ class MonitorEngine:
                 layer_scalars(table.values, table.present, self.metric_names, keys, self._component_rows, per_layer)
             )
             outputs.log_scalars(finite_only(scalars), record["step"])
-        if not procs.is_zero:
-            return 0.0
-        self._log_layer_runs(record, table, outputs)
-        if not outputs.writers:
-            return 0.0
-        assert self.planner is not None
+        if procs.is_zero and per_layer:
+            self._log_layer_runs(record, table, outputs)
+        logging_seconds = 0.0
+        if per_layer:
+            self._last_layer_log = self.steps_monitored
+            logging_seconds = time.perf_counter() - t0
+            self.planner.observe_logging(logging_seconds)
+        if not (procs.is_zero and outputs.writers):
+            return logging_seconds
         period = self.config.figure_every_n_steps
         if period:
             # under spectra="auto" the budget spaces the figures by what they cost to draw
             period = self.planner.figure_period(period, self.views.figures_per_drawing)
         seconds = self.views.update(outputs.writers, record["step"], self.steps_monitored, period)
         self.planner.observe_figures(seconds)
-        return seconds
+        return logging_seconds + seconds
 
     def _log_layer_runs(self, record: BatchRecord, table: HostTable, outputs: Outputs) -> None:
         if not self.config.layer_runs or outputs.layer_runs_dir is None:
-            return
-        if (self.steps_monitored - 1) % self.config.log_every_n_steps:
             return
         if self._layer_runs is None or self._layer_runs.base != outputs.layer_runs_dir:
             self._layer_runs = LayerRuns(outputs.layer_runs_dir)
@@ -484,6 +511,21 @@ class MonitorEngine:
         width = max((w.index_width for w in self.watched), default=2)
         runs = layer_run_scalars(table.values, table.present, self.metric_names, layers, width)
         self._layer_runs.log(runs, record["step"])
+
+    def _say_affordance(self, record: BatchRecord, procs: Processes) -> None:
+        """Once, on rank 0 under ``spectra="auto"``, what the budget affords, when it has learned it."""
+        if self.config.spectra != "auto" or self._affordance_said or self.planner is None:
+            return
+        spectra = record.get("spectra")
+        self._spectra_counts.append(len(spectra) if spectra is not None else len(record["metrics"]))
+        if len(self._spectra_counts) < _AFFORDS_AFTER:
+            return
+        per_step = sum(self._spectra_counts) / len(self._spectra_counts)
+        text = self.planner.affords(len(self.watched), per_step, self.planner.log_period(self.config.log_every_n_steps))
+        if text is not None and procs.is_zero:
+            log.info(text)
+        self._affordance_said = text is not None
+        self.affordance = text
 
     def _act(
         self, record: BatchRecord, params: Callable[[], Iterable[nn.Parameter]] | None, procs: Processes

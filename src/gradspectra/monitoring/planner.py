@@ -84,3 +84,40 @@ class Planner:
     def observe_figures(self, seconds: float) -> None:
         if self.budget is not None and seconds > 0:
             self.budget.observe_figures(seconds)
+
+    def log_period(self, min_steps: int) -> int:
+        """Measured steps between loggings of the per-layer scalars (spaced by the budget under ``"auto"``)."""
+        return min_steps if self.budget is None else self.budget.log_period(min_steps)
+
+    def observe_logging(self, seconds: float) -> None:
+        if self.budget is not None:
+            self.budget.observe_logging(seconds)
+
+    def affords(self, n_layers: int, spectra_per_step: float, log_period: int) -> str | None:
+        """In words, what the budget affords once it has learned the step (``None`` before)."""
+        b = self.budget
+        if b is None or b.step_seconds is None:
+            return None
+        step_ms = 1000 * b.step_seconds
+        spectra = (
+            f"gives each layer a full spectrum every ~{max(1, round(n_layers / spectra_per_step))} steps"
+            if spectra_per_step > 0
+            else "affords no full spectra (only Frobenius norms; pass spectra='exact' or a larger max_overhead)"
+        )
+        every = "every step" if log_period == 1 else f"every {_ordinal(log_period)} step"
+        logging = f"logs per-layer scalars {every}"
+        fixed = 1000 * b.fixed_seconds
+        over = (
+            f"; its fixed work alone (records, scoring) takes {fixed:.1f} ms, more than the budget"
+            if b.fixed_seconds > b.max_overhead * b.step_seconds
+            else ""
+        )
+        return (
+            f"gradspectra: at {100 * b.max_overhead:g}% of a {step_ms:.0f} ms step the monitor {logging} and "
+            f"{spectra}{over}"
+        )
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
