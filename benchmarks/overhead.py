@@ -110,7 +110,8 @@ def llama_section(args: argparse.Namespace, small: bool | str) -> tuple[Any, Any
     else:
         shape = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32}
         batch, tokens = 4, 512
-    config = LlamaConfig(vocab_size=32000, num_key_value_heads=shape["num_attention_heads"], **shape)
+    vocab = 1000 if small == "tiny" else 32000
+    config = LlamaConfig(vocab_size=vocab, num_key_value_heads=shape["num_attention_heads"], **shape)
 
     class LM(pl.LightningModule):
         def __init__(self) -> None:
@@ -125,7 +126,7 @@ def llama_section(args: argparse.Namespace, small: bool | str) -> tuple[Any, Any
 
     g = torch.Generator().manual_seed(args.seed)
     steps = (args.rounds + 1) * len(args.configs) * args.block + 8
-    data = [{"input_ids": torch.randint(0, 32000, (batch, tokens), generator=g)} for _ in range(steps)]
+    data = [{"input_ids": torch.randint(0, vocab, (batch, tokens), generator=g)} for _ in range(steps)]
     from torch.utils.data import DataLoader
 
     model = LM()

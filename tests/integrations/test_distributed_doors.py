@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import torch
 
-from gradspectra import GradientSpectrumTracker
 from gradspectra.integrations.transformers import GradientSpectrumCallback
 from gradspectra.reporting import read_records
 
 from ._ddp_worker import OPTIONS
 from .conftest import BATCH, Samples, batches, hf_args, tiny_llama
+from .test_front_doors import run_plain
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 WORLD = 2
@@ -100,16 +100,7 @@ def test_tracker_under_ddp_matches_one_process(tmp_path: Path) -> None:
     steps = 6
     data = batches(steps)
     # one process over the whole global batches, from the same initial weights
-    model = tiny_llama()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with GradientSpectrumTracker(model, log_dir=tmp_path / "single", **OPTIONS) as tracker:
-        for batch in data:
-            loss = model(**batch).loss
-            loss.backward()
-            tracker.step(loss=loss)
-            optimizer.step()
-            optimizer.zero_grad()
-    single = read_records(tmp_path / "single" / "gradspectra" / "batches.jsonl")
+    single, _ = run_plain(tiny_llama(), data, tmp_path / "single", **OPTIONS)
     n_layers = len(single[0]["metrics"])
     assert n_layers == 15 and "layers_per_rank" not in single[0]
 

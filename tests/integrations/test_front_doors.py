@@ -77,9 +77,11 @@ def run_transformers(
     return read_records(folder / "batches.jsonl"), folder
 
 
-def run_plain(model: nn.Module, data: list[dict[str, Tensor]], out: Path) -> tuple[list[dict[str, Any]], Path]:
+def run_plain(
+    model: nn.Module, data: list[dict[str, Tensor]], out: Path, **options: Any
+) -> tuple[list[dict[str, Any]], Path]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with GradientSpectrumTracker(model, log_dir=out, optimizer=optimizer, **OPTIONS) as tracker:
+    with GradientSpectrumTracker(model, log_dir=out, optimizer=optimizer, **{**OPTIONS, **options}) as tracker:
         for batch in data:
             loss = model(**batch).loss
             loss.backward()

@@ -78,13 +78,16 @@ def test_a_fast_step_spaces_per_layer_logging_and_says_what_the_budget_affords(
 
     model = tiny_llama()
     steps = 40
-    with caplog.at_level(logging.INFO, logger="gradspectra"):
-        with GradientSpectrumTracker(model, log_dir=tmp_path, max_overhead=0.01, warmup_steps=5, verbose=False) as t:
-            for batch in batches(steps):
-                loss = model(**batch).loss
-                loss.backward()
-                t.step(loss=loss)
-                model.zero_grad()
+    options = {"max_overhead": 0.01, "warmup_steps": 5, "verbose": False}
+    with (
+        caplog.at_level(logging.INFO, logger="gradspectra"),
+        GradientSpectrumTracker(model, log_dir=tmp_path, **options) as t,
+    ):
+        for batch in batches(steps):
+            loss = model(**batch).loss
+            loss.backward()
+            t.step(loss=loss)
+            model.zero_grad()
     said = [r.getMessage() for r in caplog.records if "the monitor logs per-layer scalars" in r.getMessage()]
     assert len(said) == 1 and said[0] == t.engine.affordance
     assert "at 1% of a" in said[0] and "ms step" in said[0]

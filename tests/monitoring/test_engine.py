@@ -341,10 +341,8 @@ class _Collective:
         return reduce
 
 
-def test_two_ranks_split_the_layers_and_agree(tmp_path: Path) -> None:
-    """Two data-parallel ranks (threads) with the same averaged gradients: each measures its own layers,
-    one all-reduce per step assembles the table; both records equal a single process's."""
-    world, steps = 2, 3
+def _ranks(tmp_path: Path, world: int) -> tuple[_Collective, list[nn.Module], list[MonitorEngine]]:
+    """``world`` data-parallel ranks (threads): a collective, one model and one engine each (rank 0 writes)."""
     collective = _Collective(world)
     models = [mlp(seed=0) for _ in range(world)]
     engines = []
@@ -353,6 +351,14 @@ def test_two_ranks_split_the_layers_and_agree(tmp_path: Path) -> None:
         engine.attach(model, world=world)
         engine.open(tmp_path / "ddp.jsonl", write=rank == 0)
         engines.append(engine)
+    return collective, models, engines
+
+
+def test_two_ranks_split_the_layers_and_agree(tmp_path: Path) -> None:
+    """Two data-parallel ranks (threads) with the same averaged gradients: each measures its own layers,
+    one all-reduce per step assembles the table; both records equal a single process's."""
+    world, steps = 2, 3
+    collective, models, engines = _ranks(tmp_path, world)
     records: list[list[dict[str, Any]]] = [[] for _ in range(world)]
     seen: list[dict[str, np.ndarray]] = []
     failures: list[BaseException] = []
@@ -431,14 +437,7 @@ def test_event_files_carry_scalars_figures_and_summary(tmp_path: Path) -> None:
 def test_a_failure_on_one_rank_does_not_hang_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 1's spectral work raises: it still joins the all-reduce, and every rank records the step as an error."""
     world = 2
-    collective = _Collective(world)
-    models = [mlp(seed=0) for _ in range(world)]
-    engines = []
-    for rank, model in enumerate(models):
-        engine = MonitorEngine(MonitorConfig(**QUIET, spectra="exact", cpu_threads=None))
-        engine.attach(model, world=world)
-        engine.open(tmp_path / "ddp.jsonl", write=rank == 0)
-        engines.append(engine)
+    collective, models, engines = _ranks(tmp_path, world)
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("out of memory (planted)")
