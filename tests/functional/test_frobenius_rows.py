@@ -66,3 +66,20 @@ def test_many_norms_of_mixed_shapes_and_magnitudes_match_numpy() -> None:
         else:
             assert abs(g - want) <= 1e-6 * want
     assert frobenius_norms([]).shape == (0,)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e-12, 1e-6, 1.0, 1e6, 1e14, 1e18, 1e25])
+def test_fused_float32_norms_match_numpy_at_every_magnitude(scale: float) -> None:
+    """frobenius_norms reads float32 matrices in one fused call; what leaves its safe range is redone."""
+    from gradspectra.functional import frobenius_norms
+
+    g = torch.Generator().manual_seed(1)
+    shapes = [(16, 16), (16, 16), (32, 16), (16, 32), (200, 64), (3, 5)]
+    mats = [(torch.randn(*s, generator=g, dtype=torch.float64) * scale).float() for s in shapes]
+    mats[1][0, 0] = float(mats[1][0, 0]) * 1e6  # one entry far above the rest
+    mats.append(torch.zeros(4, 4))
+    mats.append(torch.randn(8, 8, generator=g).T)  # a non-contiguous view, as a Conv1D gradient is
+    got = frobenius_norms(mats).tolist()
+    for value, m in zip(got, mats, strict=True):
+        want = float(np.linalg.norm(m.to(torch.float64).numpy()))
+        assert abs(value - want) <= 1e-6 * want, (scale, m.shape, value, want)

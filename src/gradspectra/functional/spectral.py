@@ -99,7 +99,18 @@ def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
     device = matrices[0].device
     out = torch.empty(len(matrices), dtype=torch.float64, device=device)
     trusted = torch.empty(len(matrices), dtype=torch.bool, device=device)
-    for idx in _small_groups(matrices):
+    fused = hasattr(torch, "_foreach_norm")
+    plain = [i for i, m in enumerate(matrices) if fused and m.dtype == torch.float32 and m.device == device]
+    if plain:
+        # float32 matrices in one fused call (what torch's clip_grad_norm_ uses); trusted only well inside
+        # float32's range of squares, the rest take the per-matrix routes below
+        norms = torch.stack(list(torch._foreach_norm([matrices[i] for i in plain]))).to(torch.float64)
+        out[plain] = norms
+        trusted[plain] = ((norms > 1e-10) & (norms < 1e15)) | torch.isnan(norms)
+    done = set(plain)
+    rest = [i for i in range(len(matrices)) if i not in done]
+    for group in _small_groups([matrices[i] for i in rest]):
+        idx = [rest[k] for k in group]
         # small same-shaped matrices in one call: on a small model the per-call cost is most of the time
         batch = matrices[idx[0]][None] if len(idx) == 1 else torch.stack([matrices[i] for i in idx])
         fro, ok = _frobenius_fast(batch)
