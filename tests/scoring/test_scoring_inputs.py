@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,6 +101,26 @@ def test_absent_layers_and_metrics_are_not_anomalies() -> None:
         assert not any("non-finite" in r for r in result.reasons)
     assert sum(flags) <= 3
     assert scorer.score({}, loss=None).score is None
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_the_layer_profile_does_not_depend_on_which_layers_were_measured(seed: int) -> None:
+    # after warm-up a spectral budget measures the full spectrum of 3 of 29 layers per step, in turn
+    # (the others give their Frobenius norm only); the layers' levels differ by far more than their
+    # noise, so a profile taken from the values would jump with the subset (37 and 56 of 150 flagged)
+    run = SyntheticRun(seed=seed, n_layers=29)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    feed(run, scorer, 40)
+    flags = []
+    for t in range(150):
+        step = run.step()
+        measured = {(3 * t + j) % run.n_layers for j in range(3)}
+        for i, layer in enumerate(run.layer_names):
+            if i not in measured:
+                step[layer] = {"frobenius_norm": step[layer]["frobenius_norm"]}
+        result = scorer.score(step, loss=run.loss())
+        flags.append(result.flagged and result.reasons[0].startswith("nuclear_norm layer profile"))
+    assert sum(flags) <= 2
 
 
 def test_none_values_count_as_absent() -> None:
@@ -273,3 +295,67 @@ def test_shortest_trend_window_and_a_state_with_shorter_trends() -> None:
     results = [longer.score(run.step(), loss=run.loss()) for _ in range(3)]
     assert results[0].score is None and not results[0].flagged
     assert results[-1].score is not None
+
+
+STATE_FROM_0_1 = Path(__file__).parent / "data" / "state_v2_from_0_1.json"
+THREE = ("nuclear_norm", "stable_rank", "effective_rank")
+
+
+def three_metrics(step: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {layer: {m: values[m] for m in THREE} for layer, values in step.items()}
+
+
+def test_a_checkpoint_written_by_0_1_loads_and_goes_on_scoring() -> None:
+    # written by gradspectra 0.1.0 (one window per block, the loss's a list, a trend of the profile) after
+    # 60 steps of SyntheticRun(seed=77, n_layers=4) with three metrics; this version keeps the clean
+    # residuals and terms in one window, and no profile trend
+    state = json.loads(STATE_FROM_0_1.read_text())
+    scorer = BatchScorer(warmup_steps=10, window=20, trend_window=8, threshold_window=30)
+    scorer.load_state_dict(state)
+    assert scorer.layers == tuple(state["layers"]) and scorer.metrics == THREE
+    assert scorer.steps == 60 and not scorer.in_warmup
+    restored = scorer.state_dict()
+    for key in ("residuals", "profile_residuals", "loss_residuals", "terms", "scores"):
+        assert same(restored[key], state[key]), key
+    for key in ("trend_values", "trend_loss"):
+        assert same(restored[key]["values"], state[key]["values"]) and restored[key]["steps"] == state[key]["steps"]
+    assert [b["rows"] for b in restored["bases"]] == [b["rows"] for b in state["bases"]]
+    assert restored["trend_profile"] is None  # no longer kept; the stored one is ignored
+    run = SyntheticRun(seed=77, n_layers=4)
+    for _ in range(60):  # the stream the checkpoint saw
+        run.step()
+        run.loss()
+    flags = [
+        scorer.score(three_metrics(run.step({"effective_rank": 12.0} if t == 20 else None)), loss=run.loss()).flagged
+        for t in range(40)
+    ]
+    assert flags[20] and sum(flags) <= 4  # 0.1.0 itself flagged 4 of these 40 (a 20-step window of 4 layers)
+
+
+def test_the_loss_alone_is_scored() -> None:
+    # no layer metrics at all (or layers without any): the loss is still scored, from a 5-step warm-up,
+    # and through a checkpoint (0.1.0 failed with a shape error after restoring one)
+    rng = np.random.default_rng(9)
+    for empty in ({}, {"a": {}, "b": {}}):
+        scorer = BatchScorer(warmup_steps=5, window=10)
+        results = [scorer.score(dict(empty), loss=1.0 + 0.05 * rng.standard_normal()) for _ in range(20)]
+        state = json.loads(json.dumps(scorer.state_dict()))
+        scorer = BatchScorer(warmup_steps=5, window=10)
+        scorer.load_state_dict(state)
+        results += [scorer.score(dict(empty), loss=1.0 + 0.05 * rng.standard_normal()) for _ in range(20)]
+        spike = scorer.score(dict(empty), loss=3.0)
+        assert all(r.score is not None for r in results[5:])
+        assert sum(r.flagged for r in results) <= 2
+        assert spike.flagged and spike.reasons[0].startswith("loss high")
+
+
+def test_a_layer_without_a_baseline_yet_leaves_the_profile_out() -> None:
+    # layers join one at a time (2, then 3, then 4): while the newest has no baseline, the others' profile
+    # alone would lie in the directions their own profiles took; level 2 must not learn that as usual
+    rng = np.random.default_rng(0)
+    scorer = BatchScorer(warmup_steps=5, window=12)
+    flags = []
+    for t in range(60):
+        step = {f"l{i}": {"nuclear_norm": float(np.exp(i + rng.normal(0.0, 0.1)))} for i in range(2 + t // 20)}
+        flags.append(scorer.score(step, loss=1.0).flagged)
+    assert sum(flags) <= 4

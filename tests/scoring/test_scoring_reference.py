@@ -5,7 +5,13 @@ terms and scores) and recomputes every slope, median, quartile and trimmed mean 
 scratch, in loops. Residual, term and score windows store float32 (see ``_window``), so the reference
 rounds what it stores the same way. With ``profile_components=0`` the profile term is the mean square
 of the profile z, which keeps the reference free of the iterative basis (tested on its own in
-``test_scoring_trend.py``).
+``test_scoring_trend.py``). The profile's residuals are the nuclear norm's residuals less their
+interquartile mean over layers.
+
+While a window holds fewer than ``PRIOR_UNTIL`` values its median and scale are shrunk toward a
+prior, and level 2 and the score window are rebuilt in-sample after every clean step (as at the end
+of warm-up; accepted scores that did not teach the windows are kept) until the residual windows hold
+``PRIOR_UNTIL`` steps.
 """
 
 from __future__ import annotations
@@ -24,6 +30,26 @@ IQR_PER_SIGMA = 2 * stats.norm.ppf(0.75)
 MAD_PER_SIGMA = 1 / stats.norm.ppf(0.75)
 NUCLEAR = METRICS.index("nuclear_norm")
 HIGH = ("nuclear_norm", "frobenius_norm", "spectral_norm")  # BatchScorer's default high_metrics
+PRIOR_UNTIL = 30
+LOSS_PRIOR = 0.1  # times the loss's prediction (linear), or on log scale
+
+
+def shrunk(history: np.ndarray, prior: np.ndarray | None, groups: list[slice], centred: np.ndarray) -> tuple:
+    """Median and scale of each column of ``history`` (rows: steps), shrunk toward the prior while young.
+
+    ``prior``: a fixed prior scale per column (NaN: none); ``groups``: column ranges whose median scale
+    is pooled (one metric over the layers); ``centred``: columns whose median is shrunk toward 0.
+    """
+    q1, med, q3 = np.quantile(history, [0.25, 0.5, 0.75], axis=0)
+    scale = (q3 - q1) / IQR_PER_SIGMA
+    w = max(0.0, 1.0 - history.shape[0] / PRIOR_UNTIL)
+    if w == 0.0:
+        return med, scale
+    target = scale.copy() if prior is None else np.fmax(scale, prior)
+    for g in groups:
+        target[g] = np.maximum(target[g], np.median(scale[g]))
+    med = np.where(centred, (1.0 - w) * med, med)
+    return med, np.sqrt((1.0 - w) * scale**2 + w * target**2)
 
 
 def f32(x: np.ndarray | float) -> np.ndarray:
@@ -87,22 +113,34 @@ class Reference:
         # given linear and predicted by the median of its last loss_window values
         self.loss_window = loss_window
         self.losses: list[float] = []
-        self.warm_preds: list[float] = []
         self.trend = Trend(trend_window)
         self.start = max(2, min(5, warmup // 4))
         self.accepted = 0
         self.res: list[np.ndarray] = []  # clean residuals: metrics (L*M), profile (L), loss (1), float32
         self.terms: list[np.ndarray] = []  # clean terms: loss, profile, metrics, float32
         self.scores: list[float] = []  # accepted scores, float32
+        self.young: list[float] = []  # accepted but not clean while young, float32
 
     def features(self, y: np.ndarray, loss: float) -> np.ndarray:
-        profile = y[:, NUCLEAR] - np.median(y[:, NUCLEAR])
-        return np.concatenate([y.ravel(), profile, [loss]])
+        self.n_layers = y.shape[0]
+        return np.concatenate([y.ravel(), [loss]])
 
-    def z_of(self, r: np.ndarray) -> np.ndarray:
+    def with_profile(self, r: np.ndarray) -> np.ndarray:
+        """The residuals with the profile's inserted: the nuclear norm's, less their interquartile mean."""
+        values = r[:-1].reshape(self.n_layers, len(METRICS))[:, NUCLEAR]
+        return np.concatenate([r[:-1], values - stats.trim_mean(values, 0.25), r[-1:]])
+
+    def z_of(self, r: np.ndarray, pred_loss: float = 1.0) -> np.ndarray:
         history = np.stack(self.res[-self.window :])
-        q1, med, q3 = np.quantile(history, [0.25, 0.5, 0.75], axis=0)
-        return (r - med) / np.maximum((q3 - q1) / IQR_PER_SIGMA, 1e-3)
+        n_layers, n_metrics = self.n_layers, len(METRICS)
+        n = n_layers * n_metrics
+        groups = [slice(m, n, n_metrics) for m in range(n_metrics)] + [slice(n, n + n_layers)]
+        prior = np.full(history.shape[1], np.nan)
+        prior[-1] = LOSS_PRIOR * (abs(pred_loss) if self.loss_window is not None else 1.0)
+        centred = np.ones(history.shape[1], dtype=bool)
+        centred[-1] = False
+        med, scale = shrunk(history, prior, groups, centred)
+        return (r - med) / np.maximum(scale, 1e-3)
 
     def terms_of(self, z: np.ndarray, n_layers: int) -> np.ndarray:
         n = n_layers * len(METRICS)
@@ -112,8 +150,8 @@ class Reference:
 
     def level2(self, terms: np.ndarray) -> np.ndarray:
         history = np.stack(self.terms[-self.window :])
-        q1, med, q3 = np.quantile(history, [0.25, 0.5, 0.75], axis=0)
-        return (terms - med) / np.maximum((q3 - q1) / IQR_PER_SIGMA, 0.05)
+        med, scale = shrunk(history, np.ones(history.shape[1]), [], np.ones(history.shape[1], dtype=bool))
+        return (terms - med) / np.maximum(scale, 0.05)
 
     @staticmethod
     def strength(z: np.ndarray) -> float:
@@ -127,12 +165,18 @@ class Reference:
 
     def z_of_loss(self, r: np.ndarray, pred_loss: float) -> np.ndarray:
         """Like z_of, with the linear-scale floor ``1e-3 * |prediction|`` for a linear loss."""
-        z = self.z_of(r)
+        z = self.z_of(r, pred_loss)
         if self.loss_window is not None:
-            history = np.stack(self.res[-self.window :])[:, -1]
-            q1, med, q3 = np.quantile(history, [0.25, 0.5, 0.75])
-            z[-1] = (r[-1] - med) / max((q3 - q1) / IQR_PER_SIGMA, 1e-3 * abs(pred_loss))
+            history = np.stack(self.res[-self.window :])[:, -1:]
+            prior = np.array([LOSS_PRIOR * abs(pred_loss)])
+            med, scale = shrunk(history, prior, [], np.zeros(1, dtype=bool))
+            z[-1] = (r[-1] - med[0]) / max(scale[0], 1e-3 * abs(pred_loss))
         return z
+
+    def restart(self, pred_loss: float) -> None:
+        """Level 2 and the score window from the residuals, in-sample (the scorer's levels: this step's)."""
+        self.terms = [f32(self.terms_of(self.z_of_loss(rr, pred_loss), self.n_layers)) for rr in self.res]
+        self.scores = [float(f32(self.strength(self.level2(tt)))) for tt in self.terms] + self.young
 
     def score(self, y: np.ndarray, loss: float, t: float) -> tuple[float | None, bool, np.ndarray | None, float | None]:
         v = self.features(y, loss)
@@ -141,22 +185,16 @@ class Reference:
         if r is not None and self.loss_window is not None:
             pred_loss = float(np.median(self.losses[-self.loss_window :]))
             r[-1] = loss - pred_loss
+        if r is not None:
+            r = self.with_profile(r)
         self.losses.append(loss)
         if self.accepted < self.warmup:
             self.trend.push(v, t, True)
             if r is not None:
                 self.res.append(f32(r))
-                self.warm_preds.append(pred_loss)
             self.accepted += 1
             if self.accepted == self.warmup:  # in-sample start of level 2 and of the score window
-                self.terms = [f32(self.terms_of(self.z_of(rr), y.shape[0])) for rr in self.res]
-                if self.loss_window is not None:
-                    # the in-sample start: each warm-up step's loss z against all warm-up residuals
-                    self.terms = [
-                        f32(self.terms_of(self.z_of_loss(rr, p), y.shape[0]))
-                        for rr, p in zip(self.res, self.warm_preds, strict=True)
-                    ]
-                self.scores = [float(f32(self.strength(self.level2(tt)))) for tt in self.terms]
+                self.restart(pred_loss if self.loss_window is not None else 1.0)
             return None, False, None, None
         assert r is not None
         terms = self.terms_of(self.z_of_loss(r, pred_loss), y.shape[0])
@@ -167,10 +205,14 @@ class Reference:
         self.trend.push(v, t, not flagged)
         if not flagged:
             self.scores.append(float(f32(s)))
+            if s > 0.75 * threshold and len(self.res) < PRIOR_UNTIL:  # the rebuilds keep it
+                self.young.append(float(f32(s)))
             if s <= 0.75 * threshold:
                 self.res.append(f32(r))
                 self.terms.append(f32(terms))
                 self.accepted += 1
+                if len(self.res) <= PRIOR_UNTIL:  # still young: start over in-sample
+                    self.restart(pred_loss if self.loss_window is not None else 1.0)
         return s, flagged, z, threshold
 
 

@@ -1,15 +1,18 @@
 """Everything a :class:`~gradspectra.scoring.batch.BatchScorer` has learnt from past steps, kept in one object.
 
-The baseline is a dozen windows and counters that only make sense together: the trend and the clean
-residuals of three blocks of series (the metrics' values, the layer profiles, the loss), the profile
-bases, the level-2 terms, the accepted scores and two counters. A reset, a new layer or metric, a
-checkpoint and a restore must treat every one of them, or the windows fall out of step; so each of
-those is written once here, as a loop over the declared blocks. The checkpoint keys and layout are
-those of state version 2 and must stay so: old checkpoints have to load.
+The baseline is a dozen windows and counters that only make sense together: the trends of the
+metrics' values and of the loss, the clean residuals of three blocks of series (the values, the
+layer profiles, the loss) and the level-2 terms (one flat window), the profile bases, the accepted
+scores and counters. A reset, a new layer or metric, a checkpoint and a restore must treat every one
+of them, or the windows fall out of step; so each of those is written once here, as a loop over the
+declared blocks. The checkpoint keys and layout are
+those of state version 2 and must stay so: old checkpoints have to load (``young_scores``, added
+since, is optional).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -40,6 +43,11 @@ BLOCKS: dict[Block, _Keys] = {
     "profile": _Keys("trend_profile", "profile_residuals", "profile metrics"),
     "loss": _Keys("trend_loss", "loss_residuals", "loss"),
 }
+
+
+#: The blocks with a trend of their own. The profile's residuals are taken from the values' residuals
+#: (``trend_profile``, the trend of earlier versions, is written as None and ignored on loading).
+TRENDED: tuple[Block, ...] = ("values", "loss")
 
 
 @dataclass(frozen=True)
@@ -81,74 +89,139 @@ def _shapes(n_layers: int, n_metrics: int, n_profile: int) -> dict[Block, tuple[
     return {"values": (n_layers, n_metrics), "profile": (n_layers, n_profile), "loss": (1,)}
 
 
+class Layout:
+    """Where each block's series and the level-2 terms sit in the one flat window of clean values.
+
+    ``[values (layers x metrics, row-major) | profile (layers x profile metrics) | loss | terms]``, the
+    terms being the loss, the profile terms, then one level term per metric.
+    """
+
+    def __init__(self, n_layers: int, n_metrics: int, n_profile: int) -> None:
+        self.shapes = _shapes(n_layers, n_metrics, n_profile)
+        self.n_terms = 1 + n_profile + n_metrics
+        self.slices: dict[Block, slice] = {}
+        start = 0
+        for b in BLOCKS:
+            size = math.prod(self.shapes[b])
+            self.slices[b] = slice(start, start + size)
+            start += size
+        self.n_residuals = start
+        self.terms = slice(start, start + self.n_terms)
+        self.size = start + self.n_terms
+
+
 class Baseline:
     """The windows and counters of one scorer's baseline; a new one has seen nothing (warm-up starts).
 
     Attributes:
-        trends: every step's series per block, for the robust trends.
-        residuals: clean steps' residuals per block, for the level-1 scales.
+        trends: every step's values and loss, for the robust trends.
+        window: clean steps' residuals of every block and their level-2 terms, one flat series each
+            (see :class:`Layout`), for the level-1 scales and the level-2 baselines: one push and one
+            read of the quartiles a step. Terms are absent (NaN) until level 2 starts.
+        level2: whether level 2 has started (the end of warm-up).
         bases: clean steps' profile z per profile metric, for the usual directions of change.
-        terms: clean steps' level-2 terms; ``None`` during warm-up.
         scores: accepted steps' scores, for the threshold; ``None`` during warm-up.
         accepted: steps that taught the residual windows (the warm-up counts these).
         consecutive_flags: flagged steps in a row (a regime change after ``rebaseline_after``).
-        levels: the latest predictions' magnitudes, which linear-scale floors are relative to.
+        young_scores: scores accepted while the windows are young that did not teach them (above the
+            guard); the in-sample rebuilds of the score window keep them. Empty once the windows are grown.
+        levels: the latest prediction of the values and the magnitude of the loss's, which linear-scale
+            floors are relative to.
     """
 
     def __init__(self, sizes: Sizes, n_layers: int, n_metrics: int, n_profile: int) -> None:
         self.sizes = sizes
-        shapes = _shapes(n_layers, n_metrics, n_profile)
-        self.trends: dict[Block, TrendWindow] = {b: TrendWindow(shapes[b], self._trend_capacity(b)) for b in BLOCKS}
-        self.residuals: dict[Block, SortedWindow | ScalarWindow] = {
-            b: ScalarWindow(sizes.window) if b == "loss" else SortedWindow(shapes[b], sizes.window) for b in BLOCKS
-        }
+        self.layout = Layout(n_layers, n_metrics, n_profile)
+        shapes = self.layout.shapes
+        self.trends: dict[Block, TrendWindow] = {b: TrendWindow(shapes[b], self._trend_capacity(b)) for b in TRENDED}
+        self.window = SortedWindow((self.layout.size,), sizes.window)
+        self.level2 = False
         self.bases = [ProfileBasis(n_layers, sizes.window, sizes.profile_components) for _ in range(n_profile)]
-        self.terms: SortedWindow | None = None
         self.scores: ScalarWindow | None = None
         self.accepted = 0
         self.consecutive_flags = 0
+        self.young_scores: list[float] = []
         self.levels: tuple[FloatArray, float] = (np.ones((n_layers, n_metrics)), 1.0)
+        self._no_terms = np.full(self.layout.n_terms, np.nan)
 
     def _trend_capacity(self, block: Block) -> int:
         return self.sizes.loss_window if block == "loss" else self.sizes.trend_window
 
+    def history(self, block: Block) -> FloatArray:
+        """A block's clean residuals, ``shape + (T,)`` oldest first, as float64 (NaN = absent)."""
+        rows = self.window.history()[self.layout.slices[block]].astype(np.float64)
+        out: FloatArray = rows.reshape(*self.layout.shapes[block], rows.shape[-1])
+        return out
+
+    def terms_history(self) -> FloatArray:
+        """The level-2 terms of the clean steps, ``(terms, T)`` oldest first."""
+        out: FloatArray = self.window.history()[self.layout.terms].astype(np.float64)
+        return out
+
     def grow(self, n_layers: int, n_metrics: int, n_profile: int) -> None:
         """Give new layers and metrics their (empty) series in every window; nothing shrinks."""
-        shapes = _shapes(n_layers, n_metrics, n_profile)
+        old = self.layout
+        history = self.window.history()
+        self.layout = Layout(n_layers, n_metrics, n_profile)
+        shapes = self.layout.shapes
+        t = history.shape[-1]
+        grown = np.full((self.layout.size, t), np.nan, dtype=history.dtype)
         for b in BLOCKS:
-            self.trends[b].grow(shapes[b])
-            self.residuals[b].grow(shapes[b])
+            if b in self.trends:
+                self.trends[b].grow(shapes[b])
+            block = np.full((*shapes[b], t), np.nan, dtype=history.dtype)
+            block[tuple(slice(0, s) for s in old.shapes[b])] = history[old.slices[b]].reshape(*old.shapes[b], t)
+            grown[self.layout.slices[b]] = block.reshape(math.prod(shapes[b]), t)
+        grown[self.layout.terms][: old.n_terms] = history[old.terms]  # new metrics' terms come last
+        self.window = SortedWindow.from_history(grown, self.sizes.window)
+        self._no_terms = np.full(self.layout.n_terms, np.nan)
         for basis in self.bases:
             basis.grow(n_layers)
-        if self.terms is not None:
-            self.terms.grow((1 + n_profile + n_metrics,))
 
     def push_trends(self, series: Series, step: float, for_slope: bool) -> None:
         """Every measured step teaches the trends; a flagged one (``for_slope=False``) not their slopes."""
         for b, values in series.items():
             self.trends[b].push(values, step, for_slope)
 
-    def push_residuals(self, residuals: Series) -> None:
-        """Only clean-looking steps: an anomaly just under the threshold would widen the scales."""
-        for b, values in residuals.items():
-            self.residuals[b].push(values)
+    def push_clean(
+        self, residuals: Series, terms: FloatArray | None = None, z_profile: FloatArray | None = None
+    ) -> None:
+        """A clean-looking step's residuals and (after warm-up) terms and profile z; see :meth:`flat`.
 
-    def push_terms(self, terms: FloatArray, z_profile: FloatArray) -> None:
-        """Clean-looking steps after warm-up, like :meth:`push_residuals`, so a bad profile never becomes usual."""
-        assert self.terms is not None
-        self.terms.push(terms)
-        for j, basis in enumerate(self.bases):
-            basis.push(z_profile[:, j])
+        Only clean-looking steps: an anomaly just under the threshold would widen the scales, and a bad
+        profile would become usual.
+        """
+        self.window.push(self.flat(residuals, self._no_terms if terms is None else terms))
+        if z_profile is not None:
+            for j, basis in enumerate(self.bases):
+                basis.push(z_profile[:, j])
+
+    def flat(self, residuals: Series, terms: FloatArray) -> FloatArray:
+        """One step's residuals and terms laid out as the window's series."""
+        out: FloatArray = np.concatenate(
+            (residuals["values"].reshape(-1), residuals["profile"].reshape(-1), residuals["loss"].reshape(-1), terms)
+        )
+        return out
+
+    def set_terms(self, terms: FloatArray) -> None:
+        """Start (or restart) level 2 with these terms of the clean steps in the window, ``(terms, T)``."""
+        self.window.set_rows(self.layout.terms, terms)
+        self.level2 = True
 
     def state(self, term_names: list[str]) -> dict[str, Any]:
         """The checkpoint entries of the baseline, as plain lists (windows oldest first) and ints."""
         out: dict[str, Any] = {"accepted": self.accepted, "consecutive_flags": self.consecutive_flags}
-        out.update({keys.trend: self.trends[b].state() for b, keys in BLOCKS.items()})
-        out.update({keys.residuals: _history(self.residuals[b]) for b, keys in BLOCKS.items()})
+        out.update({keys.trend: self.trends[b].state() if b in self.trends else None for b, keys in BLOCKS.items()})
+        history = self.window.history()
+        for b, keys in BLOCKS.items():
+            rows = history[self.layout.slices[b]]
+            rows = rows[0] if b == "loss" else rows.reshape(*self.layout.shapes[b], rows.shape[-1])
+            out[keys.residuals] = rows.tolist()
         out["bases"] = [basis.state() for basis in self.bases]
-        out["terms"] = None if self.terms is None else self.terms.history().tolist()
-        out["term_names"] = None if self.terms is None else term_names
+        out["terms"] = history[self.layout.terms].tolist() if self.level2 else None
+        out["term_names"] = term_names if self.level2 else None
         out["scores"] = None if self.scores is None else self.scores.history()[0].tolist()
+        out["young_scores"] = list(self.young_scores)
         return out
 
     @classmethod
@@ -162,11 +235,19 @@ class Baseline:
         """
         columns: dict[Block, Columns] = {"values": metrics, "profile": profile, "loss": _LOSS_COLUMNS}
         base = cls(sizes, n_layers, len(metrics.current), len(profile.current))
-        shapes = _shapes(n_layers, len(metrics.current), len(profile.current))
+        shapes = base.layout.shapes
+        blocks = []
         for b, keys in BLOCKS.items():
-            trend = _trend_state(state.get(keys.trend), columns[b], n_layers)
-            base.trends[b] = TrendWindow.from_state(shapes[b], base._trend_capacity(b), trend)
-            base.residuals[b] = base._load_residuals(b, state, columns[b], n_layers)
+            if b in TRENDED:
+                trend = _trend_state(state.get(keys.trend), columns[b], n_layers)
+                base.trends[b] = TrendWindow.from_state(shapes[b], base._trend_capacity(b), trend)
+            blocks.append(base._load_residuals(b, state, columns[b], n_layers))
+        t = max(block.shape[-1] for block in blocks)
+        rows = np.full((base.layout.size, t), np.nan)
+        for b, block in zip(BLOCKS, blocks):
+            if block.size:  # a shorter history (a block the checkpoint lacks) is absent at the oldest end
+                rows[base.layout.slices[b], t - block.shape[-1] :] = block
+        base.window = SortedWindow.from_history(rows, sizes.window)
         stored_bases = list(state.get("bases") or [])
         base.bases = [
             ProfileBasis.from_state(
@@ -176,15 +257,16 @@ class Baseline:
         ]
         base.accepted = int(state.get("accepted", 0))
         base.consecutive_flags = int(state.get("consecutive_flags", 0))
+        base.young_scores = [float(v) for v in state.get("young_scores") or []]
         return base
 
-    def _load_residuals(
-        self, block: Block, state: Mapping[str, Any], columns: Columns, n_layers: int
-    ) -> SortedWindow | ScalarWindow:
+    def _load_residuals(self, block: Block, state: Mapping[str, Any], columns: Columns, n_layers: int) -> FloatArray:
+        """A block's stored residuals as ``(series, T)``, its columns remapped to the scorer's."""
         keys = BLOCKS[block]
         stored = np.asarray(state.get(keys.residuals, []), dtype=np.float64)
         if block == "loss":
-            return ScalarWindow.from_history(stored.reshape(1, -1), self.sizes.window)
+            out: FloatArray = stored.reshape(1, -1)
+            return out
         n_columns = len(columns.stored)
         if stored.size == 0:
             stored = np.full((n_layers, n_columns, 0), np.nan)
@@ -193,7 +275,8 @@ class Baseline:
                 f"`state['{keys.residuals}']` must be shaped (layers, {keys.columns}, steps) = "
                 f"({n_layers}, {n_columns}, T), got {stored.shape}"
             )
-        return SortedWindow.from_history(columns.remap(stored, n_layers), self.sizes.window)
+        remapped: FloatArray = columns.remap(stored, n_layers)
+        return remapped.reshape(n_layers * len(columns.current), stored.shape[-1])
 
     def load_level2(self, state: Mapping[str, Any], term_names: list[str]) -> bool:
         """Restore the level-2 terms (matched by name) and the accepted scores; False if the checkpoint has none."""
@@ -206,17 +289,10 @@ class Baseline:
         for k, name in enumerate(term_names):
             if name in names and width:
                 rows[k] = terms[list(names).index(name)]
-        self.terms = SortedWindow.from_history(rows, self.sizes.window)
+        self.set_terms(rows)
         stored_scores = np.asarray(scores, dtype=np.float64).reshape(1, -1)
         self.scores = ScalarWindow.from_history(stored_scores, self.sizes.threshold_window)
         return True
-
-
-def _history(window: SortedWindow | ScalarWindow) -> list[Any]:
-    """A residual window as stored: ``(layers, columns, T)`` nested lists, the loss's as one flat list."""
-    history = window.history()
-    out: list[Any] = (history[0] if isinstance(window, ScalarWindow) else history).tolist()
-    return out
 
 
 def _trend_state(stored: Any, columns: Columns, n_layers: int) -> dict[str, Any]:

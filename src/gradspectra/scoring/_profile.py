@@ -17,6 +17,7 @@ become a principal direction (and thereby hide the anomaly they carry).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ FloatArray = NDArray[np.float64]
 ROW_CLIP = 3.0  # entrywise clip of a stored row, in robust standard deviations
 _ROW_NORM = 2.0  # a stored row's squared norm is capped at this many times its length
 _REFRESH = 10  # recompute the basis every this many pushes (and while the window is short)
+_ROWS_PER_COMPONENT = 10  # fewer rows than this per direction: the directions would fit the rows themselves
 
 
 class ProfileBasis:
@@ -36,34 +38,61 @@ class ProfileBasis:
         self.n_layers = int(n_layers)
         self.capacity = int(capacity)
         self.components = int(components)
-        self._rows: list[FloatArray] = []
+        # the rows, oldest first, are the contiguous stretch [start, end) of a buffer of twice the capacity
+        self._buf = np.zeros((2 * self.capacity, self.n_layers))
+        self._start = 0
+        self._end = 0
         self._basis: FloatArray | None = None
         self._warm: FloatArray | None = None  # the last basis computed, the start of the next iteration
         self._since = 0
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return self._end - self._start
+
+    @property
+    def _rows(self) -> FloatArray:
+        """``(rows, layers)``, oldest first (a view)."""
+        return self._buf[self._start : self._end]
 
     def grow(self, n_layers: int) -> None:
         if n_layers == self.n_layers:
             return
-        self._rows = [np.concatenate([r, np.zeros(n_layers - self.n_layers)]) for r in self._rows]
+        rows = self._rows
+        buf = np.zeros((2 * self.capacity, int(n_layers)))
+        buf[: rows.shape[0], : self.n_layers] = rows
+        self._buf, self._start, self._end = buf, 0, rows.shape[0]
         self.n_layers = int(n_layers)
         self._basis = None
         self._warm = None
 
+    def _append(self, row: FloatArray) -> None:
+        if self._end == self._buf.shape[0]:  # the buffer's end: move the window to its front
+            n = len(self)
+            self._buf[:n] = self._buf[self._start : self._end]
+            self._start, self._end = 0, n
+        self._buf[self._end] = row
+        self._end += 1
+        if len(self) > self.capacity:
+            self._start += 1
+
+    def restarted(self) -> ProfileBasis:
+        """An empty basis of the same size whose next directions start from this one's last."""
+        out = ProfileBasis(self.n_layers, self.capacity, self.components)
+        out._warm = self._warm
+        return out
+
     def push(self, z: FloatArray) -> None:
         """Store one clean row of per-layer z (NaN = absent, stored as 0)."""
-        row = np.clip(np.nan_to_num(np.asarray(z, dtype=np.float64), nan=0.0), -ROW_CLIP, ROW_CLIP)
-        cap = np.sqrt(_ROW_NORM * row.size)
-        norm = float(np.sqrt(row @ row))
+        z = np.asarray(z, dtype=np.float64)
+        row = np.where(np.isnan(z), 0.0, z)  # +-inf are clipped below
+        np.clip(row, -ROW_CLIP, ROW_CLIP, out=row)
+        cap = math.sqrt(_ROW_NORM * row.size)
+        norm = math.sqrt(float(row @ row))
         if norm > cap:
             row = row * (cap / norm)
-        self._rows.append(row)
-        if len(self._rows) > self.capacity:
-            del self._rows[0]
+        self._append(row)
         self._since += 1
-        if self._since >= _REFRESH or len(self._rows) < 2 * _REFRESH:
+        if self._since >= _REFRESH or len(self) < 2 * _REFRESH:
             self._basis = None
 
     def basis(self) -> FloatArray:
@@ -73,11 +102,12 @@ class ProfileBasis:
         matrix products and a k x k orthonormalisation, no LAPACK decomposition of the whole window.
         """
         if self._basis is None:
-            k = min(self.components, max(len(self._rows) - 1, 0), self.n_layers)
-            if k == 0:
+            # and two directions of the profile's own left free: a profile of two layers is one direction
+            k = min(self.components, len(self) // _ROWS_PER_COMPONENT, self.n_layers - 2)
+            if k <= 0:
                 self._basis = np.zeros((0, self.n_layers))
             else:
-                x = np.stack(self._rows)
+                x = self._rows
                 x = x - x.mean(axis=0)
                 start = self._warm if self._warm is not None and self._warm.shape == (k, self.n_layers) else None
                 self._basis = _top_directions(x, k, start)
@@ -88,8 +118,12 @@ class ProfileBasis:
     def residual(self, z: FloatArray) -> FloatArray:
         """The part of ``z`` outside the basis (NaN entries count as 0 and stay NaN in the result)."""
         absent = np.isnan(z)
-        x = np.where(absent, 0.0, z)
         v = self.basis()
+        if not absent.any():
+            x = np.ascontiguousarray(z)  # as np.where would give: the same (BLAS) products
+            full: FloatArray = x - v.T @ (v @ x)
+            return full
+        x = np.where(absent, 0.0, z)
         out: FloatArray = x - v.T @ (v @ x)
         return np.where(absent, np.nan, out)
 
@@ -111,7 +145,7 @@ class ProfileBasis:
             arr = np.zeros(n_layers)
             values = np.asarray(row, dtype=np.float64)[:n_layers]
             arr[: values.size] = values
-            out._rows.append(arr)
+            out._append(arr)
         for key in ("basis", "warm"):
             stored = state.get(key)
             if stored is not None:
@@ -129,12 +163,16 @@ _WARM_ITERATIONS = 10
 def _orthonormal_rows(v: FloatArray) -> FloatArray:
     """Gram-Schmidt on the rows of a small ``(k, n)`` matrix (twice, for stability); a dependent row becomes 0."""
     out: FloatArray = np.array(v, dtype=np.float64)
+    rows = list(out)  # views
     for _ in range(2):
-        for i in range(out.shape[0]):
+        for i, row in enumerate(rows):
             for j in range(i):
-                out[i] -= (out[i] @ out[j]) * out[j]
-            norm = float(np.sqrt(out[i] @ out[i]))
-            out[i] = out[i] / norm if norm > 1e-12 else 0.0
+                row -= row.dot(rows[j]) * rows[j]  # .dot: the same product as @, with less overhead
+            norm = math.sqrt(row.dot(row))
+            if norm > 1e-12:
+                row /= norm
+            else:
+                row[:] = 0.0
     return out
 
 

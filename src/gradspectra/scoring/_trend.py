@@ -24,6 +24,7 @@ fewer than :data:`MIN_TREND_POINTS` values the slope is not estimated.
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any
 
@@ -39,25 +40,36 @@ _SLOPE_SE = 2.0  # slopes within about this many standard errors of zero are shr
 SLOPE_EVERY = 4  # pushes between two estimates of the slopes
 
 
-def _median(x: FloatArray) -> FloatArray:
-    """Median over axis 0 ignoring NaN; a direct partition when there is no NaN (numpy's median is slower)."""
-    if np.isnan(x).any():
-        # numpy's nanmedian goes through masked arrays and warnings per column (measured ~7 ms a step
-        # with the spectra of most layers deferred); sorting puts NaN last, so the median of the n
-        # finite values of a column sits at rows (n - 1) // 2 and n // 2
-        ordered = np.sort(x, axis=0)
-        n = np.sum(~np.isnan(x), axis=0)
-        lo = np.take_along_axis(ordered, np.maximum((n - 1) // 2, 0)[None], axis=0)[0]
-        hi = np.take_along_axis(ordered, np.maximum(n // 2, 0)[None], axis=0)[0]
-        out: FloatArray = np.where(n > 0, 0.5 * (lo + hi), np.nan)  # all-NaN series give NaN, on purpose
+def _median(x: FloatArray, scratch: bool = False) -> FloatArray:
+    """Median over the last axis ignoring NaN (numpy's median and nanmedian are slower).
+
+    Series are rows (``(series, n)``): sorting contiguous rows of a few dozen values is faster than a
+    two-point partition, and puts NaN last, so the median of the ``m`` finite values of a series sits
+    at ``(m - 1) // 2`` and ``m // 2``. ``scratch``: ``x`` is a temporary and may be sorted in place.
+    """
+    ordered = x if scratch else x.copy()
+    ordered.sort(axis=-1)
+    n = ordered.shape[-1]
+    if n == 0:
+        return np.full(ordered.shape[:-1], np.nan)
+    if np.isnan(ordered[..., -1]).any():
+        # numpy's nanmedian goes through masked arrays and warnings per series (measured ~7 ms a step
+        # with the spectra of most layers deferred)
+        m = np.sum(~np.isnan(ordered), axis=-1)
+        if ordered.ndim == 2:
+            series = np.arange(ordered.shape[0])
+            lo = ordered[series, np.maximum((m - 1) // 2, 0)]
+            hi = ordered[series, np.maximum(m // 2, 0)]
+        else:
+            lo = np.take_along_axis(ordered, np.maximum((m - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+            hi = np.take_along_axis(ordered, np.maximum(m // 2, 0)[..., None], axis=-1)[..., 0]
+        out: FloatArray = np.where(m > 0, 0.5 * (lo + hi), np.nan)  # all-NaN series give NaN, on purpose
         return out
-    n = x.shape[0]
     h = n // 2
     if n % 2:
-        odd: FloatArray = np.partition(x, h, axis=0)[h]
+        odd: FloatArray = ordered[..., h]
         return odd
-    part = np.partition(x, (h - 1, h), axis=0)
-    even: FloatArray = 0.5 * (part[h - 1] + part[h])
+    even: FloatArray = 0.5 * (ordered[..., h - 1] + ordered[..., h])
     return even
 
 
@@ -68,22 +80,29 @@ def trend_slope(values: FloatArray, steps: FloatArray) -> FloatArray:
         values: ``(n, series)`` window, oldest first; NaN = absent.
         steps: ``(n,)`` step numbers of the rows, increasing.
     """
-    n = values.shape[0]
-    slope = np.zeros(values.shape[1:])
+    return _slopes(np.ascontiguousarray(values.T), steps)
+
+
+def _slopes(values: FloatArray, steps: FloatArray) -> FloatArray:
+    """:func:`trend_slope` of a ``(series, n)`` window (one series a row)."""
+    n = values.shape[-1]
+    slope = np.zeros(values.shape[:-1])
     if n < MIN_TREND_POINTS:
         return slope
-    count = np.isfinite(values).sum(axis=0)
+    count = np.isfinite(values).sum(axis=-1) if np.isnan(values).any() else None  # None: all n finite
     h = n // 2
-    dt = (steps[h:] - steps[: n - h])[:, None]
-    b = _median((values[h:] - values[: n - h]) / dt)
+    dt = steps[h:] - steps[: n - h]
+    b = _median((values[:, h:] - values[:, : n - h]) / dt, scratch=True)
     b = np.where(np.isfinite(b), b, 0.0)
-    centre = _median(values - b * steps[:, None])
-    sigma = _MAD_PER_SIGMA * _median(np.abs(values - centre - b * steps[:, None]))
+    b_t = b[:, None] * steps
+    centre = _median(values - b_t, scratch=True)
+    sigma = _MAD_PER_SIGMA * _median(np.abs(values - centre[:, None] - b_t), scratch=True)
     spread = float(np.sum((steps - steps.mean()) ** 2))
     se = sigma / math.sqrt(spread) if spread > 0 else np.full_like(b, np.inf)
     with np.errstate(divide="ignore", invalid="ignore"):
         keep = np.clip(1.0 - (_SLOPE_SE * se) ** 2 / np.maximum(b * b, 1e-300), 0.0, 1.0)
-    out: FloatArray = np.where((count >= MIN_TREND_POINTS) & np.isfinite(keep), b * keep, 0.0)
+    use = np.isfinite(keep) if count is None else (count >= MIN_TREND_POINTS) & np.isfinite(keep)
+    out: FloatArray = np.where(use, b * keep, 0.0)
     return out
 
 
@@ -105,11 +124,15 @@ def robust_trend(values: FloatArray, steps: FloatArray, at: float, slope: FloatA
     >>> robust_trend(y, t, 20.0).round(6).tolist()
     [-7.0, 2.0]
     """
-    if values.shape[0] == 0:
-        return np.full(values.shape[1:], np.nan)
-    if slope is None:
-        slope = trend_slope(values, steps)
-    pred: FloatArray = _median(values + slope * (at - steps[:, None]))
+    rows = np.ascontiguousarray(values.T)
+    return _predict(rows, steps, at, _slopes(rows, steps) if slope is None else slope)
+
+
+def _predict(values: FloatArray, steps: FloatArray, at: float, slope: FloatArray) -> FloatArray:
+    """:func:`robust_trend` of a ``(series, n)`` window with the given slopes."""
+    if values.shape[-1] == 0:
+        return np.full(values.shape[:-1], np.nan)
+    pred: FloatArray = _median(values + slope[:, None] * (at - steps), scratch=True)
     return pred
 
 
@@ -118,43 +141,80 @@ class TrendWindow:
 
     The slopes change slowly, so they are re-estimated every :data:`SLOPE_EVERY` pushes (and on every
     push while the window is still filling); the prediction itself is recomputed every time.
+
+    The values live in one preallocated ``(series, 2 * capacity)`` buffer, one column a push, written
+    in order: the window is a view of it (each series a contiguous stretch of a row), moved to the
+    front once every ``capacity`` pushes; no per-step stacking.
     """
 
     def __init__(self, shape: tuple[int, ...], capacity: int) -> None:
         self.shape = tuple(int(s) for s in shape)
         self.capacity = int(capacity)
-        self._values: list[FloatArray] = []
-        self._steps: list[float] = []
-        self._for_slope: list[bool] = []
+        self._size = math.prod(self.shape)
+        self._buf = np.full((self._size, 2 * self.capacity), np.nan)
+        self._times = np.zeros(2 * self.capacity)
+        self._use = np.ones(2 * self.capacity, dtype=bool)
+        self._start = 0
+        self._end = 0
         self._slope: FloatArray | None = None
         self._since = 0
+        # one series: its finite values (plus 0.0, as the prediction adds) kept sorted, for the median
+        self._sorted: list[float] | None = [] if self._size == 1 else None
 
     def __len__(self) -> int:
-        return len(self._steps)
+        return self._end - self._start
+
+    @property
+    def _values(self) -> FloatArray:
+        """``(series, n)``, oldest first (a view)."""
+        return self._buf[:, self._start : self._end]
 
     def grow(self, shape: tuple[int, ...]) -> None:
         """Enlarge every stored row to ``shape`` (no dimension shrinks); new series start absent."""
         shape = tuple(int(s) for s in shape)
         if shape == self.shape:
             return
-        old = tuple(slice(0, s) for s in self.shape)
-        grown = []
-        for row in self._values:
-            new = np.full(shape, np.nan)
-            new[old] = row
-            grown.append(new)
-        self._values, self.shape = grown, shape
+        n = len(self)
+        old = (*(slice(0, s) for s in self.shape), slice(None))
+        grown = np.full((*shape, n), np.nan)
+        grown[old] = self._values.reshape(*self.shape, n)
+        times = self._times[self._start : self._end].copy()
+        use = self._use[self._start : self._end].copy()
+        self.shape, self._size = shape, math.prod(shape)
+        self._buf = np.full((self._size, 2 * self.capacity), np.nan)
+        self._buf[:, :n] = grown.reshape(self._size, n)
+        self._times[:n], self._use[:n] = times, use
+        self._start, self._end = 0, n
         self._slope = None
+        finite = [float(v) + 0.0 for v in self._buf[0, :n]] if self._size == 1 else None
+        self._sorted = None if finite is None else sorted(v for v in finite if v == v)
 
     def push(self, values: FloatArray, step: float, for_slope: bool = True) -> None:
         """Append a row; ``for_slope=False`` (a flagged step) counts for the level but not for the slope."""
-        self._values.append(np.array(values, dtype=np.float64).reshape(self.shape))
-        self._steps.append(float(step))
-        self._for_slope.append(bool(for_slope))
-        if len(self._steps) > self.capacity:
-            del self._values[0], self._steps[0], self._for_slope[0]
+        if self._end == 2 * self.capacity:  # the buffer's end: move the window to its front
+            n = len(self)
+            self._buf[:, :n] = self._buf[:, self._start : self._end]
+            self._times[:n] = self._times[self._start : self._end]
+            self._use[:n] = self._use[self._start : self._end]
+            self._start, self._end = 0, n
+        end = self._end
+        self._buf[:, end] = np.reshape(values, -1)
+        self._times[end] = step
+        self._use[end] = for_slope
+        self._end = end + 1
+        ordered = self._sorted
+        if ordered is not None:
+            value = float(self._buf[0, end]) + 0.0
+            if value == value:
+                bisect.insort(ordered, value)
+        if self._end - self._start > self.capacity:
+            if ordered is not None:
+                dropped = float(self._buf[0, self._start]) + 0.0
+                if dropped == dropped:
+                    del ordered[bisect.bisect_left(ordered, dropped)]
+            self._start += 1
         self._since += 1
-        if self._since >= SLOPE_EVERY or len(self._steps) < self.capacity:
+        if self._since >= SLOPE_EVERY or self._end - self._start < self.capacity:
             self._slope = None
 
     def predict(self, step: float, slope: bool = True) -> FloatArray:
@@ -162,29 +222,34 @@ class TrendWindow:
 
         ``slope=False`` predicts the window's median (no trend).
         """
-        if not self._steps:
+        if self._end == self._start:
             return np.full(self.shape, np.nan)
-        stacked = np.stack(self._values).reshape(len(self._steps), -1)
-        times = np.asarray(self._steps)
+        values = self._values
         if not slope:
-            level: FloatArray = robust_trend(stacked, times, float(step), np.zeros(stacked.shape[1])).reshape(
-                self.shape
-            )
+            ordered = self._sorted
+            if ordered is not None:  # the median of the sorted list, as _median computes it
+                m = len(ordered)
+                if m == 0:
+                    return np.full(self.shape, np.nan)
+                h = m // 2
+                middle = ordered[h] if m % 2 else 0.5 * (ordered[h - 1] + ordered[h])
+                return np.full(self.shape, middle)
+            level: FloatArray = _median(values + 0.0, scratch=True).reshape(self.shape)  # + 0.0: -0.0 as sloped
             return level
+        times = self._times[self._start : self._end]
         if self._slope is None:
-            mask = np.asarray(self._for_slope)
-            self._slope = trend_slope(stacked if mask.all() else np.where(mask[:, None], stacked, np.nan), times)
+            mask = self._use[self._start : self._end]
+            self._slope = _slopes(values if mask.all() else np.where(mask, values, np.nan), times)
             self._since = 0
-        pred = robust_trend(stacked, times, float(step), self._slope)
-        out: FloatArray = pred.reshape(self.shape)
+        out: FloatArray = _predict(values, times, float(step), self._slope).reshape(self.shape)
         return out
 
     def state(self) -> dict[str, Any]:
         """The rows oldest first with their steps, the cached slopes (or None) and pushes since they were fitted."""
         return {
-            "values": [row.tolist() for row in self._values],
-            "steps": list(self._steps),
-            "for_slope": list(self._for_slope),
+            "values": [row.reshape(self.shape).tolist() for row in self._values.T],
+            "steps": self._times[self._start : self._end].tolist(),
+            "for_slope": self._use[self._start : self._end].tolist(),
             "slope": None if self._slope is None else self._slope.tolist(),
             "since": self._since,
         }

@@ -5,7 +5,8 @@ A window holds a block of independent series (any leading shape, e.g. ``(layers,
 ``capacity`` pushes ago; the sorted copy is updated by one vectorised delete-and-insert, O(capacity)
 elementwise work per series and no sort. Values are stored in float32: the scores use them on log
 scale or in robust-z units, where 1e-7 relative precision is far below any meaningful change, and
-half the bytes makes the per-step update several times faster (it is memory-bound).
+half the bytes makes the per-step update several times faster (it is memory-bound). The quartiles'
+read positions depend only on the counts, so they are kept until a count changes (``version``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class SortedWindow:
         self.raw: StoredArray = np.full((*self.shape, self.capacity), np.nan, dtype=STORED)
         self.srt: StoredArray = np.full((*self.shape, self.capacity + 1), np.inf, dtype=STORED)
         self.count = np.zeros(self.shape, dtype=np.int64)
+        self._quantile_cache: tuple[Any, ...] | None = None  # read positions for the current counts
+        self.version = 0  # changes whenever a count does
+        self._row_numbers = np.arange(self.rows)
 
     @property
     def rows(self) -> int:
@@ -54,6 +58,9 @@ class SortedWindow:
         srt[old] = self.srt
         count[old] = self.count
         self.shape, self.raw, self.srt, self.count = shape, raw, srt, count
+        self._quantile_cache = None
+        self.version += 1
+        self._row_numbers = np.arange(self.rows)
 
     def push(self, values: FloatArray) -> None:
         """Append one value per series (shape ``shape``); non-finite entries count as absent."""
@@ -64,50 +71,65 @@ class SortedWindow:
             return
         raw = self.raw.reshape(n, w)
         srt = self.srt.reshape(n, w + 1)
-        count = self.count.reshape(n)
+        body = srt[:, :w]
         with np.errstate(over="ignore"):  # beyond float32's range: stored as absent, like any non-finite value
             new = np.asarray(values).astype(STORED).reshape(n)
         slot = self.pushes % w
-        old = raw[:, slot].copy()
-        has_old = ~np.isnan(old)
+        old = raw[:, slot]  # read before the slot is overwritten, at the end
+        has_old = old == old  # not NaN
         has_new = np.isfinite(new)
         # A missing new value is inserted as +inf (the end of the finite values), and a missing old value
         # is the first +inf: every row then does exactly one delete and one insert.
         old_key = np.where(has_old, old, np.inf)
         new_key = np.where(has_new, new, np.inf)
-        # srt is ascending, so each comparison is a prefix mask: below_old[j] <=> j < position of old
-        below_old = srt[:, :w] < old_key[:, None]
-        below_new = srt[:, :w] < new_key[:, None]
-        shift_left = old_key < new_key
-        k_ins = below_new.view(np.uint8).sum(axis=1, dtype=np.int64) - shift_left
+        # the sorted values ascend, so each comparison is a prefix mask: below_old[j] <=> j < position of old;
+        # the last column is +inf, so every mask ends in False and its first False is its count of True
+        below_old = srt < old_key[:, None]
+        below_new = srt < new_key[:, None]
+        k_ins = np.argmin(below_new, axis=1) - (old_key < new_key)
         # values between the two positions move one slot: left (old below new) from the old value's
         # position up to k_ins, right (old above new) from k_ins up to it; everything else stays put
-        before = srt.copy()
-        out = srt[:, :w]
-        np.copyto(out[:, : w - 1], before[:, 1:w], where=~below_old[:, : w - 1] & below_new[:, 1:])
-        np.copyto(out[:, 1:], before[:, : w - 1], where=below_old[:, : w - 1] & ~below_new[:, : w - 1])
-        out[np.arange(n), k_ins] = new_key
+        # (for masks, ``b > a`` is ``b & ~a``)
+        before = body.copy()
+        np.copyto(body[:, : w - 1], before[:, 1:], where=below_new[:, 1:w] > below_old[:, : w - 1])
+        np.copyto(body[:, 1:], before[:, : w - 1], where=below_old[:, : w - 1] > below_new[:, : w - 1])
+        body[self._row_numbers, k_ins] = new_key
         raw[:, slot] = np.where(has_new, new, np.nan)
-        count += has_new.astype(np.int64) - has_old.astype(np.int64)
+        if (has_new != has_old).any():
+            count = self.count.reshape(n)
+            count += has_new
+            count -= has_old
+            self._quantile_cache = None
+        self.version += 1
         self.pushes += 1
 
     def quantiles(self, qs: tuple[float, ...]) -> FloatArray:
-        """Per-series quantiles (numpy's default linear interpolation), shape ``(len(qs), *shape)``; NaN if empty."""
-        w1 = self.capacity + 1
+        """Per-series quantiles (numpy's default linear interpolation), shape ``(len(qs), *shape)``; NaN if empty.
+
+        The read positions depend only on the counts, so they are kept until a count changes.
+        """
         n = self.rows
-        count = self.count.reshape(n)
-        last = np.maximum(count - 1, 0)
-        h = last[None, :] * np.asarray(qs, dtype=np.float64)[:, None]  # (Q, n)
-        lo = np.floor(h).astype(np.int64)
-        hi = np.minimum(lo + 1, last[None, :])
-        flat = self.srt.reshape(-1)
-        base = np.arange(n, dtype=np.int64) * w1
-        a = flat[base + lo].astype(np.float64)
-        b = flat[base + hi].astype(np.float64)
-        frac = h - lo
-        with np.errstate(invalid="ignore"):  # inf - inf past the end of empty series; masked below
-            val = np.where(frac > 0, a + frac * (b - a), a)
-        out: FloatArray = np.where(count > 0, val, np.nan).reshape((len(qs), *self.shape))
+        cache = self._quantile_cache
+        if cache is None or cache[0] != qs:
+            w1 = self.capacity + 1
+            count = self.count.reshape(n)
+            last = np.maximum(count - 1, 0)
+            h = last[None, :] * np.asarray(qs, dtype=np.float64)[:, None]  # (Q, n)
+            lo = np.floor(h).astype(np.int64)
+            hi = np.minimum(lo + 1, last[None, :])
+            base = np.arange(n, dtype=np.int64) * w1
+            frac = h - lo
+            cache = (qs, np.stack((base + lo, base + hi)), frac, frac > 0, count > 0, bool((count == 0).any()))
+            self._quantile_cache = cache
+        _, at, frac, between, filled, some_empty = cache
+        a, b = self.srt.reshape(-1)[at].astype(np.float64)
+        if some_empty:
+            with np.errstate(invalid="ignore"):  # inf - inf past the end of empty series; masked below
+                val = np.where(between, a + frac * (b - a), a)
+            val = np.where(filled, val, np.nan)
+        else:
+            val = np.where(between, a + frac * (b - a), a)
+        out: FloatArray = val.reshape((len(qs), *self.shape))
         return out
 
     def history(self) -> StoredArray:
@@ -118,6 +140,27 @@ class SortedWindow:
             return recent
         rolled: StoredArray = np.roll(self.raw, -(self.pushes % w), axis=-1)
         return rolled
+
+    def set_rows(self, rows: slice, history: NDArray[np.floating[Any]]) -> None:
+        """Replace the values of the series ``rows`` (of a one-dimensional block) with ``history``.
+
+        ``history`` is ``(rows, T)``, oldest first, and lines up with the last pushes at its newest end:
+        older values beyond it are absent, and values older than the window's are dropped.
+        """
+        w = self.capacity
+        held = min(self.pushes, w)
+        with np.errstate(over="ignore"):
+            hist = np.asarray(history).astype(STORED)
+        hist = hist[:, max(hist.shape[-1] - held, 0) :]
+        t = hist.shape[-1]
+        raw = np.full((hist.shape[0], w), np.nan, dtype=STORED)
+        slots = (self.pushes - t + np.arange(t)) % w
+        raw[:, slots] = np.where(np.isfinite(hist), hist, np.nan)
+        self.raw[rows] = raw
+        self.srt[rows, :w] = np.sort(np.where(np.isnan(raw), np.inf, raw), axis=-1)
+        self.count[rows] = np.isfinite(raw).sum(axis=-1)
+        self._quantile_cache = None
+        self.version += 1
 
     @classmethod
     def from_history(cls, history: NDArray[np.floating[Any]], capacity: int) -> SortedWindow:
@@ -136,7 +179,7 @@ class SortedWindow:
 
 
 class ScalarWindow:
-    """The same window for one series (the loss, the scores), as a sorted Python list.
+    """The same window for one series (the accepted scores), as a sorted Python list.
 
     For a single series numpy's per-call overhead dominates; ``bisect`` on a list is several times
     faster. Values are rounded to float32 and quantiles interpolated exactly as in
@@ -161,7 +204,7 @@ class ScalarWindow:
             raise ValueError(f"a ScalarWindow holds one series, shape {self.shape}, not {tuple(shape)}")
 
     def push(self, values: FloatArray | float) -> None:
-        value = float(np.asarray(values, dtype=np.float64).reshape(-1)[0])
+        value = values if type(values) is float else float(np.asarray(values, dtype=np.float64).reshape(-1)[0])
         if len(self._order) == self.capacity:
             old = self._order.popleft()
             if not math.isnan(old):
@@ -186,6 +229,23 @@ class ScalarWindow:
                 frac = h - lo
                 a = data[lo]
                 out[i, 0] = a + frac * (data[min(lo + 1, n - 1)] - a) if frac > 0 else a
+        return out
+
+    def __len__(self) -> int:
+        """How many finite values the window holds."""
+        return len(self._sorted)
+
+    def quantile_values(self, qs: tuple[float, ...]) -> list[float]:
+        """:meth:`quantiles` as plain floats (the same numbers); the window must not be empty."""
+        data = self._sorted
+        last = len(data) - 1
+        out = []
+        for q in qs:
+            h = last * q
+            lo = math.floor(h)
+            frac = h - lo
+            a = data[lo]
+            out.append(a + frac * (data[min(lo + 1, last)] - a) if frac > 0 else a)
         return out
 
     def history(self) -> StoredArray:

@@ -11,13 +11,10 @@ the target false-flag rate allows. Nothing in it says which direction is bad, ex
 (see below).
 
 **Features.** Metric values are put on log scale when positive (all spectral metrics; the loss
-stays linear unless ``log_loss``): :math:`y_{l,m} = \log \max(x_{l,m}, 10^{-30})`. For each *profile metric*
-(``profile_metrics``, default the nuclear norm, the layer-wise curve of the papers) the layer
-profile :math:`p_{l,m} = y_{l,m} - \operatorname{med}_{l'} y_{l',m}` removes the step's common
-level, so a global scale change cancels in it.
+stays linear unless ``log_loss``): :math:`y_{l,m} = \log \max(x_{l,m}, 10^{-30})`.
 
-**Level 1: each series against its own recent trend.** Every series :math:`s` (each :math:`y_{l,m}`,
-each :math:`p_{l,m}`) is predicted from its last ``trend_window`` steps (every step,
+**Level 1: each series against its own recent trend.** Every series :math:`s` (each :math:`y_{l,m}`
+and the loss) is predicted from its last ``trend_window`` steps (every step,
 flagged or not) by a robust local trend :math:`\hat s_t` (:func:`gradspectra.scoring._trend.robust_trend`:
 a median-based line whose slope is kept only when it is clear, a plain median otherwise). A bad
 step among them cannot bend it (medians), and because flagged steps are not left out, the baseline
@@ -33,6 +30,11 @@ last ``window`` *clean* steps:
     z = \frac{r_t - \operatorname{med} R}{\max\!\bigl((Q_3(R) - Q_1(R)) / 1.349,\ \epsilon\bigr)},
 
 with :math:`\epsilon` = ``min_scale`` on log scale, ``min_scale`` :math:`\cdot |\hat s_t|` on linear scale.
+For each *profile metric* (``profile_metrics``, default the nuclear norm, the layer-wise curve of the
+papers) the *profile residual* of a layer, :math:`r_{l,m} - \operatorname{IQM}_{l'} r_{l',m}` (the
+interquartile mean over the layers measured), is standardised the same way: the step's common shift
+cancels in it, and as every layer is measured against its own trend, it does not depend on which
+layers were measured (a spectral budget measures a few per step).
 
 **Terms.** Per metric :math:`m`, the *level* term is the interquartile mean of the layers' :math:`z`
 (``layer_trim`` cut from each end): a shift shared by most layers moves it fully, one wild layer
@@ -40,7 +42,9 @@ cannot. Per profile metric, the *profile* term is how far the vector of profile 
 layers lies outside the directions in which clean steps' profiles usually vary
 (:mod:`gradspectra.scoring._profile`): :math:`\log Q` with
 :math:`Q = \|x - V^\top V x\|^2 / L` and :math:`V` the top ``profile_components`` principal
-directions of recent clean profile residuals. The loss term is the loss's :math:`z`.
+directions of recent clean profile residuals (at most :math:`L - 2` of them, one per 10 clean rows;
+the term is left out while a layer that has a profile residual has no baseline for it yet, a new
+layer). The loss term is the loss's :math:`z`.
 
 **Level 2.** How much each term varies on clean steps depends on how correlated the layers are, which
 is not known in advance, so each term :math:`A_k` is standardised once more against the window of
@@ -82,7 +86,18 @@ scorer concludes that the regime has changed, forgets its baseline and warms up 
 
 **Warm-up.** The first ``warmup_steps`` steps only fill the windows (score ``None``, not flagged);
 the first few of them only start the trends. When warm-up ends, the warm-up steps' terms are computed
-in-sample to start level 2 and the threshold window.
+in-sample to start level 2 and the threshold window. A short warm-up leaves few values to estimate
+from, and a scale estimated from three values is often several times too small: every later step
+would look anomalous and, flagged, never teach the windows better. So while a window holds fewer
+than 30 values (``n`` of them; or fewer than its capacity) its median and scale are shrunk toward a
+wide prior with weight :math:`w = 1 - n/30`,
+:math:`\sigma'^2 = (1 - w)\,\sigma^2 + w \max(\sigma, \sigma_0)^2` and (except the loss's)
+:math:`\operatorname{med}' = (1 - w) \operatorname{med}`: :math:`\sigma_0` is, per layer, the median
+scale of the same metric over the layers, for the loss 10 % of its level (0.1 on log scale), for a
+level-2 term 1 (the spread of a single layer's z). Until the residual windows hold 30 clean steps,
+every clean step rebuilds level 2, the profile directions and the threshold window in-sample as at
+the end of warm-up (about 1.5 ms a step at 30 layers), so they stay consistent with the level-1
+scales as those settle.
 
 A non-finite metric value or loss flags the step at once (also during warm-up), names the layers,
 and is kept out of every window; its score is ``inf``. Absent layers or metrics are simply absent.
@@ -120,7 +135,7 @@ from numpy.typing import NDArray
 
 from gradspectra.scoring._baseline import Baseline, Block, Columns, Series, Sizes
 from gradspectra.scoring._checks import check_bool, check_float, check_int, check_names
-from gradspectra.scoring._window import FloatArray, ScalarWindow, SortedWindow
+from gradspectra.scoring._window import FloatArray, ScalarWindow
 from gradspectra.scoring.result import ScoreResult
 
 #: Metrics that are positive by definition and scored on log scale unless ``log_metrics`` says otherwise.
@@ -143,9 +158,15 @@ _MIN_AGGREGATE_SCALE = 0.05  # level 2: below this, a steady term would amplify 
 _TAIL_QUANTILE = 0.9  # the threshold extrapolates from the median and this quantile of accepted scores
 _GUARD = 0.75  # steps scoring above this fraction of the threshold do not update the baseline windows
 _Q_FLOOR = 1e-12  # log Q of a profile that matches its basis exactly
+_PRIOR_UNTIL = 30  # windows with fewer clean values than this lean on a prior (see _robust_z)
+_LOSS_PRIOR_SCALE = 0.1  # the loss's prior spread: 10 % of its level (0.1 on log scale)
+_LEVEL2_PRIOR_SCALE = 1.0  # level 2's prior scale: a term's clean spread when it is one layer's z
+_PROFILE_TRIM = 0.25  # the common level a profile is taken from: the interquartile mean over layers
 _MAX_LISTED_LAYERS = 5
 _PROFILE_LISTED_LAYERS = 3
 _STATE_VERSION = 2
+_QUARTILES = (0.25, 0.5, 0.75)
+_FLOAT_MAX = float(np.finfo(np.float64).max)
 
 
 class BatchScorer:
@@ -155,6 +176,8 @@ class BatchScorer:
         metrics: metric names to score; ``None`` scores every metric name seen.
         use_loss: also score the loss (a separate term, ``"loss"`` in ``z`` and the reasons).
         warmup_steps: steps that only build the baseline before the first score, in ``[5, window]``.
+            A short one is safe: until the windows hold 30 clean steps their scales lean on wide
+            priors (see **Warm-up** above).
         window: how many recent clean steps the robust scales (level 1), the level-2 baselines and
             the profile directions are computed from. In ``[10, 100000]``.
         trend_window: how many recent steps the robust local trend of every series is fitted to,
@@ -271,6 +294,13 @@ class BatchScorer:
         self._metrics: list[str] = []
         self._metric_index: dict[str, int] = {}
         self._log_mask = np.zeros(0, dtype=bool)
+        self._names: list[str] | None = None  # caches, cleared when a metric is added
+        self._one_sided_mask: NDArray[np.bool_] | None = None
+        self._floor_cache: FloatArray | None = None
+        self._floor_values_fixed = False
+        self._all_log = True
+        self._count_cache: dict[tuple[int, ...], tuple[bool, NDArray[np.bool_] | None]] = {}
+        self._count_cache_of: object = None  # the window the count cache describes
         for name in fixed:
             self._add_metric(name)
         self._reset_baseline()
@@ -365,7 +395,7 @@ class BatchScorer:
     def _read_step(self, layer_metrics: Mapping[str, Mapping[str, float]], loss: float | None) -> _Step:
         t = float(self.steps)
         self.steps += 1
-        y, nonfinite_layers = self._read(layer_metrics)
+        y, nonfinite_layers, nonfinite = self._read(layer_metrics)
         loss_y, loss_bad = self._read_loss(loss)
         problems: list[str] = []
         if nonfinite_layers:
@@ -375,7 +405,7 @@ class BatchScorer:
             problems.append(f"non-finite gradient in {len(nonfinite_layers)} {noun}: {listed}{more}")
         if loss_bad is not None:
             problems.append(f"non-finite loss ({loss_bad})")
-        return _Step(t, {"values": y, "profile": self._profiles(y), "loss": np.array([loss_y])}, problems)
+        return _Step(t, {"values": y, "loss": np.array([loss_y])}, problems, nonfinite)
 
     def _warm_up(self, step: _Step, residuals: Series | None) -> ScoreResult:
         """A warm-up step only fills the windows; the last one also starts level 2 and the threshold."""
@@ -385,7 +415,7 @@ class BatchScorer:
             return ScoreResult(None, False, [], {}, in_warmup=True)
         self._base.push_trends(step.series, step.t, for_slope=True)
         if residuals is not None:
-            self._base.push_residuals(residuals)
+            self._base.push_clean(residuals)
         self._base.accepted += 1
         if not self.in_warmup:
             self._start_scoring()
@@ -400,20 +430,21 @@ class BatchScorer:
 
     def _judge(self, step: _Step, residuals: Series) -> ScoreResult:
         """Score a step after warm-up, flag it or not, and let it teach the windows it may teach."""
-        z = self._standardize_all(residuals)
-        terms, remainders = self._terms(z)
-        z_terms = self._level2(terms)
+        quartiles = self._base.window.quantiles(_QUARTILES)  # before this step is pushed
+        z = self._standardize_all(residuals, quartiles)
+        terms, remainders = self._terms(z, residuals["profile"])
+        z_terms = self._level2(terms, quartiles)
         strength = self._strength(z_terms)
-        finite = np.isfinite(strength)
-        score: float | None = float(np.max(strength[finite])) if finite.any() else None
+        finite_strengths = [v for v in strength.tolist() if math.isfinite(v)]
+        score: float | None = max(finite_strengths) if finite_strengths else None
         threshold = self._threshold()
         over = score is not None and score > threshold
         nonfinite = bool(step.problems)
         names = self._term_names()
-        z_dict = {name: float(z_terms[k]) for k, name in enumerate(names) if np.isfinite(z_terms[k])}
+        z_dict = {name: v for name, v in zip(names, z_terms.tolist()) if math.isfinite(v)}
         reasons = list(step.problems)
         if nonfinite or over:
-            reasons.extend(self._term_reasons(z["values"], remainders, z_terms, strength, threshold))
+            reasons.extend(self._term_reasons(step, z["values"], remainders, z_terms, strength, threshold))
         if nonfinite:  # kept out of every window
             return ScoreResult(math.inf, True, reasons, z_dict, in_warmup=False, threshold=threshold)
         if score is None:  # nothing measured: keep the windows as they are rather than evict for nothing
@@ -442,23 +473,38 @@ class BatchScorer:
         base.consecutive_flags = 0
         assert base.scores is not None
         base.scores.push(score)
+        young = self._young()
         if score <= _GUARD * threshold:
-            base.push_residuals(residuals)
-            base.push_terms(terms, z_profile)
+            base.push_clean(residuals, terms, z_profile)
             base.accepted += 1
+            if young:  # level 2 and the threshold are rebuilt in-sample, as at the end of warm-up
+                self._start_scoring(rebuild=True)
+                if not self._young():
+                    base.young_scores = []
+        elif young:  # kept for the rebuilds, or they would forget it
+            base.young_scores.append(float(np.float32(score)))
 
     # ------------------------------------------------------------------ internals: bookkeeping
+
+    def _young(self) -> bool:
+        """Whether the residual windows hold fewer clean steps than the priors fade over (see :func:`_robust_z`)."""
+        window = self._base.window
+        return window.pushes < min(_PRIOR_UNTIL, window.capacity)
 
     def _reset_baseline(self) -> None:
         self._base = Baseline(self._sizes, len(self._layers), len(self._metrics), len(self.profile_metrics))
 
     def _term_names(self) -> list[str]:
         """Level-2 rows: the loss, the profile terms (fixed), then one level term per metric (growing)."""
-        return [LOSS_KEY, *(m + PROFILE_SUFFIX for m in self.profile_metrics), *self._metrics]
+        if self._names is None:
+            self._names = [LOSS_KEY, *(m + PROFILE_SUFFIX for m in self.profile_metrics), *self._metrics]
+        return self._names
 
     def _set_names(self, layers: Sequence[str], metrics: Sequence[str]) -> None:
         self._layers, self._layer_index = [], {}
         self._metrics, self._metric_index, self._log_mask = [], {}, np.zeros(0, dtype=bool)
+        self._all_log = True
+        self._names, self._one_sided_mask, self._floor_cache = None, None, None
         for name in layers:
             self._add_layer(name)
         for name in metrics:
@@ -472,13 +518,19 @@ class BatchScorer:
         self._metric_index[name] = len(self._metrics)
         self._metrics.append(name)
         self._log_mask = np.append(self._log_mask, name in self.log_metrics)
+        self._all_log = bool(self._log_mask.all())
+        self._names = None
+        self._one_sided_mask = None
 
-    def _register(self, layer_metrics: Mapping[str, Mapping[str, float]]) -> None:
-        """Give new layers (and, unless ``metrics=`` is fixed, new metrics) a row in every window."""
+    def _register(self, layer_metrics: Mapping[str, Mapping[str, float]], check_metrics: bool = True) -> None:
+        """Give new layers (and, unless ``metrics=`` is fixed, new metrics) a row in every window.
+
+        ``check_metrics=False`` looks for new layers only (:meth:`_read` looks for new metrics as it reads).
+        """
         n_layers, n_metrics = len(self._layers), len(self._metrics)
         for layer in [name for name in layer_metrics if name not in self._layer_index]:
             self._add_layer(layer)
-        if not self._fixed_metrics:
+        if check_metrics and not self._fixed_metrics:
             known = self._metric_index.keys()
             for values in layer_metrics.values():
                 if not known >= values.keys():
@@ -488,36 +540,71 @@ class BatchScorer:
         if (len(self._layers), len(self._metrics)) != (n_layers, n_metrics):
             self._base.grow(len(self._layers), len(self._metrics), len(self.profile_metrics))
 
-    def _read(self, layer_metrics: Mapping[str, Mapping[str, float]]) -> tuple[FloatArray, list[str]]:
-        """The step as a (layers, metrics) array on the scoring scale (NaN = absent or non-finite)."""
-        self._register(layer_metrics)
+    def _read(
+        self, layer_metrics: Mapping[str, Mapping[str, float]]
+    ) -> tuple[FloatArray, list[str], NDArray[np.bool_] | None]:
+        """The step as a (layers, metrics) array on the scoring scale (NaN = absent or non-finite).
+
+        Also the layers with a non-finite value and, if there are any, which entries those were.
+        """
+        self._register(layer_metrics, check_metrics=not self._metrics)
         metrics = self._metrics
-        x = np.full((len(self._layers), len(metrics)), np.nan)
+        shape = (len(self._layers), len(metrics))
+        nonfinite_layers: list[str] = []
+        nonfinite: NDArray[np.bool_] | None = None
         if metrics and layer_metrics:
             get_all = itemgetter(*metrics) if len(metrics) > 1 else (lambda values: (values[metrics[0]],))
+            n_metrics = len(metrics)
+            # a layer whose dict holds all the known metrics and no more keys brings no new metric
+            look = not self._fixed_metrics
+            known = self._metric_index.keys()
             rows = []
-            for values in layer_metrics.values():
+            absent = [0] * len(layer_metrics)  # per given layer: how many of the metrics it lacks
+            for i, values in enumerate(layer_metrics.values()):
                 try:
                     rows.append(get_all(values))
                 except KeyError:  # some metric absent on this layer
-                    rows.append(tuple(values.get(m) for m in metrics))
+                    row = tuple(values.get(m) for m in metrics)
+                    rows.append(row)
+                    absent[i] = row.count(None)
+                if (
+                    look
+                    and len(values) != n_metrics - absent[i]
+                    and any(name not in known and name != LOSS_KEY for name in values)
+                ):
+                    self._register(layer_metrics)  # new metrics: give them rows, then read again
+                    return self._read(layer_metrics)
             # None (absent) becomes NaN here; 0-d tensors and numpy scalars convert like floats
-            x[[self._layer_index[layer] for layer in layer_metrics]] = np.array(rows, dtype=np.float64)
-        bad = ~np.isfinite(x)
-        nonfinite_layers: list[str] = []
-        if bad.any():
-            # NaN also marks absent entries: look up which of the flagged rows really carry a bad value
-            for row in np.flatnonzero(bad.any(axis=1)):
-                given = layer_metrics.get(self._layers[row])
-                if given is None:
-                    continue
-                if any(given.get(metrics[j]) is not None for j in np.flatnonzero(bad[row])):
-                    nonfinite_layers.append(self._layers[row])
-            x[bad] = np.nan
-        if self._log_mask.any():
-            with np.errstate(invalid="ignore"):  # NaN stays NaN
-                x[:, self._log_mask] = np.log(np.maximum(x[:, self._log_mask], _LOG_FLOOR))
-        return x, nonfinite_layers
+            array = np.array(rows, dtype=np.float64)
+            finite = np.isfinite(array)
+            if not finite.all():
+                # more non-finite entries in a row than absent ones: a given value was NaN or inf
+                suspects = np.flatnonzero(array.shape[1] - finite.sum(axis=1) > np.array(absent))
+                if suspects.size:
+                    names = list(layer_metrics)
+                    cells = [
+                        (self._layer_index[names[i]], j)
+                        for i in suspects.tolist()
+                        for j, v in enumerate(rows[i])
+                        if v is not None and not finite[i, j]
+                    ]
+                    if cells:
+                        nonfinite = np.zeros(shape, dtype=bool)
+                        nonfinite[tuple(np.array(cells).T)] = True
+                        nonfinite_layers = [self._layers[r] for r in np.flatnonzero(nonfinite.any(axis=1))]
+                array[~finite] = np.nan
+            if len(rows) == shape[0] and list(layer_metrics) == self._layers:  # every layer, in order
+                x = array
+            else:
+                x = np.full(shape, np.nan)
+                x[[self._layer_index[layer] for layer in layer_metrics]] = array
+        else:
+            x = np.full(shape, np.nan)
+        if self._all_log:  # NaN stays NaN
+            np.log(np.maximum(x, _LOG_FLOOR, out=x), out=x)
+        elif self._log_mask.any():
+            x[:, self._log_mask] = np.log(np.maximum(x[:, self._log_mask], _LOG_FLOOR))
+        return x, nonfinite_layers, nonfinite
 
     def _read_loss(self, loss: float | None) -> tuple[float, str | None]:
         """The loss on the scoring scale (NaN = not given) and, if it was non-finite, its text."""
@@ -528,17 +615,21 @@ class BatchScorer:
             return math.nan, repr(value)
         return (math.log(max(value, _LOG_FLOOR)) if self.log_loss else value), None
 
-    def _profiles(self, y: FloatArray) -> FloatArray:
-        """(layers, profile metrics): each profile metric's values minus their median over layers."""
+    def _profile_residuals(self, values: FloatArray) -> FloatArray:
+        """(layers, profile metrics): each profile metric's residuals minus their interquartile mean over layers.
+
+        The common shift of the step cancels; and as each layer is measured against its own trend, the
+        result does not depend on which layers were measured (a profile taken from the values themselves
+        would jump whenever a layer far from the others' level is absent).
+        """
         out = np.full((len(self._layers), len(self.profile_metrics)), np.nan)
         for j, name in enumerate(self.profile_metrics):
             m = self._metric_index.get(name)
             if m is None:
                 continue
-            col = y[:, m]
-            finite = np.isfinite(col)
-            if finite.sum() >= 2:
-                out[:, j] = col - float(np.median(col[finite]))
+            col = values[:, m]
+            if col.size >= 2 and (not np.isnan(col).any() or np.count_nonzero(np.isfinite(col)) >= 2):
+                out[:, j] = col - float(_trimmed_mean(col, _PROFILE_TRIM))
         return out
 
     # ------------------------------------------------------------------ internals: the math
@@ -549,36 +640,95 @@ class BatchScorer:
         Also keeps the predictions' magnitudes, the level that the linear-scale floor is relative to.
         """
         trends = self._base.trends
-        if min(len(trend) for trend in trends.values()) < self._trend_start:
+        if min(len(trends["values"]), len(trends["loss"])) < self._trend_start:
             return None
-        predicted: dict[Block, FloatArray] = {
-            block: trend.predict(step.t, slope=self.loss_trend if block == "loss" else True)
-            for block, trend in trends.items()
-        }
-        self._base.levels = (np.abs(predicted["values"]), abs(float(predicted["loss"][0])))
-        return {block: step.series[block] - predicted[block] for block in predicted}
+        values = trends["values"].predict(step.t)
+        loss = trends["loss"].predict(step.t, slope=self.loss_trend)
+        self._base.levels = (values, abs(float(loss[0])))  # the values' magnitudes only when a floor needs them
+        residuals = step.series["values"] - values
+        return {"values": residuals, "profile": self._profile_residuals(residuals), "loss": step.series["loss"] - loss}
 
-    def _standardize_all(self, residuals: Series) -> dict[Block, FloatArray]:
-        """Level-1 z of each block's residuals (an extra last axis for histories).
+    def _standardize_all(self, residuals: Series, quartiles: FloatArray) -> dict[Block, FloatArray]:
+        """Level-1 z of each block's residuals (an extra last axis for histories) against the window's quartiles.
 
         The floor on a scale is ``min_scale`` on log scale and ``min_scale`` times the series' current
-        prediction on linear scale (a metric that never moves does not turn rounding noise into huge z).
+        prediction on linear scale (a metric that never moves does not turn rounding noise into a huge z).
+        All blocks are standardised at once, as one flat vector laid out as the window.
         """
-        level_values, level_loss = self._base.levels
-        floors: dict[Block, FloatArray] = {
-            "values": np.where(self._log_mask, self.min_scale, self.min_scale * level_values),
-            "profile": np.full(self._base.residuals["profile"].shape, self.min_scale),
-            "loss": np.array([self.min_scale * (level_loss if not self.log_loss else 1.0)]),
-        }
-        windows = self._base.residuals
-        # NaN prediction (an empty trend): the log-scale floor; + 1e-300: a zero prediction never divides by 0
-        floor = {block: np.nan_to_num(f, nan=self.min_scale) + 1e-300 for block, f in floors.items()}
-        return {block: _robust_z(r, windows[block], floor[block], self._min_history) for block, r in residuals.items()}
+        base = self._base
+        layout = base.layout
+        n = layout.n_residuals
+        extra = residuals["values"].shape[2:]
+        r = np.concatenate(
+            (
+                residuals["values"].reshape(-1, *extra),
+                residuals["profile"].reshape(-1, *extra),
+                residuals["loss"].reshape(-1, *extra),
+            )
+        )
+        q1, med, q3 = quartiles[0, :n], quartiles[1, :n], quartiles[2, :n]
+        scale = (q3 - q1) / _IQR_PER_SIGMA
+        count = base.window.count[:n]
+        full = min(_PRIOR_UNTIL, base.window.capacity)
+        young, scored = self._counted(slice(0, n))
+        if young:
+            med, scale = self._shrink_level1(med, scale, count, full)
+        scale = np.maximum(scale, self._floors())
+        if scored is not None:
+            med = np.where(scored, med, np.nan)
+        if extra:
+            med, scale = med.reshape(-1, 1), scale.reshape(-1, 1)
+        z = (r - med) / scale
+        return {b: z[layout.slices[b]].reshape(*layout.shapes[b], *extra) for b in layout.slices}
 
-    def _terms(self, z: Series) -> tuple[FloatArray, FloatArray]:
+    def _shrink_level1(
+        self, med: FloatArray, scale: FloatArray, count: NDArray[np.int64], full: int
+    ) -> tuple[FloatArray, FloatArray]:
+        """Each block of a young window shrunk toward its prior (see :func:`_robust_z`), flat in, flat out."""
+        layout = self._base.layout
+        med, scale = med.copy(), scale.copy()
+        level_loss = self._base.levels[1]
+        priors: dict[Block, _Prior] = {
+            "values": _POOLED,
+            "profile": _POOLED,
+            # no pool for one series, and no centring: a falling loss sits below its window median by design
+            "loss": _Prior(np.array([_LOSS_PRIOR_SCALE * (1.0 if self.log_loss else level_loss)]), centred=False),
+        }
+        for b, sl in layout.slices.items():
+            shape = layout.shapes[b]
+            m, sc = _shrink(med[sl].reshape(shape), scale[sl].reshape(shape), count[sl].reshape(shape), full, priors[b])
+            med[sl], scale[sl] = m.reshape(-1), sc.reshape(-1)
+        return med, scale
+
+    def _floors(self) -> FloatArray:
+        """The flat floor of every level-1 scale (see :meth:`_standardize_all`)."""
+        layout = self._base.layout
+        level_values, level_loss = self._base.levels
+        cached = self._floor_cache
+        if cached is None or cached.shape[0] != layout.n_residuals:
+            cached = np.empty(layout.n_residuals)
+            cached[layout.slices["profile"]] = np.full(layout.shapes["profile"], self.min_scale).reshape(-1) + 1e-300
+            self._floor_cache = cached
+            self._floor_values_fixed = False
+        out = cached
+        if not (self._floor_values_fixed and self._log_mask.all()):
+            values = np.where(self._log_mask, self.min_scale, self.min_scale * np.abs(level_values))
+            # NaN prediction (an empty trend): the log-scale floor; + 1e-300: a zero prediction never divides by 0
+            out[layout.slices["values"]] = (np.nan_to_num(values, nan=self.min_scale) + 1e-300).reshape(-1)
+            self._floor_values_fixed = True
+        loss = self.min_scale * (level_loss if not self.log_loss else 1.0)
+        if not math.isfinite(loss):  # as numpy's nan_to_num
+            loss = self.min_scale if math.isnan(loss) else math.copysign(_FLOAT_MAX, loss)
+        out[layout.slices["loss"].start] = loss + 1e-300
+        return out
+
+    def _terms(self, z: Series, profile_residuals: FloatArray) -> tuple[FloatArray, FloatArray]:
         """The level-2 inputs (loss, profile terms, level terms) and the profile remainders (layers, profiles).
 
-        ``z`` may carry an extra last axis (a history); the outputs then carry it too.
+        ``z`` may carry an extra last axis (a history); the outputs then carry it too. A profile term is
+        left out (NaN) while a layer with a profile residual has no baseline for it yet (a new layer): the
+        profile of the other layers alone would lie in the directions their own profiles took, and such
+        near-zero remainders would teach level 2 a spread that no later step has.
         """
         z_values, z_profile = z["values"], z["profile"]
         extra = z_values.shape[2:]
@@ -593,27 +743,64 @@ class BatchScorer:
             else:  # a history: one column per step
                 rem = np.stack([basis.residual(x[:, k]) for k in range(x.shape[1])], axis=-1)
             remainders[:, j] = rem
-            with np.errstate(invalid="ignore"):
-                count = np.sum(np.isfinite(rem), axis=0)
-                q = np.nansum(np.where(np.isfinite(rem), rem * rem, 0.0), axis=0) / np.maximum(count, 1)
+            finite = np.isfinite(rem)
+            if rem.ndim == 1 and finite.all():  # the usual step: every layer measured
+                terms[1 + j] = np.log(np.sum(rem * rem) / rem.size + _Q_FLOOR) if rem.size >= 2 else np.nan
+                continue
+            count = np.sum(finite, axis=0)
+            q = np.sum(np.where(finite, rem * rem, 0.0), axis=0) / np.maximum(count, 1)
             terms[1 + j] = np.where(count >= 2, np.log(q + _Q_FLOOR), np.nan)
+            new = np.isnan(x) & np.isfinite(profile_residuals[:, j])
+            if new.any():
+                terms[1 + j] = np.where(new.any(axis=0), np.nan, terms[1 + j])
         terms[1 + n_profile :] = _trimmed_mean(z_values, self.layer_trim)
         return terms, remainders
 
-    def _level2(self, terms: FloatArray) -> FloatArray:
-        """Level-2 z of each term against its window of clean values."""
-        assert self._base.terms is not None
-        return _robust_z(terms, self._base.terms, np.float64(_MIN_AGGREGATE_SCALE), self._min_history)
+    def _level2(self, terms: FloatArray, quartiles: FloatArray) -> FloatArray:
+        """Level-2 z of each term against its window of clean values (the window's quartiles)."""
+        window = self._base.window
+        rows = self._base.layout.terms
+        young, scored = self._counted(rows)
+        return _robust_z(
+            terms,
+            quartiles[:, rows],
+            window.count[rows],
+            window.capacity,
+            np.float64(_MIN_AGGREGATE_SCALE),
+            _LEVEL2_PRIOR if young else None,
+            scored,
+        )
+
+    def _counted(self, rows: slice) -> tuple[bool, NDArray[np.bool_] | None]:
+        """For the window's series ``rows``: whether any is young (shrunk toward its prior), and which hold
+        enough values to be scored (``None``: all). Cached until a count changes."""
+        window = self._base.window
+        if self._count_cache_of is not window:
+            self._count_cache_of = window
+            self._count_cache.clear()
+        key = (window.version, rows.start, rows.stop)
+        cached = self._count_cache.get(key)
+        if cached is None:
+            count = window.count[rows]
+            young = bool(count.size) and int(count.min()) < min(_PRIOR_UNTIL, window.capacity)
+            scored = count >= min(self._min_history, window.capacity)
+            cached = (young, None if scored.all() else scored)
+            if len(self._count_cache) > 8:
+                self._count_cache.clear()
+            self._count_cache[key] = cached
+        return cached
 
     def _one_sided(self) -> NDArray[np.bool_]:
         """Level-2 rows that count only upwards: profiles, ``high_metrics``, the loss if ``loss_side="high"``."""
-        mask = np.zeros(len(self._term_names()), dtype=bool)
-        mask[0] = self.loss_side == "high"
-        mask[1 : 1 + len(self.profile_metrics)] = True
-        start = 1 + len(self.profile_metrics)
-        for k, name in enumerate(self._metrics):
-            mask[start + k] = name in self.high_metrics
-        return mask
+        if self._one_sided_mask is None:
+            mask = np.zeros(len(self._term_names()), dtype=bool)
+            mask[0] = self.loss_side == "high"
+            mask[1 : 1 + len(self.profile_metrics)] = True
+            start = 1 + len(self.profile_metrics)
+            for k, name in enumerate(self._metrics):
+                mask[start + k] = name in self.high_metrics
+            self._one_sided_mask = mask
+        return self._one_sided_mask
 
     def _strength(self, z_terms: FloatArray) -> FloatArray:
         """Each term's contribution to the score: ``max(Z, 0)`` for one-sided terms, ``|Z|`` otherwise."""
@@ -625,34 +812,47 @@ class BatchScorer:
 
     def _threshold(self) -> float:
         scores = self._base.scores
-        if scores is None or scores.count[0] == 0:
+        if scores is None or not len(scores):
             return self.min_threshold
-        median, tail = (float(q) for q in scores.quantiles((0.5, _TAIL_QUANTILE))[:, 0])
+        median, tail = scores.quantile_values((0.5, _TAIL_QUANTILE))
         return max(self.min_threshold, tail + (tail - median) * self._tail_factor)
 
-    def _start_scoring(self) -> None:
+    def _start_scoring(self, rebuild: bool = False) -> None:
         """End of warm-up: level-2, profile and score windows from the warm-up steps, scored in-sample."""
         base = self._base
-        z = self._standardize_all({block: w.history().astype(np.float64) for block, w in base.residuals.items()})
+        if rebuild:  # the rows again, from the current scales; the last directions start the iteration
+            base.bases = [basis.restarted() for basis in base.bases]
+        history: Series = {block: base.history(block) for block in base.layout.slices}
+        z = self._standardize_all(history, base.window.quantiles(_QUARTILES))
         z_profile = z["profile"]
         for k in range(z_profile.shape[-1]):
             for j, basis in enumerate(base.bases):
                 basis.push(z_profile[:, j, k])
-        terms, _ = self._terms(z)
-        base.terms = SortedWindow.from_history(terms, self.window)
-        strength = self._strength(self._level2(terms))
+        terms, _ = self._terms(z, history["profile"])
+        base.set_terms(terms)
+        strength = self._strength(self._level2(terms, base.window.quantiles(_QUARTILES)))
         finite = np.isfinite(strength)
         scores = np.where(finite.any(axis=0), np.max(np.where(finite, strength, -np.inf), axis=0), np.nan)
+        if base.young_scores:  # accepted after warm-up but too close to the threshold to teach the windows
+            scores = np.concatenate([scores, np.asarray(base.young_scores, dtype=np.float64)])
         base.scores = ScalarWindow.from_history(scores, self.threshold_window)
 
     def _term_reasons(
         self,
+        step: _Step,
         z_values: FloatArray,
         remainders: FloatArray,
         z_terms: FloatArray,
         strength: FloatArray,
         threshold: float,
     ) -> list[str]:
+        """One reason per term above the threshold, strongest first; each true as written.
+
+        A level reason counts the layers past ``layer_threshold`` in the term's direction over the layers
+        scored, and says how many of the watched layers were not measured (deferred, absent or non-finite)
+        or not yet scored, whenever there were any. When the level moved in many layers together but no
+        single layer crossed, it says so instead of a count of zero.
+        """
         names = self._term_names()
         n_profile = len(self.profile_metrics)
         order = np.argsort(-np.nan_to_num(strength, nan=-1.0))
@@ -670,15 +870,73 @@ class BatchScorer:
                 listed = ", ".join(
                     f"{self._layers[i]} {'high' if rem[i] > 0 else 'low'}" for i in top if np.isfinite(rem[i])
                 )
-                reasons.append(f"{self.profile_metrics[k - 1]} layer profile unusual (z={value:.1f}): {listed}")
+                metric = self.profile_metrics[k - 1]
+                notes, _ = self._coverage(step, self._metric_index[metric], int(np.count_nonzero(np.isfinite(rem))))
+                text = "; ".join([*notes, f"z={value:.1f}"])
+                reasons.append(f"{metric} layer profile unusual ({text})" + (f": {listed}" if listed else ""))
             else:
-                col = z_values[:, k - 1 - n_profile]
+                m = k - 1 - n_profile
+                col = z_values[:, m]
                 with np.errstate(invalid="ignore"):
                     beyond = col > self.layer_threshold if value > 0 else col < -self.layer_threshold
-                n_layers = int(np.count_nonzero(~np.isnan(col)))
+                scored = int(np.count_nonzero(~np.isnan(col)))
                 count = int(np.count_nonzero(beyond))
-                reasons.append(f"{names[k]} {direction} in {count}/{n_layers} layers (z={value:.1f})")
+                notes, noun = self._coverage(step, m, scored)
+                text = "; ".join([*notes, f"z={value:.1f}"])
+                if count:
+                    reasons.append(f"{names[k]} {direction} in {count}/{scored} {noun} ({text})")
+                elif scored == 1:
+                    sign = "+" if value > 0 else "-"
+                    reasons.append(
+                        f"{names[k]} {direction} in 1 {noun[:-1]}, whose own z is under {sign}{self.layer_threshold:g}"
+                        f" ({text})"
+                    )
+                else:  # the level moved in many layers together, none of them far enough to count alone
+                    sign = "+" if value > 0 else "-"
+                    reasons.append(
+                        f"{names[k]} {direction} across {scored} {noun} together, "
+                        f"no single layer past z={sign}{self.layer_threshold:g} ({text})"
+                    )
         return reasons
+
+    def _coverage(self, step: _Step, metric: int, scored: int) -> tuple[list[str], str]:
+        """How many watched layers a term of ``metric`` saw this step, as notes, and what to call the ones it saw.
+
+        No notes when every watched layer was scored; else the layers not measured this step (deferred or
+        absent), with a non-finite value, or measured but without a baseline yet (a new layer).
+        """
+        total = len(self._layers)
+        if scored == total:
+            return [], "layers"
+        absent = int(np.count_nonzero(np.isnan(step.series["values"][:, metric])))
+        nonfinite = 0 if step.nonfinite is None else int(np.count_nonzero(step.nonfinite[:, metric]))
+        unmeasured = absent - nonfinite
+        unscored = total - scored - absent
+        notes = []
+        if unmeasured:
+            notes.append(f"{unmeasured} of {total} not measured this step")
+        if nonfinite:
+            notes.append(f"{nonfinite} of {total} non-finite")
+        if unscored:
+            notes.append(f"{unscored} of {total} without a baseline yet")
+        return notes, ("measured layers" if unscored == 0 and nonfinite == 0 else "scored layers")
+
+
+@dataclass(frozen=True)
+class _Prior:
+    """What a young window's scale is shrunk toward (see :func:`_robust_z`).
+
+    ``scale``: a fixed prior scale (broadcast against the window's); ``pooled``: also the median scale
+    over the layers of the same column; ``centred``: shrink the median toward 0 as well.
+    """
+
+    scale: FloatArray | None = None
+    pooled: bool = False
+    centred: bool = True
+
+
+_POOLED = _Prior(pooled=True)  # level 1, per layer: a layer's scale leans on its metric's other layers
+_LEVEL2_PRIOR = _Prior(np.array(_LEVEL2_PRIOR_SCALE))  # level 2: the spread of one layer's z
 
 
 @dataclass
@@ -688,6 +946,7 @@ class _Step:
     t: float  # the step's position on the trends' time axis
     series: dict[Block, FloatArray]  # values (layers, metrics), profile (layers, profiles), loss (1,); NaN = absent
     problems: list[str]
+    nonfinite: NDArray[np.bool_] | None = None  # (layers, metrics): given but non-finite; None if none was
 
     @property
     def measured(self) -> bool:
@@ -696,20 +955,69 @@ class _Step:
 
 
 def _robust_z(
-    x: NDArray[np.floating[Any]], window: SortedWindow | ScalarWindow, floor: NDArray[np.floating[Any]], min_count: int
+    x: NDArray[np.floating[Any]],
+    quartiles: FloatArray,
+    count: NDArray[np.int64],
+    capacity: int,
+    floor: NDArray[np.floating[Any]],
+    prior: _Prior | None = None,
+    scored: NDArray[np.bool_] | None = None,
 ) -> FloatArray:
-    """``(x - median) / max(IQR / 1.349, floor)`` against ``window``, the one z that both levels use.
+    """``(x - median) / max(IQR / 1.349, floor)`` against a window's ``quartiles`` (and ``count`` values of
+    its ``capacity``), the one z that both levels use.
 
     The median and IQR are robust to the outliers the score is looking for; the floor keeps a series
-    that never moves from turning rounding noise into a huge z. NaN until the window holds ``min_count``
-    values (or is full). ``x`` may carry extra last axes (a history of steps).
+    that never moves from turning rounding noise into a huge z. NaN where ``scored`` is False (a window
+    without enough values yet; ``None``: every series is scored). ``x`` may carry extra last axes (a
+    history of steps).
+
+    With a ``prior``, a window of fewer than :data:`_PRIOR_UNTIL` values (or than its capacity) is
+    shrunk toward it with weight ``w = 1 - count / min(_PRIOR_UNTIL, capacity)``: the variance toward
+    the square of the larger of the window's own scale and the prior scale (and, if ``pooled``, the
+    median scale of the column over the layers), the median (if ``centred``) toward 0. From a handful of
+    values a quartile range is often several times too small, and a scale that is too small flags
+    every later step (which, flagged, never teaches the window: it would stay too small).
     """
-    q1, med, q3 = window.quantiles((0.25, 0.5, 0.75))
-    scale = np.maximum((q3 - q1) / _IQR_PER_SIGMA, floor)
-    med = np.where(window.count >= min(min_count, window.capacity), med, np.nan)
+    q1, med, q3 = quartiles
+    scale = (q3 - q1) / _IQR_PER_SIGMA
+    if prior is not None:
+        med, scale = _shrink(med, scale, count, min(_PRIOR_UNTIL, capacity), prior)
+    scale = np.maximum(scale, floor)
+    if scored is not None:
+        med = np.where(scored, med, np.nan)
     shape = med.shape + (1,) * (x.ndim - med.ndim)
     z: FloatArray = (x - med.reshape(shape)) / scale.reshape(shape)
     return z
+
+
+def _shrink(
+    med: FloatArray, scale: FloatArray, count: NDArray[np.int64], full: int, prior: _Prior
+) -> tuple[FloatArray, FloatArray]:
+    """Median and scale of windows holding ``count`` of ``full`` values, shrunk toward ``prior`` (:func:`_robust_z`)."""
+    weight = np.maximum(1.0 - count / full, 0.0)  # in [0, 1]: counts are >= 0
+    if not weight.any():
+        return med, scale
+    target = scale if prior.scale is None else np.fmax(scale, prior.scale)
+    if prior.pooled:  # the median scale of the same column over the layers that have a spread yet
+        target = np.fmax(target, _median_axis0(np.where(count >= 2, scale, np.nan)))
+    shrunk_med = (1.0 - weight) * med if prior.centred else med
+    shrunk_scale: FloatArray = np.sqrt((1.0 - weight) * scale * scale + weight * target * target)
+    return shrunk_med, shrunk_scale
+
+
+def _median_axis0(x: FloatArray) -> FloatArray:
+    """Median over axis 0 ignoring NaN (all-NaN columns give NaN)."""
+    ordered = np.sort(x, axis=0)
+    n = np.sum(~np.isnan(x), axis=0)
+    if x.ndim == 2:
+        columns = np.arange(x.shape[1])
+        lo = ordered[np.maximum((n - 1) // 2, 0), columns]
+        hi = ordered[np.maximum(n // 2, 0), columns]
+    else:
+        lo = np.take_along_axis(ordered, np.maximum((n - 1) // 2, 0)[None], axis=0)[0]
+        hi = np.take_along_axis(ordered, np.maximum(n // 2, 0)[None], axis=0)[0]
+    out: FloatArray = np.where(n > 0, 0.5 * (lo + hi), np.nan)
+    return out
 
 
 def _as_float(value: Any) -> float:
@@ -723,12 +1031,18 @@ def _trimmed_mean(z: FloatArray, trim: float) -> FloatArray:
     ``z`` is ``(layers, ...)``; the result has the remaining shape (NaN where no layer has a value).
     """
     s = np.sort(z, axis=0)  # NaN sorts last
+    if s.shape[0] and not np.isnan(s[-1]).any():  # every layer has a value: one cut for all
+        n_all = s.shape[0]
+        cut = math.floor(trim * n_all)
+        s[:cut] = 0.0
+        s[n_all - cut :] = 0.0
+        dense: FloatArray = s.sum(axis=0) / max(n_all - 2 * cut, 1)
+        return dense
     n = np.count_nonzero(~np.isnan(z), axis=0)
     lo = np.floor(trim * n).astype(np.int64)
     hi = n - lo
     rank = np.arange(z.shape[0]).reshape((-1,) + (1,) * (z.ndim - 1))
     keep = (rank >= lo) & (rank < hi)
     total = np.where(keep, s, 0.0).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out: FloatArray = np.where(n > 0, total / np.maximum(hi - lo, 1), np.nan)
+    out: FloatArray = np.where(n > 0, total / np.maximum(hi - lo, 1), np.nan)  # never divides by 0
     return out
