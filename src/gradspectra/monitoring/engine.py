@@ -157,6 +157,7 @@ class MonitorEngine:
         self._shapes: list[tuple[int, int]] = []
         self._component_rows: dict[str, list[int]] = {}
         self._owners: tuple[int, list[int]] | None = None
+        self._entry_masks: dict[torch.device, Tensor] = {}
         self._layer_runs: LayerRuns | None = None
         self._last_skip_message = -math.inf
         self._last_layer_log = -math.inf  # steps_monitored when per-layer scalars were last logged
@@ -398,7 +399,9 @@ class MonitorEngine:
         mask[collected.present] = True
         # a deferred layer's spectral values were not measured this step; its entry metrics were
         deferred = codes == SpectrumSource.DEFERRED.code
-        valid = mask[:, None] & (~deferred[:, None] | entry_mask(self.metric_names, device)[None, :])
+        if device not in self._entry_masks:  # made once per device: a host-to-device copy per step is a wait on GPU
+            self._entry_masks[device] = entry_mask(self.metric_names, device)
+        valid = mask[:, None] & (~deferred[:, None] | self._entry_masks[device][None, :])
         values = torch.where(valid, values, torch.full_like(values, float("nan")))
         # the one device-to-host copy per step: the table, the sources, validity, failures, (DDP) layers per
         # rank, the loss
