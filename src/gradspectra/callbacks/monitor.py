@@ -202,6 +202,7 @@ class GradientSpectrumMonitor(Callback):
         self._sample_ids: list[Any] = []
         self._batch_idx: int | None = None
         self._step_open = False
+        self._scopes: dict[int, frozenset[int]] = {}  # each optimizer's watched layers (several optimizers)
 
     # ------------------------------------------------------------------ what the engine holds, by its public names
 
@@ -275,6 +276,7 @@ class GradientSpectrumMonitor(Callback):
                 "every rank would measure a shard, not the layer's matrix. Use DDP, FSDP or a single device."
             )
         self.engine.attach(pl_module, trainer.world_size)
+        self._scopes.clear()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -342,7 +344,10 @@ class GradientSpectrumMonitor(Callback):
             # several optimizers (manual optimization): measure the layers of the one that steps, against its
             # own baseline; another optimizer's gradients were used (or will be) by that optimizer's step
             inputs.optimizer = next(i for i, opt in enumerate(trainer.optimizers) if opt is optimizer)
-            inputs.scope = self.engine.rows_of(p for group in optimizer.param_groups for p in group["params"])
+            if id(optimizer) not in self._scopes:
+                stepped = (p for group in optimizer.param_groups for p in group["params"])
+                self._scopes[id(optimizer)] = self.engine.rows_of(stepped)
+            inputs.scope = self._scopes[id(optimizer)]
         reduce_sum = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
         procs = Processes(trainer.global_rank, trainer.world_size, reduce_sum)
         params = lambda: (p for group in optimizer.param_groups for p in group["params"])  # noqa: E731
