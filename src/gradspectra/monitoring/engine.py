@@ -155,6 +155,7 @@ class MonitorEngine:
         self._writer: RecordWriter | None = None
         self._pending_state: dict[str, Any] | None = None
         self._shapes: list[tuple[int, int]] = []
+        self._keys: list[str] = []
         self._component_rows: dict[str, list[int]] = {}
         self._owners: tuple[int, list[int]] | None = None
         self._entry_masks: dict[torch.device, Tensor] = {}
@@ -177,6 +178,7 @@ class MonitorEngine:
                 f"{ {k: v for k, v in kwargs.items() if v not in (None, False)} }. " + selection.describe_empty(model)
             )
         self.selection, self.watched = selection, selection.watched
+        self._keys = [w.key for w in self.watched]  # formatted once: the record and the scalars use them every step
         # full (m, n) of each matrix, taken now: under FSDP `param.shape` becomes a flat shard's
         self._shapes = [(int(w.param.shape[0]), math.prod(w.param.shape[1:])) for w in self.watched]
         row = {id(w): i for i, w in enumerate(self.watched)}
@@ -438,7 +440,7 @@ class MonitorEngine:
         return self.spectrum
 
     def _record(self, inputs: StepInputs, table: HostTable, result: SpectraResult, error: str | None) -> BatchRecord:
-        keys = [w.key for w in self.watched]
+        keys = self._keys
         layer_metrics = table.layer_metrics(keys, self.metric_names)
         scorer = self._scorer_for(inputs.optimizer)
         score = None if scorer is None else scorer.score(layer_metrics, table.loss)
@@ -480,7 +482,7 @@ class MonitorEngine:
         per_layer = self.steps_monitored - self._last_layer_log >= period
         t0 = time.perf_counter()
         if outputs.log_scalars is not None:
-            keys = [w.key for w in self.watched]
+            keys = self._keys
             scalars = status_scalars(record, self.flagged_total, record.get("optimizer"))
             if self.config.action == "skip":
                 scalars.update(skip_scalars(record, self.skipped_total))
