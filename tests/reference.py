@@ -70,6 +70,8 @@ def ref_metrics_from_s(s: np.ndarray, fro: float) -> dict[str, float]:
         "stable_rank": (fro / top) ** 2 if top > 0 else 0.0,
         "top_sv_ratio": top / total if total > 0 else 0.0,
         "effective_rank": erank,
+        # (sum s^2)^2 / sum s^4 on s / s_1 (no overflow), 0 for the zero matrix
+        "participation_ratio": float(np.sum((s / top) ** 2) ** 2 / np.sum((s / top) ** 4)) if top > 0 else 0.0,
     }
 
 

@@ -18,6 +18,7 @@ from gradspectra.functional import (
     metrics_from_singular_values,
     needs_spectrum,
     nuclear_norm,
+    participation_ratio,
     singular_values,
     spectral_metrics,
     spectral_norm,
@@ -44,6 +45,7 @@ FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "stable_rank": stable_rank,
     "top_sv_ratio": top_sv_ratio,
     "effective_rank": effective_rank,
+    "participation_ratio": participation_ratio,
 }
 
 
@@ -68,6 +70,7 @@ def test_metric_names_are_the_design_table() -> None:
         "stable_rank",
         "top_sv_ratio",
         "effective_rank",
+        "participation_ratio",
     )
 
 

@@ -287,9 +287,9 @@ def test_errors_name_the_argument() -> None:
         metric.update(torch.ones(5))
     with pytest.raises(TypeError, match=r"`grad_matrix` must be a torch\.Tensor, got list"):
         metric.update([[1.0]])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"`values` must be shaped \(N, 6\)"):
+    with pytest.raises(ValueError, match=r"`values` must be shaped \(N, 7\)"):
         metric.update_values(torch.ones(3, 1))
-    with pytest.raises(ValueError, match=r"`values` must be shaped \(N, 6\)"):
+    with pytest.raises(ValueError, match=r"`values` must be shaped \(N, 7\)"):
         metric.update_values(torch.ones(6))
 
 
@@ -372,4 +372,6 @@ def test_ddp_sync_matches_one_process_that_saw_everything(tmp_path: Path) -> Non
         # a rank that saw nothing does not wipe `last`: it comes from the highest rank that has one
         want_rank0 = expected_stats(per_rank[0], ("effective_rank",))
         assert res["only_rank0"] == pytest.approx(want_rank0, rel=1e-6, nan_ok=True)
-        assert res["local_count_after"] == [float(sum(m.isfinite().all().item() for m in per_rank[rank]))] * 6
+        assert res["local_count_after"] == [float(sum(m.isfinite().all().item() for m in per_rank[rank]))] * len(
+            METRIC_NAMES
+        )

@@ -4,6 +4,7 @@ from gradspectra.functional.batched import spectral_metrics_many
 from gradspectra.functional.estimate import SpectralEstimate, estimate_spectral_metrics_many
 from gradspectra.functional.layers import adjacent_cosine, layer_mad, paper_segments
 from gradspectra.functional.reshape import as_matrix, is_conv1d
+from gradspectra.functional.sketch import CHEAP_METRICS, CheapSpectra, cheap_spectral_metrics_many
 from gradspectra.functional.spectral import (
     ENTRY_METRICS,
     METRIC_NAMES,
@@ -14,6 +15,7 @@ from gradspectra.functional.spectral import (
     metrics_from_singular_values,
     needs_spectrum,
     nuclear_norm,
+    participation_ratio,
     spectral_metrics,
     spectral_norm,
     stable_rank,
@@ -22,13 +24,16 @@ from gradspectra.functional.spectral import (
 from gradspectra.functional.svd import METHODS, Method, check_method, factored_singular_values, singular_values
 
 __all__ = [
+    "CHEAP_METRICS",
     "ENTRY_METRICS",
     "METHODS",
     "METRIC_NAMES",
+    "CheapSpectra",
     "Method",
     "SpectralEstimate",
     "adjacent_cosine",
     "as_matrix",
+    "cheap_spectral_metrics_many",
     "check_method",
     "check_metric_names",
     "effective_rank",
@@ -42,6 +47,7 @@ __all__ = [
     "needs_spectrum",
     "nuclear_norm",
     "paper_segments",
+    "participation_ratio",
     "singular_values",
     "spectral_metrics",
     "spectral_metrics_many",

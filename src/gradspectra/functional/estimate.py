@@ -133,6 +133,7 @@ class _Tail:
     gauss2: Tensor
     radau2: Tensor
     lam_max: Tensor  # (b,) largest Ritz value seen: about the tail's top eigenvalue (a lower bound)
+    square: Tensor  # (b, p) Gauss value of z^T A_t^2 z (exact for two or more steps: a polynomial of degree 2)
 
 
 def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -217,7 +218,8 @@ def _tail_quadrature(a: Tensor, v: Tensor, q_left: Tensor, z: Tensor, steps: int
     ext[..., steps, steps] = extra
     theta_r, vecs_r = torch.linalg.eigh(ext)
     radau1, radau2 = _quadrature(theta_r, vecs_r, norm2)
-    return _Tail(gauss1, radau1, gauss2, radau2, theta.amax((-1, -2)))
+    square = (vecs[..., 0, :].pow(2) * norm2[..., None] * theta.square()).sum(-1)
+    return _Tail(gauss1, radau1, gauss2, radau2, theta.amax((-1, -2)), square)
 
 
 def _quadrature(theta: Tensor, vecs: Tensor, norm2: Tensor) -> tuple[Tensor, Tensor]:
@@ -288,8 +290,9 @@ def _estimate_chunk(
         gap1 = (tail.gauss1 - tail.radau1).mean(-1)
         gap2 = (tail.gauss2 - tail.radau2).mean(-1)
         d_max = tail.lam_max.clamp_min(0.0).sqrt()
+        t4 = tail.square
     else:
-        t1 = t2 = top.new_zeros((b, p))
+        t1 = t2 = t4 = top.new_zeros((b, p))
         gap1 = gap2 = d_max = top.new_zeros(b)
     per_s = s_top[:, None] + t1
     per_t = t_top[:, None] + t2
@@ -326,12 +329,21 @@ def _estimate_chunk(
     # the top Ritz value is a lower bound on s_1; the coupling of its vector with the tail bounds the rest
     err_1 = sin2[:, 0] * d_max.pow(2) / (2 * safe_s1.pow(2)) + noise / safe_s1
 
+    # participation ratio: sum s^4 = the top's + the tail's (Hutchinson over z^T A_t^2 z), on the scaled matrix
+    per_4 = top.pow(4).sum(-1)[:, None] + t4
+    s4 = per_4.mean(-1)
+    pr = _safe_div(fro_scaled.pow(2).pow(2), s4)
+    # the split's bias: each top value is low by about sin^2 d_max^2 / (2 sigma), its fourth power by 4x that share
+    bias_4 = (2 * top.pow(2) * sin2 * d_max[:, None].pow(2)).sum(-1)
+    err_pr = _safe_div(per_4.std(-1) / root_p + bias_4, s4) + round_s
+
     values = {
         "nuclear_norm": total * scale64,
         "spectral_norm": s1 * scale64,
         "stable_rank": _safe_div(fro_scaled, s1).pow(2),
         "top_sv_ratio": _safe_div(s1, total),
         "effective_rank": erank,
+        "participation_ratio": pr,
     }
     errors = {
         "nuclear_norm": err_s,
@@ -339,6 +351,7 @@ def _estimate_chunk(
         "stable_rank": 2 * err_1,
         "top_sv_ratio": err_1 + err_s,
         "effective_rank": err_h,
+        "participation_ratio": err_pr,
     }
     nan = torch.full_like(total, math.nan)
     for name in values:

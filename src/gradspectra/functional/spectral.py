@@ -22,6 +22,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "stable_rank",
     "top_sv_ratio",
     "effective_rank",
+    "participation_ratio",
 )
 # metrics computed from the entries alone: measured on every step, even when a spectrum is deferred
 ENTRY_METRICS: frozenset[str] = frozenset({"frobenius_norm"})
@@ -146,6 +147,24 @@ def _effective_rank(s: Tensor) -> Tensor:
     return torch.where(total == 0, torch.zeros_like(total), torch.exp(entropy))
 
 
+def _participation_ratio(s: Tensor) -> Tensor:
+    # on s / s_1, so that the fourth powers cannot overflow or underflow
+    r = _safe_div(s, _spectral(s)[..., None])
+    return _safe_div(r.square().sum(-1).square(), r.pow(4).sum(-1))
+
+
+def participation_ratio(matrix: Tensor, method: Method = "auto") -> Tensor:
+    r"""Participation ratio :math:`(\sum_i s_i^2)^2 / \sum_i s_i^4 = \|G\|_F^4 / \|G^\top G\|_F^2`, float64.
+
+    The effective number of directions weighted by energy (:math:`s^2`): a Renyi-2 effective rank of
+    :math:`s_i^2 / \sum s^2`, in ``[1, rank]`` (0 for the zero matrix). It needs no decomposition
+    (:math:`\sum s^4` is the squared Frobenius norm of the Gram matrix), which makes it cheap to
+    estimate; the papers' :func:`effective_rank` weighs singular values by :math:`s`, not :math:`s^2`, and
+    so counts the small ones (the tail) far more.
+    """
+    return _participation_ratio(singular_values(matrix, method))
+
+
 def nuclear_norm(matrix: Tensor, method: Method = "auto") -> Tensor:
     r"""Nuclear norm :math:`\sum_i s_i` (paper 1's ``S_sum``), float64, shape ``matrix.shape[:-2]``.
 
@@ -235,6 +254,8 @@ def metrics_from_singular_values(
             out[name] = _stable_rank(s, frobenius)
         elif name == "top_sv_ratio":
             out[name] = _top_sv_ratio(s)
+        elif name == "participation_ratio":
+            out[name] = _participation_ratio(s)
         else:
             out[name] = _effective_rank(s)
     # a non-finite matrix gives non-finite metrics, whatever the ratio conventions say

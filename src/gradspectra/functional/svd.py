@@ -22,6 +22,7 @@ def check_method(method: object) -> Method:
         raise ValueError(f"`method` can be {', '.join(METHODS)}, got {method!r}")
     return method  # type: ignore[return-value]
 
+
 # Relative error allowed, by the a-posteriori estimate in _gram_route, on the nuclear norm and on the
 # effective rank before the Gram route hands a matrix to svdvals: 10x inside the 1e-6 the package
 # promises on every metric. The estimate sums worst cases, so realised errors are far smaller

@@ -1,0 +1,295 @@
+r"""The cheap spectral tier: values that two reads of a gradient give, for every layer on every step.
+
+For ``G`` (``m x n``, ``d = min(m, n)``) and :math:`A` its ``d x d`` Gram matrix (:math:`G^\top G`
+when tall, :math:`G G^\top` when wide), with singular values :math:`s_1 \ge \dots \ge s_d` of ``G``
+(:math:`A`'s eigenvalues are :math:`s_i^2`):
+
+- **one block, two reads.** The block ``B = [V, P w]`` holds ``V`` (``d x k``, orthonormal: the
+  previous step's top subspace, a warm start, since a gradient's top directions persist from step
+  to step) and ``p`` Rademacher probes ``w`` projected off ``V`` (:math:`P = I - V V^\top`). Two
+  products, ``W = G B`` and ``Z = G^T W = A B`` (each reads ``G`` once), give everything below;
+  matrices of one shape share their small linear algebra (batched).
+- **spectral norm** :math:`s_1`: Rayleigh-Ritz on the orthonormalised block ``Q``: with ``A Q``
+  known, :math:`\lambda_{\max}(Q^\top A^2 Q)^{1/2}` is a lower bound of :math:`s_1^2` at least as
+  tight as the Ritz value (one power step ahead of it). Its error estimate comes from the top
+  Ritz pair's residual :math:`r = A y - \theta y` (computable, ``A Q`` is known):
+  :math:`s_1^2 \le \theta + \min(\|r\|, \|r\|^2 / (\theta_1 - \theta_2))` (Kato-Temple with the
+  Ritz gap).
+- **stable rank** :math:`\|G\|_F^2 / s_1^2`, the Frobenius norm exact from the entries.
+- **participation ratio** :math:`(\sum s_i^2)^2 / \sum s_i^4`, with
+  :math:`\sum s_i^4 = \|A\|_F^2 = \operatorname{tr}(V^\top A^2 V) + \operatorname{tr}(P A^2 P)`
+  (Hutch++, Meyer et al. 2021): the first term exactly, :math:`\|A V\|_F^2`; the second by
+  Hutchinson's estimator :math:`\tfrac1p \sum_j \|A P w_j\|^2`, whose standard error is the
+  error estimate. Deflating the top leaves little of :math:`\sum s^4` to the probes when the
+  spectrum is steep; a flat spectrum leaves more to them.
+- **detection value** (:attr:`CheapSpectra.detection`): a coarse, steady, tail-sensitive estimate
+  of the papers' effective rank, :math:`\exp` of the Shannon entropy of ``s / sum s``, from the top
+  ``k`` Ritz values plus a flat model of the tail: its energy is exact
+  (:math:`\|G\|_F^2 - \sum_{i \le k} \theta_i`), its participation ratio
+  :math:`r_t = E_t^2 / \operatorname{tr}(P A^2 P)` gives the number of equal values carrying it.
+  Biased (a flat tail has the largest entropy its energy and breadth allow), but the bias moves
+  little from step to step, so changes in it are changes in the gradient: a batch of one repeated
+  sample collapses the tail and the value with it. It is for the scorer, not for curves.
+- the next step's warm start: the top ``k`` directions of ``A Q`` (one subspace iteration).
+
+Matrices with ``d <= 2 (k + p)`` take the exact route (their float64 Gram and its eigenvalues; no
+error). The first call (no warm start) makes one extra power step from a random block. Non-finite
+matrices give NaN values (their warm start is kept); the zero matrix gives zeros; entries so large
+or small that float32 products would overflow or lose digits take the float64 route of
+:func:`gradspectra.functional.spectral_metrics`.
+
+Cost: 2 reads of each matrix and ``4 m n (k + p)`` flops, against ``2 m n d`` for the Gram and
+``~4 m n d`` for an SVD.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradspectra.functional.spectral import _safe_div, frobenius_norms
+from gradspectra.functional.svd import _check_matrix, singular_values
+
+#: Metrics of the cheap tier, in the order of :attr:`CheapSpectra.values`.
+CHEAP_METRICS: tuple[str, ...] = ("spectral_norm", "stable_rank", "participation_ratio")
+_SAFE_LOW, _SAFE_HIGH = 1e-15, 1e15  # Frobenius norms inside this range are safe for float32 products
+
+
+@dataclass(frozen=True)
+class CheapSpectra:
+    """Result of :func:`cheap_spectral_metrics_many`.
+
+    Attributes:
+        values: float64 ``(len(matrices), 3)``: :data:`CHEAP_METRICS` (spectral norm, stable rank,
+            participation ratio), on the first matrix's device.
+        rel_error: same shape, the estimated relative error of each value (0 on the exact route).
+        detection: float64 ``(len(matrices),)``, the coarse effective rank (a detection value).
+        exact: bool ``(len(matrices),)``, the values came from the exact route.
+        bases: per matrix, the warm start for the next call (``None`` on the exact route).
+    """
+
+    values: Tensor
+    rel_error: Tensor
+    detection: Tensor
+    exact: Tensor
+    bases: list[Tensor | None]
+
+
+def _positive(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def cheap_spectral_metrics_many(
+    matrices: Sequence[Tensor],
+    frobenius: Tensor | None = None,
+    warm_start: Sequence[Tensor | None] | None = None,
+    rank: int = 8,
+    extra: int = 8,
+    probes: int = 8,
+    seed: int = 0,
+) -> CheapSpectra:
+    """The cheap tier (module docstring) of each matrix.
+
+    Args:
+        matrices: 2-D gradient matrices of any shapes (float32 is read as is; bf16/fp16 are upcast).
+        frobenius: their Frobenius norms (``(len,)``), if already computed; else computed here.
+        warm_start: per matrix, the ``bases`` entry of the previous call (or ``None``).
+        rank: ``k``, the warm-started directions of the block.
+        extra: ``r``, random directions added to the block (fresh each call), to find directions
+            that rise into the top between steps.
+        probes: ``p``, the Hutchinson probes (at least 2, for a standard error); the same ones on
+            every call, which keeps the detection value steady.
+        seed: seeds the random directions.
+
+    Example:
+        >>> g = torch.diag(torch.tensor([4.0, 2.0, 1.0])) @ torch.randn(3, 64)
+        >>> out = cheap_spectral_metrics_many([g])
+        >>> round(out.values[0, 0].item(), 4) == round(torch.linalg.svdvals(g)[0].item(), 4)
+        True
+    """
+    _positive(rank, "rank", 1)
+    _positive(extra, "extra", 0)
+    _positive(probes, "probes", 2)
+    n_mat = len(matrices)
+    if warm_start is not None and len(warm_start) != n_mat:
+        raise ValueError(f"`warm_start` must have one entry per matrix ({n_mat}), got {len(warm_start)}")
+    if n_mat == 0:
+        empty = torch.zeros((0, len(CHEAP_METRICS)), dtype=torch.float64)
+        none = torch.zeros(0, dtype=torch.float64)
+        return CheapSpectra(empty, empty.clone(), none, torch.zeros(0, dtype=torch.bool), [])
+    for g in matrices:
+        _check_matrix(g)
+    device = matrices[0].device
+    fro = frobenius_norms(matrices) if frobenius is None else frobenius.to(device=device, dtype=torch.float64)
+    values = torch.zeros((n_mat, len(CHEAP_METRICS)), dtype=torch.float64, device=device)
+    errors = torch.zeros_like(values)
+    detection = torch.zeros(n_mat, dtype=torch.float64, device=device)
+    exact = torch.zeros(n_mat, dtype=torch.bool, device=device)
+    bases: list[Tensor | None] = [None] * n_mat
+    fro_host = fro.tolist()  # the one host sync: which matrices are safe for float32 products
+    groups: dict[tuple[int, int, torch.dtype, bool], list[int]] = defaultdict(list)
+    slow: list[int] = []
+    for i, g in enumerate(matrices):
+        f = fro_host[i]
+        if not math.isfinite(f):
+            values[i] = errors[i] = float("nan")
+            detection[i] = float("nan")
+            bases[i] = None if warm_start is None else warm_start[i]
+            continue
+        if f == 0.0:
+            exact[i] = True
+            bases[i] = None if warm_start is None else warm_start[i]
+            continue
+        m, n = g.shape
+        d = min(m, n)
+        if d <= 2 * (rank + extra + probes) or not (_SAFE_LOW < f < _SAFE_HIGH):
+            slow.append(i)
+            continue
+        work = torch.float64 if g.dtype == torch.float64 else torch.float32
+        warm = None if warm_start is None else warm_start[i]
+        usable = warm is not None and tuple(warm.shape) == (min(rank, d), d) and warm.dtype == work
+        groups[(m, n, work, usable and warm.device == device)].append(i)
+    if slow:
+        _exact_route(matrices, slow, fro, values, detection, exact)
+    for (_, _, work, warm_ok), idx in groups.items():
+        warm = warm_start if warm_ok else None
+        _sketch_group(matrices, idx, fro, warm, work, (rank, extra, probes, seed), values, errors, detection, bases)
+    return CheapSpectra(values, errors, detection, exact, bases)
+
+
+def _exact_route(
+    matrices: Sequence[Tensor], idx: list[int], fro: Tensor, values: Tensor, detection: Tensor, exact: Tensor
+) -> None:
+    """Small matrices (and extreme magnitudes): exact, from the singular values."""
+    for i in idx:
+        s = singular_values(matrices[i].detach())  # float64, rescaled for extreme magnitudes
+        values[i] = _exact_values(s, fro[i]).to(values.device)
+        detection[i] = _entropy_rank(s).to(values.device)
+        exact[i] = True
+
+
+def _exact_values(s: Tensor, fro: Tensor) -> Tensor:
+    """The three cheap metrics from exact singular values (scaled by ``s_1`` so no power overflows)."""
+    top = s[0] if s.numel() else torch.zeros((), dtype=s.dtype)
+    r = _safe_div(s, top)
+    fro = fro.to(s.device, s.dtype)
+    ratio = _safe_div(fro, top)
+    pr = _safe_div(r.square().sum() ** 2, r.pow(4).sum())
+    return torch.stack([top, ratio.square(), pr])
+
+
+def _entropy_rank(s: Tensor) -> Tensor:
+    total = s.sum()
+    p = _safe_div(s, total)
+    return torch.where(total == 0, torch.zeros_like(total), torch.exp(-torch.special.xlogy(p, p).sum()))
+
+
+def _probes(e: int, p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Rademacher probes ``(p, e)``: the same ones on every call (a steady detection value)."""
+    gen = torch.Generator().manual_seed(0x5EED + e)
+    return (torch.randint(0, 2, (p, e), generator=gen).to(dtype) * 2 - 1).to(device)
+
+
+def _orth_rows(x: Tensor) -> Tensor:
+    """Orthonormal rows spanning the rows of ``x`` (``(..., b, d)``)."""
+    q, _ = torch.linalg.qr(x.transpose(-2, -1))
+    return q.transpose(-2, -1)
+
+
+def _sketch_group(
+    matrices: Sequence[Tensor],
+    idx: list[int],
+    fro: Tensor,
+    warm_start: Sequence[Tensor | None] | None,
+    work: torch.dtype,
+    sizes: tuple[int, int, int, int],
+    values: Tensor,
+    errors: Tensor,
+    detection: Tensor,
+    bases: list[Tensor | None],
+) -> None:
+    """Matrices of one shape: three products each, the small linear algebra batched over the group."""
+    g0 = matrices[idx[0]]
+    m, n = g0.shape
+    tall = m >= n
+    d, e = (n, m) if tall else (m, n)  # the block's side (small) and the other
+    rank, extra, p, seed = sizes
+    k = min(rank, d)
+    device = g0.device
+    count = len(idx)
+    grads = [matrices[i].detach() for i in idx]
+    grads = [g if g.dtype == work else g.to(work) for g in grads]
+    gen = torch.Generator().manual_seed(seed)
+    if warm_start is not None:
+        v = torch.stack([warm_start[i] for i in idx])  # type: ignore[misc]
+    else:
+        v = torch.randn((count, k, d), generator=gen, dtype=work).to(device)
+    block = torch.cat([v, torch.randn((count, extra, d), generator=gen, dtype=work).to(device)], 1) if extra else v
+    # product 1 (a range finder step from the warm start): the other side's top subspace Q
+    w1 = _product(grads, block, tall, out_side=e)
+    q = _orth_rows(w1)
+    b1 = q.shape[1]
+    w = _probes(e, p, device, work).expand(count, p, e)
+    w = w - (w @ q.transpose(-2, -1)) @ q  # the probes off span Q
+    x = torch.cat([q, w], 1)
+    # products 2 and 3: Z = G^T X and A X = G Z on the other side (A = G G^T there)
+    z = _product(grads, x, not tall, out_side=d)
+    ax = _product(grads, z, tall, out_side=e)
+    f2 = fro[idx].to(torch.float64).square()
+    zq, axq, axw = z[:, :b1], ax[:, :b1], ax[:, b1:]
+    # Rayleigh-Ritz on span Q: Q A Q^T = Z_Q Z_Q^T, Q A^2 Q^T = (A Q)(A Q)^T (b1 x b1, then float64)
+    m1 = (zq @ zq.transpose(-2, -1)).to(torch.float64)
+    m2 = (axq @ axq.transpose(-2, -1)).to(torch.float64)
+    # sum s^4 = ||A Q||_F^2 + Hutchinson over the projected probes (Hutch++)
+    tail_each = torch.linalg.vector_norm(axw, dim=-1).to(torch.float64).square()
+    tail4 = tail_each.mean(-1)
+    s4 = m2.diagonal(dim1=-2, dim2=-1).sum(-1) + tail4
+    eps = 8 * float(torch.finfo(work).eps)
+    pr = _safe_div(f2.square(), s4)
+    pr_err = _safe_div(tail_each.std(-1) / math.sqrt(p), s4) + eps
+    theta, c = torch.linalg.eigh(0.5 * (m1 + m1.transpose(-2, -1)))
+    theta, c = theta.flip(-1).clamp_min(0.0), c.flip(-1)
+    lam = torch.linalg.eigvalsh(0.5 * (m2 + m2.transpose(-2, -1)))[:, -1].clamp_min(0.0).sqrt()
+    lam = torch.maximum(lam, theta[:, 0])
+    # the top Ritz pair's residual: ||A y - theta y||^2 = c^T (Q A^2 Q^T) c - theta^2 (Q orthonormal)
+    c1 = c[:, :, 0]
+    rnorm = ((c1[:, None, :] @ m2 @ c1[:, :, None]).reshape(-1) - theta[:, 0].square()).clamp_min(0.0).sqrt()
+    gap = (theta[:, 0] - theta[:, 1]).clamp_min(torch.finfo(torch.float64).tiny)
+    upper = theta[:, 0] + torch.minimum(rnorm, rnorm.square() / gap)
+    s1_err = 0.5 * _safe_div((upper - lam).clamp_min(0.0), lam) + eps
+    # detection: the Ritz values + a flat tail with the exact tail energy and the tail's participation ratio
+    tail_energy = (f2 - theta.sum(-1)).clamp_min(0.0)
+    breadth = _safe_div(tail_energy.square(), tail4).clamp(1.0, float(max(d - b1, 1)))
+    breadth = torch.where(tail_energy > 0, breadth, torch.zeros_like(breadth))
+    top_s = theta.sqrt()
+    tail_s = _safe_div(tail_energy, breadth).sqrt()
+    nuclear = top_s.sum(-1) + breadth * tail_s
+    p_top = _safe_div(top_s, nuclear[:, None])
+    p_tail = _safe_div(tail_s, nuclear)
+    entropy = -torch.special.xlogy(p_top, p_top).sum(-1) - breadth * torch.special.xlogy(p_tail, p_tail)
+    # the next warm start: this side's top k directions, Z_Q rotated by the top Ritz vectors
+    nxt = _orth_rows(c[:, :, :k].transpose(-2, -1).to(work) @ zq)
+    rows = torch.tensor(idx, device=values.device)
+    values[rows] = torch.stack([lam.sqrt(), _safe_div(f2, lam), pr], -1).to(values.device)
+    errors[rows] = torch.stack([s1_err, 2 * s1_err, pr_err], -1).to(values.device)
+    detection[rows] = torch.exp(entropy).to(values.device)
+    for j, i in enumerate(idx):
+        bases[i] = nxt[j]
+
+
+def _product(grads: Sequence[Tensor], rows: Tensor, right: bool, out_side: int) -> Tensor:
+    """Each matrix times its rows of ``rows`` (``(L, b, .)``): ``rows @ G^T`` when ``right`` else ``rows @ G``.
+
+    The block stays on the left (row-major ``(b, .) @ (., .)``), the layout in which a thin product
+    runs fastest on CPU (the right-hand form ``G @ V`` was 2-3x slower)."""
+    out = torch.empty((rows.shape[0], rows.shape[1], out_side), dtype=rows.dtype, device=rows.device)
+    for j, g in enumerate(grads):
+        torch.matmul(rows[j], g.T if right else g, out=out[j])
+    return out
