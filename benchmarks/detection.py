@@ -83,12 +83,12 @@ def _trainer(steps: int, monitor: Any) -> Any:
     )
 
 
-def _monitor(out_dir: Path, include: str | None) -> Any:
+def _monitor(out_dir: Path, include: str | None, spectra: str) -> Any:
     from gradspectra import GradientSpectrumMonitor
 
     return GradientSpectrumMonitor(
         include=include,
-        spectra="exact",  # detection quality with every layer's spectrum every step (#5 measures the budget)
+        spectra=spectra,  # "auto" is the default constructor's; "exact": every layer's spectrum every step
         output_dir=out_dir,
         sample_id_key="sample_id",
         figure_every_n_steps=0,
@@ -98,7 +98,7 @@ def _monitor(out_dir: Path, include: str | None) -> Any:
 
 
 def run_review(
-    kind: str, steps: int, max_length: int, seed: int, work: Path, watch: str
+    kind: str, steps: int, max_length: int, seed: int, work: Path, watch: str, spectra: str = "exact"
 ) -> tuple[list[dict[str, Any]], dict[int, bool]]:
     """Fine-tune MiniLM-L6 on reviews with ``kind`` injected; the monitor's records and batch -> corrupted."""
     import lightning.pytorch as pl
@@ -111,13 +111,20 @@ def run_review(
     planned = review_batches(steps, batch_size=16, corruptions=(kind,), clean_prefix=CLEAN_PREFIX, seed=seed)
     data = TokenizedBatches(planned, load_tokenizer(), max_length=max_length)
     model = ReviewClassifier()
-    monitor = _monitor(work, "*.attention.*" if watch == "attention" else None)
+    monitor = _monitor(work, "*.attention.*" if watch == "attention" else None, spectra)
     _trainer(steps, monitor).fit(model, DataLoader(data, batch_size=None, shuffle=False))
     return list(monitor.batch_records), {b.index: b.corruption is not None for b in planned}
 
 
 def run_causal_lm(
-    kind: str, steps: int, max_length: int, seed: int, work: Path, watch: str, pretrain_steps: int
+    kind: str,
+    steps: int,
+    max_length: int,
+    seed: int,
+    work: Path,
+    watch: str,
+    pretrain_steps: int,
+    spectra: str = "exact",
 ) -> tuple[list[dict[str, Any]], dict[int, bool]]:
     """Train a tiny Llama on clean chain-of-thought arithmetic, then go on, monitored, with ``kind`` injected.
 
@@ -157,7 +164,7 @@ def run_causal_lm(
             model, DataLoader(cast(Any, tensors(clean)), batch_size=None, shuffle=False)
         )  # a list is a map-style dataset
     planned = arithmetic_batches(steps, batch_size=16, corruptions=(kind,), clean_prefix=CLEAN_PREFIX, seed=seed)
-    monitor = _monitor(work, "*.self_attn.*" if watch == "attention" else None)
+    monitor = _monitor(work, "*.self_attn.*" if watch == "attention" else None, spectra)
     _trainer(steps, monitor).fit(model, DataLoader(cast(Any, tensors(planned)), batch_size=None, shuffle=False))
     return list(monitor.batch_records), {b.index: b.corruption is not None for b in planned}
 
@@ -183,12 +190,17 @@ def peer_scores(records: Sequence[dict[str, Any]], name: str) -> tuple[list[floa
 
 def rescore(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The records with ``score``/``flagged`` recomputed by a fresh scorer with the monitor's settings."""
+    from gradspectra.functional import DETECTION_METRIC
     from gradspectra.scoring import BatchScorer
 
     scorer = BatchScorer(warmup_steps=WARMUP, false_flag_rate=0.01)
     out = []
     for r in records:
-        result = scorer.score(r["metrics"], r["loss"])
+        # what the monitor scored: the metrics and each layer's detection value (the cheap tier's)
+        seen = {layer: dict(values) for layer, values in r["metrics"].items()}
+        for layer, value in (r.get("detection") or {}).items():
+            seen.setdefault(layer, {})[DETECTION_METRIC] = value
+        result = scorer.score(seen, r["loss"])
         out.append({**r, "score": result.score, "flagged": result.flagged, "reasons": result.reasons})
     return out
 
@@ -328,6 +340,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "or every linear layer (the monitor's default; 3x the spectral cost on MiniLM)",
     )
     parser.add_argument(
+        "--spectra",
+        choices=("auto", "exact"),
+        default="exact",
+        help="the monitor's spectra: exact spectra of every watched layer every step (default), or the default "
+        "constructor's budgeted 'auto' (the cheap tier every step, full spectra in rotation)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -378,10 +397,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work = Path(tmp)
                 if is_lm:
                     records, corrupted = run_causal_lm(
-                        kind, args.lm_steps, args.lm_max_length, args.seed, work, args.watch, args.lm_pretrain_steps
+                        kind,
+                        args.lm_steps,
+                        args.lm_max_length,
+                        args.seed,
+                        work,
+                        args.watch,
+                        args.lm_pretrain_steps,
+                        args.spectra,
                     )
                 else:
-                    records, corrupted = run_review(kind, args.steps, args.max_length, args.seed, work, args.watch)
+                    records, corrupted = run_review(
+                        kind, args.steps, args.max_length, args.seed, work, args.watch, args.spectra
+                    )
                 if args.records is not None:
                     args.records.mkdir(parents=True, exist_ok=True)
                     shutil.copy(work / "batches.jsonl", args.records / f"{kind}.jsonl")
@@ -407,8 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"MiniLM-L6 ReviewClassifier runs {args.steps} steps at {args.max_length} tokens per review (AdamW, lr 2e-5, "
         f"base label noise 0.1); TinyCausalLM (4 layers, hidden 64) runs {args.lm_pretrain_steps} unmonitored "
         f"clean steps, then {args.lm_steps} monitored steps at {args.lm_max_length} characters (AdamW, lr 1e-3); "
-        f"GradientSpectrumMonitor watching {watched}, exact spectra, all six metrics, "
-        f"warm-up {WARMUP}, false_flag_rate 0.01; "
+        f"GradientSpectrumMonitor watching {watched}, "
+        + ("exact spectra" if args.spectra == "exact" else "spectra='auto' (the default, max_overhead 0.03)")
+        + ", all seven metrics, "
+        + f"warm-up {WARMUP}, false_flag_rate 0.01; "
         "peers: ZScoreDetector (window 200, warm-up 20) on the loss and on the global gradient norm of the "
         "watched layers, each the better of its one-sided (high) and two-sided form per kind; "
         + ("scores re-computed from kept records" if args.rescore else "our scores as the monitor gave them live")

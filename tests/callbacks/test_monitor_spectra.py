@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gradspectra import GradientSpectrumMonitor
+from gradspectra.functional import METRIC_NAMES
 from gradspectra.reporting import read_records
 
 from .conftest import TinyBert, loader, trainer_kwargs
@@ -80,14 +81,17 @@ def test_ample_budget_gives_exact_spectra(tmp_path: Path) -> None:
     later = monitor.batch_records[-1]
     assert set(later["spectra"].values()) == {"exact"}
     assert later["deferred_layers"] == []
-    assert all(len(m) == 6 for m in later["metrics"].values())
+    assert all(len(m) == len(METRIC_NAMES) for m in later["metrics"].values())
 
 
 def test_audits_record_the_estimators_real_error(tmp_path: Path) -> None:
     # between "everything exact" and "estimates only": at hidden 512 (without the factored route,
     # which makes these few-token gradients cheap to decompose exactly) an estimate is cheaper than
     # an SVD; twice the step time buys a few estimates per step, and a quarter of it pays for audits
-    monitor = GradientSpectrumMonitor(max_overhead=2.0, factored=False, scoring=False, figure_every_n_steps=0)
+    # (the cheap tier off: this is about the full spectra's share of the budget)
+    monitor = GradientSpectrumMonitor(
+        max_overhead=2.0, factored=False, scoring=False, figure_every_n_steps=0, cheap_spectra=False
+    )
     _fit(tmp_path, monitor, steps=12, hidden=512)
     audits = [r["audit_error"] for r in monitor.batch_records if "audit_error" in r]
     assert audits, [r["spectra"] for r in monitor.batch_records]
@@ -110,10 +114,12 @@ def test_tensorboard_gets_the_split_and_no_nan_for_deferred_layers(tmp_path: Pat
     assert max(deferred) > 0
     for tag in tags:
         assert all(math.isfinite(e.value) for e in acc.Scalars(tag)), tag
-    # cross-layer aggregates only over every layer: the Frobenius norm every step, a spectral metric
-    # only on steps where no layer was deferred
+    # cross-layer aggregates only over every layer: the Frobenius norm every step, a full-spectrum metric
+    # only on steps where every layer had a full spectrum (none deferred, none with the cheap tier only)
     assert [e.step for e in acc.Scalars("grad_spectrum_layers/frobenius_norm/mean")] == list(range(5))
-    complete = {e.step for e in acc.Scalars("gradspectra/spectra/deferred") if e.value == 0}
+    cheap_only = {e.step: e.value for e in acc.Scalars("gradspectra/spectra/cheap_only")}
+    complete = {e.step for e in acc.Scalars("gradspectra/spectra/deferred") if e.value == 0 and cheap_only[e.step] == 0}
+    assert len(complete) < 5
     nuclear_tag = "grad_spectrum_layers/nuclear_norm/mean"
     nuclear = {e.step for e in acc.Scalars(nuclear_tag)} if nuclear_tag in tags else set()
     assert nuclear == complete

@@ -44,7 +44,7 @@ from gradspectra.monitoring import (
 from gradspectra.monitoring import budget as budget_module
 from gradspectra.monitoring.budget import work_flops
 from gradspectra.monitoring.distributed import gather_ids, pack, unpack
-from gradspectra.monitoring.spectra import entry_mask
+from gradspectra.monitoring.spectra import source_columns
 from gradspectra.reporting import record_to_json
 from gradspectra.scoring import ScoreResult
 from reference import RTOL, assert_metric_close, ref_metrics, to_numpy64
@@ -201,8 +201,13 @@ def test_runner_without_spectral_metrics_measures_entries_exactly() -> None:
     assert runner.run([], [], 3, CPU, None, seed=0).values.abs().sum() == 0
 
 
-def test_entry_mask_marks_the_entry_metrics() -> None:
-    assert entry_mask(METRIC_NAMES, CPU).tolist() == [name == "frobenius_norm" for name in METRIC_NAMES]
+def test_source_columns_say_which_metrics_each_source_measures() -> None:
+    table = source_columns(METRIC_NAMES, CPU)
+    assert table[int(SpectrumSource.DEFERRED.code)].tolist() == [name == "frobenius_norm" for name in METRIC_NAMES]
+    cheap = {"frobenius_norm", "spectral_norm", "stable_rank", "participation_ratio"}
+    assert table[int(SpectrumSource.CHEAP.code)].tolist() == [name in cheap for name in METRIC_NAMES]
+    for source in (SpectrumSource.EXACT, SpectrumSource.ESTIMATE, SpectrumSource.AUDIT):
+        assert table[int(source.code)].all()
 
 
 # --------------------------------------------------------------------------- Planner
@@ -213,7 +218,10 @@ SHAPES = [(8, 8), (8, 8), (16, 4), (32, 32), (4, 4)]
 
 def _result(work: list[tuple[SpectrumSource, list[int], float]]) -> SpectraResult:
     zeros = torch.zeros(len(SHAPES), 2, dtype=torch.float64)
-    return SpectraResult(zeros, torch.zeros(len(SHAPES)), zeros.clone(), work=work, seconds=sum(w[2] for w in work))
+    flat = torch.zeros(len(SHAPES), dtype=torch.float64)
+    return SpectraResult(
+        zeros, flat.clone(), zeros.clone(), flat.clone(), flat.clone(), work=work, seconds=sum(w[2] for w in work)
+    )
 
 
 def covered(plan: Plan) -> list[int]:
@@ -526,7 +534,8 @@ def test_assemble_record_inf_is_nonfinite_and_missing_layers_in_row_order() -> N
 
 
 def test_spectrum_source_vocabulary() -> None:
-    assert [s.value for s in SpectrumSource] == ["deferred", "exact", "estimate", "exact+audit"]
+    assert [s.value for s in SpectrumSource] == ["deferred", "exact", "estimate", "exact+audit", "cheap"]
+    assert [s.is_full for s in SpectrumSource] == [False, True, True, True, False]
     for source in SpectrumSource:
         assert SpectrumSource.from_code(source.code) is source
         assert str(source) == source.value and f"{source}" == source.value
@@ -534,7 +543,7 @@ def test_spectrum_source_vocabulary() -> None:
         assert source == source.value  # a str enum: compares equal to the record string
     # codes are summed across ranks (zeros from the ranks that do not own a layer): "deferred" must be 0
     assert SpectrumSource.DEFERRED.code == 0.0
-    assert len({s.code for s in SpectrumSource}) == 4
+    assert len({s.code for s in SpectrumSource}) == len(SpectrumSource)
     assert [s for s in SpectrumSource if s.is_exact] == [SpectrumSource.EXACT, SpectrumSource.AUDIT]
     assert budget_module.EXACT == "exact" and budget_module.ESTIMATE == "estimate"
     assert json.dumps({"k": SpectrumSource.AUDIT}) == '{"k": "exact+audit"}'

@@ -167,10 +167,15 @@ def test_status_scalars_counts_and_worst_errors() -> None:
         "nonfinite_layers": ["a"],
         "missing_layers": ["b", "c"],
         "loss": 0.5,
-        "spectra": {"a": "exact", "d": "estimate", "e": "estimate", "f": "exact+audit"},
+        "spectra": {"a": "exact", "d": "estimate", "e": "estimate", "f": "exact+audit", "j": "cheap"},
         "deferred_layers": ["g", "h", "i"],
-        "estimate_error": {"d": {"nuclear_norm": 0.01, "effective_rank": 0.2}, "e": {"nuclear_norm": 0.03}},
+        "estimate_error": {
+            "d": {"nuclear_norm": 0.01, "effective_rank": 0.2},
+            "e": {"nuclear_norm": 0.03},
+            "j": {"spectral_norm": 0.002},
+        },
         "audit_error": {"f": {"nuclear_norm": 0.004}},
+        "detection": {"d": 10.0, "e": 30.0, "j": 20.0},
     }
     scalars = status_scalars(record, flagged_total=7)
     assert scalars == {
@@ -183,13 +188,16 @@ def test_status_scalars_counts_and_worst_errors() -> None:
         status_tag("loss"): 0.5,
         status_tag("spectra/exact"): 2.0,  # exact and exact+audit
         status_tag("spectra/estimated"): 2.0,
+        status_tag("spectra/cheap_only"): 1.0,
         status_tag("spectra/deferred"): 3.0,
         status_tag("estimate_error/nuclear_norm"): 0.03,  # the worst layer
         status_tag("estimate_error/effective_rank"): 0.2,
+        status_tag("estimate_error/spectral_norm"): 0.002,
         status_tag("audit_error/nuclear_norm"): 0.004,
+        status_tag("detection/effective_rank_coarse_median"): 20.0,  # one labelled series, not the metric's curve
     }
     plain = {**record, "score": None, "threshold": None, "loss": None, "flagged": True}
-    for key in ("spectra", "deferred_layers", "estimate_error", "audit_error"):
+    for key in ("spectra", "deferred_layers", "estimate_error", "audit_error", "detection"):
         del plain[key]
     assert status_scalars(plain, 1) == {
         status_tag("flagged"): 1.0,

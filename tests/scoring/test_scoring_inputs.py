@@ -272,9 +272,9 @@ def test_bad_arguments_name_argument_range_and_value(kwargs: dict[str, Any], pat
 
 
 def test_positive_metrics_match_the_functional_names() -> None:
-    from gradspectra.functional import METRIC_NAMES
+    from gradspectra.functional import DETECTION_METRIC, METRIC_NAMES
 
-    assert set(POSITIVE_METRICS) == set(METRIC_NAMES)
+    assert set(POSITIVE_METRICS) == set(METRIC_NAMES) | {DETECTION_METRIC}
 
 
 def test_scoring_imports_neither_lightning_nor_torch() -> None:

@@ -124,6 +124,12 @@ class GradientSpectrumMonitor(Callback):
             TensorBoard's scalars dashboard one chart per metric and component then shows every layer
             in its own colour, named in the legend (the custom-scalars charts colour all layers of a
             run alike). Costs a second write of the per-layer scalars; off by default.
+        cheap_spectra: under ``spectra="auto"``, the cheap tier: every watched layer's spectral norm,
+            stable rank and participation ratio (accurate to about 1 %, each with its error estimate
+            in ``estimate_error``) and a detection value for the scorer (a coarse effective rank,
+            ``detection`` in the record), from three thin products per matrix, every step the budget
+            covers it; full spectra (nuclear norm, effective rank, top share) rotate through the layers
+            with what is left (docs/cost.md).
 
     Raises:
         ValueError / TypeError: for a bad argument, naming it and what was received.
@@ -166,6 +172,7 @@ class GradientSpectrumMonitor(Callback):
         cpu_threads: int | None = 1,
         factored: bool = True,
         layer_runs: bool = False,
+        cheap_spectra: bool = True,
     ) -> None:
         super().__init__()
         self.config = MonitorConfig(
@@ -196,6 +203,7 @@ class GradientSpectrumMonitor(Callback):
             cpu_threads=cpu_threads,
             factored=factored,
             layer_runs=layer_runs,
+            cheap_spectra=cheap_spectra,
         )
         self.engine = MonitorEngine(self.config)
         self._loss_sum: Tensor | None = None

@@ -4,7 +4,7 @@ from gradspectra.functional.batched import spectral_metrics_many
 from gradspectra.functional.estimate import SpectralEstimate, estimate_spectral_metrics_many
 from gradspectra.functional.layers import adjacent_cosine, layer_mad, paper_segments
 from gradspectra.functional.reshape import as_matrix, is_conv1d
-from gradspectra.functional.sketch import CHEAP_METRICS, CheapSpectra, cheap_spectral_metrics_many
+from gradspectra.functional.sketch import CHEAP_METRICS, DETECTION_METRIC, CheapSpectra, cheap_spectral_metrics_many
 from gradspectra.functional.spectral import (
     ENTRY_METRICS,
     METRIC_NAMES,
@@ -25,6 +25,7 @@ from gradspectra.functional.svd import METHODS, Method, check_method, factored_s
 
 __all__ = [
     "CHEAP_METRICS",
+    "DETECTION_METRIC",
     "ENTRY_METRICS",
     "METHODS",
     "METRIC_NAMES",

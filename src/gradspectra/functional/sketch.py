@@ -55,6 +55,8 @@ from torch import Tensor
 from gradspectra.functional.spectral import _safe_div, frobenius_norms
 from gradspectra.functional.svd import _check_matrix, singular_values
 
+#: The name under which the detection value reaches the scorer and the record (not a metric of the table).
+DETECTION_METRIC = "effective_rank_coarse"
 #: Metrics of the cheap tier, in the order of :attr:`CheapSpectra.values`.
 CHEAP_METRICS: tuple[str, ...] = ("spectral_norm", "stable_rank", "participation_ratio")
 _SAFE_LOW, _SAFE_HIGH = 1e-15, 1e15  # Frobenius norms inside this range are safe for float32 products
@@ -153,9 +155,9 @@ def cheap_spectral_metrics_many(
             slow.append(i)
             continue
         work = torch.float64 if g.dtype == torch.float64 else torch.float32
-        warm = None if warm_start is None else warm_start[i]
-        usable = warm is not None and tuple(warm.shape) == (min(rank, d), d) and warm.dtype == work
-        groups[(m, n, work, usable and warm.device == device)].append(i)
+        basis = None if warm_start is None else warm_start[i]
+        usable = basis is not None and tuple(basis.shape) == (min(rank, d), d) and basis.dtype == work
+        groups[(m, n, work, usable and basis is not None and basis.device == device)].append(i)
     if slow:
         _exact_route(matrices, slow, fro, values, detection, exact)
     for (_, _, work, warm_ok), idx in groups.items():
@@ -200,7 +202,8 @@ def _probes(e: int, p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
 def _orth_rows(x: Tensor) -> Tensor:
     """Orthonormal rows spanning the rows of ``x`` (``(..., b, d)``)."""
     q, _ = torch.linalg.qr(x.transpose(-2, -1))
-    return q.transpose(-2, -1)
+    rows: Tensor = q.transpose(-2, -1)
+    return rows
 
 
 def _sketch_group(

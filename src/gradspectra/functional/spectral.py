@@ -304,8 +304,10 @@ def spectral_metrics(
 
     Example:
         >>> out = spectral_metrics(torch.diag(torch.tensor([4.0, 3.0])))
-        >>> {k: round(v.item(), 4) for k, v in out.items() if k not in ("effective_rank", "top_sv_ratio")}
-        {'nuclear_norm': 7.0, 'spectral_norm': 4.0, 'frobenius_norm': 5.0, 'stable_rank': 1.5625}
+        >>> {k: round(v.item(), 4) for k, v in out.items() if k in ("nuclear_norm", "spectral_norm", "stable_rank")}
+        {'nuclear_norm': 7.0, 'spectral_norm': 4.0, 'stable_rank': 1.5625}
+        >>> round(out["participation_ratio"].item(), 4)  # 25^2 / (4^4 + 3^4)
+        1.8546
         >>> round(out["top_sv_ratio"].item(), 4)
         0.5714
     """

@@ -6,10 +6,15 @@ else it does reads each gradient once. :class:`OverheadBudget` keeps that cost a
 
 - it learns the step time (without the monitor) and the monitor's fixed cost (norms, scoring,
   records, logging) as exponential moving averages of what it measured on earlier steps;
-- it learns the cost of each kind of work per matrix shape, ``"exact"`` and ``"estimate"``, from
-  the measured time of the work done (priors from a flop count until a shape has been measured);
-- each step it earns ``0.8 x max_overhead x step - fixed`` seconds of credit (unspent credit carries
-  over, up to a cap) and spends it: exact spectra for every layer when the credit covers them;
+- it learns the cost of each kind of work per matrix shape, ``"exact"``, ``"estimate"`` and
+  ``"cheap"``, from the measured time of the work done (priors from a flop count until a shape has
+  been measured);
+- each step it earns ``0.8 x max_overhead x step - fixed`` seconds; the cheap tier (spectral norm,
+  stable rank, participation ratio and the detection value, three thin products per matrix) comes
+  first: every layer when the step's earnings cover it, else as many layers as they cover, oldest
+  first;
+- what is left is credit (unspent credit carries
+  over, up to a cap) for full spectra: exact spectra for every layer when the credit covers them;
   else estimates, for every layer when it can, else for the layers whose spectra are oldest
   (round-robin), the rest deferred to a later step (their Frobenius norm, which is exact and
   costs one read, is still measured);
@@ -37,7 +42,10 @@ from gradspectra.monitoring.sources import SpectrumSource
 
 EXACT = SpectrumSource.EXACT
 ESTIMATE = SpectrumSource.ESTIMATE
-_KINDS = (EXACT, ESTIMATE)
+CHEAP = SpectrumSource.CHEAP
+_KINDS = (EXACT, ESTIMATE, CHEAP)
+_CHEAP_SHARE = 0.75  # share of a step's earnings for the cheap tier when it cannot cover every layer
+_CHEAP_COLUMNS = 64  # the cheap tier's column-passes over a matrix: 16 + 2 x 24 (rank 8 + 8 random, + 8 probes)
 _EMA = 0.3  # weight of the newest measurement in the moving averages
 _MIN_RATE_FLOPS = 1e7  # work smaller than this does not teach the seconds-per-flop prior
 _AUDIT_SHARE = 0.25  # share of each step's credit that goes to the audit fund
@@ -52,13 +60,15 @@ class Plan:
     """One step's spectral work, as indices into the layers the budget was built with.
 
     ``exact`` and ``estimate`` are disjoint; ``audit`` is a subset of ``exact`` whose layers are
-    also estimated (to measure the estimator's error); ``deferred`` layers get no spectrum this step.
+    also estimated (to measure the estimator's error); ``deferred`` layers get no full spectrum this
+    step. ``cheap`` layers get the cheap tier, whether or not they also get a full spectrum.
     """
 
     exact: list[int] = field(default_factory=list)
     estimate: list[int] = field(default_factory=list)
     audit: list[int] = field(default_factory=list)
     deferred: list[int] = field(default_factory=list)
+    cheap: list[int] = field(default_factory=list)
 
     def mapped(self, index: Sequence[int], keep: Collection[int] | None = None) -> Plan:
         """The same plan with each layer ``i`` renamed ``index[i]``, keeping only the names in ``keep``."""
@@ -66,7 +76,9 @@ class Plan:
         def names(idx: list[int]) -> list[int]:
             return [index[i] for i in idx if keep is None or index[i] in keep]
 
-        return Plan(names(self.exact), names(self.estimate), names(self.audit), names(self.deferred))
+        return Plan(
+            names(self.exact), names(self.estimate), names(self.audit), names(self.deferred), names(self.cheap)
+        )
 
 
 def work_flops(kind: str, shape: tuple[int, int], rank: int = 32, passes: int = 200) -> float:
@@ -76,6 +88,8 @@ def work_flops(kind: str, shape: tuple[int, int], rank: int = 32, passes: int = 
     small, large = min(m, n), max(m, n)
     if kind == EXACT:
         return 4.0 * large * small * small + 8.0 * small**3
+    if kind == CHEAP:
+        return 2.0 * m * n * _CHEAP_COLUMNS + 8.0 * large * _CHEAP_COLUMNS * _CHEAP_COLUMNS / 4
     return 2.0 * m * n * passes + 4.0 * large * rank * rank
 
 
@@ -87,6 +101,7 @@ class OverheadBudget:
         max_overhead: the target cost as a fraction of the training step time (``0.03`` = 3 %).
         estimate_rank: the estimator's subspace size (for the flop prior).
         estimate_passes: the estimator's column-passes over a matrix (for the flop prior).
+        cheap: plan the cheap tier (every layer, every step, when the budget covers it).
 
     Example:
         >>> budget = OverheadBudget([(64, 64)] * 4, max_overhead=0.03)
@@ -102,6 +117,7 @@ class OverheadBudget:
         max_overhead: float,
         estimate_rank: int = 32,
         estimate_passes: int = 200,
+        cheap: bool = False,
     ) -> None:
         if isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)):
             raise TypeError(f"`max_overhead` must be a float, got {max_overhead!r}")
@@ -111,18 +127,21 @@ class OverheadBudget:
         self.max_overhead = float(max_overhead)
         self.estimate_rank = estimate_rank
         self.estimate_passes = estimate_passes
+        self.cheap = bool(cheap)
         self.step_seconds: float | None = None
         self.fixed_seconds = 0.0
         self.credit = 0.0
         self.audit_fund = 0.0
         # seconds per (counted) flop by kind, learned from every measurement: the prediction for shapes
         # not measured yet. Starts at what one CPU core did (2e-11: 15 ms for a 384 x 384 float64 SVD)
-        self._rate: dict[str, float] = {EXACT: 2e-11, ESTIMATE: 3e-11}
+        self._rate: dict[str, float] = {EXACT: 2e-11, ESTIMATE: 3e-11, CHEAP: 3e-11}
         self._rate_measured: set[str] = set()
         self._cost: dict[tuple[str, Hashable], float] = {}
         self._next_estimate = 0
         self._next_audit = 0
         self._next_upgrade = 0
+        self._next_cheap = 0
+        self._cheap_credit = 0.0
         self._planned_audit = 0.0
         self._calibrating = False
         self._step = 0
@@ -229,15 +248,42 @@ class OverheadBudget:
         planned = _HEADROOM * self.max_overhead * self.step_seconds
         return max(0.0, planned - self.fixed_seconds - self._figures_per_step - self._logging_per_step)
 
+    def _plan_cheap(self, plan: Plan, earned: float) -> float:
+        """The cheap tier first: every layer when ``earned`` covers it (the rest is left for full spectra);
+        else :data:`_CHEAP_SHARE` of it (with carry-over) buys the cheap tier for as many layers as it
+        covers, oldest first, and the rest is left for full spectra. Returns what is left."""
+        n = len(self.shapes)
+        if not self.cheap:
+            return earned
+        if self.step_seconds is None:
+            plan.cheap = list(range(n))  # the first step: calibration, not charged
+            return earned
+        costs = [self.cost(CHEAP, i) for i in range(n)]
+        if earned >= sum(costs):
+            plan.cheap = list(range(n))
+            self._cheap_credit = 0.0
+            return earned - sum(costs)
+        share = _CHEAP_SHARE * earned
+        self._cheap_credit = min(self._cheap_credit + share, 2 * share + max(costs))
+        for k in range(n):
+            i = (self._next_cheap + k) % n
+            if costs[i] > self._cheap_credit:
+                self._next_cheap = i
+                break
+            plan.cheap.append(i)
+            self._cheap_credit -= costs[i]
+        plan.cheap.sort()
+        return earned - share
+
     def plan(self) -> Plan:
-        """Which layers get exact spectra, estimates, audits, or nothing on this step."""
+        """Which layers get the cheap tier, exact spectra, estimates, audits, or nothing on this step."""
         n = len(self.shapes)
         self._step += 1
         plan = Plan()
         self._planned_audit = 0.0
         if n == 0:
             return plan
-        earned = self.per_step
+        earned = self._plan_cheap(plan, self.per_step)
         if self.step_seconds is not None and earned >= sum(self.cost(EXACT, i) for i in range(n)):
             plan.exact = list(range(n))
             self.credit = 0.0
@@ -303,7 +349,8 @@ class OverheadBudget:
         return plan
 
     def spend(self, seconds: float) -> None:
-        """Charge the spectral work actually done on this step (the planned audit is paid by the audit fund)."""
+        """Charge the full-spectrum work actually done on this step (the planned audit is paid by the audit
+        fund; the cheap tier was paid for up front, at its learned cost)."""
         if self._calibrating:
             self._calibrating = False
             return

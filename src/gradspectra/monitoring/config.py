@@ -84,6 +84,7 @@ class MonitorConfig:
     cpu_threads: int | None = 1
     factored: bool = True
     layer_runs: bool = False
+    cheap_spectra: bool = True
     metric_names: tuple[str, ...] = field(init=False, default=METRIC_NAMES)
 
     def __post_init__(self) -> None:
@@ -107,6 +108,8 @@ class MonitorConfig:
         set_(self, "distribute", bool(self.distribute))
         set_(self, "factored", bool(self.factored))
         set_(self, "layer_runs", bool(self.layer_runs))
+        if not isinstance(self.cheap_spectra, bool):
+            raise TypeError(f"`cheap_spectra` must be a bool, got {self.cheap_spectra!r}")
         if self.output_dir is not None:
             set_(self, "output_dir", Path(self.output_dir))
         self.make_scorer()  # the scorer checks its own arguments, so a bad value fails here too

@@ -28,7 +28,7 @@ from gradspectra.monitoring.distributed import Processes, gather_ids, gather_sha
 from gradspectra.monitoring.planner import Planner
 from gradspectra.monitoring.records import BatchRecord, HostTable, assemble_record
 from gradspectra.monitoring.sources import SpectrumSource
-from gradspectra.monitoring.spectra import SpectraResult, SpectraRunner, entry_mask
+from gradspectra.monitoring.spectra import SpectraResult, SpectraRunner, source_columns
 from gradspectra.reporting import (
     LayerRuns,
     RecordBuffer,
@@ -158,11 +158,12 @@ class MonitorEngine:
         self._keys: list[str] = []
         self._component_rows: dict[str, list[int]] = {}
         self._owners: tuple[int, list[int]] | None = None
-        self._entry_masks: dict[torch.device, Tensor] = {}
+        self._source_columns: dict[torch.device, Tensor] = {}
         self._layer_runs: LayerRuns | None = None
         self._last_skip_message = -math.inf
         self._last_layer_log = -math.inf  # steps_monitored when per-layer scalars were last logged
-        self._spectra_counts: deque[int] = deque(maxlen=_AFFORDS_AFTER)  # layers with a spectrum, per step
+        self._spectra_counts: deque[int] = deque(maxlen=_AFFORDS_AFTER)  # layers with a full spectrum, per step
+        self._cheap_counts: deque[int] = deque(maxlen=_AFFORDS_AFTER)  # layers with the cheap tier, per step
         self._affordance_said = False
         self._skips_unsaid = 0
 
@@ -187,7 +188,9 @@ class MonitorEngine:
             for component, params in group_by_component(self.watched).items()
             if len(params) >= 2 and params[0].index is not None
         }
-        self.planner = Planner(self.config.spectra, self.config.max_overhead, self._shapes)
+        self.planner = Planner(
+            self.config.spectra, self.config.max_overhead, self._shapes, cheap=self.config.cheap_spectra
+        )
         self._owners = None
         if self.factors is not None:
             self.factors.close()
@@ -291,7 +294,8 @@ class MonitorEngine:
         ended = time.perf_counter()
         self.monitor_seconds += ended - started
         # per-layer logging and figures are paid for apart (spaced by the budget), not as a fixed cost per step
-        self.planner.step_ended(ended, inputs.step, ended - started - result.seconds - spaced_seconds)
+        fixed = ended - started - result.seconds - result.cheap_seconds - spaced_seconds
+        self.planner.step_ended(ended, inputs.step, fixed)
         self._say_affordance(record, procs)
         self.last_step = inputs.step
         if self.factors is not None:
@@ -382,6 +386,7 @@ class MonitorEngine:
         failure: str | None = None,
     ) -> HostTable:
         values, errors, codes = result.values, result.errors, result.codes
+        detection, detected = result.detection, result.detected
         device = values.device
         loss_t = None if loss is None else torch.as_tensor(loss, dtype=torch.float64, device=device).reshape(1)
         counts: Tensor | None = None
@@ -393,21 +398,23 @@ class MonitorEngine:
             local_loss = loss_t if loss_t is not None else torch.zeros(1, dtype=torch.float64, device=device)
             # one all-reduce: a layer's rows are its owner's values plus zeros from the others; the losses
             # are summed so every rank scores the same global mean loss; ranks whose work failed are counted
-            parts = [values, errors, codes, counts, local_loss, failed]
-            values, errors, codes, counts, local_loss, failed = unpack(procs.reduce_sum(pack(parts)), parts)
+            parts = [values, errors, codes, detection, detected, counts, local_loss, failed]
+            values, errors, codes, detection, detected, counts, local_loss, failed = unpack(
+                procs.reduce_sum(pack(parts)), parts
+            )
             if loss_t is not None:
                 loss_t = local_loss / world
         mask = torch.zeros(len(self.watched), dtype=torch.bool, device=device)
         mask[collected.present] = True
-        # a deferred layer's spectral values were not measured this step; its entry metrics were
-        deferred = codes == SpectrumSource.DEFERRED.code
-        if device not in self._entry_masks:  # made once per device: a host-to-device copy per step is a wait on GPU
-            self._entry_masks[device] = entry_mask(self.metric_names, device)
-        valid = mask[:, None] & (~deferred[:, None] | self._entry_masks[device][None, :])
+        # which columns each layer has, by how it was measured (a deferred layer: its entry metrics only)
+        if device not in self._source_columns:  # made once per device: a host copy per step is a wait on GPU
+            self._source_columns[device] = source_columns(self.metric_names, device)
+        valid = mask[:, None] & self._source_columns[device][codes.long()]
         values = torch.where(valid, values, torch.full_like(values, float("nan")))
-        # the one device-to-host copy per step: the table, the sources, validity, failures, (DDP) layers per
-        # rank, the loss
-        parts = [values, errors, codes, valid, failed, *(t for t in (counts, loss_t) if t is not None)]
+        detection = torch.where(mask & (detected > 0), detection, torch.full_like(detection, float("nan")))
+        # the one device-to-host copy per step: the table, the sources, validity, failures, the detection
+        # values, (DDP) layers per rank, the loss
+        parts = [values, errors, codes, valid, failed, detection, *(t for t in (counts, loss_t) if t is not None)]
         host = [p.numpy() for p in unpack(pack(parts).cpu(), parts)]
         if host[4][0] > 0:  # every rank sees the same count, so every rank drops the step alike
             detail = f": {failure}" if failure else ""
@@ -419,8 +426,9 @@ class MonitorEngine:
             errors=host[1],
             sources=[SpectrumSource.from_code(c) for c in host[2].tolist()],
             present=list(collected.present),
-            layers_per_rank=[int(c) for c in host[5].tolist()] if counts is not None else None,
+            layers_per_rank=[int(c) for c in host[6].tolist()] if counts is not None else None,
             loss=float(host[-1][0]) if loss_t is not None else None,
+            detection=host[5],
         )
 
     def _spectrum_on(self, device: torch.device) -> LayerwiseSpectrum:
@@ -441,9 +449,8 @@ class MonitorEngine:
 
     def _record(self, inputs: StepInputs, table: HostTable, result: SpectraResult, error: str | None) -> BatchRecord:
         keys = self._keys
-        layer_metrics = table.layer_metrics(keys, self.metric_names)
         scorer = self._scorer_for(inputs.optimizer)
-        score = None if scorer is None else scorer.score(layer_metrics, table.loss)
+        score = None if scorer is None else scorer.score(table.scored_metrics(keys, self.metric_names), table.loss)
         record = assemble_record(
             step=inputs.step,
             epoch=inputs.epoch,
@@ -522,11 +529,15 @@ class MonitorEngine:
         if self.config.spectra != "auto" or self._affordance_said or self.planner is None:
             return
         spectra = record.get("spectra")
-        self._spectra_counts.append(len(spectra) if spectra is not None else len(record["metrics"]))
+        kinds = list(spectra.values()) if spectra is not None else ["exact"] * len(record["metrics"])
+        self._spectra_counts.append(sum(SpectrumSource(k).is_full for k in kinds))
+        self._cheap_counts.append(len(record.get("detection") or {}))
         if len(self._spectra_counts) < _AFFORDS_AFTER:
             return
         per_step = sum(self._spectra_counts) / len(self._spectra_counts)
-        text = self.planner.affords(len(self.watched), per_step, self.planner.log_period(self.config.log_every_n_steps))
+        cheap = sum(self._cheap_counts) / len(self._cheap_counts)
+        period = self.planner.log_period(self.config.log_every_n_steps)
+        text = self.planner.affords(len(self.watched), per_step, period, cheap)
         if text is not None and procs.is_zero:
             log.info(text)
         self._affordance_said = text is not None

@@ -20,10 +20,14 @@ class Planner:
         spectra: ``"auto"``, ``"exact"`` or ``"estimate"``.
         max_overhead: the budget's target, a fraction of the training step time.
         shapes: every watched layer's ``(m, n)``.
+        cheap: under ``"auto"``, plan the cheap tier (:func:`gradspectra.functional.cheap_spectral_metrics_many`).
     """
 
-    def __init__(self, spectra: Spectra, max_overhead: float, shapes: Sequence[tuple[int, int]]) -> None:
+    def __init__(
+        self, spectra: Spectra, max_overhead: float, shapes: Sequence[tuple[int, int]], cheap: bool = False
+    ) -> None:
         self.spectra = spectra
+        self.cheap = cheap
         self.max_overhead = max_overhead
         self.shapes = list(shapes)
         self.budget: OverheadBudget | None = None
@@ -52,10 +56,11 @@ class Planner:
                 estimate=[r for r in pending.estimate if r in wanted],
                 audit=[r for r in pending.audit if r in wanted],
                 deferred=[r for r in pending.deferred if r in wanted],
+                cheap=[r for r in pending.cheap if r in wanted],
             )
         if self.budget is None or not wanted <= set(self.rows):
             self.rows = sorted(set(self.rows) | wanted)
-            self.budget = OverheadBudget([self.shapes[r] for r in self.rows], self.max_overhead)
+            self.budget = OverheadBudget([self.shapes[r] for r in self.rows], self.max_overhead, cheap=self.cheap)
         return self.budget.plan().mapped(self.rows, keep=wanted)
 
     def learn(self, result: SpectraResult, planned: bool) -> None:
@@ -93,12 +98,22 @@ class Planner:
         if self.budget is not None:
             self.budget.observe_logging(seconds)
 
-    def affords(self, n_layers: int, spectra_per_step: float, log_period: int) -> str | None:
+    def affords(
+        self, n_layers: int, spectra_per_step: float, log_period: int, cheap_per_step: float = 0.0
+    ) -> str | None:
         """In words, what the budget affords once it has learned the step (``None`` before)."""
         b = self.budget
         if b is None or b.step_seconds is None:
             return None
         step_ms = 1000 * b.step_seconds
+        cheap = ""
+        if self.cheap:
+            share = cheap_per_step / max(1, n_layers)
+            cheap = (
+                "gives every layer the cheap tier (spectral norm, stable rank, participation ratio) every step, "
+                if share >= 0.999
+                else f"gives {100 * share:.0f}% of the layers the cheap tier each step, "
+            )
         spectra = (
             f"gives each layer a full spectrum every ~{max(1, round(n_layers / spectra_per_step))} steps"
             if spectra_per_step > 0
@@ -113,8 +128,8 @@ class Planner:
             else ""
         )
         return (
-            f"gradspectra: at {100 * b.max_overhead:g}% of a {step_ms:.0f} ms step the monitor {logging} and "
-            f"{spectra}{over}"
+            f"gradspectra: at {100 * b.max_overhead:g}% of a {step_ms:.0f} ms step the monitor {logging}, "
+            f"{cheap}and {spectra}{over}"
         )
 
 

@@ -9,7 +9,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from gradspectra.functional import ENTRY_METRICS
+from gradspectra.functional import DETECTION_METRIC, ENTRY_METRICS
 from gradspectra.monitoring.sources import SpectrumSource
 from gradspectra.scoring import ScoreResult
 
@@ -39,7 +39,9 @@ class BatchRecord(_Required, total=False):
     step could not be measured. ``monitor_ms``: the monitor's cost up to the record. ``loss_seen``:
     ``False`` where the front door cannot see the loss (the score then rests on the gradients alone).
     ``skipped``: the optimizer step was dropped (``action="skip"``). ``optimizer``: which of several
-    optimizers stepped (only its layers are measured; it has its own baseline).
+    optimizers stepped (only its layers are measured; it has its own baseline). ``detection``: per
+    layer, the cheap tier's detection value (a coarse, steady estimate of the effective rank that the
+    scorer watches as ``effective_rank_coarse``; biased, not the metric: the curves use ``metrics``).
     """
 
     spectra: dict[str, str]
@@ -53,6 +55,7 @@ class BatchRecord(_Required, total=False):
     loss_seen: bool
     skipped: bool
     optimizer: int
+    detection: dict[str, float]
 
 
 @dataclass
@@ -66,6 +69,7 @@ class HostTable:
     present: list[int]
     layers_per_rank: list[int] | None = None
     loss: float | None = None
+    detection: np.ndarray | None = None  # (layers,) the cheap tier's detection value, NaN where not computed
 
     @classmethod
     def unmeasured(cls, n_layers: int, n_metrics: int, present: list[int]) -> HostTable:
@@ -80,6 +84,20 @@ class HostTable:
             for i in sorted(self.present)
         }
 
+    def detection_values(self, keys: Sequence[str]) -> dict[str, float]:
+        """``{layer key: detection value}`` of the present layers that have one."""
+        if self.detection is None:
+            return {}
+        present = set(self.present)
+        return {keys[i]: float(v) for i, v in enumerate(self.detection.tolist()) if i in present and v == v}
+
+    def scored_metrics(self, keys: Sequence[str], metric_names: Sequence[str]) -> dict[str, dict[str, float]]:
+        """What the scorer sees: :meth:`layer_metrics` plus each layer's detection value."""
+        out = self.layer_metrics(keys, metric_names)
+        for key, value in self.detection_values(keys).items():
+            out.setdefault(key, {})[DETECTION_METRIC] = value
+        return out
+
     def source_fields(self, keys: Sequence[str], metric_names: Sequence[str]) -> dict[str, Any]:
         """``spectra``, ``deferred_layers``, ``estimate_error`` and (when any) ``audit_error``."""
         spectra = {keys[i]: s.value for i, s in enumerate(self.sources) if s is not SpectrumSource.DEFERRED}
@@ -88,11 +106,13 @@ class HostTable:
             SpectrumSource.AUDIT: {},
         }
         for i, source in enumerate(self.sources):
-            if source in errors:
-                errors[source][keys[i]] = {
+            # the cheap tier's values are estimates too: their errors go with the estimator's
+            kind = SpectrumSource.ESTIMATE if source is SpectrumSource.CHEAP else source
+            if kind in errors:
+                errors[kind][keys[i]] = {
                     name: float(self.errors[i, j])
                     for j, name in enumerate(metric_names)
-                    if name not in ENTRY_METRICS and math.isfinite(float(self.errors[i, j]))
+                    if name not in ENTRY_METRICS and self.valid[i, j] and math.isfinite(float(self.errors[i, j]))
                 }
         fields: dict[str, Any] = {
             "spectra": spectra,
@@ -141,6 +161,9 @@ def assemble_record(
     if with_sources:
         # which layers got which spectrum; deferred layers only have their Frobenius norm this step
         record.update(table.source_fields(keys, metric_names))  # type: ignore[typeddict-item]
+    detection = table.detection_values(keys)
+    if detection:
+        record["detection"] = detection
     if table.layers_per_rank is not None:
         record["layers_per_rank"] = table.layers_per_rank
     if factored_rows:

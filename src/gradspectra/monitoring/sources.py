@@ -11,12 +11,15 @@ class SpectrumSource(str, Enum):
     ``DEFERRED``: no spectrum this step (only the metrics from the entries, the Frobenius norm).
     ``EXACT``: an exact decomposition. ``ESTIMATE``: the bounded-error estimator.
     ``AUDIT``: exact values, also estimated to measure the estimator's real error.
+    ``CHEAP``: no full spectrum, the cheap tier only (spectral norm, stable rank, participation ratio
+    and the detection value, :func:`gradspectra.functional.cheap_spectral_metrics_many`).
     """
 
     DEFERRED = "deferred"
     EXACT = "exact"
     ESTIMATE = "estimate"
     AUDIT = "exact+audit"
+    CHEAP = "cheap"
 
     @property
     def code(self) -> float:
@@ -26,6 +29,11 @@ class SpectrumSource(str, Enum):
     @classmethod
     def from_code(cls, code: float) -> SpectrumSource:
         return _ORDER[int(code)]
+
+    @property
+    def is_full(self) -> bool:
+        """A full spectrum (every metric), exact or estimated."""
+        return self in (SpectrumSource.EXACT, SpectrumSource.ESTIMATE, SpectrumSource.AUDIT)
 
     @property
     def is_exact(self) -> bool:

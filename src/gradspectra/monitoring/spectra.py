@@ -13,8 +13,10 @@ from torch import Tensor
 
 from gradspectra.capture.factors import FactorCapture
 from gradspectra.functional import (
+    CHEAP_METRICS,
     ENTRY_METRICS,
     Method,
+    cheap_spectral_metrics_many,
     estimate_spectral_metrics_many,
     factored_singular_values,
     frobenius_norm,
@@ -35,21 +37,34 @@ class SpectraResult:
     that a sum over ranks assembles the table); ``codes`` ``(layers,)`` the :attr:`SpectrumSource.code`
     of each row. ``errors`` holds the estimator's own relative error estimate for estimated rows and the
     realised relative error (estimate vs exact) for audited rows. ``work`` lists ``(kind, rows, seconds)``
-    of the timed work, for the budget to learn from.
+    of the timed work, for the budget to learn from. ``detection`` ``(layers,)``: the cheap tier's
+    detection value (a coarse effective rank) where ``detected`` is 1, zeros elsewhere (so that ranks sum).
     """
 
     values: Tensor
     codes: Tensor
     errors: Tensor
-    computed: int = 0  # layers given a spectrum here (counted on the host, no device sync)
+    detection: Tensor
+    detected: Tensor
+    computed: int = 0  # layers given a full spectrum here (counted on the host, no device sync)
     factored_rows: list[int] = field(default_factory=list)
     work: list[tuple[SpectrumSource, list[int], float]] = field(default_factory=list)
-    seconds: float = 0.0  # spectral work of this step (the Frobenius norms excluded)
+    seconds: float = 0.0  # full-spectrum work of this step (the Frobenius norms and the cheap tier excluded)
+    cheap_seconds: float = 0.0  # the cheap tier's work (paid for up front by the budget)
 
 
-def entry_mask(metric_names: Sequence[str], device: torch.device) -> Tensor:
-    """Which metric columns come from the entries alone (measured even when a spectrum is deferred)."""
-    return torch.tensor([name in ENTRY_METRICS for name in metric_names], dtype=torch.bool, device=device)
+def source_columns(metric_names: Sequence[str], device: torch.device) -> Tensor:
+    """``(sources, metrics)`` bool: which metric columns a layer has, by the :attr:`SpectrumSource.code` of
+    how it was measured (the entry metrics always; the cheap tier's three with ``CHEAP``; all with a
+    full spectrum)."""
+    entry = [name in ENTRY_METRICS for name in metric_names]
+    cheap = [name in ENTRY_METRICS or name in CHEAP_METRICS for name in metric_names]
+    rows = {
+        SpectrumSource.DEFERRED: entry,
+        SpectrumSource.CHEAP: cheap,
+    }
+    table = [rows.get(source, [True] * len(metric_names)) for source in SpectrumSource]
+    return torch.tensor(table, dtype=torch.bool, device=device)
 
 
 class SpectraRunner:
@@ -74,6 +89,8 @@ class SpectraRunner:
         self.cpu_threads = cpu_threads
         self.factors = factors
         self.bases: dict[int, Tensor] = {}
+        self.cheap_bases: dict[int, Tensor | None] = {}
+        self._cheap_calls = 0
 
     @contextmanager
     def threads(self, device: torch.device) -> Iterator[None]:
@@ -91,7 +108,8 @@ class SpectraRunner:
         shape = (n_layers, len(self.metric_names))
         zeros = torch.zeros(shape, dtype=torch.float64, device=device)
         codes = torch.full((n_layers,), SpectrumSource.DEFERRED.code, dtype=torch.float64, device=device)
-        return SpectraResult(zeros, codes, torch.zeros_like(zeros))
+        flat = torch.zeros(n_layers, dtype=torch.float64, device=device)
+        return SpectraResult(zeros, codes, torch.zeros_like(zeros), flat, flat.clone())
 
     def run(
         self, matrices: list[Tensor], rows: list[int], n_layers: int, device: torch.device, plan: Plan | None, seed: int
@@ -105,10 +123,16 @@ class SpectraRunner:
             return out
         at = {row: k for k, row in enumerate(rows)}
         fro = [j for j, name in enumerate(self.metric_names) if name in ENTRY_METRICS]
-        if fro:
+        norms: Tensor | None = None
+        if fro or plan.cheap:
             with self.threads(device):
                 # every layer's exact norm, one read each and one host sync for all of them
-                out.values[rows, fro[0]] = frobenius_norms(matrices).to(device)
+                norms = frobenius_norms(matrices).to(device)
+            if fro:
+                out.values[rows, fro[0]] = norms
+        cheap_rows = [r for r in plan.cheap if r in at]
+        if cheap_rows and norms is not None:
+            self._cheap_rows(out, cheap_rows, [matrices[at[r]] for r in cheap_rows], norms[[at[r] for r in cheap_rows]])
         exact_rows = [r for r in plan.exact if r in at]
         estimate_rows = [r for r in plan.estimate + plan.audit if r in at]
         out.computed = len(exact_rows) + len([r for r in plan.estimate if r in at])
@@ -118,9 +142,33 @@ class SpectraRunner:
             self._estimate_rows(out, estimate_rows, [matrices[at[r]] for r in estimate_rows], set(plan.audit), seed)
         return out
 
+    def _cheap_rows(self, out: SpectraResult, rows: list[int], matrices: list[Tensor], norms: Tensor) -> None:
+        device = out.values.device
+        t0 = time.perf_counter()
+        self._cheap_calls += 1  # fresh random directions each step (the probes stay the same)
+        with self.threads(device):
+            cheap = cheap_spectral_metrics_many(
+                matrices, norms, warm_start=[self.cheap_bases.get(r) for r in rows], seed=self._cheap_calls
+            )
+        seconds = time.perf_counter() - t0
+        out.work.append((SpectrumSource.CHEAP, list(rows), seconds))
+        out.cheap_seconds += seconds
+        for k, r in enumerate(rows):
+            self.cheap_bases[r] = cheap.bases[k]
+        cols = [j for j, name in enumerate(self.metric_names) if name in CHEAP_METRICS]
+        if cols:
+            src = [CHEAP_METRICS.index(self.metric_names[j]) for j in cols]
+            index = torch.tensor(rows, device=device)
+            out.values[index[:, None], torch.tensor(cols, device=device)] = cheap.values[:, src].to(device)
+            out.errors[index[:, None], torch.tensor(cols, device=device)] = cheap.rel_error[:, src].to(device)
+        out.detection[rows] = cheap.detection.to(device)
+        out.detected[rows] = 1.0
+        out.codes[rows] = SpectrumSource.CHEAP.code
+
     def _exact_rows(self, out: SpectraResult, rows: list[int], matrices: list[Tensor]) -> None:
         t0 = time.perf_counter()
         out.values[rows] = self.exact(rows, matrices, out.factored_rows).to(out.values.device)
+        out.errors[rows] = 0.0  # the cheap tier's error estimates, where it ran, no longer apply
         out.codes[rows] = SpectrumSource.EXACT.code
         seconds = time.perf_counter() - t0
         out.computed = max(out.computed, len(rows))

@@ -91,8 +91,9 @@ def status_scalars(record: Mapping[str, Any], flagged_total: int, optimizer: int
         scalars[status_tag("loss")] = record["loss"]
     if "spectra" in record:
         kinds = list(record["spectra"].values())
-        scalars[status_tag("spectra/exact")] = float(sum(k != "estimate" for k in kinds))
+        scalars[status_tag("spectra/exact")] = float(sum(k in ("exact", "exact+audit") for k in kinds))
         scalars[status_tag("spectra/estimated")] = float(kinds.count("estimate"))
+        scalars[status_tag("spectra/cheap_only")] = float(kinds.count("cheap"))
         scalars[status_tag("spectra/deferred")] = float(len(record["deferred_layers"]))
         for key in ("estimate_error", "audit_error"):
             by_metric: dict[str, list[float]] = {}
@@ -102,6 +103,11 @@ def status_scalars(record: Mapping[str, Any], flagged_total: int, optimizer: int
             for metric, errs in by_metric.items():
                 # the worst layer: an audit shows what the estimator really got wrong
                 scalars[status_tag(f"{key}/{metric}")] = max(errs)
+    detection = record.get("detection")
+    if detection:
+        # the detection value is coarse and biased: one series per step (its median over layers), labelled
+        # as what it is, never drawn among the metric curves
+        scalars[status_tag("detection/effective_rank_coarse_median")] = float(np.median(list(detection.values())))
     return scalars
 
 

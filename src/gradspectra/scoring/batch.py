@@ -146,6 +146,8 @@ POSITIVE_METRICS: tuple[str, ...] = (
     "stable_rank",
     "top_sv_ratio",
     "effective_rank",
+    "participation_ratio",
+    "effective_rank_coarse",  # the cheap tier's detection value (gradspectra.functional.DETECTION_METRIC)
 )
 
 LOSS_KEY = "loss"
