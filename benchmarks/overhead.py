@@ -146,13 +146,13 @@ def coverage(records: Sequence[dict[str, Any]]) -> str:
     last: dict[str, int] = {}
     gaps: list[int] = []
     full_per_step = []
-    for r in records:
+    for t, r in enumerate(records):  # by position: each block's Trainer counts its steps from 0 again
         full = [k for k, v in r["spectra"].items() if v != "cheap"]
         full_per_step.append(len(full))
         for k in full:
             if k in last:
-                gaps.append(r["step"] - last[k])
-            last[k] = r["step"]
+                gaps.append(t - last[k])
+            last[k] = t
     n_layers = max(len(r["metrics"]) for r in records)
     per_step = statistics.fmean(full_per_step)
     cadence = f"every ~{n_layers / per_step:.0f} steps" if per_step > 0 else "never"

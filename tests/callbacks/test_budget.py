@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from gradspectra.monitoring.budget import ESTIMATE, EXACT, OverheadBudget, Plan
+from gradspectra.monitoring.budget import CHEAP, ESTIMATE, EXACT, OverheadBudget, Plan
 
 SHAPES = [(384, 384)] * 24 + [(1536, 384)] * 6 + [(384, 1536)] * 6
 
@@ -201,3 +201,81 @@ def test_logging_is_spaced_and_paid_for_like_figures() -> None:
     assert budget.log_period(50) == 50  # the user's own spacing is the floor
     with pytest.raises(ValueError, match="`min_steps` must be >= 1"):
         budget.log_period(0)
+
+
+# --------------------------------------------------------------------------- the cheap tier
+
+CHEAP_COST = 0.0004  # a made-up 0.4 ms per 384^2 matrix for the three products
+
+
+def simulate_cheap(budget: OverheadBudget, steps: int, step_seconds: float = 1.0) -> list[tuple[Plan, float, float]]:
+    """Like :func:`simulate`, with the cheap tier timed apart (paid up front, not charged to the credit)."""
+    out = []
+    for _ in range(steps):
+        budget.observe_step(step_seconds)
+        plan = budget.plan()
+        cheap = sum(CHEAP_COST * budget.shapes[i][0] * budget.shapes[i][1] / 384**2 for i in plan.cheap)
+        if plan.cheap:
+            budget.observe_work(CHEAP, plan.cheap, cheap)
+        spent = 0.0
+        for kind, rows in ((EXACT, plan.exact), (ESTIMATE, plan.estimate + plan.audit)):
+            seconds = sum(true_cost(kind, budget.shapes[i]) for i in rows)
+            budget.observe_work(kind, rows, seconds)
+            spent += seconds
+        budget.spend(spent)
+        budget.observe_fixed(0.002)
+        out.append((plan, cheap, spent))
+    return out
+
+
+def test_the_cheap_tier_comes_first_and_full_spectra_rotate_with_the_rest() -> None:
+    # the cheap tier of all 36 layers costs 24 * 0.4 + 12 * 1.6 = 28.8 ms; 3 % of a 1.5 s step plans 36 ms
+    fresh = OverheadBudget(SHAPES, 0.03, cheap=True)
+    assert fresh.plan().cheap == list(range(len(SHAPES)))  # no step time yet: every layer, to calibrate
+    budget = OverheadBudget(SHAPES, 0.03, cheap=True)
+    steps = simulate_cheap(budget, 400, step_seconds=1.5)
+    for plan, _, _ in steps[20:]:
+        check_partition(plan, len(SHAPES))
+        assert plan.cheap == list(range(len(SHAPES)))
+    allowed = 0.8 * 0.03 * 1.5 - 0.002
+    total = [cheap + spent for _, cheap, spent in steps[50:]]
+    assert sum(total) / len(total) <= allowed * 1.05
+    # what is left rotates full spectra through every layer: each gets one within a bounded number of steps
+    seen: dict[int, list[int]] = {}
+    for t, (plan, _, _) in enumerate(steps[20:]):
+        for i in plan.exact + plan.estimate:
+            seen.setdefault(i, []).append(t)
+    assert set(seen) == set(range(len(SHAPES)))
+    gaps = [b - a for ts in seen.values() for a, b in itertools.pairwise(ts)]
+    assert max(gaps) <= 200
+
+
+def test_a_short_budget_rotates_the_cheap_tier_and_keeps_a_share_for_full_spectra() -> None:
+    # 3 % of a 0.5 s step plans 12 ms: not the 28.8 ms of the whole cheap tier
+    budget = OverheadBudget(SHAPES, 0.03, cheap=True)
+    steps = simulate_cheap(budget, 300, step_seconds=0.5)
+    counts = [0] * len(SHAPES)
+    full = 0
+    anchors = budget.anchors
+    # the anchors: evenly spaced, the same layers every step (the scorer's steady detection values)
+    assert 2 <= len(anchors) < len(SHAPES) // 2 and anchors[0] < 8 and anchors[-1] > len(SHAPES) - 8
+    for plan, _, _ in steps[20:]:
+        assert set(anchors) <= set(plan.cheap) and len(plan.cheap) < len(SHAPES)
+        for i in plan.cheap:
+            counts[i] += 1
+        full += len(plan.exact + plan.estimate)
+    others = [c for i, c in enumerate(counts) if i not in anchors]
+    assert min(others) > 0 and max(others) <= 2 * min(others) + 2  # the others in turn, oldest first: even
+    assert full > 0  # a quarter of the budget is kept for full spectra
+    allowed = 0.8 * 0.03 * 0.5 - 0.002
+    total = [cheap + spent for _, cheap, spent in steps[50:]]
+    assert sum(total) / len(total) <= allowed * 1.1
+
+
+def test_cheap_plans_map_and_off_means_none() -> None:
+    budget = OverheadBudget([(64, 64)] * 3, 1.0)
+    budget.observe_step(1.0)
+    assert budget.plan().cheap == []
+    plan = Plan(exact=[0], cheap=[0, 2])
+    assert plan.mapped([5, 6, 7]).cheap == [5, 7]
+    assert plan.mapped([5, 6, 7], keep={7}).cheap == [7]

@@ -256,18 +256,21 @@ def test_auto_spectra_record_how_each_layer_was_measured(tmp_path: Path) -> None
         assert record is not None
         spectra, deferred = record["spectra"], record["deferred_layers"]
         assert set(spectra) | set(deferred) == set(KEYS) and not set(spectra) & set(deferred)
-        assert set(spectra.values()) <= {"exact", "estimate", "exact+audit"}
-        assert set(record["estimate_error"]) == {k for k, v in spectra.items() if v == "estimate"}
+        assert set(spectra.values()) <= {"exact", "estimate", "exact+audit", "cheap"}
+        assert set(record["estimate_error"]) == {k for k, v in spectra.items() if v in ("estimate", "cheap")}
         for key in deferred:  # no spectrum this step: the exact Frobenius norm only
             assert set(record["metrics"][key]) == {"frobenius_norm"}
             want = float(np.linalg.norm(seen[key]))
             assert record["metrics"][key]["frobenius_norm"] == pytest.approx(want, rel=RTOL)
-        for key in spectra:
-            assert set(record["metrics"][key]) == set(METRIC_NAMES)
-        # min(m, n) <= the estimator's rank: estimates of these small layers are exact up to rounding
+        cheap = {"frobenius_norm", "spectral_norm", "stable_rank", "participation_ratio"}
+        for key, how in spectra.items():
+            assert set(record["metrics"][key]) == (cheap if how == "cheap" else set(METRIC_NAMES))
+        # the detection value where the cheap tier ran (every layer when the budget covers it)
+        assert set(record.get("detection", {})) >= {k for k, v in spectra.items() if v == "cheap"}
+        # these small layers are measured exactly by both tiers (up to rounding)
         ref = {key: ref_metrics(seen[key]) for key in spectra}
         for key in spectra:
-            for name in METRIC_NAMES:
+            for name in record["metrics"][key]:
                 assert_metric_close(name, record["metrics"][key][name], ref[key][name], 1e-4, context=(step, key))
     assert engine.planner is not None and engine.planner.budget is not None
     engine.close()

@@ -619,3 +619,46 @@ def test_config_selection_kwargs_are_select_parameters_arguments() -> None:
     }
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
     assert [w.key for w in select_parameters(model, **MonitorConfig(exclude="1.*").selection_kwargs).watched] == ["0"]
+
+
+# --------------------------------------------------------------------------- the cheap tier in the runner
+
+
+def test_runner_cheap_tier_fills_its_columns_and_the_detection_value() -> None:
+    g = torch.Generator().manual_seed(21)
+    decay = torch.tensor([0.8**k for k in range(96)])
+    mats = [
+        (torch.linalg.qr(torch.randn(200, 96, generator=g))[0] * decay)
+        @ torch.linalg.qr(torch.randn(96, 96, generator=g))[0].T
+        for _ in range(4)
+    ]
+    mats = [m.float() for m in mats]
+    rows = [0, 1, 2, 3]  # of 5 layers; 4 is absent
+    plan = Plan(exact=[1], estimate=[2], deferred=[0, 3], cheap=[0, 1, 2])
+    runner = SpectraRunner(METRIC_NAMES)
+    out = runner.run(mats, rows, 5, CPU, plan=plan, seed=0)
+    assert out.codes.tolist() == [
+        SpectrumSource.CHEAP.code,
+        SpectrumSource.EXACT.code,
+        SpectrumSource.ESTIMATE.code,
+        SpectrumSource.DEFERRED.code,
+        SpectrumSource.DEFERRED.code,
+    ]
+    assert out.detected.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert [kind for kind, _, _ in out.work] == [SpectrumSource.CHEAP, SpectrumSource.EXACT, SpectrumSource.ESTIMATE]
+    assert out.cheap_seconds > 0 and out.seconds == pytest.approx(sum(s for k, _, s in out.work if k != "cheap"))
+    ref = ref_metrics(to_numpy64(mats[0]))
+    for name in ("spectral_norm", "stable_rank", "participation_ratio"):
+        got, err = out.values[0, COL[name]].item(), out.errors[0, COL[name]].item()
+        assert abs(got - ref[name]) <= max(3 * err * abs(ref[name]), 1e-5 * abs(ref[name])), name
+        assert 0 < err < 0.05
+    # the cheap row has no full-spectrum values; the exact row's cheap error estimates are gone
+    assert out.values[0, COL["nuclear_norm"]] == 0 and out.errors[1].abs().sum() == 0
+    # the detection value: coarse, of the effective rank's order
+    assert 0.3 * ref["effective_rank"] < out.detection[0].item() < 3 * ref["effective_rank"]
+    # warm starts are kept per layer for the next step
+    assert set(runner.cheap_bases) == {0, 1, 2}
+    again = runner.run(mats, rows, 5, CPU, plan=plan, seed=1)
+    torch.testing.assert_close(
+        again.values[0, COL["spectral_norm"]], out.values[0, COL["spectral_norm"]], rtol=1e-3, atol=0
+    )

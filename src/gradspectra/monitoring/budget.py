@@ -142,6 +142,7 @@ class OverheadBudget:
         self._next_upgrade = 0
         self._next_cheap = 0
         self._cheap_credit = 0.0
+        self.anchors: list[int] = []  # the layers with the cheap tier every step when it cannot cover all
         self._planned_audit = 0.0
         self._calibrating = False
         self._step = 0
@@ -249,9 +250,14 @@ class OverheadBudget:
         return max(0.0, planned - self.fixed_seconds - self._figures_per_step - self._logging_per_step)
 
     def _plan_cheap(self, plan: Plan, earned: float) -> float:
-        """The cheap tier first: every layer when ``earned`` covers it (the rest is left for full spectra);
-        else :data:`_CHEAP_SHARE` of it (with carry-over) buys the cheap tier for as many layers as it
-        covers, oldest first, and the rest is left for full spectra. Returns what is left."""
+        """The cheap tier first: every layer when ``earned`` covers it (the rest is left for full spectra).
+
+        Else :data:`_CHEAP_SHARE` of it (with carry-over) buys the cheap tier for a fixed set of anchor
+        layers every step (half of what it affords, evenly spaced in the watched order: a rule that does
+        not depend on the model, and the same layers every step, so that the scorer's detection values
+        stay comparable) and, with the rest, for the other layers in turn, oldest first. What is left of
+        ``earned`` goes to full spectra.
+        """
         n = len(self.shapes)
         if not self.cheap:
             return earned
@@ -264,16 +270,30 @@ class OverheadBudget:
             self._cheap_credit = 0.0
             return earned - sum(costs)
         share = _CHEAP_SHARE * earned
+        self._update_anchors(share, costs)
         self._cheap_credit = min(self._cheap_credit + share, 2 * share + max(costs))
-        for k in range(n):
-            i = (self._next_cheap + k) % n
+        plan.cheap = list(self.anchors)
+        self._cheap_credit -= sum(costs[i] for i in self.anchors)
+        others = [i for i in range(n) if i not in set(self.anchors)]
+        for k in range(len(others)):
+            i = others[(self._next_cheap + k) % len(others)]
             if costs[i] > self._cheap_credit:
-                self._next_cheap = i
+                self._next_cheap = (self._next_cheap + k) % len(others)
                 break
             plan.cheap.append(i)
             self._cheap_credit -= costs[i]
         plan.cheap.sort()
         return earned - share
+
+    def _update_anchors(self, share: float, costs: list[float]) -> None:
+        """Half of what the cheap share affords per step, as evenly spaced layers; kept while that number
+        stays within a quarter of it (a new set changes which layers the scorer sees every step)."""
+        n = len(costs)
+        mean = sum(costs) / n
+        count = max(1, min(n - 1, int(0.5 * share / mean))) if mean > 0 else 1
+        if self.anchors and abs(count - len(self.anchors)) <= 0.25 * len(self.anchors):
+            return
+        self.anchors = sorted({min(n - 1, int((j + 0.5) * n / count)) for j in range(count)})
 
     def plan(self) -> Plan:
         """Which layers get the cheap tier, exact spectra, estimates, audits, or nothing on this step."""
@@ -319,7 +339,10 @@ class OverheadBudget:
                 continue
             c = self.cost(ESTIMATE, i)
             exact = self.cost(EXACT, i)
-            if min(c, exact) > available:
+            if plan.deferred or min(c, exact) > available:
+                # strictly oldest first: once a layer does not fit, the credit is saved for it (cheaper
+                # layers after it would otherwise spend it, step after step, and a large layer would
+                # never get a spectrum)
                 plan.deferred.append(i)
                 continue
             # where the exact route is no dearer (small matrices, few tokens), the exact spectrum
