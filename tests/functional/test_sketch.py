@@ -143,3 +143,22 @@ def test_bad_arguments_name_themselves() -> None:
     with pytest.raises(ValueError, match=r"`warm_start` must have one entry per matrix \(1\), got 2"):
         cheap_spectral_metrics_many([a], warm_start=[None, None])
     assert cheap_spectral_metrics_many([]).values.shape == (0, 3)
+
+
+def test_gram_route_is_exact_on_flat_spectra_and_keeps_the_detection_value_level() -> None:
+    s = np.linspace(1.0, 0.5, 200)
+    mats = [known(300, 200, s * (1 + 0.05 * k), seed=10 + k) for k in range(2)]
+    sketch = run(mats, calls=3)
+    gram = cheap_spectral_metrics_many(mats, warm_start=sketch.bases, gram=[True, True])
+    for row, a in enumerate(mats):
+        want = reference(a)
+        err = np.abs(gram.values[row].numpy() - want) / want
+        assert (err < 5e-3).all() and (err <= 3 * gram.rel_error[row].numpy() + 1e-6).all(), err
+        # the flat spectrum is where the sketch is least accurate, and says so
+        assert sketch.rel_error[row].max() > 1e-3
+    # the same detection model on both routes: switching does not move a layer's value much
+    ratio = gram.detection / sketch.detection
+    assert ((ratio > 0.8) & (ratio < 1.25)).all(), ratio
+    assert gram.bases[0] is not None and gram.bases[0].shape == (8, 200)
+    with pytest.raises(ValueError, match=r"`gram` must have one entry per matrix \(2\), got 1"):
+        cheap_spectral_metrics_many(mats, gram=[True])

@@ -60,6 +60,8 @@ DETECTION_METRIC = "effective_rank_coarse"
 #: Metrics of the cheap tier, in the order of :attr:`CheapSpectra.values`.
 CHEAP_METRICS: tuple[str, ...] = ("spectral_norm", "stable_rank", "participation_ratio")
 _SAFE_LOW, _SAFE_HIGH = 1e-15, 1e15  # Frobenius norms inside this range are safe for float32 products
+_GRAM_MAX = 1024  # the Gram route's largest small side
+_GRAM_KRYLOV = 8  # block Krylov depth on the Gram route (8 blocks of ``rank`` vectors)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ def cheap_spectral_metrics_many(
     extra: int = 8,
     probes: int = 8,
     seed: int = 0,
+    gram: Sequence[bool] | None = None,
 ) -> CheapSpectra:
     """The cheap tier (module docstring) of each matrix.
 
@@ -109,6 +112,10 @@ def cheap_spectral_metrics_many(
         probes: ``p``, the Hutchinson probes (at least 2, for a standard error); the same ones on
             every call, which keeps the detection value steady.
         seed: seeds the random directions.
+        gram: per matrix, take the Gram route instead: the ``d x d`` Gram matrix (one GEMM,
+            ``2 m n d`` flops) and its eigen-decomposition, exact up to float32 rounding of the Gram
+            (``d <= 1024`` only; larger ones stay on the sketch). For layers whose spectrum is too
+            flat for the sketch (its error estimate says so): the caller decides.
 
     Example:
         >>> g = torch.diag(torch.tensor([4.0, 2.0, 1.0])) @ torch.randn(3, 64)
@@ -122,6 +129,8 @@ def cheap_spectral_metrics_many(
     n_mat = len(matrices)
     if warm_start is not None and len(warm_start) != n_mat:
         raise ValueError(f"`warm_start` must have one entry per matrix ({n_mat}), got {len(warm_start)}")
+    if gram is not None and len(gram) != n_mat:
+        raise ValueError(f"`gram` must have one entry per matrix ({n_mat}), got {len(gram)}")
     if n_mat == 0:
         empty = torch.zeros((0, len(CHEAP_METRICS)), dtype=torch.float64)
         none = torch.zeros(0, dtype=torch.float64)
@@ -138,6 +147,7 @@ def cheap_spectral_metrics_many(
     fro_host = fro.tolist()  # the one host sync: which matrices are safe for float32 products
     groups: dict[tuple[int, int, torch.dtype, bool], list[int]] = defaultdict(list)
     slow: list[int] = []
+    by_gram: list[int] = []
     for i, g in enumerate(matrices):
         f = fro_host[i]
         if not math.isfinite(f):
@@ -155,15 +165,88 @@ def cheap_spectral_metrics_many(
             slow.append(i)
             continue
         work = torch.float64 if g.dtype == torch.float64 else torch.float32
+        if gram is not None and gram[i] and d <= _GRAM_MAX:
+            by_gram.append(i)
+            continue
         basis = None if warm_start is None else warm_start[i]
         usable = basis is not None and tuple(basis.shape) == (min(rank, d), d) and basis.dtype == work
         groups[(m, n, work, usable and basis is not None and basis.device == device)].append(i)
     if slow:
         _exact_route(matrices, slow, fro, values, detection, exact)
+    for i in by_gram:
+        start = None if warm_start is None else warm_start[i]
+        k = min(rank, min(matrices[i].shape))
+        bases[i] = _gram_route(matrices[i], fro[i], start, (k, rank + extra), values, errors, detection, i)
     for (_, _, work, warm_ok), idx in groups.items():
         warm = warm_start if warm_ok else None
         _sketch_group(matrices, idx, fro, warm, work, (rank, extra, probes, seed), values, errors, detection, bases)
     return CheapSpectra(values, errors, detection, exact, bases)
+
+
+def _gram_route(
+    matrix: Tensor,
+    fro: Tensor,
+    warm: Tensor | None,
+    sizes: tuple[int, int],
+    values: Tensor,
+    errors: Tensor,
+    detection: Tensor,
+    row: int,
+) -> Tensor:
+    """The Gram matrix ``A`` of the small side (one GEMM): ``sum s^4 = ||A||_F^2`` exactly, ``s_1`` by block
+    Krylov on ``A`` (warm-started, ``_GRAM_KRYLOV`` blocks: accurate on flat spectra, where a power step
+    converges slowly), the detection value from its top ``sizes[1]`` Ritz values (as many as the sketch's
+    block, so that a layer's detection value does not jump when it changes route) and the exact tail.
+    Returns the next warm start (``sizes[0]`` directions)."""
+    k, b = sizes
+    g = matrix.detach()
+    work = torch.float64 if g.dtype == torch.float64 else torch.float32
+    g = g if g.dtype == work else g.to(work)
+    tall = g.shape[0] >= g.shape[1]
+    a = (g.T @ g) if tall else (g @ g.T)
+    d = a.shape[0]
+    f2 = fro.to(torch.float64).square()
+    s4 = torch.linalg.matrix_norm(a.to(torch.float64)).square()
+    if warm is None or tuple(warm.shape) != (k, d):
+        warm = torch.randn((k, d), generator=torch.Generator().manual_seed(d), dtype=work).to(a.device)
+    blocks = [_orth_rows(warm)]
+    for _ in range(min(_GRAM_KRYLOV, d // k) - 1):
+        blocks.append(blocks[-1] @ a)  # A is symmetric: rows times A
+    q = _orth_rows(torch.cat(blocks))
+    t = (q @ a @ q.T).to(torch.float64)
+    theta, c = torch.linalg.eigh(0.5 * (t + t.T))
+    theta, c = theta.flip(-1).clamp_min(0.0), c.flip(-1)
+    lam = theta[0]
+    # the top Ritz pair's residual (A q^T c - theta q^T c), for the error estimate
+    y = c[:, 0].to(work) @ q
+    res = (y @ a - lam.to(work) * y).to(torch.float64).norm()
+    gap = (theta[0] - theta[1]).clamp_min(torch.finfo(torch.float64).tiny) if len(theta) > 1 else lam
+    eps = 8 * float(torch.finfo(work).eps)
+    s1_err = 0.5 * _safe_div(torch.minimum(res, res.square() / gap), lam) + eps * _safe_div(f2, lam)
+    top = theta[:b]
+    values[row] = torch.stack([lam.sqrt(), _safe_div(f2, lam), _safe_div(f2.square(), s4)]).to(values.device)
+    errors[row] = torch.stack([s1_err, 2 * s1_err, torch.full_like(s1_err, eps)]).to(errors.device)
+    tail4 = (s4 - top.square().sum()).clamp_min(0.0)
+    detection[row] = _coarse_rank(top[None], f2[None], tail4[None], d)[0].to(detection.device)
+    basis: Tensor = (c[:, :k].T.to(work) @ q).contiguous()
+    return basis
+
+
+def _coarse_rank(top: Tensor, f2: Tensor, tail4: Tensor, d: int) -> Tensor:
+    """The detection value: ``exp`` of the Shannon entropy of ``s / sum s`` for the top values ``sqrt(top)``
+    (``(L, b)`` eigenvalues of the Gram) and a flat tail of ``r_t`` equal values carrying the rest of
+    ``||G||_F^2`` (exact), ``r_t`` the tail's participation ratio ``E_t^2 / sum_tail s^4``."""
+    b = top.shape[-1]
+    tail_energy = (f2 - top.sum(-1)).clamp_min(0.0)
+    breadth = _safe_div(tail_energy.square(), tail4).clamp(1.0, float(max(d - b, 1)))
+    breadth = torch.where(tail_energy > 0, breadth, torch.zeros_like(breadth))
+    top_s = top.sqrt()
+    tail_s = _safe_div(tail_energy, breadth).sqrt()
+    nuclear = top_s.sum(-1) + breadth * tail_s
+    p_top = _safe_div(top_s, nuclear[:, None])
+    p_tail = _safe_div(tail_s, nuclear)
+    entropy = -torch.special.xlogy(p_top, p_top).sum(-1) - breadth * torch.special.xlogy(p_tail, p_tail)
+    return torch.where(nuclear > 0, torch.exp(entropy), torch.zeros_like(entropy))
 
 
 def _exact_route(
@@ -268,21 +351,13 @@ def _sketch_group(
     upper = theta[:, 0] + torch.minimum(rnorm, rnorm.square() / gap)
     s1_err = 0.5 * _safe_div((upper - lam).clamp_min(0.0), lam) + eps
     # detection: the Ritz values + a flat tail with the exact tail energy and the tail's participation ratio
-    tail_energy = (f2 - theta.sum(-1)).clamp_min(0.0)
-    breadth = _safe_div(tail_energy.square(), tail4).clamp(1.0, float(max(d - b1, 1)))
-    breadth = torch.where(tail_energy > 0, breadth, torch.zeros_like(breadth))
-    top_s = theta.sqrt()
-    tail_s = _safe_div(tail_energy, breadth).sqrt()
-    nuclear = top_s.sum(-1) + breadth * tail_s
-    p_top = _safe_div(top_s, nuclear[:, None])
-    p_tail = _safe_div(tail_s, nuclear)
-    entropy = -torch.special.xlogy(p_top, p_top).sum(-1) - breadth * torch.special.xlogy(p_tail, p_tail)
+    coarse = _coarse_rank(theta, f2, tail4, d)
     # the next warm start: this side's top k directions, Z_Q rotated by the top Ritz vectors
     nxt = _orth_rows(c[:, :, :k].transpose(-2, -1).to(work) @ zq)
     rows = torch.tensor(idx, device=values.device)
     values[rows] = torch.stack([lam.sqrt(), _safe_div(f2, lam), pr], -1).to(values.device)
     errors[rows] = torch.stack([s1_err, 2 * s1_err, pr_err], -1).to(values.device)
-    detection[rows] = torch.exp(entropy).to(values.device)
+    detection[rows] = coarse.to(values.device)
     for j, i in enumerate(idx):
         bases[i] = nxt[j]
 

@@ -1,4 +1,4 @@
-"""The spectral stage of a monitored step: per layer, exact (from the matrix or its ``T x T`` factors),
+"""The spectral stage of a monitored step: per layer, the cheap tier, exact (from the matrix or its ``T x T`` factors),
 estimated, audited or deferred, returned as a value."""
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from gradspectra.functional import (
 )
 from gradspectra.monitoring.budget import Plan
 from gradspectra.monitoring.sources import SpectrumSource
+
+_CHEAP_TOLERANCE = 0.01  # a sketch whose error estimate exceeds this sends its layer to the Gram route ...
+_GRAM_STEPS = 20  # ... for this many steps, then the sketch is tried again
 
 
 @dataclass
@@ -90,6 +93,9 @@ class SpectraRunner:
         self.factors = factors
         self.bases: dict[int, Tensor] = {}
         self.cheap_bases: dict[int, Tensor | None] = {}
+        # layers whose spectrum is too flat for the sketch (its error estimate above _CHEAP_TOLERANCE): the
+        # steps they stay on the Gram route before the sketch is tried again
+        self.gram_steps: dict[int, int] = {}
         self._cheap_calls = 0
 
     @contextmanager
@@ -146,15 +152,25 @@ class SpectraRunner:
         device = out.values.device
         t0 = time.perf_counter()
         self._cheap_calls += 1  # fresh random directions each step (the probes stay the same)
+        gram = [self.gram_steps.get(r, 0) > 0 for r in rows]
         with self.threads(device):
             cheap = cheap_spectral_metrics_many(
-                matrices, norms, warm_start=[self.cheap_bases.get(r) for r in rows], seed=self._cheap_calls
+                matrices,
+                norms,
+                warm_start=[self.cheap_bases.get(r) for r in rows],
+                seed=self._cheap_calls,
+                gram=gram,
             )
         seconds = time.perf_counter() - t0
         out.work.append((SpectrumSource.CHEAP, list(rows), seconds))
         out.cheap_seconds += seconds
+        worst = cheap.rel_error.amax(-1).tolist()  # one host copy for the route choice
         for k, r in enumerate(rows):
             self.cheap_bases[r] = cheap.bases[k]
+            if gram[k]:
+                self.gram_steps[r] -= 1
+            elif worst[k] > _CHEAP_TOLERANCE:
+                self.gram_steps[r] = _GRAM_STEPS
         cols = [j for j, name in enumerate(self.metric_names) if name in CHEAP_METRICS]
         if cols:
             src = [CHEAP_METRICS.index(self.metric_names[j]) for j in cols]
