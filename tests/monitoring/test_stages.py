@@ -673,7 +673,8 @@ def test_runner_sends_a_flat_layer_to_the_gram_route_and_retries_the_sketch() ->
     runner = SpectraRunner(METRIC_NAMES)
     plan = Plan(deferred=[0], cheap=[0])
     first = runner.run(mats, [0], 1, CPU, plan=plan, seed=0)
-    assert first.errors[0, COL["spectral_norm"]] > 0.01 and runner.gram_steps[0] == 20
+    # the route is chosen at the next step (the errors are read then, without waiting for the device now)
+    assert first.errors[0, COL["spectral_norm"]] > 0.01 and 0 not in runner.gram_steps
     ref = ref_metrics(to_numpy64(mats[0]))
     for step in range(1, 21):
         out = runner.run(mats, [0], 1, CPU, plan=plan, seed=step)

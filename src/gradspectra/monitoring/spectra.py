@@ -96,6 +96,7 @@ class SpectraRunner:
         # layers whose spectrum is too flat for the sketch (its error estimate above _CHEAP_TOLERANCE): the
         # steps they stay on the Gram route before the sketch is tried again
         self.gram_steps: dict[int, int] = {}
+        self._pending_routes: tuple[list[int], Tensor] | None = None
         self._cheap_calls = 0
 
     @contextmanager
@@ -152,6 +153,7 @@ class SpectraRunner:
         device = out.values.device
         t0 = time.perf_counter()
         self._cheap_calls += 1  # fresh random directions each step (the probes stay the same)
+        self._settle_routes()
         gram = [self.gram_steps.get(r, 0) > 0 for r in rows]
         with self.threads(device):
             cheap = cheap_spectral_metrics_many(
@@ -164,13 +166,13 @@ class SpectraRunner:
         seconds = time.perf_counter() - t0
         out.work.append((SpectrumSource.CHEAP, list(rows), seconds))
         out.cheap_seconds += seconds
-        worst = cheap.rel_error.amax(-1).tolist()  # one host copy for the route choice
         for k, r in enumerate(rows):
             self.cheap_bases[r] = cheap.bases[k]
             if gram[k]:
                 self.gram_steps[r] -= 1
-            elif worst[k] > _CHEAP_TOLERANCE:
-                self.gram_steps[r] = _GRAM_STEPS
+        # which sketched layers go to the Gram route is read at the next step (no wait for the device now)
+        sketched = [k for k, on_gram in enumerate(gram) if not on_gram]
+        self._pending_routes = ([rows[k] for k in sketched], cheap.rel_error[sketched].amax(-1))
         cols = [j for j, name in enumerate(self.metric_names) if name in CHEAP_METRICS]
         if cols:
             src = [CHEAP_METRICS.index(self.metric_names[j]) for j in cols]
@@ -180,6 +182,16 @@ class SpectraRunner:
         out.detection[rows] = cheap.detection.to(device)
         out.detected[rows] = 1.0
         out.codes[rows] = SpectrumSource.CHEAP.code
+
+    def _settle_routes(self) -> None:
+        """The last step's sketch errors (long computed by now): a layer above the tolerance takes the Gram route."""
+        if self._pending_routes is None:
+            return
+        rows, worst = self._pending_routes
+        self._pending_routes = None
+        for r, err in zip(rows, worst.tolist()):
+            if err > _CHEAP_TOLERANCE:
+                self.gram_steps[r] = _GRAM_STEPS
 
     def _exact_rows(self, out: SpectraResult, rows: list[int], matrices: list[Tensor]) -> None:
         t0 = time.perf_counter()
