@@ -45,6 +45,8 @@ ESTIMATE = SpectrumSource.ESTIMATE
 CHEAP = SpectrumSource.CHEAP
 _KINDS = (EXACT, ESTIMATE, CHEAP)
 _CHEAP_SHARE = 0.75  # share of a step's earnings for the cheap tier when it cannot cover every layer
+_ANCHOR_SHARE = 0.75  # share of what that buys that goes to the anchors (the same layers every step)
+_GOLDEN = (math.sqrt(5) - 1) / 2  # the anchors' low-discrepancy sequence
 _CHEAP_COLUMNS = 64  # the cheap tier's column-passes over a matrix: 16 + 2 x 24 (rank 8 + 8 random, + 8 probes)
 _EMA = 0.3  # weight of the newest measurement in the moving averages
 _MIN_RATE_FLOPS = 1e7  # work smaller than this does not teach the seconds-per-flop prior
@@ -253,10 +255,10 @@ class OverheadBudget:
         """The cheap tier first: every layer when ``earned`` covers it (the rest is left for full spectra).
 
         Else :data:`_CHEAP_SHARE` of it (with carry-over) buys the cheap tier for a fixed set of anchor
-        layers every step (half of what it affords, evenly spaced in the watched order: a rule that does
-        not depend on the model, and the same layers every step, so that the scorer's detection values
-        stay comparable) and, with the rest, for the other layers in turn, oldest first. What is left of
-        ``earned`` goes to full spectra.
+        layers every step (three quarters of what it affords, spread over the watched order by a rule
+        that does not depend on the model: :meth:`_update_anchors`; the same layers every step, so that
+        the scorer's detection values stay comparable) and, with the rest, for the other layers in turn,
+        oldest first. What is left of ``earned`` goes to full spectra.
         """
         n = len(self.shapes)
         if not self.cheap:
@@ -286,14 +288,23 @@ class OverheadBudget:
         return earned - share
 
     def _update_anchors(self, share: float, costs: list[float]) -> None:
-        """Half of what the cheap share affords per step, as evenly spaced layers; kept while that number
-        stays within a quarter of it (a new set changes which layers the scorer sees every step)."""
+        """:data:`_ANCHOR_SHARE` of what the cheap share affords per step, as a low-discrepancy (golden-ratio)
+        sample of the watched order: spread over depth, and never in step with a model's period of
+        components per block (evenly spaced positions would pick one component only). Kept while that
+        number stays within a quarter of it (a new set changes which layers the scorer sees every step)."""
         n = len(costs)
         mean = sum(costs) / n
-        count = max(1, min(n - 1, int(0.5 * share / mean))) if mean > 0 else 1
+        count = max(1, min(n - 1, int(_ANCHOR_SHARE * share / mean))) if mean > 0 else 1
         if self.anchors and abs(count - len(self.anchors)) <= 0.25 * len(self.anchors):
             return
-        self.anchors = sorted({min(n - 1, int((j + 0.5) * n / count)) for j in range(count)})
+        chosen: list[int] = []
+        j = 0
+        while len(chosen) < count:
+            j += 1
+            i = int(((j * _GOLDEN) % 1.0) * n)
+            if i not in chosen:
+                chosen.append(i)
+        self.anchors = sorted(chosen)
 
     def plan(self) -> Plan:
         """Which layers get the cheap tier, exact spectra, estimates, audits, or nothing on this step."""
