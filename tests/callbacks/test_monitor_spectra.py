@@ -164,3 +164,43 @@ def test_factored_route_gives_the_same_exact_metrics(tmp_path: Path) -> None:
         for layer, values in b["metrics"].items():
             for metric, want in values.items():
                 assert a["metrics"][layer][metric] == pytest.approx(want, rel=1e-5, abs=1e-9), (layer, metric)
+
+
+def test_default_cheap_tier_in_a_real_run_matches_exact_values_and_reaches_tensorboard(tmp_path: Path) -> None:
+    """Two monitors on one run see the same gradients: the default's cheap values against exact spectra."""
+    exact = GradientSpectrumMonitor(
+        spectra="exact",
+        metrics=["spectral_norm", "stable_rank", "participation_ratio", "effective_rank"],
+        scoring=False,
+        figure_every_n_steps=0,
+        output_dir=tmp_path / "exact",
+    )
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    cheap = GradientSpectrumMonitor(max_overhead=5.0, figure_every_n_steps=0, warmup_steps=5)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, callbacks=[exact, cheap], logger=logger))
+    trainer.fit(TinyBert(hidden=128), loader(n=32))
+    checked = 0
+    for ex, rec in zip(exact.batch_records, cheap.batch_records):
+        assert set(rec["detection"]) == set(rec["metrics"])  # the budget covers every layer: all have one
+        for layer, how in rec["spectra"].items():
+            if how != "cheap":
+                continue
+            assert set(rec["metrics"][layer]) == {
+                "frobenius_norm",
+                "spectral_norm",
+                "stable_rank",
+                "participation_ratio",
+            }
+            for name in ("spectral_norm", "stable_rank", "participation_ratio"):
+                got, want = rec["metrics"][layer][name], ex["metrics"][layer][name]
+                err = rec["estimate_error"][layer][name]
+                assert abs(got - want) <= max(3 * err, 1e-4) * want, (layer, name, got, want, err)
+                checked += 1
+            # coarse, of the order of the papers' effective rank
+            assert 0.2 < rec["detection"][layer] / ex["metrics"][layer]["effective_rank"] < 5
+    assert checked > 0
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "gradspectra/spectra/cheap_only" in tags and "gradspectra/detection/effective_rank_coarse_median" in tags
+    assert "grad_spectrum/participation_ratio/attention.self.query/layer_00" in tags

@@ -89,7 +89,7 @@ class HostTable:
         if self.detection is None:
             return {}
         present = set(self.present)
-        return {keys[i]: float(v) for i, v in enumerate(self.detection.tolist()) if i in present and v == v}
+        return {keys[i]: float(v) for i, v in enumerate(self.detection.tolist()) if i in present and math.isfinite(v)}
 
     def scored_metrics(self, keys: Sequence[str], metric_names: Sequence[str]) -> dict[str, dict[str, float]]:
         """What the scorer sees: :meth:`layer_metrics` plus each layer's detection value."""
