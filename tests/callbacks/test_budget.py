@@ -19,17 +19,23 @@ def true_cost(kind: str, shape: tuple[int, int]) -> float:
     return (0.015 if kind == EXACT else 0.002) * unit
 
 
+def spend_full(budget: OverheadBudget, plan: Plan) -> float:
+    """Do a plan's full-spectrum work on the made-up machine: teach the budget, charge it, return the seconds."""
+    spent = 0.0
+    for kind, rows in ((EXACT, plan.exact), (ESTIMATE, plan.estimate + plan.audit)):
+        seconds = sum(true_cost(kind, budget.shapes[i]) for i in rows)
+        budget.observe_work(kind, rows, seconds)
+        spent += seconds
+    budget.spend(spent)
+    return spent
+
+
 def simulate(budget: OverheadBudget, steps: int, step_seconds: float = 1.0, fixed: float = 0.005) -> list[Plan]:
     plans = []
     for _ in range(steps):
         budget.observe_step(step_seconds)
         plan = budget.plan()
-        spent = 0.0
-        for kind, rows in ((EXACT, plan.exact), (ESTIMATE, plan.estimate + plan.audit)):
-            seconds = sum(true_cost(kind, budget.shapes[i]) for i in rows)
-            budget.observe_work(kind, rows, seconds)
-            spent += seconds
-        budget.spend(spent)
+        spent = spend_full(budget, plan)
         budget.observe_fixed(fixed)
         plans.append(plan)
         plan_cost = spent
@@ -217,12 +223,7 @@ def simulate_cheap(budget: OverheadBudget, steps: int, step_seconds: float = 1.0
         cheap = sum(CHEAP_COST * budget.shapes[i][0] * budget.shapes[i][1] / 384**2 for i in plan.cheap)
         if plan.cheap:
             budget.observe_work(CHEAP, plan.cheap, cheap)
-        spent = 0.0
-        for kind, rows in ((EXACT, plan.exact), (ESTIMATE, plan.estimate + plan.audit)):
-            seconds = sum(true_cost(kind, budget.shapes[i]) for i in rows)
-            budget.observe_work(kind, rows, seconds)
-            spent += seconds
-        budget.spend(spent)
+        spent = spend_full(budget, plan)
         budget.observe_fixed(0.002)
         out.append((plan, cheap, spent))
     return out
