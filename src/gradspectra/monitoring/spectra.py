@@ -28,8 +28,9 @@ from gradspectra.functional import (
 from gradspectra.monitoring.budget import Plan
 from gradspectra.monitoring.sources import SpectrumSource
 
-_CHEAP_TOLERANCE = 0.01  # a sketch whose error estimate exceeds this sends its layer to the Gram route ...
+_CHEAP_TOLERANCE = 0.02  # two sketches in a row whose error estimate exceeds this send a layer to the Gram route ...
 _GRAM_STEPS = 20  # ... for this many steps, then the sketch is tried again
+_GRAM_COST = 4  # ... where the Gram route costs at most this many times the sketch (min(m, n) <= 256)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class SpectraRunner:
         # steps they stay on the Gram route before the sketch is tried again
         self.gram_steps: dict[int, int] = {}
         self._pending_routes: tuple[list[int], Tensor] | None = None
+        self._over: dict[int, bool] = {}  # the layer's last sketch was above the tolerance
         self._cheap_calls = 0
 
     @contextmanager
@@ -170,8 +172,9 @@ class SpectraRunner:
             self.cheap_bases[r] = cheap.bases[k]
             if gram[k]:
                 self.gram_steps[r] -= 1
-        # which sketched layers go to the Gram route is read at the next step (no wait for the device now)
-        sketched = [k for k, on_gram in enumerate(gram) if not on_gram]
+        # which sketched layers go to the Gram route is read at the next step (no wait for the device now);
+        # only where it costs at most _GRAM_COST times the sketch: 2 m n min(m, n) against 2 m n 64 flops
+        sketched = [k for k, on_gram in enumerate(gram) if not on_gram and min(matrices[k].shape) <= 64 * _GRAM_COST]
         self._pending_routes = ([rows[k] for k in sketched], cheap.rel_error[sketched].amax(-1))
         cols = [j for j, name in enumerate(self.metric_names) if name in CHEAP_METRICS]
         if cols:
@@ -190,8 +193,11 @@ class SpectraRunner:
         rows, worst = self._pending_routes
         self._pending_routes = None
         for r, err in zip(rows, worst.tolist()):
-            if err > _CHEAP_TOLERANCE:
+            # twice in a row: a flat spectrum, not one unlucky step (the Gram route costs min(m, n) / 32
+            # times the sketch; an occasional estimate above the tolerance is not worth it)
+            if err > _CHEAP_TOLERANCE and self._over.get(r):
                 self.gram_steps[r] = _GRAM_STEPS
+            self._over[r] = err > _CHEAP_TOLERANCE
 
     def _exact_rows(self, out: SpectraResult, rows: list[int], matrices: list[Tensor]) -> None:
         t0 = time.perf_counter()
