@@ -79,7 +79,8 @@ class GradientSpectrumMonitor(Callback):
         metrics: metric names (see :data:`gradspectra.functional.METRIC_NAMES`); ``None`` for all.
         method: exact singular value route, ``"auto"``, ``"svd"`` or ``"gram"``.
         spectra: how spectra are obtained. ``"auto"`` (default) keeps the monitor's cost near
-            ``max_overhead`` x the training step: exact spectra when they fit, else bounded-error
+            ``max_overhead`` x the training step: first the cheap tier (``cheap_spectra``), then full
+            spectra with what is left: exact when they fit, else bounded-error
             estimates (:func:`gradspectra.functional.estimate_spectral_metrics_many`), for as many
             layers as fit, oldest first, the others deferred to a later step (their Frobenius norm,
             exact, is still measured), with exact audits of the estimator in round-robin order.
