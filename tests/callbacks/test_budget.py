@@ -280,3 +280,13 @@ def test_cheap_plans_map_and_off_means_none() -> None:
     plan = Plan(exact=[0], cheap=[0, 2])
     assert plan.mapped([5, 6, 7]).cheap == [5, 7]
     assert plan.mapped([5, 6, 7], keep={7}).cheap == [7]
+
+
+def test_cheap_needs_says_what_covers_every_layer() -> None:
+    budget = OverheadBudget(SHAPES, 0.03, cheap=True)
+    simulate_cheap(budget, 60, step_seconds=0.5)
+    needs = budget.cheap_needs()  # 28.8 ms of cheap tier + 2 ms fixed over 80 % of 0.5 s
+    assert needs == pytest.approx((0.0288 + 0.002) / 0.4, rel=0.05)
+    roomy = OverheadBudget(SHAPES, needs * 1.05, cheap=True)
+    plans = simulate_cheap(roomy, 60, step_seconds=0.5)
+    assert all(plan.cheap == list(range(len(SHAPES))) for plan, _, _ in plans[30:])

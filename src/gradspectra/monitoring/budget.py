@@ -391,6 +391,14 @@ class OverheadBudget:
         if math.isfinite(seconds):
             self.credit -= max(0.0, seconds - self._planned_audit)
 
+    def cheap_needs(self) -> float:
+        """The ``max_overhead`` at which the cheap tier would cover every layer every step (as learned so far)."""
+        if self.step_seconds is None or self.step_seconds <= 0:
+            return math.nan
+        cheap = sum(self.cost(CHEAP, i) for i in range(len(self.shapes)))
+        spent = cheap + self.fixed_seconds + self._figures_per_step + self._logging_per_step
+        return spent / (_HEADROOM * self.step_seconds)
+
     def state(self) -> dict[str, float | None]:
         """What the budget has learned (for records and debugging)."""
         return {

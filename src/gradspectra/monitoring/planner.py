@@ -112,7 +112,8 @@ class Planner:
             cheap = (
                 "gives every layer the cheap tier (spectral norm, stable rank, participation ratio) every step, "
                 if share >= 0.999
-                else f"gives {100 * share:.0f}% of the layers the cheap tier each step, "
+                else f"gives {100 * share:.0f}% of the layers the cheap tier each step (every layer would "
+                f"take max_overhead={b.cheap_needs():.2f}), "
             )
         spectra = (
             f"gives each layer a full spectrum every ~{max(1, round(n_layers / spectra_per_step))} steps"
