@@ -288,31 +288,23 @@ class OverheadBudget:
         return earned - share
 
     def _update_anchors(self, share: float, costs: list[float]) -> None:
-        """As many layers as :data:`_ANCHOR_SHARE` of the cheap share pays for each step, taken in the order
-        of a low-discrepancy (golden-ratio) sample of the watched order: spread over depth, and never in
-        step with a model's period of components per block (evenly spaced positions would pick one
-        component only). Kept while their cost stays within a quarter of that share (a new set changes
-        which layers the scorer sees every step)."""
+        """:data:`_ANCHOR_SHARE` of what the cheap share affords per step, as a low-discrepancy (golden-ratio)
+        sample of the watched order: spread over depth, and never in step with a model's period of
+        components per block (evenly spaced positions would pick one component only). Kept while that
+        number stays within a quarter of it (a new set changes which layers the scorer sees every step)."""
         n = len(costs)
-        target = _ANCHOR_SHARE * share
-        if self.anchors and abs(sum(costs[i] for i in self.anchors) - target) <= 0.25 * target:
+        mean = sum(costs) / n
+        count = max(1, min(n - 1, int(_ANCHOR_SHARE * share / mean))) if mean > 0 else 1
+        if self.anchors and abs(count - len(self.anchors)) <= 0.25 * len(self.anchors):
             return
-        order: list[int] = []
+        chosen: list[int] = []
         j = 0
-        while len(order) < n:
+        while len(chosen) < count:
             j += 1
             i = int(((j * _GOLDEN) % 1.0) * n)
-            if i not in order:
-                order.append(i)
-        chosen: list[int] = []
-        left = target
-        for i in order:
-            if len(chosen) >= n - 1:
-                break
-            if costs[i] <= left:
+            if i not in chosen:
                 chosen.append(i)
-                left -= costs[i]
-        self.anchors = sorted(chosen or [min(range(n), key=costs.__getitem__)])
+        self.anchors = sorted(chosen)
 
     def plan(self) -> Plan:
         """Which layers get the cheap tier, exact spectra, estimates, audits, or nothing on this step."""
