@@ -17,7 +17,9 @@ values :math:`s_1 \ge \dots \ge s_r`:
    :math:`\operatorname{erank} = \exp(\ln S - \frac{1}{S}(\sum_i \sigma_i \ln \sigma_i +
    \sum_j t_j \ln t_j))`, spectral norm :math:`\sigma_1`, stable rank
    :math:`\|G\|_F^2 / \sigma_1^2` with the Frobenius norm exact from the entries, top share
-   :math:`\sigma_1 / S`.
+   :math:`\sigma_1 / S`, participation ratio :math:`\|G\|_F^4 / (\sum_i \sigma_i^4 + \sum_j t_j^4)`
+   (the tail's :math:`\sum t^4` by the same quadrature of :math:`\lambda^2`, exact for a polynomial of
+   degree 2 in the eigenvalues; its error adds the split's bias on the top's fourth powers).
 
 ``rel_error`` adds, per value: the Hutchinson standard error (for the effective rank by the delta
 method on :math:`H = \ln S - T / S`), half the Gauss / Gauss-Radau bracket, a bound on the split's

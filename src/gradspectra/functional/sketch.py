@@ -1,45 +1,47 @@
-r"""The cheap spectral tier: values that two reads of a gradient give, for every layer on every step.
+r"""The cheap spectral tier: values that three thin products with a gradient give, for every layer on every step.
 
-For ``G`` (``m x n``, ``d = min(m, n)``) and :math:`A` its ``d x d`` Gram matrix (:math:`G^\top G`
-when tall, :math:`G G^\top` when wide), with singular values :math:`s_1 \ge \dots \ge s_d` of ``G``
-(:math:`A`'s eigenvalues are :math:`s_i^2`):
+For ``G`` (``m x n``) with singular values :math:`s_1 \ge \dots \ge s_r`, the *block side* is the
+smaller one (``d = min(m, n)``) and the *other side* the larger (``e``); :math:`A = G G^\top` on the
+other side (``G^T G``'s nonzero eigenvalues, :math:`s_i^2`). With ``b1 = rank + extra`` and
+``b2 = b1 + probes``:
 
-- **one block, two reads.** The block ``B = [V, P w]`` holds ``V`` (``d x k``, orthonormal: the
-  previous step's top subspace, a warm start, since a gradient's top directions persist from step
-  to step) and ``p`` Rademacher probes ``w`` projected off ``V`` (:math:`P = I - V V^\top`). Two
-  products, ``W = G B`` and ``Z = G^T W = A B`` (each reads ``G`` once), give everything below;
-  matrices of one shape share their small linear algebra (batched).
-- **spectral norm** :math:`s_1`: Rayleigh-Ritz on the orthonormalised block ``Q``: with ``A Q``
-  known, :math:`\lambda_{\max}(Q^\top A^2 Q)^{1/2}` is a lower bound of :math:`s_1^2` at least as
-  tight as the Ritz value (one power step ahead of it). Its error estimate comes from the top
-  Ritz pair's residual :math:`r = A y - \theta y` (computable, ``A Q`` is known):
-  :math:`s_1^2 \le \theta + \min(\|r\|, \|r\|^2 / (\theta_1 - \theta_2))` (Kato-Temple with the
-  Ritz gap).
+- **product 1, a range finder.** The block ``B`` (``d x b1``) holds the layer's previous top
+  directions (``rank`` of them: a warm start, since a gradient's top directions persist in part
+  from step to step) and ``extra`` fresh random directions (to catch directions that rose into the
+  top since); ``Q = orth(G B)`` spans this step's top on the other side.
+- **products 2 and 3.** ``Z = G^T X`` and ``A X = G Z`` for ``X = [Q, P w]``, with ``probes``
+  fixed Rademacher vectors ``w`` projected off ``Q`` (:math:`P = I - Q Q^\top`). Matrices of one
+  shape share their small ``b1 x b1`` linear algebra (batched).
+- **spectral norm** :math:`s_1`: Rayleigh-Ritz on span ``Q`` (:math:`Q^\top A Q = Z_Q^\top Z_Q`);
+  :math:`\lambda_{\max}(Q^\top A^2 Q)^{1/2}` is a lower bound of :math:`s_1^2` at least as tight as
+  the Ritz value (one power step ahead of it). Its error estimate comes from the top Ritz pair's
+  residual :math:`r` (``A Q`` is known): :math:`s_1^2 \le \theta_1 + \min(\|r\|, \|r\|^2 / (\theta_1 -
+  \theta_2))` (Kato-Temple with the Ritz gap).
 - **stable rank** :math:`\|G\|_F^2 / s_1^2`, the Frobenius norm exact from the entries.
-- **participation ratio** :math:`(\sum s_i^2)^2 / \sum s_i^4`, with
-  :math:`\sum s_i^4 = \|A\|_F^2 = \operatorname{tr}(V^\top A^2 V) + \operatorname{tr}(P A^2 P)`
-  (Hutch++, Meyer et al. 2021): the first term exactly, :math:`\|A V\|_F^2`; the second by
-  Hutchinson's estimator :math:`\tfrac1p \sum_j \|A P w_j\|^2`, whose standard error is the
-  error estimate. Deflating the top leaves little of :math:`\sum s^4` to the probes when the
-  spectrum is steep; a flat spectrum leaves more to them.
-- **detection value** (:attr:`CheapSpectra.detection`): a coarse, steady, tail-sensitive estimate
-  of the papers' effective rank, :math:`\exp` of the Shannon entropy of ``s / sum s``, from the top
-  ``k`` Ritz values plus a flat model of the tail: its energy is exact
-  (:math:`\|G\|_F^2 - \sum_{i \le k} \theta_i`), its participation ratio
-  :math:`r_t = E_t^2 / \operatorname{tr}(P A^2 P)` gives the number of equal values carrying it.
-  Biased (a flat tail has the largest entropy its energy and breadth allow), but the bias moves
-  little from step to step, so changes in it are changes in the gradient: a batch of one repeated
-  sample collapses the tail and the value with it. It is for the scorer, not for curves.
-- the next step's warm start: the top ``k`` directions of ``A Q`` (one subspace iteration).
+- **participation ratio** :math:`(\sum s_i^2)^2 / \sum s_i^4`, with :math:`\sum s_i^4 = \|A\|_F^2 =
+  \|A Q\|_F^2 + \operatorname{tr}(P A^2 P)` (Hutch++, Meyer et al. 2021): the first term exactly, the
+  second by Hutchinson's estimator :math:`\tfrac1p \sum_j \|A P w_j\|^2`, whose standard error is
+  the error estimate.
+- **detection value** (:attr:`CheapSpectra.detection`): a coarse, steady estimate of the papers'
+  effective rank, :math:`\exp` of the Shannon entropy of ``s / sum s``, from the ``b1`` Ritz values
+  plus a flat model of the tail: its energy is exact (:math:`\|G\|_F^2 - \sum_i \theta_i`), its
+  participation ratio :math:`E_t^2 / \operatorname{tr}(P A^2 P)` gives the number of equal values
+  carrying it. Biased (a flat tail has the largest entropy its energy and breadth allow), but with the
+  same probes every step the bias moves little, so its changes are changes in the gradient: a batch
+  of one repeated sample collapses the tail and the value with it. Built from second and fourth
+  moments of the spectrum, it does not see the far tail. It is for the scorer, not for curves.
+- the next step's warm start: the block side's top ``rank`` directions, ``Z_Q`` rotated by the top
+  Ritz vectors.
 
-Matrices with ``d <= 2 (k + p)`` take the exact route (their float64 Gram and its eigenvalues; no
-error). The first call (no warm start) makes one extra power step from a random block. Non-finite
-matrices give NaN values (their warm start is kept); the zero matrix gives zeros; entries so large
-or small that float32 products would overflow or lose digits take the float64 route of
-:func:`gradspectra.functional.spectral_metrics`.
+Routes besides the sketch: matrices with ``d <= 2 b2`` (48 at the defaults) and entries so large or
+small that float32 products would overflow or lose digits are exact (float64 singular values, no
+error); the **Gram route** (``gram=``, chosen by the caller for spectra too flat for the sketch, ``d <=
+1024``): ``A`` formed by one GEMM, :math:`\sum s^4 = \|A\|_F^2` exactly, :math:`s_1` by block Krylov on
+``A``. A first call without a warm start uses a random block. Non-finite matrices give NaN values
+(their warm start is kept); the zero matrix gives zeros.
 
-Cost: 2 reads of each matrix and ``4 m n (k + p)`` flops, against ``2 m n d`` for the Gram and
-``~4 m n d`` for an SVD.
+Cost of the sketch: ``2 m n (b1 + 2 b2)`` flops (``2 m n x 64`` at the defaults) and three reads of
+each matrix, against ``2 m n d`` for the Gram route and ``~4 m n d`` for an SVD.
 """
 
 from __future__ import annotations

@@ -276,7 +276,8 @@ class OverheadBudget:
         self._cheap_credit = min(self._cheap_credit + share, 2 * share + max(costs))
         plan.cheap = list(self.anchors)
         self._cheap_credit -= sum(costs[i] for i in self.anchors)
-        others = [i for i in range(n) if i not in set(self.anchors)]
+        anchored = set(self.anchors)
+        others = [i for i in range(n) if i not in anchored]
         for k in range(len(others)):
             i = others[(self._next_cheap + k) % len(others)]
             if costs[i] > self._cheap_credit:

@@ -179,9 +179,9 @@ class SpectraRunner:
         cols = [j for j, name in enumerate(self.metric_names) if name in CHEAP_METRICS]
         if cols:
             src = [CHEAP_METRICS.index(self.metric_names[j]) for j in cols]
-            index = torch.tensor(rows, device=device)
-            out.values[index[:, None], torch.tensor(cols, device=device)] = cheap.values[:, src].to(device)
-            out.errors[index[:, None], torch.tensor(cols, device=device)] = cheap.rel_error[:, src].to(device)
+            cells = (torch.tensor(rows, device=device)[:, None], torch.tensor(cols, device=device))
+            out.values[cells] = cheap.values[:, src].to(device)
+            out.errors[cells] = cheap.rel_error[:, src].to(device)
         out.detection[rows] = cheap.detection.to(device)
         out.detected[rows] = 1.0
         out.codes[rows] = SpectrumSource.CHEAP.code
