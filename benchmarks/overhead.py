@@ -137,12 +137,14 @@ def llama_section(args: argparse.Namespace, small: bool | str) -> tuple[Any, Any
 
 def coverage(records: Sequence[dict[str, Any]]) -> str:
     """What the default measured: the share of layer-steps with the cheap tier's values, the steps with a
-    detection value, and the cadence of full spectra (observed gaps, and layers / full spectra per step)."""
+    detection value (and on how many anchors), and the cadence of full spectra (observed gaps, and layers /
+    full spectra per step)."""
     if not records or "spectra" not in records[0]:
         return ""
     layer_steps = sum(len(r["metrics"]) for r in records)
     cheap = sum(sum("spectral_norm" in v for v in r["metrics"].values()) for r in records)
     detected = sum(bool(r.get("detection")) for r in records)
+    anchors = statistics.median(len(r.get("detection") or {}) for r in records)
     last: dict[str, int] = {}
     gaps: list[int] = []
     full_per_step = []
@@ -159,8 +161,8 @@ def coverage(records: Sequence[dict[str, Any]]) -> str:
     observed = f"; observed gaps: median {statistics.median(gaps):.0f}, max {max(gaps)}" if gaps else ""
     return (
         f"cheap tier on {100 * cheap / max(1, layer_steps):.1f}% of layer-steps; detection value on "
-        f"{detected}/{len(records)} steps; full spectra {per_step:.2f} layers/step ({n_layers} layers: each "
-        f"{cadence}{observed})"
+        f"{detected}/{len(records)} steps ({anchors:g} anchor layers, median); full spectra {per_step:.2f} "
+        f"layers/step ({n_layers} layers: each {cadence}{observed})"
     )
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from gradspectra.monitoring.budget import CHEAP, ESTIMATE, EXACT, OverheadBudget, Plan
+from gradspectra.monitoring.budget import CHEAP, DETECT, DETECT_MAX, ESTIMATE, EXACT, OverheadBudget, Plan
 
 SHAPES = [(384, 384)] * 24 + [(1536, 384)] * 6 + [(384, 1536)] * 6
 
@@ -212,17 +212,23 @@ def test_logging_is_spaced_and_paid_for_like_figures() -> None:
 # --------------------------------------------------------------------------- the cheap tier
 
 CHEAP_COST = 0.0004  # a made-up 0.4 ms per 384^2 matrix for the three products
+DETECT_COST = 0.0009  # and 0.9 ms for the detection value (measured ~1 ms on one CPU thread)
 
 
 def simulate_cheap(budget: OverheadBudget, steps: int, step_seconds: float = 1.0) -> list[tuple[Plan, float, float]]:
-    """Like :func:`simulate`, with the cheap tier timed apart (paid up front, not charged to the credit)."""
+    """Like :func:`simulate`, with the cheap tier and the detection value timed apart (paid up front, not
+    charged to the credit)."""
     out = []
     for _ in range(steps):
         budget.observe_step(step_seconds)
         plan = budget.plan()
         cheap = sum(CHEAP_COST * budget.shapes[i][0] * budget.shapes[i][1] / 384**2 for i in plan.cheap)
+        detect = sum(DETECT_COST * budget.shapes[i][0] * budget.shapes[i][1] / 384**2 for i in plan.detect)
         if plan.cheap:
             budget.observe_work(CHEAP, plan.cheap, cheap)
+        if plan.detect:
+            budget.observe_work(DETECT, plan.detect, detect)
+        cheap += detect
         spent = spend_full(budget, plan)
         budget.observe_fixed(0.002)
         out.append((plan, cheap, spent))
@@ -230,15 +236,19 @@ def simulate_cheap(budget: OverheadBudget, steps: int, step_seconds: float = 1.0
 
 
 def test_the_cheap_tier_comes_first_and_full_spectra_rotate_with_the_rest() -> None:
-    # the cheap tier of all 36 layers costs 24 * 0.4 + 12 * 1.6 = 28.8 ms; 3 % of a 1.5 s step plans 36 ms
+    # the cheap tier of all 36 layers costs 24 * 0.4 + 12 * 1.6 = 28.8 ms, six detection anchors ~6-20 ms;
+    # 3 % of a 2.5 s step plans 60 ms
     fresh = OverheadBudget(SHAPES, 0.03, cheap=True)
-    assert fresh.plan().cheap == list(range(len(SHAPES)))  # no step time yet: every layer, to calibrate
+    first = fresh.plan()
+    assert first.cheap == list(range(len(SHAPES)))  # no step time yet: every layer, to calibrate
+    assert len(first.detect) == DETECT_MAX
     budget = OverheadBudget(SHAPES, 0.03, cheap=True)
-    steps = simulate_cheap(budget, 400, step_seconds=1.5)
+    steps = simulate_cheap(budget, 400, step_seconds=2.5)
     for plan, _, _ in steps[20:]:
         check_partition(plan, len(SHAPES))
         assert plan.cheap == list(range(len(SHAPES)))
-    allowed = 0.8 * 0.03 * 1.5 - 0.002
+        assert plan.detect == budget.anchors and len(plan.detect) == DETECT_MAX
+    allowed = 0.8 * 0.03 * 2.5 - 0.002
     total = [cheap + spent for _, cheap, spent in steps[50:]]
     assert sum(total) / len(total) <= allowed * 1.05
     # what is left rotates full spectra through every layer: each gets one within a bounded number of steps
@@ -258,15 +268,16 @@ def test_a_short_budget_rotates_the_cheap_tier_and_keeps_a_share_for_full_spectr
     counts = [0] * len(SHAPES)
     full = 0
     anchors = budget.anchors
-    # the anchors: evenly spaced, the same layers every step (the scorer's steady detection values)
-    assert 2 <= len(anchors) < len(SHAPES) // 2 and anchors[0] < 8 and anchors[-1] > len(SHAPES) - 8
+    # the detection anchors: spread over the watched order, the same layers every step (steady series for
+    # the scorer), as many as three quarters of the earnings afford
+    assert 2 <= len(anchors) <= DETECT_MAX and anchors[-1] - anchors[0] >= 24 // 3
+    assert all(SHAPES[i] == (384, 384) for i in anchors)  # the most common shape
     for plan, _, _ in steps[20:]:
-        assert set(anchors) <= set(plan.cheap) and len(plan.cheap) < len(SHAPES)
+        assert plan.detect == anchors and len(plan.cheap) < len(SHAPES)
         for i in plan.cheap:
             counts[i] += 1
         full += len(plan.exact + plan.estimate)
-    others = [c for i, c in enumerate(counts) if i not in anchors]
-    assert min(others) > 0 and max(others) <= 2 * min(others) + 2  # the others in turn, oldest first: even
+    assert min(counts) > 0 and max(counts) <= 2 * min(counts) + 2  # every layer in turn, oldest first: even
     assert full > 0  # a quarter of the budget is kept for full spectra
     allowed = 0.8 * 0.03 * 0.5 - 0.002
     total = [cheap + spent for _, cheap, spent in steps[50:]]
@@ -285,8 +296,11 @@ def test_cheap_plans_map_and_off_means_none() -> None:
 def test_cheap_needs_says_what_covers_every_layer() -> None:
     budget = OverheadBudget(SHAPES, 0.03, cheap=True)
     simulate_cheap(budget, 60, step_seconds=0.5)
-    needs = budget.cheap_needs()  # 28.8 ms of cheap tier + 2 ms fixed over 80 % of 0.5 s
-    assert needs == pytest.approx((0.0288 + 0.002) / 0.4, rel=0.05)
+    # 28.8 ms of cheap tier + the detection value of six anchors + 2 ms fixed, over 80 % of 0.5 s
+    needs = budget.cheap_needs()
+    # the anchors are layers of the most common shape (384 x 384 here): six of them at 0.9 ms
+    assert all(SHAPES[i] == (384, 384) for i in budget.anchors)
+    assert needs == pytest.approx((0.0288 + 6 * DETECT_COST + 0.002) / 0.4, rel=0.05)
     roomy = OverheadBudget(SHAPES, needs * 1.05, cheap=True)
     plans = simulate_cheap(roomy, 60, step_seconds=0.5)
     assert all(plan.cheap == list(range(len(SHAPES))) for plan, _, _ in plans[30:])

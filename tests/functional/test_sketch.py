@@ -77,8 +77,6 @@ def test_small_matrices_are_exact() -> None:
     assert out.rel_error.abs().max().item() == 0.0
     for row in range(2):
         np.testing.assert_allclose(out.values[row].numpy(), reference(a), rtol=1e-6)  # Frobenius: float32 reads
-    # on the exact route the detection value is the papers' effective rank itself
-    assert out.detection[0].item() == pytest.approx(ref_metrics(to_numpy64(a))["effective_rank"], rel=1e-9)
 
 
 def test_zero_nonfinite_and_extreme_magnitudes() -> None:
@@ -89,8 +87,8 @@ def test_zero_nonfinite_and_extreme_magnitudes() -> None:
     out = cheap_spectral_metrics_many(
         [torch.zeros(200, 150), bad, a * 1e30, a * 1e-30], warm_start=[None, warm[0], None, None]
     )
-    assert out.values[0].tolist() == [0.0, 0.0, 0.0] and out.detection[0].item() == 0.0
-    assert torch.isnan(out.values[1]).all() and torch.isnan(out.detection[1])
+    assert out.values[0].tolist() == [0.0, 0.0, 0.0]
+    assert torch.isnan(out.values[1]).all()
     assert out.bases[1] is warm[0]  # a bad gradient does not spoil the warm start
     want = reference(a)
     for row in (2, 3):  # float32 products would overflow / lose digits: the float64 route, exact
@@ -110,28 +108,6 @@ def test_low_and_double_precision(dtype: torch.dtype) -> None:
     np.testing.assert_allclose(out.values[0].numpy(), want, rtol=2e-3)
 
 
-def test_detection_value_is_steady_and_sees_a_collapsed_tail() -> None:
-    rng = np.random.default_rng(6)
-    m, n = 384, 384
-
-    def grad(tokens: int) -> torch.Tensor:
-        return torch.tensor(rng.normal(size=(tokens, m)).T @ rng.normal(size=(tokens, n)), dtype=torch.float32)
-
-    clean = [grad(256) for _ in range(4)]
-    dup = grad(16)  # one sample's few tokens: the tail collapses
-    first = cheap_spectral_metrics_many(clean, seed=0)
-    again = cheap_spectral_metrics_many(clean, seed=0)
-    assert torch.equal(first.detection, again.detection)
-    clean_values = first.detection.numpy()
-    low = cheap_spectral_metrics_many([dup]).detection.item()
-    assert low < 0.3 * clean_values.min()
-    exact = np.array([ref_metrics(to_numpy64(g))["effective_rank"] for g in clean])
-    # clean batches scatter about as much as the exact value does (a few %), far less than the drop
-    assert clean_values.std() / clean_values.mean() < 0.1
-    # coarse: same order of magnitude as the papers' effective rank, not equal to it
-    assert (clean_values > 0.3 * exact).all() and (clean_values < 3 * exact).all()
-
-
 def test_bad_arguments_name_themselves() -> None:
     a = torch.randn(50, 40)
     with pytest.raises(ValueError, match="`rank` must be an int >= 1, got 0"):
@@ -145,7 +121,7 @@ def test_bad_arguments_name_themselves() -> None:
     assert cheap_spectral_metrics_many([]).values.shape == (0, 3)
 
 
-def test_gram_route_is_exact_on_flat_spectra_and_keeps_the_detection_value_level() -> None:
+def test_gram_route_is_exact_on_flat_spectra() -> None:
     s = np.linspace(1.0, 0.5, 200)
     mats = [known(300, 200, s * (1 + 0.05 * k), seed=10 + k) for k in range(2)]
     sketch = run(mats, calls=3)
@@ -156,9 +132,6 @@ def test_gram_route_is_exact_on_flat_spectra_and_keeps_the_detection_value_level
         assert (err < 5e-3).all() and (err <= 3 * gram.rel_error[row].numpy() + 1e-6).all(), err
         # the flat spectrum is where the sketch is least accurate, and says so
         assert sketch.rel_error[row].max() > 1e-3
-    # the same detection model on both routes: switching does not move a layer's value much
-    ratio = gram.detection / sketch.detection
-    assert ((ratio > 0.8) & (ratio < 1.25)).all(), ratio
     assert gram.bases[0] is not None and gram.bases[0].shape == (8, 200)
     with pytest.raises(ValueError, match=r"`gram` must have one entry per matrix \(2\), got 1"):
         cheap_spectral_metrics_many(mats, gram=[True])

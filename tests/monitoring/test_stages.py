@@ -42,7 +42,7 @@ from gradspectra.monitoring import (
     layer_owners,
 )
 from gradspectra.monitoring import budget as budget_module
-from gradspectra.monitoring.budget import work_flops
+from gradspectra.monitoring.budget import DETECT, work_flops
 from gradspectra.monitoring.distributed import gather_ids, pack, unpack
 from gradspectra.monitoring.spectra import source_columns
 from gradspectra.reporting import record_to_json
@@ -634,7 +634,7 @@ def test_runner_cheap_tier_fills_its_columns_and_the_detection_value() -> None:
     ]
     mats = [m.float() for m in mats]
     rows = [0, 1, 2, 3]  # of 5 layers; 4 is absent
-    plan = Plan(exact=[1], estimate=[2], deferred=[0, 3], cheap=[0, 1, 2])
+    plan = Plan(exact=[1], estimate=[2], deferred=[0, 3], cheap=[0, 1, 2], detect=[0, 3])
     runner = SpectraRunner(METRIC_NAMES)
     out = runner.run(mats, rows, 5, CPU, plan=plan, seed=0)
     assert out.codes.tolist() == [
@@ -644,9 +644,11 @@ def test_runner_cheap_tier_fills_its_columns_and_the_detection_value() -> None:
         SpectrumSource.DEFERRED.code,
         SpectrumSource.DEFERRED.code,
     ]
-    assert out.detected.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
-    assert [kind for kind, _, _ in out.work] == [SpectrumSource.CHEAP, SpectrumSource.EXACT, SpectrumSource.ESTIMATE]
-    assert out.cheap_seconds > 0 and out.seconds == pytest.approx(sum(s for k, _, s in out.work if k != "cheap"))
+    assert out.detected.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]  # the anchors' (detect), not the cheap tier's
+    kinds = [kind for kind, _, _ in out.work]
+    assert kinds == [SpectrumSource.CHEAP, DETECT, SpectrumSource.EXACT, SpectrumSource.ESTIMATE]
+    assert out.cheap_seconds > 0
+    assert out.seconds == pytest.approx(sum(s for k, _, s in out.work if k not in ("cheap", DETECT)))
     ref = ref_metrics(to_numpy64(mats[0]))
     for name in ("spectral_norm", "stable_rank", "participation_ratio"):
         got, err = out.values[0, COL[name]].item(), out.errors[0, COL[name]].item()
@@ -655,7 +657,9 @@ def test_runner_cheap_tier_fills_its_columns_and_the_detection_value() -> None:
     # the cheap row has no full-spectrum values; the exact row's cheap error estimates are gone
     assert out.values[0, COL["nuclear_norm"]] == 0 and out.errors[1].abs().sum() == 0
     # the detection value: coarse, of the effective rank's order
-    assert 0.3 * ref["effective_rank"] < out.detection[0].item() < 3 * ref["effective_rank"]
+    for row in (0, 3):
+        erank = ref_metrics(to_numpy64(mats[row]))["effective_rank"]
+        assert 0.3 * erank < out.detection[row].item() < 3 * erank
     # warm starts are kept per layer for the next step
     assert set(runner.cheap_bases) == {0, 1, 2}
     again = runner.run(mats, rows, 5, CPU, plan=plan, seed=1)

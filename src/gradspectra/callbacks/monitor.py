@@ -125,12 +125,13 @@ class GradientSpectrumMonitor(Callback):
             TensorBoard's scalars dashboard one chart per metric and component then shows every layer
             in its own colour, named in the legend (the custom-scalars charts colour all layers of a
             run alike). Costs a second write of the per-layer scalars; off by default.
-        cheap_spectra: under ``spectra="auto"``, the cheap tier: every watched layer's spectral norm,
+        cheap_spectra: under ``spectra="auto"``, first a detection value for the scorer on a few anchor
+            layers every step (a coarse, steady effective rank by low-order Lanczos quadrature,
+            ``detection`` in the record), then the cheap tier: every watched layer's spectral norm,
             stable rank and participation ratio (accurate to about 1 %, each with its error estimate
-            in ``estimate_error``) and a detection value for the scorer (a coarse effective rank,
-            ``detection`` in the record), from three thin products per matrix, every step the budget
-            covers it; full spectra (nuclear norm, effective rank, top share) rotate through the layers
-            with what is left (docs/cost.md).
+            in ``estimate_error``) from three thin products per matrix, every step the budget covers
+            it; full spectra (nuclear norm, effective rank, top share) rotate through the layers with
+            what is left (docs/cost.md).
 
     Raises:
         ValueError / TypeError: for a bad argument, naming it and what was received.

@@ -1,10 +1,11 @@
 """Pure tensor math: singular values, spectral metrics and cross-layer statistics. No state, no Lightning."""
 
 from gradspectra.functional.batched import spectral_metrics_many
+from gradspectra.functional.detect import DETECTION_METRIC, coarse_effective_rank_many
 from gradspectra.functional.estimate import SpectralEstimate, estimate_spectral_metrics_many
 from gradspectra.functional.layers import adjacent_cosine, layer_mad, paper_segments
 from gradspectra.functional.reshape import as_matrix, is_conv1d
-from gradspectra.functional.sketch import CHEAP_METRICS, DETECTION_METRIC, CheapSpectra, cheap_spectral_metrics_many
+from gradspectra.functional.sketch import CHEAP_METRICS, CheapSpectra, cheap_spectral_metrics_many
 from gradspectra.functional.spectral import (
     ENTRY_METRICS,
     METRIC_NAMES,
@@ -37,6 +38,7 @@ __all__ = [
     "cheap_spectral_metrics_many",
     "check_method",
     "check_metric_names",
+    "coarse_effective_rank_many",
     "effective_rank",
     "estimate_spectral_metrics_many",
     "factored_singular_values",

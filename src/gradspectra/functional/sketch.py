@@ -22,14 +22,6 @@ other side (``G^T G``'s nonzero eigenvalues, :math:`s_i^2`). With ``b1 = rank + 
   \|A Q\|_F^2 + \operatorname{tr}(P A^2 P)` (Hutch++, Meyer et al. 2021): the first term exactly, the
   second by Hutchinson's estimator :math:`\tfrac1p \sum_j \|A P w_j\|^2`, whose standard error is
   the error estimate.
-- **detection value** (:attr:`CheapSpectra.detection`): a coarse, steady estimate of the papers'
-  effective rank, :math:`\exp` of the Shannon entropy of ``s / sum s``, from the ``b1`` Ritz values
-  plus a flat model of the tail: its energy is exact (:math:`\|G\|_F^2 - \sum_i \theta_i`), its
-  participation ratio :math:`E_t^2 / \operatorname{tr}(P A^2 P)` gives the number of equal values
-  carrying it. Biased (a flat tail has the largest entropy its energy and breadth allow), but with the
-  same probes every step the bias moves little, so its changes are changes in the gradient: a batch
-  of one repeated sample collapses the tail and the value with it. Built from second and fourth
-  moments of the spectrum, it does not see the far tail. It is for the scorer, not for curves.
 - the next step's warm start: the block side's top ``rank`` directions, ``Z_Q`` rotated by the top
   Ritz vectors.
 
@@ -57,8 +49,6 @@ from torch import Tensor
 from gradspectra.functional.spectral import _safe_div, frobenius_norms
 from gradspectra.functional.svd import _check_matrix, singular_values
 
-#: The name under which the detection value reaches the scorer and the record (not a metric of the table).
-DETECTION_METRIC = "effective_rank_coarse"
 #: Metrics of the cheap tier, in the order of :attr:`CheapSpectra.values`.
 CHEAP_METRICS: tuple[str, ...] = ("spectral_norm", "stable_rank", "participation_ratio")
 _SAFE_LOW, _SAFE_HIGH = 1e-15, 1e15  # Frobenius norms inside this range are safe for float32 products
@@ -74,14 +64,12 @@ class CheapSpectra:
         values: float64 ``(len(matrices), 3)``: :data:`CHEAP_METRICS` (spectral norm, stable rank,
             participation ratio), on the first matrix's device.
         rel_error: same shape, the estimated relative error of each value (0 on the exact route).
-        detection: float64 ``(len(matrices),)``, the coarse effective rank (a detection value).
         exact: bool ``(len(matrices),)``, the values came from the exact route.
         bases: per matrix, the warm start for the next call (``None`` on the exact route).
     """
 
     values: Tensor
     rel_error: Tensor
-    detection: Tensor
     exact: Tensor
     bases: list[Tensor | None]
 
@@ -112,7 +100,7 @@ def cheap_spectral_metrics_many(
         extra: ``r``, random directions added to the block (fresh each call), to find directions
             that rise into the top between steps.
         probes: ``p``, the Hutchinson probes (at least 2, for a standard error); the same ones on
-            every call, which keeps the detection value steady.
+            every call.
         seed: seeds the random directions.
         gram: per matrix, take the Gram route instead: the ``d x d`` Gram matrix (one GEMM,
             ``2 m n d`` flops) and its eigen-decomposition, exact up to float32 rounding of the Gram
@@ -135,15 +123,13 @@ def cheap_spectral_metrics_many(
         raise ValueError(f"`gram` must have one entry per matrix ({n_mat}), got {len(gram)}")
     if n_mat == 0:
         empty = torch.zeros((0, len(CHEAP_METRICS)), dtype=torch.float64)
-        none = torch.zeros(0, dtype=torch.float64)
-        return CheapSpectra(empty, empty.clone(), none, torch.zeros(0, dtype=torch.bool), [])
+        return CheapSpectra(empty, empty.clone(), torch.zeros(0, dtype=torch.bool), [])
     for g in matrices:
         _check_matrix(g)
     device = matrices[0].device
     fro = frobenius_norms(matrices) if frobenius is None else frobenius.to(device=device, dtype=torch.float64)
     values = torch.zeros((n_mat, len(CHEAP_METRICS)), dtype=torch.float64, device=device)
     errors = torch.zeros_like(values)
-    detection = torch.zeros(n_mat, dtype=torch.float64, device=device)
     exact = torch.zeros(n_mat, dtype=torch.bool, device=device)
     bases: list[Tensor | None] = [None] * n_mat
     fro_host = fro.tolist()  # the one host sync: which matrices are safe for float32 products
@@ -154,7 +140,6 @@ def cheap_spectral_metrics_many(
         f = fro_host[i]
         if not math.isfinite(f):
             values[i] = errors[i] = float("nan")
-            detection[i] = float("nan")
             bases[i] = None if warm_start is None else warm_start[i]
             continue
         if f == 0.0:
@@ -174,33 +159,29 @@ def cheap_spectral_metrics_many(
         usable = basis is not None and tuple(basis.shape) == (min(rank, d), d) and basis.dtype == work
         groups[(m, n, work, usable and basis is not None and basis.device == device)].append(i)
     if slow:
-        _exact_route(matrices, slow, fro, values, detection, exact)
+        _exact_route(matrices, slow, fro, values, exact)
     for i in by_gram:
         start = None if warm_start is None else warm_start[i]
         k = min(rank, min(matrices[i].shape))
-        bases[i] = _gram_route(matrices[i], fro[i], start, (k, rank + extra), values, errors, detection, i)
+        bases[i] = _gram_route(matrices[i], fro[i], start, k, values, errors, i)
     for (_, _, work, warm_ok), idx in groups.items():
         warm = warm_start if warm_ok else None
-        _sketch_group(matrices, idx, fro, warm, work, (rank, extra, probes, seed), values, errors, detection, bases)
-    return CheapSpectra(values, errors, detection, exact, bases)
+        _sketch_group(matrices, idx, fro, warm, work, (rank, extra, probes, seed), values, errors, bases)
+    return CheapSpectra(values, errors, exact, bases)
 
 
 def _gram_route(
     matrix: Tensor,
     fro: Tensor,
     warm: Tensor | None,
-    sizes: tuple[int, int],
+    k: int,
     values: Tensor,
     errors: Tensor,
-    detection: Tensor,
     row: int,
 ) -> Tensor:
     """The Gram matrix ``A`` of the small side (one GEMM): ``sum s^4 = ||A||_F^2`` exactly, ``s_1`` by block
     Krylov on ``A`` (warm-started, ``_GRAM_KRYLOV`` blocks: accurate on flat spectra, where a power step
-    converges slowly), the detection value from its top ``sizes[1]`` Ritz values (as many as the sketch's
-    block, so that a layer's detection value does not jump when it changes route) and the exact tail.
-    Returns the next warm start (``sizes[0]`` directions)."""
-    k, b = sizes
+    converges slowly). Returns the next warm start (``k`` directions)."""
     g = matrix.detach()
     work = torch.float64 if g.dtype == torch.float64 else torch.float32
     g = g if g.dtype == work else g.to(work)
@@ -225,40 +206,19 @@ def _gram_route(
     gap = (theta[0] - theta[1]).clamp_min(torch.finfo(torch.float64).tiny) if len(theta) > 1 else lam
     eps = 8 * float(torch.finfo(work).eps)
     s1_err = 0.5 * _safe_div(torch.minimum(res, res.square() / gap), lam) + eps * _safe_div(f2, lam)
-    top = theta[:b]
     values[row] = torch.stack([lam.sqrt(), _safe_div(f2, lam), _safe_div(f2.square(), s4)]).to(values.device)
     errors[row] = torch.stack([s1_err, 2 * s1_err, torch.full_like(s1_err, eps)]).to(errors.device)
-    tail4 = (s4 - top.square().sum()).clamp_min(0.0)
-    detection[row] = _coarse_rank(top[None], f2[None], tail4[None], d)[0].to(detection.device)
     basis: Tensor = (c[:, :k].T.to(work) @ q).contiguous()
     return basis
 
 
-def _coarse_rank(top: Tensor, f2: Tensor, tail4: Tensor, d: int) -> Tensor:
-    """The detection value: ``exp`` of the Shannon entropy of ``s / sum s`` for the top values ``sqrt(top)``
-    (``(L, b)`` eigenvalues of the Gram) and a flat tail of ``r_t`` equal values carrying the rest of
-    ``||G||_F^2`` (exact), ``r_t`` the tail's participation ratio ``E_t^2 / sum_tail s^4``."""
-    b = top.shape[-1]
-    tail_energy = (f2 - top.sum(-1)).clamp_min(0.0)
-    breadth = _safe_div(tail_energy.square(), tail4).clamp(1.0, float(max(d - b, 1)))
-    breadth = torch.where(tail_energy > 0, breadth, torch.zeros_like(breadth))
-    top_s = top.sqrt()
-    tail_s = _safe_div(tail_energy, breadth).sqrt()
-    nuclear = top_s.sum(-1) + breadth * tail_s
-    p_top = _safe_div(top_s, nuclear[:, None])
-    p_tail = _safe_div(tail_s, nuclear)
-    entropy = -torch.special.xlogy(p_top, p_top).sum(-1) - breadth * torch.special.xlogy(p_tail, p_tail)
-    return torch.where(nuclear > 0, torch.exp(entropy), torch.zeros_like(entropy))
-
-
 def _exact_route(
-    matrices: Sequence[Tensor], idx: list[int], fro: Tensor, values: Tensor, detection: Tensor, exact: Tensor
+    matrices: Sequence[Tensor], idx: list[int], fro: Tensor, values: Tensor, exact: Tensor
 ) -> None:
     """Small matrices (and extreme magnitudes): exact, from the singular values."""
     for i in idx:
         s = singular_values(matrices[i].detach())  # float64, rescaled for extreme magnitudes
         values[i] = _exact_values(s, fro[i]).to(values.device)
-        detection[i] = _entropy_rank(s).to(values.device)
         exact[i] = True
 
 
@@ -272,14 +232,8 @@ def _exact_values(s: Tensor, fro: Tensor) -> Tensor:
     return torch.stack([top, ratio.square(), pr])
 
 
-def _entropy_rank(s: Tensor) -> Tensor:
-    total = s.sum()
-    p = _safe_div(s, total)
-    return torch.where(total == 0, torch.zeros_like(total), torch.exp(-torch.special.xlogy(p, p).sum()))
-
-
 def _probes(e: int, p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Rademacher probes ``(p, e)``: the same ones on every call (a steady detection value)."""
+    """Rademacher probes ``(p, e)``: the same ones on every call."""
     gen = torch.Generator().manual_seed(0x5EED + e)
     return (torch.randint(0, 2, (p, e), generator=gen).to(dtype) * 2 - 1).to(device)
 
@@ -300,7 +254,6 @@ def _sketch_group(
     sizes: tuple[int, int, int, int],
     values: Tensor,
     errors: Tensor,
-    detection: Tensor,
     bases: list[Tensor | None],
 ) -> None:
     """Matrices of one shape: three products each, the small linear algebra batched over the group."""
@@ -352,14 +305,11 @@ def _sketch_group(
     gap = (theta[:, 0] - theta[:, 1]).clamp_min(torch.finfo(torch.float64).tiny)
     upper = theta[:, 0] + torch.minimum(rnorm, rnorm.square() / gap)
     s1_err = 0.5 * _safe_div((upper - lam).clamp_min(0.0), lam) + eps
-    # detection: the Ritz values + a flat tail with the exact tail energy and the tail's participation ratio
-    coarse = _coarse_rank(theta, f2, tail4, d)
     # the next warm start: this side's top k directions, Z_Q rotated by the top Ritz vectors
     nxt = _orth_rows(c[:, :, :k].transpose(-2, -1).to(work) @ zq)
     rows = torch.tensor(idx, device=values.device)
     values[rows] = torch.stack([lam.sqrt(), _safe_div(f2, lam), pr], -1).to(values.device)
     errors[rows] = torch.stack([s1_err, 2 * s1_err, pr_err], -1).to(values.device)
-    detection[rows] = coarse.to(values.device)
     for j, i in enumerate(idx):
         bases[i] = nxt[j]
 

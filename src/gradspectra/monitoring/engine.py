@@ -531,7 +531,7 @@ class MonitorEngine:
         spectra = record.get("spectra")
         kinds = list(spectra.values()) if spectra is not None else ["exact"] * len(record["metrics"])
         self._spectra_counts.append(sum(SpectrumSource(k).is_full for k in kinds))
-        self._cheap_counts.append(len(record.get("detection") or {}))
+        self._cheap_counts.append(sum(k == SpectrumSource.CHEAP or SpectrumSource(k).is_full for k in kinds))
         if len(self._spectra_counts) < _AFFORDS_AFTER:
             return
         per_step = sum(self._spectra_counts) / len(self._spectra_counts)

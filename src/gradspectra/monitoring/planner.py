@@ -57,6 +57,7 @@ class Planner:
                 audit=[r for r in pending.audit if r in wanted],
                 deferred=[r for r in pending.deferred if r in wanted],
                 cheap=[r for r in pending.cheap if r in wanted],
+                detect=[r for r in pending.detect if r in wanted],
             )
         if self.budget is None or not wanted <= set(self.rows):
             self.rows = sorted(set(self.rows) | wanted)
@@ -109,7 +110,13 @@ class Planner:
         cheap = ""
         if self.cheap:
             share = cheap_per_step / max(1, n_layers)
+            anchors = len(b.anchors)
             cheap = (
+                f"gives {anchors} anchor layer{'s' if anchors != 1 else ''} the detection value every step, "
+                if anchors
+                else "affords no detection value (pass a larger max_overhead), "
+            )
+            cheap += (
                 "gives every layer the cheap tier (spectral norm, stable rank, participation ratio) every step, "
                 if share >= 0.999
                 else f"gives {100 * share:.0f}% of the layers the cheap tier each step (every layer would "

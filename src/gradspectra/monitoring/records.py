@@ -40,8 +40,9 @@ class BatchRecord(_Required, total=False):
     ``False`` where the front door cannot see the loss (the score then rests on the gradients alone).
     ``skipped``: the optimizer step was dropped (``action="skip"``). ``optimizer``: which of several
     optimizers stepped (only its layers are measured; it has its own baseline). ``detection``: per
-    layer, the cheap tier's detection value (a coarse, steady estimate of the effective rank that the
-    scorer watches as ``effective_rank_coarse``; biased, not the metric: the curves use ``metrics``).
+    anchor layer (a few, the same every step), the detection value (a coarse, steady estimate of the
+    effective rank by low-order Lanczos quadrature that the scorer watches as ``effective_rank_coarse``;
+    biased, not the metric: the curves use ``metrics``).
     """
 
     spectra: dict[str, str]
@@ -69,7 +70,7 @@ class HostTable:
     present: list[int]
     layers_per_rank: list[int] | None = None
     loss: float | None = None
-    detection: np.ndarray | None = None  # (layers,) the cheap tier's detection value, NaN where not computed
+    detection: np.ndarray | None = None  # (layers,) the detection value (anchor layers), NaN where not computed
 
     @classmethod
     def unmeasured(cls, n_layers: int, n_metrics: int, present: list[int]) -> HostTable:

@@ -11,8 +11,8 @@ class SpectrumSource(str, Enum):
     ``DEFERRED``: no spectrum this step (only the metrics from the entries, the Frobenius norm).
     ``EXACT``: an exact decomposition. ``ESTIMATE``: the bounded-error estimator.
     ``AUDIT``: exact values, also estimated to measure the estimator's real error.
-    ``CHEAP``: no full spectrum, the cheap tier only (spectral norm, stable rank, participation ratio
-    and the detection value, :func:`gradspectra.functional.cheap_spectral_metrics_many`).
+    ``CHEAP``: no full spectrum, the cheap tier only (spectral norm, stable rank, participation ratio,
+    :func:`gradspectra.functional.cheap_spectral_metrics_many`).
     """
 
     DEFERRED = "deferred"

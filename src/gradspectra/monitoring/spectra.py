@@ -17,6 +17,7 @@ from gradspectra.functional import (
     ENTRY_METRICS,
     Method,
     cheap_spectral_metrics_many,
+    coarse_effective_rank_many,
     estimate_spectral_metrics_many,
     factored_singular_values,
     frobenius_norm,
@@ -25,7 +26,7 @@ from gradspectra.functional import (
     needs_spectrum,
     spectral_metrics_many,
 )
-from gradspectra.monitoring.budget import Plan
+from gradspectra.monitoring.budget import DETECT, Plan
 from gradspectra.monitoring.sources import SpectrumSource
 
 _CHEAP_TOLERANCE = 0.02  # two sketches in a row whose error estimate exceeds this send a layer to the Gram route ...
@@ -41,8 +42,9 @@ class SpectraResult:
     that a sum over ranks assembles the table); ``codes`` ``(layers,)`` the :attr:`SpectrumSource.code`
     of each row. ``errors`` holds the estimator's own relative error estimate for estimated rows and the
     realised relative error (estimate vs exact) for audited rows. ``work`` lists ``(kind, rows, seconds)``
-    of the timed work, for the budget to learn from. ``detection`` ``(layers,)``: the cheap tier's
-    detection value (a coarse effective rank) where ``detected`` is 1, zeros elsewhere (so that ranks sum).
+    of the timed work, for the budget to learn from. ``detection`` ``(layers,)``: the detection
+    value (a coarse effective rank, on the anchor layers) where ``detected`` is 1, zeros elsewhere (so that
+    ranks sum).
     """
 
     values: Tensor
@@ -52,9 +54,9 @@ class SpectraResult:
     detected: Tensor
     computed: int = 0  # layers given a full spectrum here (counted on the host, no device sync)
     factored_rows: list[int] = field(default_factory=list)
-    work: list[tuple[SpectrumSource, list[int], float]] = field(default_factory=list)
+    work: list[tuple[str, list[int], float]] = field(default_factory=list)  # kind: a SpectrumSource or DETECT
     seconds: float = 0.0  # full-spectrum work of this step (the Frobenius norms and the cheap tier excluded)
-    cheap_seconds: float = 0.0  # the cheap tier's work (paid for up front by the budget)
+    cheap_seconds: float = 0.0  # the cheap tier's and the detection value's work (paid for up front by the budget)
 
 
 def source_columns(metric_names: Sequence[str], device: torch.device) -> Tensor:
@@ -142,6 +144,9 @@ class SpectraRunner:
         cheap_rows = [r for r in plan.cheap if r in at]
         if cheap_rows and norms is not None:
             self._cheap_rows(out, cheap_rows, [matrices[at[r]] for r in cheap_rows], norms[[at[r] for r in cheap_rows]])
+        detect_rows = [r for r in plan.detect if r in at]
+        if detect_rows:
+            self._detect_rows(out, detect_rows, [matrices[at[r]] for r in detect_rows])
         exact_rows = [r for r in plan.exact if r in at]
         estimate_rows = [r for r in plan.estimate + plan.audit if r in at]
         out.computed = len(exact_rows) + len([r for r in plan.estimate if r in at])
@@ -182,9 +187,19 @@ class SpectraRunner:
             cells = (torch.tensor(rows, device=device)[:, None], torch.tensor(cols, device=device))
             out.values[cells] = cheap.values[:, src].to(device)
             out.errors[cells] = cheap.rel_error[:, src].to(device)
-        out.detection[rows] = cheap.detection.to(device)
-        out.detected[rows] = 1.0
         out.codes[rows] = SpectrumSource.CHEAP.code
+
+    def _detect_rows(self, out: SpectraResult, rows: list[int], matrices: list[Tensor]) -> None:
+        """The detection value (a coarse effective rank, steady from step to step) of the anchor layers."""
+        device = out.values.device
+        t0 = time.perf_counter()
+        with self.threads(device):
+            value = coarse_effective_rank_many(matrices)
+        seconds = time.perf_counter() - t0
+        out.work.append((DETECT, list(rows), seconds))
+        out.cheap_seconds += seconds
+        out.detection[rows] = value.to(device)
+        out.detected[rows] = 1.0
 
     def _settle_routes(self) -> None:
         """The last step's sketch errors (long computed by now): a layer above the tolerance takes the Gram route."""

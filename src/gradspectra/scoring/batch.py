@@ -147,7 +147,7 @@ POSITIVE_METRICS: tuple[str, ...] = (
     "top_sv_ratio",
     "effective_rank",
     "participation_ratio",
-    "effective_rank_coarse",  # the cheap tier's detection value (gradspectra.functional.DETECTION_METRIC)
+    "effective_rank_coarse",  # the detection value (gradspectra.functional.DETECTION_METRIC)
 )
 
 LOSS_KEY = "loss"
