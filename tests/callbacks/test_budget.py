@@ -304,3 +304,32 @@ def test_cheap_needs_says_what_covers_every_layer() -> None:
     roomy = OverheadBudget(SHAPES, needs * 1.05, cheap=True)
     plans = simulate_cheap(roomy, 60, step_seconds=0.5)
     assert all(plan.cheap == list(range(len(SHAPES))) for plan, _, _ in plans[30:])
+
+
+def test_the_number_of_anchors_follows_the_measured_cost_of_one_call() -> None:
+    """One call computes every anchor's detection value: most of its time is fixed (2.4 ms here, 1.4 ms per
+    anchor). The count settles where the call fits in three quarters of the earnings, without flapping, and
+    drops when the work gets dearer (a busy machine)."""
+    budget = OverheadBudget(SHAPES, 0.03, cheap=True)
+    fixed, each = 0.0024, 0.0014
+
+    def run(steps: int) -> list[int]:
+        counts = []
+        for _ in range(steps):
+            budget.observe_step(0.6)
+            plan = budget.plan()
+            budget.observe_work(DETECT, plan.detect, fixed + each * len(plan.detect))
+            budget.observe_fixed(0.004)
+            counts.append(len(plan.detect))
+        return counts
+
+    # earnings 0.8 x 0.03 x 0.6 s - 4 ms = 10.4 ms, three quarters 7.8 ms: 3 anchors (6.6 ms) to 5 (9.4 ms,
+    # within the quarter above the share that does not shrink the set), never 6 (10.8 ms); then no flapping
+    counts = run(120)
+    assert counts[-60:] == [counts[-1]] * 60 and counts[-1] in (3, 4, 5)
+    assert all(SHAPES[i] == (384, 384) for i in budget.anchors)
+    first = list(budget.anchors)
+    fixed, each = 3 * fixed, 3 * each  # three times slower: 1 anchor (11.4 ms), the least there is
+    counts = run(90)  # one fewer every 10 steps at most
+    assert counts[-30:] == [1] * 30 and counts == sorted(counts, reverse=True)
+    assert set(budget.anchors) <= set(first)  # the smaller set is part of the larger one: its series go on

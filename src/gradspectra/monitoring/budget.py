@@ -53,6 +53,7 @@ _KINDS = (EXACT, ESTIMATE, CHEAP, DETECT)
 #: AUROC 0.977-0.986 against 0.980-0.984 with every layer's: a few layers carry the signal.
 DETECT_MAX = 6
 _DETECT_SHARE = 0.75  # share of a step's earnings the detection anchors may take (they carry the flags)
+_DETECT_SETTLE = 10  # steps between two changes of the number of anchors
 _CHEAP_SHARE = 0.75  # share of what is left for the cheap tier when it cannot cover every layer
 _GOLDEN = (math.sqrt(5) - 1) / 2  # the anchors' low-discrepancy sequence
 _CHEAP_COLUMNS = 64  # the cheap tier's column-passes over a matrix: 16 + 2 x 24 (rank 8 + 8 random, + 8 probes)
@@ -185,6 +186,9 @@ class OverheadBudget:
         self._figures_per_step = 0.0  # the figures' cost spread over the steps between drawings
         self.log_seconds: float | None = None  # one logging of the per-layer scalars, measured
         self._logging_per_step = 0.0
+        self.detect_seconds: float | None = None  # the detection value's measured time per step (all anchors)
+        self._detect_since = 0  # steps since the number of anchors last changed
+        self._detect_calibrated = False  # the last step was the calibration (every anchor)
 
     # ------------------------------------------------------------------ measurements
 
@@ -254,6 +258,9 @@ class OverheadBudget:
             raise ValueError(f"`kind` must be one of {_KINDS}, got {kind!r}")
         if not layers or not (seconds >= 0 and math.isfinite(seconds)):
             return
+        if kind == DETECT:
+            d = self.detect_seconds
+            self.detect_seconds = seconds if d is None else (1 - _EMA) * d + _EMA * seconds
         predicted = [self.cost(kind, i) for i in layers]
         total = sum(predicted) or 1.0
         flops = sum(work_flops(kind, self.shapes[i], self.estimate_rank, self.estimate_passes) for i in layers)
@@ -285,21 +292,48 @@ class OverheadBudget:
         return max(0.0, planned - self.fixed_seconds - self._figures_per_step - self._logging_per_step)
 
     def _plan_detect(self, plan: Plan, earned: float) -> float:
-        """The detection value first, for the anchors (:meth:`_choose_anchors`): what is left of ``earned``."""
+        """The detection value first, for the anchors: what is left of ``earned``.
+
+        Their number follows the measured cost of the detection work (one call for all anchors: most of
+        a call's time is its fixed part, so a per-layer price would keep the count too low): at most
+        :data:`_DETECT_SHARE` of the earnings: one more anchor when the measured cost plus half the cost
+        per anchor fits in 90 % of the share, one fewer when the cost exceeds it by 25 % (a band: a busy
+        machine's noisy timings must not make the set flap), one change at most every
+        :data:`_DETECT_SETTLE` steps; after the calibration (every anchor) straight down to what fits. A
+        larger set keeps the smaller one (:meth:`_choose_anchors`).
+        """
         n = len(self.shapes)
         if not self.cheap or n == 0:
             return earned
         pool = self._anchor_pool()
-        # priced at the rate learned last (the work is proportional to its flops): a first, slow call must
-        # not keep a price that would leave the anchors too few for good
-        each = self._rate[DETECT] * work_flops(DETECT, self.shapes[pool[0]])
-        if self.step_seconds is None:
-            count = min(DETECT_MAX, len(pool))  # the first step: calibration, not charged
-        else:
-            count = int(_DETECT_SHARE * max(0.0, earned) / each) if each > 0 else DETECT_MAX
-        self._choose_anchors(pool, max(1, min(DETECT_MAX, len(pool), count)))
+        top = min(DETECT_MAX, len(pool))
+        if self.step_seconds is None:  # the first step: calibration with every anchor, not charged
+            self._detect_calibrated = True
+            self._choose_anchors(pool, top)
+            plan.detect = list(self.anchors)
+            return earned
+        share = _DETECT_SHARE * max(0.0, earned)
+        count = len(self.anchors)
+        if not self.anchors:  # no calibration step: as many as the flop-count prior affords
+            prior = self._rate[DETECT] * work_flops(DETECT, self.shapes[pool[0]])
+            count = max(1, min(top, int(share / prior))) if prior > 0 else 1
+            self._detect_calibrated = True  # a guess: corrected by its first measurement
+        spent = self.detect_seconds if self.detect_seconds is not None else 0.0
+        self._detect_since += 1
+        if self._detect_calibrated and self.detect_seconds is not None and count > 0:
+            self._detect_calibrated = False  # the calibration's cost is known: straight down to what fits
+            count = max(1, min(count, int(share / (spent / count))))
+        elif self._detect_since >= _DETECT_SETTLE and count > 0:
+            each = spent / count
+            if spent > 1.25 * share and count > 1:
+                count -= 1
+            elif spent + 0.5 * each <= 0.9 * share and count < top:
+                count += 1
+        if count != len(self.anchors) or not self.anchors:
+            self._choose_anchors(pool, max(1, count))
+            self._detect_since = 0
         plan.detect = list(self.anchors)
-        return earned if self.step_seconds is None else earned - each * len(self.anchors)
+        return earned - spent
 
     def _anchor_pool(self) -> list[int]:
         """The layers of the most common shape (the first of them on a tie): a model's repeated matrices
@@ -312,11 +346,8 @@ class OverheadBudget:
 
     def _choose_anchors(self, pool: list[int], count: int) -> None:
         """``count`` anchors: the first ``count`` of a low-discrepancy (golden-ratio) sequence over ``pool``
-        (spread over depth, never in step with a model's period of components per block). Kept while
-        ``count`` stays within a quarter of their number (at least one): a new set changes which layers the
-        scorer sees every step; a larger set keeps the smaller one (the sequence's first terms)."""
-        if self.anchors and abs(count - len(self.anchors)) <= max(1, 0.25 * len(self.anchors)):
-            return
+        (spread over depth, never in step with a model's period of components per block), so that a larger
+        set keeps the smaller one and the scorer's series go on."""
         self.anchors = sorted(pool[k] for k in _golden(count, len(pool), sort=False))
 
     def _plan_cheap(self, plan: Plan, earned: float) -> float:
