@@ -53,7 +53,7 @@ _KINDS = (EXACT, ESTIMATE, CHEAP, DETECT)
 #: AUROC 0.977-0.986 against 0.980-0.984 with every layer's: a few layers carry the signal.
 DETECT_MAX = 6
 _DETECT_SHARE = 0.75  # share of a step's earnings the detection anchors may take (they carry the flags)
-_DETECT_SETTLE = 10  # steps between two changes of the number of anchors
+_DETECT_SETTLE = 20  # steps between two changes of the number of anchors
 _CHEAP_SHARE = 0.75  # share of what is left for the cheap tier when it cannot cover every layer
 _GOLDEN = (math.sqrt(5) - 1) / 2  # the anchors' low-discrepancy sequence
 _CHEAP_COLUMNS = 64  # the cheap tier's column-passes over a matrix: 16 + 2 x 24 (rank 8 + 8 random, + 8 probes)
@@ -260,7 +260,8 @@ class OverheadBudget:
             return
         if kind == DETECT:
             d = self.detect_seconds
-            self.detect_seconds = seconds if d is None else (1 - _EMA) * d + _EMA * seconds
+            # slower than the other averages: the number of anchors must not follow a busy machine's noise
+            self.detect_seconds = seconds if d is None else (1 - _EMA / 3) * d + _EMA / 3 * seconds
         predicted = [self.cost(kind, i) for i in layers]
         total = sum(predicted) or 1.0
         flops = sum(work_flops(kind, self.shapes[i], self.estimate_rank, self.estimate_passes) for i in layers)
@@ -297,8 +298,8 @@ class OverheadBudget:
         Their number follows the measured cost of the detection work (one call for all anchors: most of
         a call's time is its fixed part, so a per-layer price would keep the count too low): at most
         :data:`_DETECT_SHARE` of the earnings: one more anchor when the measured cost plus half the cost
-        per anchor fits in 90 % of the share, one fewer when the cost exceeds it by 25 % (a band: a busy
-        machine's noisy timings must not make the set flap), one change at most every
+        per anchor fits in 80 % of the share, one fewer when the cost exceeds it by half (a wide band and a
+        slow average: a busy machine's noisy timings must not make the set flap), one change at most every
         :data:`_DETECT_SETTLE` steps; after the calibration (every anchor) straight down to what fits. A
         larger set keeps the smaller one (:meth:`_choose_anchors`).
         """
@@ -325,9 +326,9 @@ class OverheadBudget:
             count = max(1, min(count, int(share / (spent / count))))
         elif self._detect_since >= _DETECT_SETTLE and count > 0:
             each = spent / count
-            if spent > 1.25 * share and count > 1:
+            if spent > 1.5 * share and count > 1:
                 count -= 1
-            elif spent + 0.5 * each <= 0.9 * share and count < top:
+            elif spent + 0.5 * each <= 0.8 * share and count < top:
                 count += 1
         if count != len(self.anchors) or not self.anchors:
             self._choose_anchors(pool, max(1, count))
