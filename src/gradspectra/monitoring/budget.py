@@ -52,9 +52,10 @@ _KINDS = (EXACT, ESTIMATE, CHEAP, DETECT)
 #: (every layer's exact spectrum), the exact effective rank of 3, 4, 6 and 8 such layers gave macro
 #: AUROC 0.977-0.986 against 0.980-0.984 with every layer's: a few layers carry the signal.
 DETECT_MAX = 6
-_DETECT_SHARE = 0.75  # share of a step's earnings the detection anchors may take (they carry the flags)
+_DETECT_SHARE = 0.5  # share of a step's earnings the detection anchors may take (the rest: cheap tier, full spectra)
 _DETECT_SETTLE = 20  # steps between two changes of the number of anchors
-_CHEAP_SHARE = 0.75  # share of what is left for the cheap tier when it cannot cover every layer
+_CHEAP_SHARE = 0.75  # share of what is left for the cheap tier when it cannot cover every layer ...
+_FULL_CADENCE = 200  # ... after a floor for full spectra: every layer's once in this many steps
 _GOLDEN = (math.sqrt(5) - 1) / 2  # the anchors' low-discrepancy sequence
 _CHEAP_COLUMNS = 64  # the cheap tier's column-passes over a matrix: 16 + 2 x 24 (rank 8 + 8 random, + 8 probes)
 _DETECT_COLUMNS = 88  # the detection value's: 3 x 8 (range finder) + 8 Lanczos steps x 2 products x 4 probes
@@ -297,11 +298,12 @@ class OverheadBudget:
 
         Their number follows the measured cost of the detection work (one call for all anchors: most of
         a call's time is its fixed part, so a per-layer price would keep the count too low): at most
-        :data:`_DETECT_SHARE` of the earnings: one more anchor when the measured cost plus half the cost
-        per anchor fits in 80 % of the share, one fewer when the cost exceeds it by half (a wide band and a
-        slow average: a busy machine's noisy timings must not make the set flap), one change at most every
-        :data:`_DETECT_SETTLE` steps; after the calibration (every anchor) straight down to what fits. A
-        larger set keeps the smaller one (:meth:`_choose_anchors`).
+        :data:`_DETECT_SHARE` of the earnings: after the calibration (every anchor) straight down to what
+        fits; above the share by a quarter, down to what fits (at most every quarter of
+        :data:`_DETECT_SETTLE` steps); one more anchor when the measured cost plus half the cost per
+        anchor fits in 80 % of the share (at most every :data:`_DETECT_SETTLE` steps): a band and a slow
+        average, so that a busy machine's noisy timings do not make the set flap. A larger set keeps the
+        smaller one (:meth:`_choose_anchors`).
         """
         n = len(self.shapes)
         if not self.cheap or n == 0:
@@ -324,12 +326,12 @@ class OverheadBudget:
         if self._detect_calibrated and self.detect_seconds is not None and count > 0:
             self._detect_calibrated = False  # the calibration's cost is known: straight down to what fits
             count = max(1, min(count, int(share / (spent / count))))
-        elif self._detect_since >= _DETECT_SETTLE and count > 0:
+        elif count > 0:
             each = spent / count
-            if spent > 1.5 * share and count > 1:
-                count -= 1
-            elif spent + 0.5 * each <= 0.8 * share and count < top:
-                count += 1
+            if spent > 1.25 * share and count > 1 and self._detect_since >= _DETECT_SETTLE // 4:
+                count = max(1, min(count - 1, int(share / each)))  # over budget: down soon, to what fits
+            elif spent + 0.5 * each <= 0.8 * share and count < top and self._detect_since >= _DETECT_SETTLE:
+                count += 1  # room: up slowly
         if count != len(self.anchors) or not self.anchors:
             self._choose_anchors(pool, max(1, count))
             self._detect_since = 0
@@ -353,7 +355,8 @@ class OverheadBudget:
 
     def _plan_cheap(self, plan: Plan, earned: float) -> float:
         """The cheap tier: every layer when ``earned`` covers it (the rest is left for full spectra), else
-        :data:`_CHEAP_SHARE` of it (with carry-over) buys it for the layers in turn, oldest first. What is
+        :data:`_CHEAP_SHARE` of what is left after a floor for full spectra (every layer's within
+        :data:`_FULL_CADENCE` steps) buys it (with carry-over) for the layers in turn, oldest first. What is
         left of ``earned`` goes to full spectra."""
         n = len(self.shapes)
         if not self.cheap:
@@ -366,7 +369,9 @@ class OverheadBudget:
             plan.cheap = list(range(n))
             self._cheap_credit = 0.0
             return earned - sum(costs)
-        share = _CHEAP_SHARE * max(0.0, earned)
+        # full spectra keep a floor: enough for every layer's within _FULL_CADENCE steps, when it fits
+        full = sum(min(self.cost(EXACT, i), self.cost(ESTIMATE, i)) for i in range(n)) / _FULL_CADENCE
+        share = _CHEAP_SHARE * max(0.0, earned - full)
         self._cheap_credit = min(self._cheap_credit + share, 2 * share + max(costs))
         for k in range(n):
             i = (self._next_cheap + k) % n
