@@ -212,7 +212,7 @@ def test_logging_is_spaced_and_paid_for_like_figures() -> None:
 # --------------------------------------------------------------------------- the cheap tier
 
 CHEAP_COST = 0.0004  # a made-up 0.4 ms per 384^2 matrix for the three products
-DETECT_COST = 0.0009  # and 0.9 ms for the detection value (measured ~1 ms on one CPU thread)
+DETECT_COST = 0.0009  # and a made-up 0.9 ms per 384^2 anchor for the detection value
 
 
 def simulate_cheap(budget: OverheadBudget, steps: int, step_seconds: float = 1.0) -> list[tuple[Plan, float, float]]:

@@ -8,13 +8,15 @@ else it does reads each gradient once. :class:`OverheadBudget` keeps that cost a
   records, logging) as exponential moving averages of what it measured on earlier steps;
 - it learns the cost of each kind of work per matrix shape, ``"exact"``, ``"estimate"`` and
   ``"cheap"``, from the measured time of the work done (priors from a flop count until a shape has
-  been measured);
+  been measured), and the time of the one ``"detect"`` call per step;
 - each step it earns ``0.8 x max_overhead x step - fixed`` seconds; the detection value (a coarse
-  effective rank, :func:`gradspectra.functional.coarse_effective_rank_many`) comes first, for a fixed
-  set of *anchor* layers every step (at most :data:`DETECT_MAX`, as many as half the earnings afford,
-  spread over the watched order by a rule that does not depend on the model); then the cheap tier
-  (spectral norm, stable rank, participation ratio, three thin products per matrix): every layer when
-  what is left covers it, else as many layers as three quarters of it cover, oldest first;
+  effective rank, :func:`gradspectra.functional.coarse_effective_rank_many`) comes first, for a few
+  *anchor* layers of the model's most common shape, the same every step (1 to :data:`DETECT_MAX`,
+  their number following the call's measured time within half the earnings: :meth:`_plan_detect`);
+  then the cheap tier (spectral norm, stable rank, participation ratio, three thin products per
+  matrix): every layer when what is left covers it, else, after a floor for full spectra (every
+  layer's within :data:`_FULL_CADENCE` steps), as many layers as three quarters of the rest cover,
+  oldest first;
 - what is left is credit (unspent credit carries
   over, up to a cap) for full spectra: exact spectra for every layer when the credit covers them;
   else estimates, for every layer when it can, else for the layers whose spectra are oldest
@@ -49,8 +51,8 @@ CHEAP = SpectrumSource.CHEAP
 DETECT = "detect"
 _KINDS = (EXACT, ESTIMATE, CHEAP, DETECT)
 #: The most anchor layers with a detection value per step. On the detection benchmark's kept records
-#: (every layer's exact spectrum), the exact effective rank of 3, 4, 6 and 8 such layers gave macro
-#: AUROC 0.977-0.986 against 0.980-0.984 with every layer's: a few layers carry the signal.
+#: (every layer's exact spectrum), the exact effective rank of 1 to 8 such layers gave macro AUROC
+#: 0.969-0.990 against 0.980-0.984 with every layer's: a few layers carry the signal.
 DETECT_MAX = 6
 _DETECT_SHARE = 0.5  # share of a step's earnings the detection anchors may take (the rest: cheap tier, full spectra)
 _DETECT_SETTLE = 20  # steps between two changes of the number of anchors
@@ -129,6 +131,18 @@ def _golden(count: int, n: int, sort: bool = True) -> list[int]:
     return sorted(chosen) if sort else chosen
 
 
+def _anchor_pool(shapes: Sequence[tuple[int, int]]) -> list[int]:
+    """The layers of the most common shape (the first of them on a tie): a model's repeated matrices (a
+    transformer's attention projections), not its odd ones (a classifier head, an embedding)."""
+    counts: dict[tuple[int, int], int] = {}
+    for shape in shapes:  # in order: on a tie, max() keeps the shape seen first
+        counts[shape] = counts.get(shape, 0) + 1
+    if not counts:
+        return []
+    common = max(counts, key=lambda shape: counts[shape])
+    return [i for i, shape in enumerate(shapes) if shape == common]
+
+
 class OverheadBudget:
     """Per-step plans that keep the monitor's cost near ``max_overhead`` x the training step time.
 
@@ -161,6 +175,7 @@ class OverheadBudget:
         if not (0.0 < float(max_overhead) <= 10.0) or math.isnan(max_overhead):
             raise ValueError(f"`max_overhead` must be in (0, 10], got {max_overhead!r}")
         self.shapes = [(int(m), int(n)) for m, n in shapes]
+        self._pool = _anchor_pool(self.shapes)
         self.max_overhead = float(max_overhead)
         self.estimate_rank = estimate_rank
         self.estimate_passes = estimate_passes
@@ -308,7 +323,7 @@ class OverheadBudget:
         n = len(self.shapes)
         if not self.cheap or n == 0:
             return earned
-        pool = self._anchor_pool()
+        pool = self._pool
         top = min(DETECT_MAX, len(pool))
         if self.step_seconds is None:  # the first step: calibration with every anchor, not charged
             self._detect_calibrated = True
@@ -337,15 +352,6 @@ class OverheadBudget:
             self._detect_since = 0
         plan.detect = list(self.anchors)
         return earned - spent
-
-    def _anchor_pool(self) -> list[int]:
-        """The layers of the most common shape (the first of them on a tie): a model's repeated matrices
-        (a transformer's attention projections), not its odd ones (a classifier head, an embedding)."""
-        counts: dict[tuple[int, int], int] = {}
-        for shape in self.shapes:
-            counts[shape] = counts.get(shape, 0) + 1
-        common = max(counts, key=lambda shape: (counts[shape], -self.shapes.index(shape)))
-        return [i for i, shape in enumerate(self.shapes) if shape == common]
 
     def _choose_anchors(self, pool: list[int], count: int) -> None:
         """``count`` anchors: the first ``count`` of a low-discrepancy (golden-ratio) sequence over ``pool``
@@ -475,7 +481,7 @@ class OverheadBudget:
             return math.nan
         n = len(self.shapes)
         cheap = sum(self.cost(CHEAP, i) for i in range(n))
-        pool = self._anchor_pool()
+        pool = self._pool
         cheap += min(DETECT_MAX, len(pool)) * self._rate[DETECT] * work_flops(DETECT, self.shapes[pool[0]])
         spent = cheap + self.fixed_seconds + self._figures_per_step + self._logging_per_step
         return spent / (_HEADROOM * self.step_seconds)
