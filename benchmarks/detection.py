@@ -201,7 +201,9 @@ def rescore(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for layer, value in (r.get("detection") or {}).items():
             seen.setdefault(layer, {})[DETECTION_METRIC] = value
         result = scorer.score(seen, r["loss"])
-        out.append({**r, "score": result.score, "flagged": result.flagged, "reasons": result.reasons})
+        out.append(
+            {**r, "score": result.score, "flagged": result.flagged, "reasons": result.reasons, "events": result.events}
+        )
     return out
 
 
@@ -311,6 +313,245 @@ def table(results: Sequence[KindResult]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- the grid
+
+#: ``--grid``: tasks, learning-rate schedules, corrupted fractions and seeds, every combination one run.
+GRID_TASKS = ("reviews", "topics", "pairs", "arithmetic")
+#: The split, fixed before any tuning: the scorer is tuned on these tasks' runs ...
+TUNING_TASKS = ("reviews", "arithmetic")
+#: ... and these are reported as held out (never looked at while choosing anything).
+HELD_OUT_TASKS = ("topics", "pairs")
+GRID_SCHEDULES = ("constant", "warmup_decay", "high")
+GRID_FRACTIONS = (0.0, 0.05, 0.2)
+GRID_SEEDS = (0, 1)
+#: Mixed runs cycle through every kind of their task.
+GRID_TEXT_KINDS = (*REVIEW_KINDS, "short", "one_template")
+GRID_LM_KINDS = ("irrelevant_response", "answer_only", "duplicate", "random_tokens")
+GRID_LR = {"minilm": 3e-5, "llama": 1e-3}  # "high" multiplies these by GRID_HIGH
+GRID_HIGH = 4.0
+GRID_STEPS = 150
+GRID_MAX_LENGTH = 24  # MiniLM tokens per sample (a pair shares them)
+GRID_LM_PRETRAIN = 300
+
+
+def grid_names(tasks: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    return [
+        f"{task}-{schedule}-{round(100 * fraction):02d}-s{seed}"
+        for task in tasks
+        for schedule in GRID_SCHEDULES
+        for fraction in GRID_FRACTIONS
+        for seed in seeds
+    ]
+
+
+def parse_grid_name(name: str) -> tuple[str, str, float, int]:
+    task, schedule, fraction, seed = name.split("-")
+    return task, schedule, int(fraction) / 100, int(seed[1:])
+
+
+def grid_run(name: str, spectra: str, out: Path) -> None:
+    """One run of the grid, its records (labelled with each batch's corruption) written to ``out``."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from gradspectra.demo.data import arithmetic_batches, text_batches
+    from gradspectra.demo.models import (
+        CharTokenizer,
+        ReviewClassifier,
+        TinyCausalLM,
+        TokenizedBatches,
+        lm_batch,
+        load_tokenizer,
+    )
+
+    task, schedule, fraction, seed = parse_grid_name(name)
+    lr_schedule = "warmup_decay" if schedule == "warmup_decay" else "constant"
+    boost = GRID_HIGH if schedule == "high" else 1.0
+    pl.seed_everything(seed, verbose=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        monitor = _monitor(work, None, spectra)
+        if task == "arithmetic":
+            tokenizer = CharTokenizer()
+
+            def tensors(planned: Sequence[Any]) -> list[dict[str, Any]]:
+                data = []
+                for b in planned:
+                    batch = lm_batch(tokenizer, [x.prompt for x in b.samples], [x.response for x in b.samples], 224)
+                    batch["sample_id"] = torch.tensor([x.sample_id for x in b.samples])
+                    data.append(batch)
+                return data
+
+            model: Any = TinyCausalLM(
+                tokenizer.vocab_size, lr=GRID_LR["llama"] * boost, schedule=lr_schedule, total_steps=GRID_STEPS
+            )
+            clean = arithmetic_batches(GRID_LM_PRETRAIN, corrupt_fraction=0.0, seed=seed + 1_000)
+            pretrain = TinyCausalLM(tokenizer.vocab_size, lr=GRID_LR["llama"])
+            pretrain.model = model.model
+            pl.Trainer(
+                max_steps=GRID_LM_PRETRAIN,
+                accelerator="cpu",
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            ).fit(pretrain, DataLoader(cast(Any, tensors(clean)), batch_size=None, shuffle=False))
+            planned: Sequence[Any] = arithmetic_batches(
+                GRID_STEPS, corrupt_fraction=fraction, corruptions=GRID_LM_KINDS, clean_prefix=CLEAN_PREFIX, seed=seed
+            )
+            data: Any = tensors(planned)
+        else:
+            from gradspectra.demo.data import TEXT_TASKS
+
+            planned = text_batches(
+                task, GRID_STEPS, corrupt_fraction=fraction, corruptions=GRID_TEXT_KINDS, clean_prefix=CLEAN_PREFIX,
+                seed=seed,
+            )
+            data = TokenizedBatches(planned, load_tokenizer(), max_length=GRID_MAX_LENGTH)
+            model = ReviewClassifier(
+                lr=GRID_LR["minilm"] * boost, num_labels=TEXT_TASKS[task], schedule=lr_schedule,
+                total_steps=GRID_STEPS,
+            )
+        _trainer(GRID_STEPS, monitor).fit(model, DataLoader(data, batch_size=None, shuffle=False))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(work / "batches.jsonl", out)
+    _add_labels(out, {b.index: b.corruption for b in planned})
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    """Every run of the grid not yet in ``--records``, ``--jobs`` at a time, each in its own process."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = grid_names(args.tasks, args.seeds)
+    todo = [n for n in names if not (args.records / f"{n}.jsonl").exists()]
+    print(f"grid: {len(names)} runs, {len(todo)} to do, {args.jobs} at a time", file=sys.stderr, flush=True)
+
+    def one(name: str) -> None:
+        t0 = time.perf_counter()
+        cmd = [sys.executable, __file__, "--grid-run", name, "--spectra", args.spectra, "--records", str(args.records)]
+        cmd += ["--threads", str(args.threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        status = "ok" if done.returncode == 0 else f"FAILED ({done.stderr.strip().splitlines()[-1:]})"
+        print(f"{name}: {status} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, todo))
+
+
+@dataclass
+class RunSummary:
+    name: str
+    task: str
+    fraction: float
+    scored_clean: int
+    false_flags: int
+    longest_false_run: int
+    corrupted: int
+    caught: int
+    shifts: int
+    kinds: dict[str, tuple[float, float, float]]  # kind -> AUROC ours, loss z, grad-norm z (better side)
+
+
+def summarize_run(name: str, records: Sequence[dict[str, Any]]) -> RunSummary:
+    """False flags, their longest run, recall and per-kind AUROC of one run's records."""
+    task, _, fraction, _ = parse_grid_name(name)
+    peers = {p: peer_scores(records, p) for p in ("loss", "grad_norm")}
+    keep = [i for i, r in enumerate(records) if r["score"] is not None]
+    kind_of = [records[i].get("corruption") for i in keep]
+    flags = [bool(records[i]["flagged"]) for i in keep]
+    clean_flags = [f for f, k in zip(flags, kind_of) if k is None]
+    longest = current = 0
+    for f in clean_flags:  # corrupted steps between clean ones neither break nor extend a run
+        current = current + 1 if f else 0
+        longest = max(longest, current)
+    kinds: dict[str, tuple[float, float, float]] = {}
+    for kind in sorted({k for k in kind_of if k is not None}):
+        rows = [j for j, k in enumerate(kind_of) if k in (None, kind)]
+        labels = [kind_of[j] == kind for j in rows]
+        ours = [records[keep[j]]["score"] for j in rows]
+        best = []
+        for high, both in peers.values():
+            one_sided = _auroc([high[keep[j]] for j in rows], labels)
+            best.append(max(one_sided, _auroc([both[keep[j]] for j in rows], labels)))
+        kinds[kind] = (_auroc(ours, labels), best[0], best[1])
+    shifts = sum(1 for r in records for e in (r.get("events") or []) if e.get("kind") == "shift")
+    return RunSummary(
+        name=name,
+        task=task,
+        fraction=fraction,
+        scored_clean=len(clean_flags),
+        false_flags=sum(clean_flags),
+        longest_false_run=longest,
+        corrupted=sum(k is not None for k in kind_of),
+        caught=sum(f for f, k in zip(flags, kind_of) if k is not None),
+        shifts=shifts,
+        kinds=kinds,
+    )
+
+
+def grid_table(summaries: Sequence[RunSummary], title: str) -> str:
+    """One half of the grid: clean-only runs, mixed runs per kind, worst cases."""
+    if not summaries:
+        return f"### {title}\n\n(no runs)\n"
+    mean = statistics.fmean
+    clean = [s for s in summaries if s.fraction == 0.0]
+    mixed = [s for s in summaries if s.fraction > 0.0]
+
+    def rate(s: RunSummary) -> float:
+        return s.false_flags / max(1, s.scored_clean)
+
+    lines = [f"### {title}", ""]
+    if clean:
+        worst = max(clean, key=rate)
+        lines.append(
+            f"Clean-only runs ({len(clean)}): flagged {100 * mean(rate(s) for s in clean):.1f} % of scored steps on "
+            f"average, worst {100 * rate(worst):.1f} % ({worst.name}); longest run of false flags "
+            f"{max(s.longest_false_run for s in clean)}; shift events {sum(s.shifts for s in clean)}."
+        )
+    if mixed:
+        worst = max(mixed, key=rate)
+        caught = sum(s.caught for s in mixed) / max(1, sum(s.corrupted for s in mixed))
+        lines.append(
+            f"Mixed runs ({len(mixed)}): clean batches flagged {100 * mean(rate(s) for s in mixed):.1f} % on average, "
+            f"worst {100 * rate(worst):.1f} % ({worst.name}); corrupted batches flagged {100 * caught:.0f} %; "
+            f"longest run of false flags {max(s.longest_false_run for s in mixed)}; "
+            f"shift events {sum(s.shifts for s in mixed)}."
+        )
+        lines += ["", "| kind | runs | AUROC ours (mean) | worst run | loss z | grad-norm z |"]
+        lines += ["|---|---|---|---|---|---|"]
+        macro = []
+        for kind in sorted({k for s in mixed for k in s.kinds}):
+            vals = [(s.kinds[kind], s.name) for s in mixed if kind in s.kinds]
+            ours = [v[0][0] for v in vals]
+            worst_val, worst_name = min((v[0][0], v[1]) for v in vals)
+            macro.append(mean(ours))
+            lines.append(
+                f"| {kind} | {len(vals)} | {mean(ours):.3f} | {worst_val:.3f} ({worst_name}) "
+                f"| {mean(v[0][1] for v in vals):.3f} | {mean(v[0][2] for v in vals):.3f} |"
+            )
+        lines.append(f"| **macro** | | **{mean(macro):.3f}** | | | |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def grid_report(directory: Path, rescore_records: bool) -> str:
+    from gradspectra.reporting import read_records
+
+    summaries = []
+    for path in sorted(directory.glob("*.jsonl")):
+        records = read_records(path)
+        if rescore_records:
+            records = rescore(records)
+        summaries.append(summarize_run(path.stem, records))
+    held = [s for s in summaries if s.task in HELD_OUT_TASKS]
+    tuned = [s for s in summaries if s.task in TUNING_TASKS]
+    return grid_table(held, "Held-out tasks: " + ", ".join(HELD_OUT_TASKS)) + "\n" + grid_table(
+        tuned, "Tuning tasks: " + ", ".join(TUNING_TASKS)
+    )
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -355,7 +596,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="write the table here (.md) and the numbers (.json)")
     parser.add_argument("--records", type=Path, default=None, help="keep each run's batch records as <kind>.jsonl here")
     parser.add_argument("--rescore", type=Path, default=None, help="re-score the <kind>.jsonl records kept here")
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="the grid instead: tasks x schedules x corrupted fractions x seeds, mixed kinds, every linear layer; "
+        "needs --records (runs already there are kept: the grid resumes) or --rescore",
+    )
+    parser.add_argument("--tasks", default=",".join(GRID_TASKS), help=f"grid tasks, of: {', '.join(GRID_TASKS)}")
+    parser.add_argument("--seeds", default=",".join(map(str, GRID_SEEDS)), help="grid seeds (default 0,1)")
+    parser.add_argument("--jobs", type=int, default=2, help="grid runs at a time (default 2)")
+    parser.add_argument("--grid-run", default=None, help=argparse.SUPPRESS)  # one run, in its own process
     args = parser.parse_args(argv)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not args.tasks or any(t not in GRID_TASKS for t in args.tasks):
+        parser.error(f"--tasks can be any of {', '.join(GRID_TASKS)}, got {','.join(args.tasks)!r}")
+    args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    if (args.grid or args.grid_run) and args.records is None and args.rescore is None:
+        parser.error("--grid needs --records DIR (where the runs' records go) or --rescore DIR")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in ALL_KINDS]
     if unknown or not kinds:
@@ -378,6 +635,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
     torch.set_num_threads(args.threads)
+    if args.grid_run is not None:
+        grid_run(args.grid_run, args.spectra, args.records / f"{args.grid_run}.jsonl")
+        return 0
+    if args.grid:
+        if args.rescore is None:
+            run_grid(args)
+        text = grid_report(args.rescore or args.records, rescore_records=args.rescore is not None)
+        print(text)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
+        return 0
     started = time.perf_counter()
     results = []
     signals = [
@@ -461,14 +730,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _add_labels(path: Path, corrupted: dict[int, bool]) -> None:
-    """Store whether each record's batch was corrupted in the kept records (for ``--rescore``)."""
+def _add_labels(path: Path, corruption: dict[int, str | None] | dict[int, bool]) -> None:
+    """Store whether each record's batch was corrupted, and with which kind, in the kept records."""
     from gradspectra.reporting import read_records, record_to_json
 
     records = read_records(path)
     with open(path, "w", encoding="utf-8") as fh:
         for r in records:
-            fh.write(record_to_json({**r, "corrupted": corrupted[int(r["batch_idx"])]}) + "\n")
+            kind = corruption[int(r["batch_idx"])]
+            label: dict[str, Any] = {"corrupted": bool(kind)}
+            if not isinstance(kind, bool):
+                label["corruption"] = kind
+            fh.write(record_to_json({**r, **label}) + "\n")
 
 
 if __name__ == "__main__":

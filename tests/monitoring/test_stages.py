@@ -385,6 +385,7 @@ REQUIRED = {
     "threshold",
     "nonfinite_layers",
     "missing_layers",
+    "events",
 }
 
 
@@ -460,6 +461,7 @@ def test_assemble_record_required_keys_only_by_default() -> None:
     )
     assert record["nonfinite_layers"] == ["out/layer_01"]
     assert record["missing_layers"] == ["head"]
+    assert record["events"] == []
     assert list(record["metrics"]) == ["fc/layer_00", "fc/layer_01", "out/layer_00", "out/layer_01"]
 
     # strict JSON: NaN written as null

@@ -176,12 +176,14 @@ def test_status_scalars_counts_and_worst_errors() -> None:
         },
         "audit_error": {"f": {"nuclear_norm": 0.004}},
         "detection": {"d": 10.0, "e": 30.0, "j": 20.0},
+        "events": [{"kind": "shift", "message": "shift: ..."}],
     }
     scalars = status_scalars(record, flagged_total=7)
     assert scalars == {
         status_tag("score"): 3.25,
         status_tag("threshold"): 4.0,
         status_tag("flagged"): 0.0,
+        status_tag("shift"): 1.0,
         status_tag("flagged_total"): 7.0,
         status_tag("nonfinite_layers"): 1.0,
         status_tag("missing_layers"): 2.0,
@@ -197,10 +199,11 @@ def test_status_scalars_counts_and_worst_errors() -> None:
         status_tag("detection/effective_rank_coarse_median"): 20.0,  # one labelled series, not the metric's curve
     }
     plain = {**record, "score": None, "threshold": None, "loss": None, "flagged": True}
-    for key in ("spectra", "deferred_layers", "estimate_error", "audit_error", "detection"):
+    for key in ("spectra", "deferred_layers", "estimate_error", "audit_error", "detection", "events"):
         del plain[key]
     assert status_scalars(plain, 1) == {
         status_tag("flagged"): 1.0,
+        status_tag("shift"): 0.0,
         status_tag("flagged_total"): 1.0,
         status_tag("nonfinite_layers"): 1.0,
         status_tag("missing_layers"): 2.0,

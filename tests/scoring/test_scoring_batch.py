@@ -145,23 +145,72 @@ def test_fast_drift_of_a_finetune_is_followed_and_shifts_still_caught(seed: int)
     assert auroc(scores, labels) > 0.98
 
 
-def test_step_change_is_flagged_while_new_then_followed() -> None:
-    # a permanent jump (e.g. a new learning-rate phase): the trends' level includes flagged steps, so the
-    # new level becomes the baseline once it fills half the trend window, without a restart
+def test_step_change_is_flagged_three_times_then_adopted_as_a_shift() -> None:
+    # a permanent jump (e.g. a new learning-rate phase): flagged while new, then one shift event, and the
+    # baseline follows the new level from there (no run of more than shift_after flags)
+    run = SyntheticRun(seed=21)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer)
+    results = [scorer.score(run.step({"frobenius_norm": 10.0}), loss=run.loss()) for _ in range(150)]
+    assert [r.flagged for r in results[:4]] == [True, True, True, False]
+    events = [(i, e) for i, r in enumerate(results) for e in r.events]
+    assert [(i, e["kind"]) for i, e in events] == [(3, "shift")]
+    message = events[0][1]["message"]
+    assert message.startswith("shift: frobenius_norm high in ") and "for 4 steps in a row" in message
+    assert results[3].score is not None and results[3].score > results[3].threshold  # scored, not flagged
+    assert not results[3].reasons
+    assert np.mean([r.flagged for r in results[4:]]) <= 0.03
+    assert longest_run([r.flagged for r in results]) <= 3
+    assert not any("baseline restarted" in reason for r in results for reason in r.reasons)
+
+
+def test_step_change_without_shifts_is_followed_by_the_trend() -> None:
+    # shift_after=None: the trends' level includes flagged steps, so the new level becomes the baseline
+    # once it fills half the trend window, without a restart
     run = SyntheticRun(seed=21)
     trend_half = 16
-    scorer = BatchScorer(warmup_steps=WARMUP, trend_window=2 * trend_half)
+    scorer = BatchScorer(warmup_steps=WARMUP, trend_window=2 * trend_half, shift_after=None)
     warmed_up(run, scorer)
     results = [scorer.score(run.step({"frobenius_norm": 10.0}), loss=run.loss()) for _ in range(150)]
     assert all(r.flagged for r in results[:10])
-    assert not any("baseline restarted" in reason for r in results for reason in r.reasons)
+    assert not any(r.events for r in results)
     assert np.mean([r.flagged for r in results[trend_half + 10 :]]) <= 0.03
-    assert all(not r.in_warmup for r in results)
+
+
+def test_spikes_of_alternating_kinds_in_a_row_stay_flagged() -> None:
+    # several bad steps in a row that move different things (norms up, then rank down, ...) are not a shift
+    run = SyntheticRun(seed=23)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer, steps=60)
+    shifts = [{"frobenius_norm": 10.0}, {"effective_rank": -10.0}] * 4
+    results = [scorer.score(run.step(shift), loss=run.loss()) for shift in shifts]
+    assert all(r.flagged for r in results)
+    assert not any(r.events for r in results)
+
+
+def test_a_shift_needs_the_same_layers() -> None:
+    # the same metric up four times in a row, but in disjoint halves of the layers: not one change
+    run = SyntheticRun(seed=24)
+    scorer = BatchScorer(warmup_steps=WARMUP, layer_trim=0.0)
+    warmed_up(run, scorer, steps=60)
+    n = run.n_layers
+    halves = [np.arange(n // 2), np.arange(n // 2, n)] * 3
+    results = [scorer.score(run.step({"frobenius_norm": 20.0}, layers=half), loss=run.loss()) for half in halves]
+    assert all(r.flagged for r in results)
+    assert not any(r.events for r in results)
+
+
+def longest_run(flags: list[bool]) -> int:
+    best = current = 0
+    for f in flags:
+        current = current + 1 if f else 0
+        best = max(best, current)
+    return best
 
 
 def test_rebaseline_after_consecutive_flags() -> None:
     run = SyntheticRun(seed=22)
-    scorer = BatchScorer(warmup_steps=WARMUP, rebaseline_after=5)
+    scorer = BatchScorer(warmup_steps=WARMUP, rebaseline_after=5, shift_after=None)
     warmed_up(run, scorer)
     results = [scorer.score(run.step({"frobenius_norm": 10.0}), loss=run.loss()) for _ in range(5 + WARMUP + 60)]
     assert all(r.flagged for r in results[:5])
@@ -172,7 +221,7 @@ def test_rebaseline_after_consecutive_flags() -> None:
 
 def test_rebaseline_can_be_disabled() -> None:
     run = SyntheticRun(seed=22)
-    scorer = BatchScorer(warmup_steps=WARMUP, rebaseline_after=None)
+    scorer = BatchScorer(warmup_steps=WARMUP, rebaseline_after=None, shift_after=None)
     warmed_up(run, scorer)
     results = [scorer.score(run.step({"frobenius_norm": 10.0}), loss=run.loss()) for _ in range(150)]
     assert not any(r.in_warmup or any("restarted" in reason for reason in r.reasons) for r in results)

@@ -5,7 +5,7 @@ classification head, and a causal LM (tiny Llama) built from a config. ``transfo
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,16 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Any:
 
 
 class TokenizedBatches(Dataset[dict[str, Tensor]]):
-    """Each item is one whole planned batch, tokenized (use with ``DataLoader(batch_size=None)``)."""
+    """Each item is one whole planned batch, tokenized (use with ``DataLoader(batch_size=None)``); a sentence
+    pair (``Sample.pair``) is encoded as the tokenizer's pair input."""
 
     def __init__(self, batches: Sequence[PlannedBatch], tokenizer: Any, max_length: int = 64) -> None:
         self.items = []
         for b in batches:
+            pairs = [s.pair for s in b.samples]
             enc = tokenizer(
                 [s.text for s in b.samples],
+                None if all(p is None for p in pairs) else [p or "" for p in pairs],
                 padding="max_length",
                 truncation=True,
                 max_length=max_length,
@@ -64,17 +67,63 @@ class TokenizedBatches(Dataset[dict[str, Tensor]]):
         return self.items[i]
 
 
-class ReviewClassifier(pl.LightningModule):
-    """Pretrained MiniLM-L6 encoder + mean pooling + linear head, fine-tuned with cross-entropy."""
+SCHEDULES: tuple[str, ...] = ("constant", "warmup_decay")
 
-    def __init__(self, model_path: str | os.PathLike[str] | None = None, lr: float = 2e-5, num_labels: int = 2) -> None:
+
+def schedule_factor(schedule: str, total_steps: int | None) -> Callable[[int], float]:
+    """The learning-rate multiplier at each optimizer step for ``schedule`` of :data:`SCHEDULES`.
+
+    ``"constant"``: 1. ``"warmup_decay"``: linear warm-up over the first 10 % of ``total_steps``, then
+    linear decay to 10 % at the last step.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"`schedule` can be {', '.join(SCHEDULES)}, got {schedule!r}")
+    if schedule == "constant":
+        return lambda step: 1.0
+    if total_steps is None or total_steps < 2:
+        raise ValueError(f"`total_steps` must be an int >= 2 for schedule {schedule!r}, got {total_steps!r}")
+    warmup = max(1, total_steps // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        done = (step - warmup) / max(1, total_steps - 1 - warmup)
+        return 1.0 - 0.9 * min(done, 1.0)
+
+    return factor
+
+
+def _optimizers(module: pl.LightningModule, lr: float, schedule: str, total_steps: int | None) -> Any:
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
+    if schedule == "constant":
+        return optimizer
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(schedule, total_steps))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class ReviewClassifier(pl.LightningModule):
+    """Pretrained MiniLM-L6 encoder + mean pooling + linear head, fine-tuned with cross-entropy.
+
+    ``schedule`` and ``total_steps``: the learning-rate schedule (see :func:`schedule_factor`).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        lr: float = 2e-5,
+        num_labels: int = 2,
+        schedule: str = "constant",
+        total_steps: int | None = None,
+    ) -> None:
         super().__init__()
+        schedule_factor(schedule, total_steps)  # checks the arguments before the model loads
         from transformers import AutoModel
 
         self.encoder = AutoModel.from_pretrained(str(model_path or minilm_path()), add_pooling_layer=False)
         self.encoder.train()  # from_pretrained returns eval mode; fine-tuning uses dropout
         self.head = nn.Linear(self.encoder.config.hidden_size, num_labels)
         self.lr = lr
+        self.schedule, self.total_steps = schedule, total_steps
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -88,8 +137,8 @@ class ReviewClassifier(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+    def configure_optimizers(self) -> Any:
+        return _optimizers(self, self.lr, self.schedule, self.total_steps)
 
 
 class CharTokenizer:
@@ -134,10 +183,13 @@ class TinyCausalLM(pl.LightningModule):
         num_layers: int = 4,
         num_heads: int = 4,
         lr: float = 1e-3,
+        schedule: str = "constant",
+        total_steps: int | None = None,
     ) -> None:
         super().__init__()
         import transformers
 
+        schedule_factor(schedule, total_steps)
         config_cls, model_cls = {
             "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -153,11 +205,12 @@ class TinyCausalLM(pl.LightningModule):
         )
         self.model = model_cls(config)
         self.lr = lr
+        self.schedule, self.total_steps = schedule, total_steps
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         self.log("train_loss", out.loss, prog_bar=True)
         return out.loss  # type: ignore[no-any-return]
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+    def configure_optimizers(self) -> Any:
+        return _optimizers(self, self.lr, self.schedule, self.total_steps)

@@ -39,7 +39,14 @@ from gradspectra.reporting import (
     flagged_table,
     set_aside_records_after,
 )
-from gradspectra.reporting.tags import finite_only, layer_run_scalars, layer_scalars, skip_scalars, status_scalars
+from gradspectra.reporting.tags import (
+    EVENTS_TAG,
+    finite_only,
+    layer_run_scalars,
+    layer_scalars,
+    skip_scalars,
+    status_scalars,
+)
 from gradspectra.scoring import BatchScorer
 
 log = logging.getLogger("gradspectra")
@@ -67,6 +74,7 @@ _COUNTERS = (
     "missing_grad_total",
     "nonfinite_total",
     "error_total",
+    "shift_total",
 )
 
 
@@ -146,7 +154,7 @@ class MonitorEngine:
         self.record_path: Path | None = None
         self.sharded: nn.Module | None = None
         self.steps_monitored = self.flagged_total = self.skipped_total = 0
-        self.missing_grad_total = self.nonfinite_total = self.error_total = 0
+        self.missing_grad_total = self.nonfinite_total = self.error_total = self.shift_total = 0
         self.monitor_seconds = 0.0
         self.layers_computed_here = 0
         self.last_step: int | None = None  # the last step measured (kept in checkpoints)
@@ -471,6 +479,7 @@ class MonitorEngine:
         self.missing_grad_total += len(record["missing_layers"])
         self.nonfinite_total += bool(record["nonfinite_layers"])
         self.flagged_total += record["flagged"]
+        self.shift_total += sum(e.get("kind") == "shift" for e in record["events"])
         self.steps_monitored += 1
         return record
 
@@ -480,6 +489,8 @@ class MonitorEngine:
         self.batch_records.append(cast(dict[str, Any], record))
         if self._writer is not None:
             self._writer.write(record)
+        if procs.is_zero and record["events"]:
+            self._say_events(record, outputs)
         if self.views is None:
             return 0.0
         self.views.observe(record["step"], table.values)
@@ -513,6 +524,14 @@ class MonitorEngine:
         seconds = self.views.update(outputs.writers, record["step"], self.steps_monitored, period)
         self.planner.observe_figures(seconds)
         return logging_seconds + seconds
+
+    def _say_events(self, record: BatchRecord, outputs: Outputs) -> None:
+        """Each event of the step (a shift the scorer adopted) as TensorBoard text and one log line."""
+        lines = [f"step {record['step']}: {e['message']}" for e in record["events"]]
+        for writer in outputs.writers:
+            writer.add_text(EVENTS_TAG, "\n\n".join(lines), global_step=record["step"])
+        for line in lines:
+            log.info(f"gradspectra {line}")
 
     def _log_layer_runs(self, record: BatchRecord, table: HostTable, outputs: Outputs) -> None:
         if not self.config.layer_runs or outputs.layer_runs_dir is None:
@@ -626,6 +645,7 @@ class MonitorEngine:
         head = (
             f"gradspectra: {self.steps_monitored} steps monitored, {self.flagged_total} flagged"
             + (f", {self.skipped_total} skipped" if self.config.action == "skip" else "")
+            + (f", {self.shift_total} shifts adopted (see the records' events)" if self.shift_total else "")
             + f", {self.nonfinite_total} with non-finite gradients, {self.missing_grad_total} missing layer gradients"
             + f"; monitor time {self.monitor_seconds:.2f} s"
         )

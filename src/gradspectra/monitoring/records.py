@@ -28,10 +28,12 @@ class _Required(TypedDict):
     threshold: float | None
     nonfinite_layers: list[str]
     missing_layers: list[str]
+    events: list[dict[str, str]]
 
 
 class BatchRecord(_Required, total=False):
-    """One line of ``batches.jsonl``. The keys of :class:`_Required` are on every record; the others:
+    """One line of ``batches.jsonl``. The keys of :class:`_Required` are on every record (``events``: what
+    happened to the baseline at this step, e.g. ``{"kind": "shift", "message": ...}``, usually empty); the others:
 
     ``spectra``, ``deferred_layers``, ``estimate_error`` (and ``audit_error`` when a layer was audited):
     how each layer got its spectrum, unless ``spectra="exact"``. ``layers_per_rank``: layers measured by
@@ -158,6 +160,7 @@ def assemble_record(
         "threshold": None if result is None else getattr(result, "threshold", None),
         "nonfinite_layers": [k for k, mv in layer_metrics.items() if not all(math.isfinite(v) for v in mv.values())],
         "missing_layers": [keys[i] for i in range(len(keys)) if i not in present and (scope is None or i in scope)],
+        "events": [] if result is None else [dict(e) for e in getattr(result, "events", [])],
     }
     if with_sources:
         # which layers got which spectrum; deferred layers only have their Frobenius norm this step

@@ -14,6 +14,7 @@ import numpy as np
 TAG_ROOT = "grad_spectrum"
 STATUS_ROOT = "gradspectra"
 SUMMARY_TAG = f"{STATUS_ROOT}/summary"
+EVENTS_TAG = f"{STATUS_ROOT}/events"  # text: what happened to the baseline (a shift adopted), with the step
 
 
 def layer_tag(metric: str, key: str) -> str:
@@ -59,7 +60,7 @@ def custom_scalars_layout(metrics: Sequence[str], components: Sequence[str]) -> 
         layout[f"gradspectra: {metric}"] = charts
     layout["gradspectra: batches"] = {
         "score and threshold": ["Multiline", [rf"^{status_tag('(score|threshold)')}$"]],
-        "flagged": ["Multiline", [rf"^{status_tag('(flagged|flagged_total|skipped|skipped_total)')}$"]],
+        "flagged": ["Multiline", [rf"^{status_tag('(flagged|flagged_total|skipped|skipped_total|shift)')}$"]],
     }
     return layout
 
@@ -84,6 +85,7 @@ def status_scalars(record: Mapping[str, Any], flagged_total: int, optimizer: int
     if record["threshold"] is not None:
         scalars[status_tag("threshold")] = float(record["threshold"])
     scalars[status_tag("flagged")] = float(record["flagged"])
+    scalars[status_tag("shift")] = float(sum(e.get("kind") == "shift" for e in record.get("events", [])))
     scalars[status_tag("flagged_total")] = float(flagged_total)
     scalars[status_tag("nonfinite_layers")] = float(len(record["nonfinite_layers"]))
     scalars[status_tag("missing_layers")] = float(len(record["missing_layers"]))

@@ -123,6 +123,9 @@ class Baseline:
         scores: accepted steps' scores, for the threshold; ``None`` during warm-up.
         accepted: steps that taught the residual windows (the warm-up counts these).
         consecutive_flags: flagged steps in a row (a regime change after ``rebaseline_after``).
+        flag_run: the signatures of the latest flagged steps in a row (what moved, which way, in which
+            layers), for telling a shift from a spike; emptied by an accepted step. Not checkpointed:
+            a restored scorer starts a new run.
         young_scores: scores accepted while the windows are young that did not teach them (above the
             guard); the in-sample rebuilds of the score window keep them. Empty once the windows are grown.
         levels: the latest prediction of the values and the magnitude of the loss's, which linear-scale
@@ -140,6 +143,7 @@ class Baseline:
         self.scores: ScalarWindow | None = None
         self.accepted = 0
         self.consecutive_flags = 0
+        self.flag_run: list[dict[int, tuple[float, FloatArray | None]]] = []
         self.young_scores: list[float] = []
         self.levels: tuple[FloatArray, float] = (np.ones((n_layers, n_metrics)), 1.0)
         self._no_terms = np.full(self.layout.n_terms, np.nan)
@@ -182,6 +186,16 @@ class Baseline:
         """Every measured step teaches the trends; a flagged one (``for_slope=False``) not their slopes."""
         for b, values in series.items():
             self.trends[b].push(values, step, for_slope)
+
+    def adopt(self, rows: int) -> None:
+        """A regime shift: the trends keep only their last ``rows`` rows, so they predict the new level."""
+        for trend in self.trends.values():
+            trend.keep_last(rows)
+
+    def scale_loss_residuals(self, factor: float) -> None:
+        """The loss's level moved by ``factor`` (a shift): on linear scale its spread moves with it."""
+        rows = self.layout.slices["loss"]
+        self.window.set_rows(rows, self.window.history()[rows].astype(np.float64) * factor)
 
     def push_clean(
         self, residuals: Series, terms: FloatArray | None = None, z_profile: FloatArray | None = None

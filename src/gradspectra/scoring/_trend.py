@@ -217,6 +217,14 @@ class TrendWindow:
         if self._since >= SLOPE_EVERY or self._end - self._start < self.capacity:
             self._slope = None
 
+    def keep_last(self, rows: int) -> None:
+        """Forget all but the last ``rows`` rows (a regime shift); they count for the slopes from now on."""
+        self._start = self._end - min(rows, len(self))
+        self._use[self._start : self._end] = True
+        self._slope = None
+        if self._sorted is not None:
+            self._sorted = sorted(v for v in (float(x) + 0.0 for x in self._buf[0, self._start : self._end]) if v == v)
+
     def predict(self, step: float, slope: bool = True) -> FloatArray:
         """Robust local-trend prediction of every series at ``step``; NaN where the window has no value.
 

@@ -84,6 +84,16 @@ scales, and especially the profile directions, that its kind of change is normal
 (not flagged) update the threshold window. After ``rebaseline_after`` consecutive flagged steps the
 scorer concludes that the regime has changed, forgets its baseline and warms up again.
 
+**Spikes and shifts.** A flagged step leaves a signature: each term over the threshold, its sign, and
+its per-layer pattern (the layers' :math:`z` of a level term, the remainders of a profile term). When
+``shift_after`` flagged steps in a row are followed by one more, and some term is over the threshold
+with the same sign in all of them and with patterns alike from step to step (cosine over the layers
+both measured at least ``shift_agreement``), the change has persisted: that step is a regime shift,
+not flagged, reported as an event (``ScoreResult.events``), and the trends keep only their last rows
+so that they predict the new level at once (on linear scale the loss's clean residuals are scaled by
+the change of its level). Scales, level 2, profile directions and threshold stay: a shift moves
+levels, not the noise. Bad steps in a row that move different things stay flagged.
+
 **Warm-up.** The first ``warmup_steps`` steps only fill the windows (score ``None``, not flagged);
 the first few of them only start the trends. When warm-up ends, the warm-up steps' terms are computed
 in-sample to start level 2 and the threshold window. A short warm-up leaves few values to estimate
@@ -127,6 +137,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -210,7 +221,14 @@ class BatchScorer:
         min_scale: floor on a series' robust scale: absolute on log scale (``1e-3`` = 0.1 %), relative
             to the prediction on linear scale. In ``(0, 1]``.
         rebaseline_after: after this many consecutive flagged steps, forget the baseline and warm up
-            again (a regime change); ``None`` never does.
+            again (a regime change); ``None`` never does. With ``shift_after`` a consistent change is
+            adopted long before; this is the last resort for one that is not consistent.
+        shift_after: how many consecutive flagged steps with the same signature (see **Spikes and
+            shifts** above) may be flagged before the next such step is taken as a regime shift
+            (an event, not a flag; the trends adopt the new level). In ``[1, 1000]``; ``None`` never.
+        shift_agreement: how alike two steps' per-layer patterns must be to count as the same change:
+            the cosine between their per-layer z (or profile remainders) over the layers both
+            measured, in ``[-1, 1]``.
         threshold_window: how many recent accepted scores set the threshold, in
             ``[warmup_steps, 1000000]``.
 
@@ -241,6 +259,8 @@ class BatchScorer:
         min_scale: float = 1e-3,
         rebaseline_after: int | None = 100,
         threshold_window: int = 1000,
+        shift_after: int | None = 3,
+        shift_agreement: float = 0.5,
     ) -> None:
         self.window = check_int("window", window, 10, 100_000)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 5, self.window, f"window={self.window}")
@@ -270,6 +290,8 @@ class BatchScorer:
         self.high_metrics = frozenset(check_names("high_metrics", high_metrics, allow_empty=True))
         self.profile_components = check_int("profile_components", profile_components, 0, 10)
         self.rebaseline_after = None if rebaseline_after is None else check_int("rebaseline_after", rebaseline_after, 1)
+        self.shift_after = None if shift_after is None else check_int("shift_after", shift_after, 1, 1000)
+        self.shift_agreement = check_float("shift_agreement", shift_agreement, -1.0, 1.0)
         self._fixed_metrics = metrics is not None
         fixed = check_names("metrics", metrics, allow_empty=False) if metrics is not None else ()
         self.log_metrics = frozenset(
@@ -453,10 +475,88 @@ class BatchScorer:
             return ScoreResult(None, False, [], z_dict, in_warmup=False, threshold=threshold)
         self._base.push_trends(step.series, step.t, for_slope=not over)
         if over:
+            signature = self._signature(z["values"], remainders, z_terms, strength, threshold)
+            shift = self._shift(signature, z["values"], z_terms, strength, step.t)
+            if shift is not None:
+                return ScoreResult(score, False, [], z_dict, in_warmup=False, threshold=threshold, events=[shift])
             reasons.extend(self._count_flag())
         else:
             self._accept(score, threshold, residuals, terms, z["profile"])
         return ScoreResult(score, over, reasons, z_dict, in_warmup=False, threshold=threshold)
+
+    def _signature(
+        self, z_values: FloatArray, remainders: FloatArray, z_terms: FloatArray, strength: FloatArray, threshold: float
+    ) -> dict[int, tuple[float, FloatArray | None]]:
+        """What a flagged step moved: each term over the threshold, its direction and its per-layer pattern.
+
+        The pattern of a metric's level is its layers' z, of a profile its remainders, of the loss none.
+        """
+        n_profile = len(self.profile_metrics)
+        out: dict[int, tuple[float, FloatArray | None]] = {}
+        for k in np.flatnonzero(np.nan_to_num(strength, nan=-1.0) > threshold).tolist():
+            pattern = None
+            if 1 <= k <= n_profile:
+                pattern = remainders[:, k - 1].copy()
+            elif k > n_profile:
+                pattern = z_values[:, k - 1 - n_profile].copy()
+            out[k] = (math.copysign(1.0, float(z_terms[k])), pattern)
+        return out
+
+    def _shift(
+        self,
+        signature: dict[int, tuple[float, FloatArray | None]],
+        z_values: FloatArray,
+        z_terms: FloatArray,
+        strength: FloatArray,
+        t: float,
+    ) -> dict[str, str] | None:
+        """A flagged step that continues a run of ``shift_after`` flags with the same signature is a shift.
+
+        Returns the event (and adopts the new level) or ``None`` (the step stays flagged; its signature
+        joins the run). Same signature: a term over the threshold in every step of the run, the same
+        way, with per-layer patterns alike from step to step (cosine at least ``shift_agreement``).
+        """
+        run = self._base.flag_run
+        run.append(signature)
+        if self.shift_after is None or len(run) <= self.shift_after:
+            return None
+        steps = run[-(self.shift_after + 1) :]
+        common = [k for k in steps[-1] if all(k in s and s[k][0] == steps[-1][k][0] for s in steps)]
+        common = [
+            k for k in common if all(_alike(a[k][1], b[k][1], self.shift_agreement) for a, b in pairwise(steps))
+        ]
+        if not common:
+            return None
+        k = max(common, key=lambda j: float(strength[j]))
+        names = self._term_names()
+        n_profile = len(self.profile_metrics)
+        direction = "high" if z_terms[k] > 0 else "low"
+        if k == 0:
+            what = f"{LOSS_KEY} {direction}"
+        elif k <= n_profile:
+            what = f"{self.profile_metrics[k - 1]} layer profile changed"
+        else:
+            col = z_values[:, k - 1 - n_profile]
+            with np.errstate(invalid="ignore"):
+                beyond = col > self.layer_threshold if z_terms[k] > 0 else col < -self.layer_threshold
+            count, measured = int(np.count_nonzero(beyond)), int(np.count_nonzero(~np.isnan(col)))
+            what = f"{names[k]} {direction} in {count}/{measured} layers"
+        rows = len(steps)
+        old_loss = self._base.levels[1]
+        self._base.adopt(max(rows, self._trend_start))
+        if self.use_loss and not self.log_loss:  # the loss's spread on linear scale follows its level
+            new_loss = abs(float(self._base.trends["loss"].predict(t, slope=self.loss_trend)[0]))
+            if math.isfinite(new_loss) and new_loss > 0 and math.isfinite(old_loss) and old_loss > 0:
+                factor = min(max(new_loss / old_loss, 1e-3), 1e3)
+                if abs(math.log(factor)) > 0.1:
+                    self._base.scale_loss_residuals(factor)
+        self._base.flag_run = []
+        self._base.consecutive_flags = 0
+        message = (
+            f"shift: {what} for {rows} steps in a row (z={float(z_terms[k]):.1f}); "
+            f"taken as the new normal from here (not flagged), the baseline follows the new level"
+        )
+        return {"kind": "shift", "message": message}
 
     def _count_flag(self) -> list[str]:
         """A flagged step in a row; after ``rebaseline_after`` of them the regime has changed: start over."""
@@ -473,6 +573,7 @@ class BatchScorer:
         """An accepted step sets the threshold; only a clean-looking one also teaches the scales and directions."""
         base = self._base
         base.consecutive_flags = 0
+        base.flag_run = []
         assert base.scores is not None
         base.scores.push(score)
         young = self._young()
@@ -1020,6 +1121,21 @@ def _median_axis0(x: FloatArray) -> FloatArray:
         hi = np.take_along_axis(ordered, np.maximum(n // 2, 0)[None], axis=0)[0]
     out: FloatArray = np.where(n > 0, 0.5 * (lo + hi), np.nan)
     return out
+
+
+def _alike(a: FloatArray | None, b: FloatArray | None, agreement: float) -> bool:
+    """Whether two per-layer patterns point the same way: cosine over the layers both have, >= ``agreement``.
+
+    No pattern (the loss) or fewer than 2 shared layers: alike (the direction was already checked).
+    """
+    if a is None or b is None:
+        return True
+    both = np.isfinite(a) & np.isfinite(b)
+    if np.count_nonzero(both) < 2:
+        return True
+    x, y = a[both], b[both]
+    norm = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return norm > 0 and float(x @ y) / norm >= agreement
 
 
 def _as_float(value: Any) -> float:

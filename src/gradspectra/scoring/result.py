@@ -21,6 +21,9 @@ class ScoreResult:
             empty during warm-up.
         in_warmup: whether the scorer was still building its baseline.
         threshold: the threshold the score was compared with; ``None`` during warm-up.
+        events: what happened to the baseline at this step, each ``{"kind": ..., "message": ...}``;
+            ``"shift"``: a change that persisted (see :mod:`gradspectra.scoring.batch`) was adopted
+            as the new normal, and this step was not flagged for it.
     """
 
     score: float | None
@@ -29,3 +32,4 @@ class ScoreResult:
     z: dict[str, float] = field(default_factory=dict)
     in_warmup: bool = False
     threshold: float | None = None
+    events: list[dict[str, str]] = field(default_factory=list)
