@@ -25,6 +25,24 @@ do) and two-sided form, per kind.
 
 ``--rescore`` replays kept records through a fresh ``BatchScorer`` with the monitor's settings (the
 score is a pure function of the stream of per-step metrics and losses), for tuning the scorer.
+
+``--grid`` runs the settings the scorer must hold on, not only the one it was tuned on: 4 tasks
+(``reviews``: sentiment, ``topics``: 4-class topic, ``pairs``: whether two reviews agree, all three
+on the pretrained MiniLM-L6 at 24 tokens; ``arithmetic``: chain-of-thought answers on a tiny Llama
+after 300 clean pre-training steps) x 3 learning-rate schedules (``constant``; ``warmup_decay``: 10 %
+linear warm-up then linear decay to 10 %; ``high``: constant at 4x the base rate, noisy but not
+breaking) x corrupted fractions 0, 5 and 20 % (every kind of the task mixed in one run, in turn) x
+2 seeds: 72 runs of 150 steps, the default constructor watching every linear layer (``--spectra``
+picks auto or exact). The split is fixed before any tuning (:data:`TUNING_TASKS`,
+:data:`HELD_OUT_TASKS`); the report shows the held-out half first. Per half: clean-only runs (share of
+scored steps flagged, worst run, longest run of false flags) and mixed runs (per-kind AUROC against
+the clean batches of the same run, ours and the peers', share of clean and of corrupted batches
+flagged, shift events). Each run is its own process; runs already in ``--records`` are kept (the
+grid resumes), ``--rescore DIR --grid`` replays them::
+
+    python benchmarks/detection.py --grid --spectra auto --records /tmp/grid/auto     # ~65 min on 2 cores
+    python benchmarks/detection.py --grid --spectra exact --records /tmp/grid/exact --tasks topics,pairs
+    python benchmarks/detection.py --grid --rescore /tmp/grid/auto
 """
 
 from __future__ import annotations

@@ -164,6 +164,17 @@ def test_step_change_is_flagged_three_times_then_adopted_as_a_shift() -> None:
     assert not any("baseline restarted" in reason for r in results for reason in r.reasons)
 
 
+def test_a_loss_level_shift_also_widens_the_loss_scale() -> None:
+    # the loss jumps ten-fold and stays (on linear scale its spread grows with it): one shift, then quiet
+    run = SyntheticRun(seed=25)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer, steps=60)
+    results = [scorer.score(run.step(), loss=run.loss(factor=10.0)) for _ in range(100)]
+    assert [r.flagged for r in results[:4]] == [True, True, True, False]
+    assert [e["message"].split(" for ")[0] for r in results for e in r.events] == ["shift: loss high"]
+    assert np.mean([r.flagged for r in results[4:]]) <= 0.03
+
+
 def test_step_change_without_shifts_is_followed_by_the_trend() -> None:
     # shift_after=None: the trends' level includes flagged steps, so the new level becomes the baseline
     # once it fills half the trend window, without a restart

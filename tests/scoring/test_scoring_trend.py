@@ -66,6 +66,26 @@ def test_trend_window_grows_and_keeps_old_series() -> None:
     assert pred[:2] == pytest.approx([10.0, 20.0]) and np.isnan(pred[2])
 
 
+@pytest.mark.parametrize("size", [1, 3])  # one series keeps a sorted list for its median: it must follow
+def test_keep_last_predicts_the_new_level_and_counts_the_kept_rows_for_the_slope(size: int) -> None:
+    win = TrendWindow((size,), capacity=32)
+    for k in range(20):
+        win.push(np.full(size, 1.0), float(k))
+    for k in range(20, 24):  # a new level, pushed as flagged rows (not for the slope)
+        win.push(np.full(size, 5.0), float(k), for_slope=False)
+    assert win.predict(24.0, slope=False) == pytest.approx(np.full(size, 1.0))
+    win.keep_last(4)
+    assert len(win) == 4
+    assert win.predict(24.0) == pytest.approx(np.full(size, 5.0))
+    assert win.predict(24.0, slope=False) == pytest.approx(np.full(size, 5.0))
+    assert win.state()["for_slope"] == [True] * 4
+    win.keep_last(10)  # more than it holds: nothing to forget
+    assert len(win) == 4
+    for k in range(24, 60):  # and it fills up again as usual
+        win.push(np.full(size, 5.0 + 0.1 * (k - 24)), float(k))
+    assert len(win) == 32 and win.predict(60.0) == pytest.approx(np.full(size, 8.6), abs=1e-9)
+
+
 def projector(v: np.ndarray) -> np.ndarray:
     return v.T @ v
 
