@@ -13,6 +13,7 @@ since, is optional).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -187,15 +188,27 @@ class Baseline:
         for b, values in series.items():
             self.trends[b].push(values, step, for_slope)
 
-    def adopt(self, rows: int) -> None:
-        """A regime shift: the trends keep only their last ``rows`` rows, so they predict the new level."""
+    def adopt(self, rows: int, loss_factor: float = 1.0) -> None:
+        """A regime shift: the trends keep only their last ``rows`` rows, so they predict the new level.
+
+        A trend of a few rows does not lag as a full one does (a falling loss sits below the median of
+        its last 100 values; a new, short trend sits on it): the clean residuals of every block are
+        re-centred on 0 so that their offset matches, and they relearn the lag as the trends refill.
+        ``loss_factor``: how much the loss's level moved; on linear scale its spread moves with it,
+        so its residuals are scaled by it.
+        """
         for trend in self.trends.values():
             trend.keep_last(rows)
-
-    def scale_loss_residuals(self, factor: float) -> None:
-        """The loss's level moved by ``factor`` (a shift): on linear scale its spread moves with it."""
-        rows = self.layout.slices["loss"]
-        self.window.set_rows(rows, self.window.history()[rows].astype(np.float64) * factor)
+        history = self.window.history().astype(np.float64)
+        for b in BLOCKS:
+            sl = self.layout.slices[b]
+            rows_b = history[sl]
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN series stays NaN
+                centred = rows_b - np.nanmedian(rows_b, axis=-1, keepdims=True)
+            if b == "loss":
+                centred = centred * loss_factor
+            self.window.set_rows(sl, centred)
 
     def push_clean(
         self, residuals: Series, terms: FloatArray | None = None, z_profile: FloatArray | None = None

@@ -542,14 +542,16 @@ class BatchScorer:
             count, measured = int(np.count_nonzero(beyond)), int(np.count_nonzero(~np.isnan(col)))
             what = f"{names[k]} {direction} in {count}/{measured} layers"
         rows = len(steps)
+        kept = max(rows, self._trend_start)
         old_loss = self._base.levels[1]
-        self._base.adopt(max(rows, self._trend_start))
+        factor = 1.0
         if self.use_loss and not self.log_loss:  # the loss's spread on linear scale follows its level
-            new_loss = abs(float(self._base.trends["loss"].predict(t, slope=self.loss_trend)[0]))
+            loss_trend = self._base.trends["loss"]
+            loss_trend.keep_last(kept)
+            new_loss = abs(float(loss_trend.predict(t, slope=self.loss_trend)[0]))
             if math.isfinite(new_loss) and new_loss > 0 and math.isfinite(old_loss) and old_loss > 0:
                 factor = min(max(new_loss / old_loss, 1e-3), 1e3)
-                if abs(math.log(factor)) > 0.1:
-                    self._base.scale_loss_residuals(factor)
+        self._base.adopt(kept, loss_factor=factor)
         self._base.flag_run = []
         self._base.consecutive_flags = 0
         message = (
