@@ -100,7 +100,9 @@ class GradientSpectrumMonitor(Callback):
         max_records_in_memory: how many recent records :attr:`batch_records` keeps (the file keeps all).
         scoring: score and flag batches.
         warmup_steps: measured steps that build the baseline before scores are given.
-        false_flag_rate: the target share of clean batches flagged, which sets the threshold.
+        false_flag_rate: the target share of clean batches flagged, which sets the threshold (a target,
+            not a guarantee: on clean-only runs of ``benchmarks/detection.py --grid`` the default 0.01
+            flagged 2.0 % on average, see docs/scoring.md).
         action: what a flag does: ``"log"`` (default) only records it; ``"skip"`` drops the
             optimizer step (every parameter's ``.grad`` set to ``None``, so no optimizer moves it);
             ``"raise"`` raises :class:`GradientAnomalyError` carrying the record.
