@@ -85,6 +85,9 @@ def test_flagged_table_orders_by_score() -> None:
     assert lines[3].split()[0] == "3"
     assert len(lines) == 4
     assert "warm-up" in flagged_table([_record(0, None)])
+    shift = {**_record(4, 12.0), "events": [{"kind": "shift", "message": "shift: loss high for 4 steps in a row"}]}
+    row = flagged_table([*records, shift], top=1).splitlines()[2]
+    assert row.split()[:5] == ["4", "0", "4", "12.00", "no"] and "shift: loss high for 4 steps in a row" in row
 
 
 def test_custom_scalars_layout_matches_tags() -> None:

@@ -324,6 +324,8 @@ def _reasons(record: Mapping[str, Any]) -> str:
         # no scorer said it (scoring off): the record's own list of layers does
         listed = ", ".join(str(k) for k in layers[:3]) + (", ..." if len(layers) > 3 else "")
         reasons.insert(0, f"non-finite gradient in {len(layers)} layer{'s' if len(layers) > 1 else ''}: {listed}")
+    # a step taken as a shift is scored high but not flagged: say why instead of leaving the reasons empty
+    reasons += [str(e.get("message", e.get("kind", ""))) for e in record.get("events") or []]
     text = "; ".join(str(r) for r in reasons) or "-"
     ids = record.get("sample_ids")
     if ids:

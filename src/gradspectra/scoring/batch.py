@@ -516,11 +516,14 @@ class BatchScorer:
         joins the run). Same signature: a term over the threshold in every step of the run, the same
         way, with per-layer patterns alike from step to step (cosine at least ``shift_agreement``).
         """
+        if self.shift_after is None:
+            return None
         run = self._base.flag_run
         run.append(signature)
-        if self.shift_after is None or len(run) <= self.shift_after:
+        del run[: -(self.shift_after + 1)]  # only the latest steps of the run are compared
+        if len(run) <= self.shift_after:
             return None
-        steps = run[-(self.shift_after + 1) :]
+        steps = list(run)
         common = [k for k in steps[-1] if all(k in s and s[k][0] == steps[-1][k][0] for s in steps)]
         common = [
             k for k in common if all(_alike(a[k][1], b[k][1], self.shift_agreement) for a, b in pairwise(steps))
