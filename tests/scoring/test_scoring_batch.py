@@ -211,6 +211,59 @@ def test_a_shift_needs_the_same_layers() -> None:
     assert not any(r.events for r in results)
 
 
+def test_a_layer_first_seen_during_a_run_of_flags_does_not_break_the_shift() -> None:
+    run = SyntheticRun(seed=26)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer, steps=60)
+    results = []
+    for i in range(6):
+        step = run.step({"frobenius_norm": 10.0})
+        if i >= 2:  # a new layer joins at the third flagged step (its patterns are one longer from then on)
+            step["self_attn.new_proj/layer_00"] = dict(step["self_attn.q_proj/layer_00"])
+        results.append(scorer.score(step, loss=run.loss()))
+    assert [r.flagged for r in results[:4]] == [True, True, True, False]
+    assert [e["kind"] for r in results for e in r.events] == ["shift"]
+
+
+def test_a_checkpoint_taken_during_a_run_of_flags_continues_it_exactly() -> None:
+    run = SyntheticRun(seed=27)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer, steps=60)
+    steps = [(run.step({"frobenius_norm": 10.0}), run.loss()) for _ in range(8)]
+    for values, loss in steps[:2]:
+        assert scorer.score(values, loss=loss).flagged
+    restored = BatchScorer(warmup_steps=WARMUP)
+    restored.load_state_dict(scorer.state_dict())
+    went_on = [scorer.score(values, loss=loss) for values, loss in steps[2:]]
+    again = [restored.score(values, loss=loss) for values, loss in steps[2:]]
+    assert [(r.flagged, r.events) for r in again] == [(r.flagged, r.events) for r in went_on]
+    assert [r.flagged for r in again[:2]] == [True, False] and again[1].events[0]["kind"] == "shift"
+
+
+def test_a_non_finite_step_breaks_a_run_and_a_shift_of_norms_leaves_the_loss_spread_alone() -> None:
+    run = SyntheticRun(seed=28, loss_sigma=0.4)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer, steps=60)
+    nan_step = run.step({"frobenius_norm": 10.0})
+    nan_step["self_attn.q_proj/layer_00"]["nuclear_norm"] = float("nan")
+    flags = [scorer.score(run.step({"frobenius_norm": 10.0}), loss=run.loss()).flagged for _ in range(2)]
+    assert flags == [True, True] and scorer.score(nan_step, loss=run.loss()).flagged
+    spread = np.subtract(*np.percentile(scorer.state_dict()["loss_residuals"], [75, 25]))
+    results = [scorer.score(run.step({"frobenius_norm": 10.0}), loss=run.loss()) for _ in range(4)]
+    # the non-finite step said nothing about the change: a new run of three flags starts after it
+    assert [r.flagged for r in results] == [True, True, True, False]
+    assert results[3].events[0]["message"].startswith("shift: frobenius_norm high")
+    after = np.subtract(*np.percentile(scorer.state_dict()["loss_residuals"], [75, 25]))
+    assert after == pytest.approx(spread, rel=1e-3)  # re-centred, not rescaled: the loss did not move
+
+
+def test_shift_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="shift_after"):
+        BatchScorer(shift_after=1)
+    with pytest.raises(ValueError, match="shift_agreement"):
+        BatchScorer(shift_agreement=1.5)
+
+
 def longest_run(flags: list[bool]) -> int:
     best = current = 0
     for f in flags:

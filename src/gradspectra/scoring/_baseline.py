@@ -6,8 +6,8 @@ layer profiles, the loss) and the level-2 terms (one flat window), the profile b
 scores and counters. A reset, a new layer or metric, a checkpoint and a restore must treat every one
 of them, or the windows fall out of step; so each of those is written once here, as a loop over the
 declared blocks. The checkpoint keys and layout are
-those of state version 2 and must stay so: old checkpoints have to load (``young_scores``, added
-since, is optional).
+those of state version 2 and must stay so: old checkpoints have to load (``young_scores`` and
+``flag_run``, added since, are optional).
 """
 
 from __future__ import annotations
@@ -125,8 +125,7 @@ class Baseline:
         accepted: steps that taught the residual windows (the warm-up counts these).
         consecutive_flags: flagged steps in a row (a regime change after ``rebaseline_after``).
         flag_run: the signatures of the latest flagged steps in a row (what moved, which way, in which
-            layers), for telling a shift from a spike; emptied by an accepted step. Not checkpointed:
-            a restored scorer starts a new run.
+            layers), for telling a shift from a spike; emptied by an accepted or a non-finite step.
         young_scores: scores accepted while the windows are young that did not teach them (above the
             guard); the in-sample rebuilds of the score window keep them. Empty once the windows are grown.
         levels: the latest prediction of the values and the magnitude of the loss's, which linear-scale
@@ -249,6 +248,10 @@ class Baseline:
         out["term_names"] = term_names if self.level2 else None
         out["scores"] = None if self.scores is None else self.scores.history()[0].tolist()
         out["young_scores"] = list(self.young_scores)
+        out["flag_run"] = [
+            {str(k): [sign, None if pattern is None else pattern.tolist()] for k, (sign, pattern) in sig.items()}
+            for sig in self.flag_run
+        ]
         return out
 
     @classmethod
@@ -285,6 +288,13 @@ class Baseline:
         base.accepted = int(state.get("accepted", 0))
         base.consecutive_flags = int(state.get("consecutive_flags", 0))
         base.young_scores = [float(v) for v in state.get("young_scores") or []]
+        base.flag_run = [
+            {
+                int(k): (float(sign), None if pattern is None else np.asarray(pattern, dtype=np.float64))
+                for k, (sign, pattern) in sig.items()
+            }
+            for sig in state.get("flag_run") or []
+        ]
         return base
 
     def _load_residuals(self, block: Block, state: Mapping[str, Any], columns: Columns, n_layers: int) -> FloatArray:

@@ -90,9 +90,10 @@ its per-layer pattern (the layers' :math:`z` of a level term, the remainders of 
 with the same sign in all of them and with patterns alike from step to step (cosine over the layers
 both measured at least ``shift_agreement``), the change has persisted: that step is a regime shift,
 not flagged, reported as an event (``ScoreResult.events``), and the trends keep only their last rows
-so that they predict the new level at once (on linear scale the loss's clean residuals are scaled by
-the change of its level). Scales, level 2, profile directions and threshold stay: a shift moves
-levels, not the noise. Bad steps in a row that move different things stay flagged.
+(the run's, at least 5) so that they predict the new level at once; the clean residuals are re-centred
+on 0 (a short trend does not lag as a long one does) and, when the loss took part, on linear scale its
+residuals are scaled by the change of its level. Spreads, level 2, profile directions and threshold
+stay: a shift moves levels, not the noise. Bad steps in a row that move different things stay flagged.
 
 **Warm-up.** The first ``warmup_steps`` steps only fill the windows (score ``None``, not flagged);
 the first few of them only start the trends. When warm-up ends, the warm-up steps' terms are computed
@@ -225,10 +226,12 @@ class BatchScorer:
             adopted long before; this is the last resort for one that is not consistent.
         shift_after: how many consecutive flagged steps with the same signature (see **Spikes and
             shifts** above) may be flagged before the next such step is taken as a regime shift
-            (an event, not a flag; the trends adopt the new level). In ``[1, 1000]``; ``None`` never.
+            (an event, not a flag; the trends adopt the new level). In ``[2, 1000]`` (the adopted trends
+            keep at least 5 rows, of which the run must be the majority); ``None`` never.
         shift_agreement: how alike two steps' per-layer patterns must be to count as the same change:
             the cosine between their per-layer z (or profile remainders) over the layers both
-            measured, in ``[-1, 1]``.
+            measured, in ``[-1, 1]``; a pattern of one shared layer is alike when its sign is, patterns of
+            disjoint layers never are.
         threshold_window: how many recent accepted scores set the threshold, in
             ``[warmup_steps, 1000000]``.
 
@@ -290,7 +293,7 @@ class BatchScorer:
         self.high_metrics = frozenset(check_names("high_metrics", high_metrics, allow_empty=True))
         self.profile_components = check_int("profile_components", profile_components, 0, 10)
         self.rebaseline_after = None if rebaseline_after is None else check_int("rebaseline_after", rebaseline_after, 1)
-        self.shift_after = None if shift_after is None else check_int("shift_after", shift_after, 1, 1000)
+        self.shift_after = None if shift_after is None else check_int("shift_after", shift_after, 2, 1000)
         self.shift_agreement = check_float("shift_agreement", shift_agreement, -1.0, 1.0)
         self._fixed_metrics = metrics is not None
         fixed = check_names("metrics", metrics, allow_empty=False) if metrics is not None else ()
@@ -469,7 +472,8 @@ class BatchScorer:
         reasons = list(step.problems)
         if nonfinite or over:
             reasons.extend(self._term_reasons(step, z["values"], remainders, z_terms, strength, threshold))
-        if nonfinite:  # kept out of every window
+        if nonfinite:  # kept out of every window; it breaks a run of like flags (it says nothing of their change)
+            self._base.flag_run = []
             return ScoreResult(math.inf, True, reasons, z_dict, in_warmup=False, threshold=threshold)
         if score is None:  # nothing measured: keep the windows as they are rather than evict for nothing
             return ScoreResult(None, False, [], z_dict, in_warmup=False, threshold=threshold)
@@ -548,7 +552,8 @@ class BatchScorer:
         kept = max(rows, self._trend_start)
         old_loss = self._base.levels[1]
         factor = 1.0
-        if self.use_loss and not self.log_loss:  # the loss's spread on linear scale follows its level
+        if 0 in common and self.use_loss and not self.log_loss:
+            # the loss moved with the shift: on linear scale its spread follows its level
             loss_trend = self._base.trends["loss"]
             loss_trend.keep_last(kept)
             new_loss = abs(float(loss_trend.predict(t, slope=self.loss_trend)[0]))
@@ -1131,14 +1136,20 @@ def _median_axis0(x: FloatArray) -> FloatArray:
 def _alike(a: FloatArray | None, b: FloatArray | None, agreement: float) -> bool:
     """Whether two per-layer patterns point the same way: cosine over the layers both have, >= ``agreement``.
 
-    No pattern (the loss) or fewer than 2 shared layers: alike (the direction was already checked).
+    No pattern (the loss): alike (the direction was already checked). Layers are only ever appended,
+    so patterns of different lengths (a layer seen for the first time) are compared on the layers both
+    know. No shared measured layer: not alike (the change moved elsewhere). One: alike (the direction
+    was already checked; a single anchor layer cannot say more).
     """
     if a is None or b is None:
         return True
-    both = np.isfinite(a) & np.isfinite(b)
-    if np.count_nonzero(both) < 2:
-        return True
-    x, y = a[both], b[both]
+    n = min(a.shape[0], b.shape[0])
+    x, y = a[:n], b[:n]
+    both = np.isfinite(x) & np.isfinite(y)
+    shared = int(np.count_nonzero(both))
+    if shared < 2:
+        return shared == 1
+    x, y = x[both], y[both]
     norm = float(np.linalg.norm(x) * np.linalg.norm(y))
     return norm > 0 and float(x @ y) / norm >= agreement
 
