@@ -134,6 +134,42 @@ def run_review(
     return list(monitor.batch_records), {b.index: b.corruption is not None for b in planned}
 
 
+def lm_tensors(planned: Sequence[Any], max_length: int) -> list[dict[str, Any]]:
+    """Planned causal-LM batches as tensors (loss on the responses only), with their sample ids."""
+    import torch
+
+    from gradspectra.demo.models import CharTokenizer, lm_batch
+
+    tokenizer = CharTokenizer()
+    data = []
+    for b in planned:
+        batch = lm_batch(tokenizer, [s.prompt for s in b.samples], [s.response for s in b.samples], max_length)
+        batch["sample_id"] = torch.tensor([s.sample_id for s in b.samples])
+        data.append(batch)
+    return data
+
+
+def pretrain_lm(model: Any, steps: int, seed: int, max_length: int) -> None:
+    """``steps`` unmonitored optimizer steps of ``model`` on clean chain-of-thought arithmetic."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from gradspectra.demo.data import arithmetic_batches
+
+    clean = arithmetic_batches(steps, batch_size=16, corrupt_fraction=0.0, seed=seed + 1_000)
+    pl.Trainer(
+        max_steps=steps,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(
+        model, DataLoader(cast(Any, lm_tensors(clean, max_length)), batch_size=None, shuffle=False)
+    )  # a list is a map-style dataset
+
+
 def run_causal_lm(
     kind: str,
     steps: int,
@@ -150,40 +186,19 @@ def run_causal_lm(
     response that does not fit its prompt is only unusual to a model that has learned what fits.
     """
     import lightning.pytorch as pl
-    import torch
     from torch.utils.data import DataLoader
 
-    from gradspectra.demo.data import PlannedLMBatch, arithmetic_batches
-    from gradspectra.demo.models import CharTokenizer, TinyCausalLM, lm_batch
-
-    tokenizer = CharTokenizer()
-
-    def tensors(planned: list[PlannedLMBatch]) -> list[dict[str, Any]]:
-        data = []
-        for b in planned:
-            batch = lm_batch(tokenizer, [s.prompt for s in b.samples], [s.response for s in b.samples], max_length)
-            batch["sample_id"] = torch.tensor([s.sample_id for s in b.samples])
-            data.append(batch)
-        return data
+    from gradspectra.demo.data import arithmetic_batches
+    from gradspectra.demo.models import CharTokenizer, TinyCausalLM
 
     pl.seed_everything(seed, verbose=False)
-    model = TinyCausalLM(tokenizer.vocab_size)
+    model = TinyCausalLM(CharTokenizer().vocab_size)
     if pretrain_steps > 0:
-        clean = arithmetic_batches(pretrain_steps, batch_size=16, corrupt_fraction=0.0, seed=seed + 1_000)
-        pl.Trainer(
-            max_steps=pretrain_steps,
-            max_epochs=1,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        ).fit(
-            model, DataLoader(cast(Any, tensors(clean)), batch_size=None, shuffle=False)
-        )  # a list is a map-style dataset
+        pretrain_lm(model, pretrain_steps, seed, max_length)
     planned = arithmetic_batches(steps, batch_size=16, corruptions=(kind,), clean_prefix=CLEAN_PREFIX, seed=seed)
     monitor = _monitor(work, "*.self_attn.*" if watch == "attention" else None, spectra)
-    _trainer(steps, monitor).fit(model, DataLoader(cast(Any, tensors(planned)), batch_size=None, shuffle=False))
+    data = cast(Any, lm_tensors(planned, max_length))
+    _trainer(steps, monitor).fit(model, DataLoader(data, batch_size=None, shuffle=False))
     return list(monitor.batch_records), {b.index: b.corruption is not None for b in planned}
 
 
@@ -350,6 +365,7 @@ GRID_HIGH = 4.0
 GRID_STEPS = 150
 GRID_MAX_LENGTH = 24  # MiniLM tokens per sample (a pair shares them)
 GRID_LM_PRETRAIN = 300
+GRID_LM_MAX_LENGTH = 224  # characters per arithmetic sample
 
 
 def grid_names(tasks: Sequence[str], seeds: Sequence[int]) -> list[str]:
@@ -370,18 +386,10 @@ def parse_grid_name(name: str) -> tuple[str, str, float, int]:
 def grid_run(name: str, spectra: str, out: Path) -> None:
     """One run of the grid, its records (labelled with each batch's corruption) written to ``out``."""
     import lightning.pytorch as pl
-    import torch
     from torch.utils.data import DataLoader
 
     from gradspectra.demo.data import arithmetic_batches, text_batches
-    from gradspectra.demo.models import (
-        CharTokenizer,
-        ReviewClassifier,
-        TinyCausalLM,
-        TokenizedBatches,
-        lm_batch,
-        load_tokenizer,
-    )
+    from gradspectra.demo.models import CharTokenizer, ReviewClassifier, TinyCausalLM, TokenizedBatches, load_tokenizer
 
     task, schedule, fraction, seed = parse_grid_name(name)
     lr_schedule = "warmup_decay" if schedule == "warmup_decay" else "constant"
@@ -391,34 +399,15 @@ def grid_run(name: str, spectra: str, out: Path) -> None:
         work = Path(tmp)
         monitor = _monitor(work, None, spectra)
         if task == "arithmetic":
-            tokenizer = CharTokenizer()
-
-            def tensors(planned: Sequence[Any]) -> list[dict[str, Any]]:
-                data = []
-                for b in planned:
-                    batch = lm_batch(tokenizer, [x.prompt for x in b.samples], [x.response for x in b.samples], 224)
-                    batch["sample_id"] = torch.tensor([x.sample_id for x in b.samples])
-                    data.append(batch)
-                return data
-
-            model: Any = TinyCausalLM(
-                tokenizer.vocab_size, lr=GRID_LR["llama"] * boost, schedule=lr_schedule, total_steps=GRID_STEPS
-            )
-            clean = arithmetic_batches(GRID_LM_PRETRAIN, corrupt_fraction=0.0, seed=seed + 1_000)
-            pretrain = TinyCausalLM(tokenizer.vocab_size, lr=GRID_LR["llama"])
+            vocab = CharTokenizer().vocab_size
+            model: Any = TinyCausalLM(vocab, lr=GRID_LR["llama"] * boost, schedule=lr_schedule, total_steps=GRID_STEPS)
+            pretrain = TinyCausalLM(vocab, lr=GRID_LR["llama"])  # the base rate, whatever the run's schedule
             pretrain.model = model.model
-            pl.Trainer(
-                max_steps=GRID_LM_PRETRAIN,
-                accelerator="cpu",
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-            ).fit(pretrain, DataLoader(cast(Any, tensors(clean)), batch_size=None, shuffle=False))
+            pretrain_lm(pretrain, GRID_LM_PRETRAIN, seed, GRID_LM_MAX_LENGTH)
             planned: Sequence[Any] = arithmetic_batches(
                 GRID_STEPS, corrupt_fraction=fraction, corruptions=GRID_LM_KINDS, clean_prefix=CLEAN_PREFIX, seed=seed
             )
-            data: Any = tensors(planned)
+            data: Any = lm_tensors(planned, GRID_LM_MAX_LENGTH)
         else:
             from gradspectra.demo.data import TEXT_TASKS
 

@@ -187,27 +187,26 @@ class Baseline:
         for b, values in series.items():
             self.trends[b].push(values, step, for_slope)
 
-    def adopt(self, rows: int, loss_factor: float = 1.0) -> None:
+    def adopt(self, rows: int) -> None:
         """A regime shift: the trends keep only their last ``rows`` rows, so they predict the new level.
 
         A trend of a few rows does not lag as a full one does (a falling loss sits below the median of
         its last 100 values; a new, short trend sits on it): the clean residuals of every block are
         re-centred on 0 so that their offset matches, and they relearn the lag as the trends refill.
-        ``loss_factor``: how much the loss's level moved; on linear scale its spread moves with it,
-        so its residuals are scaled by it.
         """
         for trend in self.trends.values():
             trend.keep_last(rows)
         history = self.window.history().astype(np.float64)
         for b in BLOCKS:
-            sl = self.layout.slices[b]
-            rows_b = history[sl]
+            rows_b = history[self.layout.slices[b]]
             with np.errstate(invalid="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN series stays NaN
-                centred = rows_b - np.nanmedian(rows_b, axis=-1, keepdims=True)
-            if b == "loss":
-                centred = centred * loss_factor
-            self.window.set_rows(sl, centred)
+                self.window.set_rows(self.layout.slices[b], rows_b - np.nanmedian(rows_b, axis=-1, keepdims=True))
+
+    def scale_loss_residuals(self, factor: float) -> None:
+        """The loss's level moved by ``factor`` in a shift: on linear scale its clean spread moves with it."""
+        rows = self.layout.slices["loss"]
+        self.window.set_rows(rows, self.window.history()[rows].astype(np.float64) * factor)
 
     def push_clean(
         self, residuals: Series, terms: FloatArray | None = None, z_profile: FloatArray | None = None

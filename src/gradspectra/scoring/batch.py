@@ -479,8 +479,10 @@ class BatchScorer:
             return ScoreResult(None, False, [], z_dict, in_warmup=False, threshold=threshold)
         self._base.push_trends(step.series, step.t, for_slope=not over)
         if over:
-            signature = self._signature(z["values"], remainders, z_terms, strength, threshold)
-            shift = self._shift(signature, z["values"], z_terms, strength, step.t)
+            shift = None
+            if self.shift_after is not None:
+                signature = self._signature(z["values"], remainders, z_terms, strength, threshold)
+                shift = self._shift(signature, z["values"], z_terms, strength, step.t)
             if shift is not None:
                 return ScoreResult(score, False, [], z_dict, in_warmup=False, threshold=threshold, events=[shift])
             reasons.extend(self._count_flag())
@@ -520,8 +522,7 @@ class BatchScorer:
         joins the run). Same signature: a term over the threshold in every step of the run, the same
         way, with per-layer patterns alike from step to step (cosine at least ``shift_agreement``).
         """
-        if self.shift_after is None:
-            return None
+        assert self.shift_after is not None
         run = self._base.flag_run
         run.append(signature)
         del run[: -(self.shift_after + 1)]  # only the latest steps of the run are compared
@@ -549,17 +550,13 @@ class BatchScorer:
             count, measured = int(np.count_nonzero(beyond)), int(np.count_nonzero(~np.isnan(col)))
             what = f"{names[k]} {direction} in {count}/{measured} layers"
         rows = len(steps)
-        kept = max(rows, self._trend_start)
         old_loss = self._base.levels[1]
-        factor = 1.0
+        self._base.adopt(max(rows, self._trend_start))
         if 0 in common and self.use_loss and not self.log_loss:
             # the loss moved with the shift: on linear scale its spread follows its level
-            loss_trend = self._base.trends["loss"]
-            loss_trend.keep_last(kept)
-            new_loss = abs(float(loss_trend.predict(t, slope=self.loss_trend)[0]))
+            new_loss = abs(float(self._base.trends["loss"].predict(t, slope=self.loss_trend)[0]))
             if math.isfinite(new_loss) and new_loss > 0 and math.isfinite(old_loss) and old_loss > 0:
-                factor = min(max(new_loss / old_loss, 1e-3), 1e3)
-        self._base.adopt(kept, loss_factor=factor)
+                self._base.scale_loss_residuals(min(max(new_loss / old_loss, 1e-3), 1e3))
         self._base.flag_run = []
         self._base.consecutive_flags = 0
         message = (
