@@ -115,6 +115,13 @@ def run_trainer(out: Path, steps: int) -> None:
             "rows": rows,
         },
     )
+    # accelerate leaves the gloo group up; torn down by the interpreter at exit, gloo's threads can abort
+    # the process ("terminate called without an active exception") after a successful run
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
