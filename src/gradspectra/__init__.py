@@ -6,11 +6,17 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["GradientAnomalyError", "GradientSpectrumMonitor", "GradientSpectrumTracker", "__version__"]
+__all__ = [
+    "GradientAnomalyError",
+    "GradientSpectrumMonitor",
+    "GradientSpectrumTracker",
+    "InstabilityError",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from gradspectra.callbacks import GradientSpectrumMonitor
-    from gradspectra.monitoring import GradientAnomalyError
+    from gradspectra.monitoring import GradientAnomalyError, InstabilityError
     from gradspectra.tracker import GradientSpectrumTracker
 
 
@@ -20,10 +26,10 @@ def __getattr__(name: str) -> Any:
         from gradspectra import callbacks
 
         return callbacks.GradientSpectrumMonitor
-    if name == "GradientAnomalyError":
+    if name in ("GradientAnomalyError", "InstabilityError"):
         from gradspectra import monitoring
 
-        return monitoring.GradientAnomalyError
+        return getattr(monitoring, name)
     if name == "GradientSpectrumTracker":
         from gradspectra import tracker
 

@@ -78,6 +78,11 @@ class GradientSpectrumTracker:
         return self.engine.batch_records
 
     @property
+    def should_stop(self) -> bool:
+        """With ``instability_action="stop"``: a stability warning was given; end the training loop."""
+        return self.engine.stop_requested
+
+    @property
     def record_path(self) -> Path | None:
         return self.engine.record_path
 
@@ -102,6 +107,7 @@ class GradientSpectrumTracker:
 
         Raises:
             GradientAnomalyError: for a flagged step with ``action="raise"``.
+            InstabilityError: at a stability warning with ``instability_action="raise"``.
         """
         if self._closed:
             raise RuntimeError("`GradientSpectrumTracker.step` called after `close()`")

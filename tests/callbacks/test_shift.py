@@ -40,10 +40,13 @@ def test_a_lasting_change_is_flagged_three_times_then_reported_once_as_a_shift(t
     assert len(records) == steps
     flags = [r["flagged"] for r in records]
     assert flags[JUMP_AT : JUMP_AT + 4] == [True, True, True, False]
-    shifts = [(r["step"], e) for r in records for e in r["events"]]
+    shifts = [(r["step"], e) for r in records for e in r["events"] if e["kind"] == "shift"]
     assert [(step, e["kind"]) for step, e in shifts] == [(JUMP_AT + 3, "shift")]
     assert "for 4 steps in a row" in shifts[0][1]["message"]
-    assert all(r["events"] == [] for r in records if r["step"] != JUMP_AT + 3)
+    assert all(not any(e["kind"] == "shift" for e in r["events"]) for r in records if r["step"] != JUMP_AT + 3)
+    # a 20x jump that lasts is also a trend for the stability detector, which the shift does not silence
+    warned = [r["step"] for r in records for e in r["events"] if e["kind"] == "instability"]
+    assert len(warned) == 1 and JUMP_AT < warned[0] <= JUMP_AT + 5
     # the new level is the baseline now: nothing after the shift is flagged for the jump (this tiny model
     # on random tokens has the odd step with stable rank high, before the jump as after it)
     after = records[JUMP_AT + 4 :]
@@ -56,6 +59,6 @@ def test_a_lasting_change_is_flagged_three_times_then_reported_once_as_a_shift(t
     shift = {e.step: e.value for e in acc.Scalars("gradspectra/shift")}
     assert shift[JUMP_AT + 3] == 1.0 and sum(shift.values()) == 1.0
     texts = acc.Tensors("gradspectra/events/text_summary")
-    assert [t.step for t in texts] == [JUMP_AT + 3]
-    text = texts[0].tensor_proto.string_val[0].decode()
+    assert sorted(t.step for t in texts) == sorted({JUMP_AT + 3, *warned})
+    text = next(t for t in texts if t.step == JUMP_AT + 3).tensor_proto.string_val[0].decode()
     assert text.startswith(f"step {JUMP_AT + 3}: shift: ")

@@ -71,7 +71,9 @@ def test_layout_regexes_match_the_tags_they_chart() -> None:
     assert re.match(batches["flagged"], status_tag("flagged"))
     assert re.match(batches["flagged"], status_tag("flagged_total"))
     assert not re.match(batches["flagged"], status_tag("score"))
-    assert len(charts) == len(METRICS) * (len(components) + 1) + 2
+    assert re.match(batches["flagged"], status_tag("instability"))
+    assert re.match(batches["stability (>= 1: a trend over its limit)"], status_tag("stability"))
+    assert len(charts) == len(METRICS) * (len(components) + 1) + 3
 
 
 @pytest.mark.parametrize("component", ["a.b(c)", "x+y", "p[0]", "q^r$", "s|t", "u*v?", "w{2}", "back\\slash"])
@@ -176,7 +178,8 @@ def test_status_scalars_counts_and_worst_errors() -> None:
         },
         "audit_error": {"f": {"nuclear_norm": 0.004}},
         "detection": {"d": 10.0, "e": 30.0, "j": 20.0},
-        "events": [{"kind": "shift", "message": "shift: ..."}],
+        "events": [{"kind": "shift", "message": "shift: ..."}, {"kind": "instability", "message": "instability: ..."}],
+        "stability": 1.5,
     }
     scalars = status_scalars(record, flagged_total=7)
     assert scalars == {
@@ -184,6 +187,8 @@ def test_status_scalars_counts_and_worst_errors() -> None:
         status_tag("threshold"): 4.0,
         status_tag("flagged"): 0.0,
         status_tag("shift"): 1.0,
+        status_tag("instability"): 1.0,
+        status_tag("stability"): 1.5,
         status_tag("flagged_total"): 7.0,
         status_tag("nonfinite_layers"): 1.0,
         status_tag("missing_layers"): 2.0,
@@ -199,11 +204,12 @@ def test_status_scalars_counts_and_worst_errors() -> None:
         status_tag("detection/effective_rank_coarse_median"): 20.0,  # one labelled series, not the metric's curve
     }
     plain = {**record, "score": None, "threshold": None, "loss": None, "flagged": True}
-    for key in ("spectra", "deferred_layers", "estimate_error", "audit_error", "detection", "events"):
+    for key in ("spectra", "deferred_layers", "estimate_error", "audit_error", "detection", "events", "stability"):
         del plain[key]
     assert status_scalars(plain, 1) == {
         status_tag("flagged"): 1.0,
         status_tag("shift"): 0.0,
+        status_tag("instability"): 0.0,
         status_tag("flagged_total"): 1.0,
         status_tag("nonfinite_layers"): 1.0,
         status_tag("missing_layers"): 2.0,

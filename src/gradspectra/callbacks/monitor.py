@@ -28,6 +28,8 @@ from gradspectra.monitoring import (
     ACTIONS,
     Action,
     GradientAnomalyError,
+    InstabilityAction,
+    InstabilityError,
     MonitorConfig,
     MonitorEngine,
     Outputs,
@@ -39,7 +41,7 @@ from gradspectra.monitoring import (
 from gradspectra.reporting import RECORD_FILENAME
 from gradspectra.scoring import BatchScorer
 
-__all__ = ["ACTIONS", "GradientAnomalyError", "GradientSpectrumMonitor"]
+__all__ = ["ACTIONS", "GradientAnomalyError", "GradientSpectrumMonitor", "InstabilityError"]
 
 _DEFAULT_METRICS_IN_KEY = (
     "nuclear_norm",
@@ -134,6 +136,14 @@ class GradientSpectrumMonitor(Callback):
             in ``estimate_error``) from three thin products per matrix, every step the budget covers
             it; full spectra (nuclear norm, effective rank, top share) rotate through the layers with
             what is left (docs/cost.md).
+        stability: watch the run's trends for what precedes a break (the gradient collapsing onto few
+            directions, gradient norms growing or layers moving apart, non-finite steps) and give an
+            ``instability`` event (record ``events``, TensorBoard text, a warning on the console) with
+            what moved, where and by how much; ``gradspectra/stability`` is the score (``>= 1``: a trend
+            over its limit). See docs/stability.md.
+        instability_action: what a stability warning does: ``"log"`` (default); ``"raise"`` raises
+            :class:`InstabilityError` carrying the record; ``"stop"`` asks the trainer to stop after the
+            step (the optimizer step completes, checkpoints are written as usual).
 
     Raises:
         ValueError / TypeError: for a bad argument, naming it and what was received.
@@ -177,6 +187,8 @@ class GradientSpectrumMonitor(Callback):
         factored: bool = True,
         layer_runs: bool = False,
         cheap_spectra: bool = True,
+        stability: bool = True,
+        instability_action: InstabilityAction = "log",
     ) -> None:
         super().__init__()
         self.config = MonitorConfig(
@@ -208,6 +220,8 @@ class GradientSpectrumMonitor(Callback):
             factored=factored,
             layer_runs=layer_runs,
             cheap_spectra=cheap_spectra,
+            stability=stability,
+            instability_action=instability_action,
         )
         self.engine = MonitorEngine(self.config)
         self._loss_sum: Tensor | None = None
@@ -364,6 +378,9 @@ class GradientSpectrumMonitor(Callback):
         procs = Processes(trainer.global_rank, trainer.world_size, reduce_sum)
         params = lambda: (p for group in optimizer.param_groups for p in group["params"])  # noqa: E731
         self.engine.step(inputs, procs, self._outputs(trainer), params)
+        if self.engine.stop_requested:
+            # instability_action="stop": this optimizer step completes; Lightning stops after it
+            trainer.should_stop = True
 
     @staticmethod
     def _outputs(trainer: pl.Trainer) -> Outputs:

@@ -4,7 +4,17 @@ Kept apart from :mod:`gradspectra.scoring`, which the monitor runs during traini
 runtime package exports only what a run uses. Pure numpy, like the scoring.
 """
 
-from gradspectra.evaluation.peers import ZScoreDetector, global_grad_norm
+from gradspectra.evaluation.peers import (
+    GradNormZRule,
+    KillLossSpikeRule,
+    SpikeDetectionRule,
+    ZScoreDetector,
+    global_grad_norm,
+)
 from gradspectra.evaluation.roc import auroc, average_ranks
 
-__all__ = ["ZScoreDetector", "auroc", "average_ranks", "global_grad_norm"]
+__all__ = [
+    "GradNormZRule",
+    "KillLossSpikeRule",
+    "SpikeDetectionRule",
+    "ZScoreDetector", "auroc", "average_ranks", "global_grad_norm"]

@@ -134,3 +134,117 @@ def global_grad_norm(layer_metrics: Mapping[str, Mapping[str, float]]) -> float:
         if fro is not None:
             total += float(fro) ** 2
     return math.sqrt(total)
+
+
+# ---------------------------------------------------------------------------------------------- stability peers
+
+
+class SpikeDetectionRule:
+    """Lightning's ``SpikeDetection`` rule (``mode="min"``, its defaults), one loss per optimizer step.
+
+    A loss is a spike when it is non-finite, or worse than the previous accepted loss and at least
+    ``rtol`` times the running mean of the last ``window`` accepted losses away from it (from step
+    ``warmup`` on). Spikes do not enter the window. :meth:`update` returns whether the step fired.
+
+    >>> rule = SpikeDetectionRule()
+    >>> [rule.update(v) for v in [1.0, 0.9, 0.8, 3.0]]
+    [False, False, False, True]
+    """
+
+    def __init__(self, window: int = 10, warmup: int = 1, rtol: float = 2.0) -> None:
+        self.window = check_int("window", window, 1)
+        self.warmup = check_int("warmup", warmup, 0)
+        self.rtol = check_float("rtol", rtol, 0.0, low_open=True)
+        self._values: deque[float] = deque(maxlen=self.window)
+        self._last = 0.0
+        self._seen = 0
+
+    def update(self, loss: float | None) -> bool:
+        index, self._seen = self._seen, self._seen + 1
+        if loss is None:
+            return False
+        x = float(loss)
+        if index >= self.warmup and not math.isfinite(x):
+            return True
+        if index >= self.warmup and self._values and x - self._last > 0:
+            mean = sum(self._values) / len(self._values)
+            if abs(x - mean) >= abs(self.rtol * mean):
+                return True
+        if math.isfinite(x):
+            self._values.append(x)
+            self._last = x
+        return False
+
+
+class KillLossSpikeRule:
+    """llm-foundry's ``KillLossSpike`` rule: once ``window`` losses are kept, a loss above ``multiplier``
+    times their mean is an outlier; more than ``patience`` outliers in a row fire (a non-finite loss is
+    an outlier). Every finite loss enters the rolling window, as there.
+
+    >>> rule = KillLossSpikeRule(window=4, patience=1)
+    >>> [rule.update(v) for v in [1.0, 1.0, 1.0, 1.0, 5.0, 5.0]]
+    [False, False, False, False, False, True]
+    """
+
+    def __init__(self, window: int = 50, multiplier: float = 2.0, patience: int = 4) -> None:
+        self.window = check_int("window", window, 1)
+        self.multiplier = check_float("multiplier", multiplier, 0.0, low_open=True)
+        self.patience = check_int("patience", patience, 0)
+        self._values: deque[float] = deque(maxlen=self.window)
+        self._outliers = 0
+
+    def update(self, loss: float | None) -> bool:
+        if loss is None:
+            return False
+        x = float(loss)
+        fired = False
+        if len(self._values) == self.window:
+            mean = sum(self._values) / len(self._values)
+            if not math.isfinite(x) or x > self.multiplier * mean:
+                self._outliers += 1
+                fired = self._outliers > self.patience
+            else:
+                self._outliers = 0
+        if math.isfinite(x):
+            self._values.append(x)
+        return fired
+
+
+class GradNormZRule:
+    """A ZClip / OLMo-core style rule on the gradient norm: exponential moving mean and variance
+    (``alpha``), after ``warmup`` steps a norm more than ``threshold`` standard deviations above the
+    mean fires (a non-finite one always). Firing norms do not update the statistics.
+
+    >>> rule = GradNormZRule(warmup=3)
+    >>> [rule.update(v) for v in [1.0, 1.1, 0.9, 1.0, 5.0]]
+    [False, False, False, False, True]
+    """
+
+    def __init__(self, alpha: float = 0.97, threshold: float = 2.5, warmup: int = 25) -> None:
+        self.alpha = check_float("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
+        self.threshold = check_float("threshold", threshold, 0.0, low_open=True)
+        self.warmup = check_int("warmup", warmup, 2)
+        self._first: list[float] = []
+        self._mean = 0.0
+        self._var = 0.0
+
+    def update(self, norm: float | None) -> bool:
+        if norm is None:
+            return False
+        x = float(norm)
+        if len(self._first) < self.warmup:
+            if math.isfinite(x):
+                self._first.append(x)
+                if len(self._first) == self.warmup:
+                    self._mean = float(np.mean(self._first))
+                    self._var = float(np.var(self._first))
+            return False
+        if not math.isfinite(x):
+            return True
+        std = math.sqrt(max(self._var, 0.0))
+        if x - self._mean > self.threshold * max(std, 1e-12 * max(1.0, abs(self._mean))):
+            return True
+        delta = x - self._mean
+        self._mean += (1 - self.alpha) * delta
+        self._var = self.alpha * (self._var + (1 - self.alpha) * delta * delta)
+        return False

@@ -123,6 +123,8 @@ class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignor
 
         outputs = self._events.outputs() if self._events is not None else None
         self.engine.step(inputs, self._procs, outputs, params)
+        if self.engine.stop_requested:
+            control.should_training_stop = True  # instability_action="stop": after this step
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

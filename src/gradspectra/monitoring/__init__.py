@@ -1,9 +1,24 @@
 """The framework-free monitoring engine behind every front door (Lightning, transformers, a plain loop)."""
 
 from gradspectra.monitoring.budget import OverheadBudget, Plan
-from gradspectra.monitoring.config import ACTIONS, SPECTRA, Action, MonitorConfig, Spectra
+from gradspectra.monitoring.config import (
+    ACTIONS,
+    INSTABILITY_ACTIONS,
+    SPECTRA,
+    Action,
+    InstabilityAction,
+    MonitorConfig,
+    Spectra,
+)
 from gradspectra.monitoring.distributed import Processes, all_reduce_sum, default_process_group, layer_owners
-from gradspectra.monitoring.engine import Collected, GradientAnomalyError, MonitorEngine, Outputs, StepInputs
+from gradspectra.monitoring.engine import (
+    Collected,
+    GradientAnomalyError,
+    InstabilityError,
+    MonitorEngine,
+    Outputs,
+    StepInputs,
+)
 from gradspectra.monitoring.planner import Planner
 from gradspectra.monitoring.records import BatchRecord, HostTable, assemble_record
 from gradspectra.monitoring.sources import SpectrumSource
@@ -11,12 +26,15 @@ from gradspectra.monitoring.spectra import SpectraResult, SpectraRunner
 
 __all__ = [
     "ACTIONS",
+    "INSTABILITY_ACTIONS",
     "SPECTRA",
     "Action",
     "BatchRecord",
     "Collected",
     "GradientAnomalyError",
     "HostTable",
+    "InstabilityAction",
+    "InstabilityError",
     "MonitorConfig",
     "MonitorEngine",
     "Outputs",

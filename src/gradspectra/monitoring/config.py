@@ -14,10 +14,12 @@ from torch import nn
 from gradspectra.capture.selection import check_selection_args
 from gradspectra.functional import METRIC_NAMES, Method, check_method, check_metric_names
 from gradspectra.monitoring.budget import OverheadBudget
-from gradspectra.scoring import BatchScorer
+from gradspectra.scoring import BatchScorer, StabilityDetector
 
 Action = Literal["log", "skip", "raise"]
 ACTIONS: tuple[str, ...] = get_args(Action)
+InstabilityAction = Literal["log", "raise", "stop"]
+INSTABILITY_ACTIONS: tuple[str, ...] = get_args(InstabilityAction)
 Spectra = Literal["auto", "exact", "estimate"]
 SPECTRA: tuple[str, ...] = get_args(Spectra)
 
@@ -85,6 +87,8 @@ class MonitorConfig:
     factored: bool = True
     layer_runs: bool = False
     cheap_spectra: bool = True
+    stability: bool = True
+    instability_action: InstabilityAction = "log"
     metric_names: tuple[str, ...] = field(init=False, default=METRIC_NAMES)
 
     def __post_init__(self) -> None:
@@ -110,6 +114,13 @@ class MonitorConfig:
         set_(self, "layer_runs", bool(self.layer_runs))
         if not isinstance(self.cheap_spectra, bool):
             raise TypeError(f"`cheap_spectra` must be a bool, got {self.cheap_spectra!r}")
+        if not isinstance(self.stability, bool):
+            raise TypeError(f"`stability` must be a bool, got {self.stability!r}")
+        choice("instability_action", self.instability_action, INSTABILITY_ACTIONS)
+        if self.instability_action != "log" and not self.stability:
+            raise ValueError(
+                f"`instability_action={self.instability_action!r}` needs `stability=True`, got stability=False"
+            )
         if self.output_dir is not None:
             set_(self, "output_dir", Path(self.output_dir))
         self.make_scorer()  # the scorer checks its own arguments, so a bad value fails here too
@@ -130,3 +141,6 @@ class MonitorConfig:
         if not self.scoring:
             return None
         return BatchScorer(warmup_steps=self.warmup_steps, false_flag_rate=self.false_flag_rate)
+
+    def make_stability(self) -> StabilityDetector | None:
+        return StabilityDetector() if self.stability else None

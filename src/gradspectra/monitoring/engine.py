@@ -75,6 +75,7 @@ _COUNTERS = (
     "nonfinite_total",
     "error_total",
     "shift_total",
+    "instability_total",
 )
 
 
@@ -88,6 +89,15 @@ class GradientAnomalyError(RuntimeError):
             f"gradspectra flagged step {record.get('step')} (batch {record.get('batch_idx')}, "
             f"score {record.get('score')}): {reasons}"
         )
+
+
+class InstabilityError(RuntimeError):
+    """Raised with ``instability_action="raise"`` at a stability warning; ``.record`` holds the step's record."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+        messages = "; ".join(e["message"] for e in record.get("events", []) if e.get("kind") == "instability")
+        super().__init__(f"gradspectra at step {record.get('step')}: {messages}")
 
 
 @dataclass
@@ -142,6 +152,8 @@ class MonitorEngine:
         self.config = config
         self.metric_names = config.metric_names
         self.scorer = config.make_scorer()
+        self.stability = config.make_stability()  # the first optimizer's run only
+        self.stop_requested = False  # instability_action="stop": the front door stops training after this step
         self.optimizer_scorers: dict[int, BatchScorer] = {}  # optimizers after the first, each its own baseline
         self.batch_records = RecordBuffer(config.max_records_in_memory)
         self.selection: Selection | None = None
@@ -155,6 +167,7 @@ class MonitorEngine:
         self.sharded: nn.Module | None = None
         self.steps_monitored = self.flagged_total = self.skipped_total = 0
         self.missing_grad_total = self.nonfinite_total = self.error_total = self.shift_total = 0
+        self.instability_total = 0
         self.monitor_seconds = 0.0
         self.layers_computed_here = 0
         self.last_step: int | None = None  # the last step measured (kept in checkpoints)
@@ -310,6 +323,11 @@ class MonitorEngine:
             self.factors.clear()
         if record["flagged"] and self.config.action == "raise":
             raise GradientAnomalyError(dict(record))
+        if any(e.get("kind") == "instability" for e in record["events"]):
+            if self.config.instability_action == "raise":
+                raise InstabilityError(dict(record))
+            if self.config.instability_action == "stop":
+                self.stop_requested = True
         return record
 
     def _collect(self, procs: Processes, world: int, scope: frozenset[int] | None) -> Collected:
@@ -476,6 +494,13 @@ class MonitorEngine:
         )
         if inputs.optimizer is not None:
             record["optimizer"] = inputs.optimizer
+        if self.stability is not None and not inputs.optimizer:
+            # the trend of the run, never reset by the scorer's shifts
+            verdict = self.stability.update(record["metrics"], table.detection_values(keys), table.loss)
+            record["events"].extend(verdict.events)
+            if verdict.score is not None:
+                record["stability"] = float(verdict.score)
+            self.instability_total += len(verdict.events)
         self.missing_grad_total += len(record["missing_layers"])
         self.nonfinite_total += bool(record["nonfinite_layers"])
         self.flagged_total += record["flagged"]
@@ -526,12 +551,16 @@ class MonitorEngine:
         return logging_seconds + seconds
 
     def _say_events(self, record: BatchRecord, outputs: Outputs) -> None:
-        """Each event of the step (a shift the scorer adopted) as TensorBoard text and one log line."""
+        """Each event of the step (a shift the scorer adopted, a stability warning) as TensorBoard text and one
+        log line (a warning for instability)."""
         lines = [f"step {record['step']}: {e['message']}" for e in record["events"]]
         for writer in outputs.writers:
             writer.add_text(EVENTS_TAG, "\n\n".join(lines), global_step=record["step"])
-        for line in lines:
-            log.info(f"gradspectra {line}")
+        for event, line in zip(record["events"], lines):
+            if event.get("kind") == "instability":
+                log.warning(f"gradspectra {line}")
+            else:
+                log.info(f"gradspectra {line}")
 
     def _log_layer_runs(self, record: BatchRecord, table: HostTable, outputs: Outputs) -> None:
         if not self.config.layer_runs or outputs.layer_runs_dir is None:
@@ -562,9 +591,7 @@ class MonitorEngine:
         self._affordance_said = text is not None
         self.affordance = text
 
-    def _act(
-        self, record: BatchRecord, params: Callable[[], Iterable[nn.Parameter]] | None, procs: Processes
-    ) -> None:
+    def _act(self, record: BatchRecord, params: Callable[[], Iterable[nn.Parameter]] | None, procs: Processes) -> None:
         if not (record["flagged"] and self.config.action == "skip" and params is not None):
             return
         # torch optimizers leave a parameter without .grad untouched (momentum and weight decay included)
@@ -618,6 +645,7 @@ class MonitorEngine:
             "metric_names": list(self.metric_names),
             "spectrum": None if self.spectrum is None else {k: v.cpu() for k, v in self.spectrum.state_dict().items()},
             "scorer": None if self.scorer is None else self.scorer.state_dict(),
+            "stability": None if self.stability is None else self.stability.state_dict(),
         }
         if self.optimizer_scorers:
             state["optimizer_scorers"] = {k: v.state_dict() for k, v in self.optimizer_scorers.items()}
@@ -635,6 +663,8 @@ class MonitorEngine:
         self.resume_after = self.last_step = int(last_step) if last_step is not None else None
         if self.scorer is not None and state_dict.get("scorer") is not None:
             self.scorer.load_state_dict(state_dict["scorer"])
+        if self.stability is not None and state_dict.get("stability") is not None:
+            self.stability.load_state_dict(state_dict["stability"])
         for k, state in (state_dict.get("optimizer_scorers") or {}).items():
             scorer = self._scorer_for(int(k))
             if scorer is not None:
@@ -646,6 +676,7 @@ class MonitorEngine:
             f"gradspectra: {self.steps_monitored} steps monitored, {self.flagged_total} flagged"
             + (f", {self.skipped_total} skipped" if self.config.action == "skip" else "")
             + (f", {self.shift_total} shifts adopted (see the records' events)" if self.shift_total else "")
+            + (f", {self.instability_total} stability warnings" if self.instability_total else "")
             + f", {self.nonfinite_total} with non-finite gradients, {self.missing_grad_total} missing layer gradients"
             + f"; monitor time {self.monitor_seconds:.2f} s"
         )

@@ -40,11 +40,12 @@ class BatchRecord(_Required, total=False):
     each rank (DDP). ``factored_layers``: exact spectra from the ``T x T`` factors. ``error``: why the
     step could not be measured. ``monitor_ms``: the monitor's cost up to the record. ``loss_seen``:
     ``False`` where the front door cannot see the loss (the score then rests on the gradients alone).
-    ``skipped``: the optimizer step was dropped (``action="skip"``). ``optimizer``: which of several
-    optimizers stepped (only its layers are measured; it has its own baseline). ``detection``: per
-    anchor layer (a few, the same every step), the detection value (a coarse, steady estimate of the
-    effective rank by low-order Lanczos quadrature that the scorer watches as ``effective_rank_coarse``;
-    biased, not the metric: the curves use ``metrics``).
+    ``stability``: the stability score of :class:`gradspectra.scoring.StabilityDetector` (``>= 1``: a
+    trend over its limit; absent until it has a reference). ``skipped``: the optimizer step was dropped
+    (``action="skip"``). ``optimizer``: which of several optimizers stepped (only its layers are measured;
+    it has its own baseline). ``detection``: per anchor layer (a few, the same every step), the detection
+    value (a coarse, steady estimate of the effective rank by low-order Lanczos quadrature that the scorer
+    watches as ``effective_rank_coarse``; biased, not the metric: the curves use ``metrics``).
     """
 
     spectra: dict[str, str]
@@ -59,6 +60,7 @@ class BatchRecord(_Required, total=False):
     skipped: bool
     optimizer: int
     detection: dict[str, float]
+    stability: float
 
 
 @dataclass

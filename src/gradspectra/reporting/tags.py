@@ -60,7 +60,11 @@ def custom_scalars_layout(metrics: Sequence[str], components: Sequence[str]) -> 
         layout[f"gradspectra: {metric}"] = charts
     layout["gradspectra: batches"] = {
         "score and threshold": ["Multiline", [rf"^{status_tag('(score|threshold)')}$"]],
-        "flagged": ["Multiline", [rf"^{status_tag('(flagged|flagged_total|skipped|skipped_total|shift)')}$"]],
+        "flagged": [
+            "Multiline",
+            [rf"^{status_tag('(flagged|flagged_total|skipped|skipped_total|shift|instability)')}$"],
+        ],
+        "stability (>= 1: a trend over its limit)": ["Multiline", [rf"^{status_tag('stability')}$"]],
     }
     return layout
 
@@ -86,6 +90,9 @@ def status_scalars(record: Mapping[str, Any], flagged_total: int, optimizer: int
         scalars[status_tag("threshold")] = float(record["threshold"])
     scalars[status_tag("flagged")] = float(record["flagged"])
     scalars[status_tag("shift")] = float(sum(e.get("kind") == "shift" for e in record.get("events", [])))
+    scalars[status_tag("instability")] = float(sum(e.get("kind") == "instability" for e in record.get("events", [])))
+    if record.get("stability") is not None:
+        scalars[status_tag("stability")] = float(record["stability"])
     scalars[status_tag("flagged_total")] = float(flagged_total)
     scalars[status_tag("nonfinite_layers")] = float(len(record["nonfinite_layers"]))
     scalars[status_tag("missing_layers")] = float(len(record["missing_layers"]))

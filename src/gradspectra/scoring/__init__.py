@@ -6,6 +6,7 @@ peer detectors are in :mod:`gradspectra.evaluation`.
 
 from gradspectra.scoring.batch import LOSS_KEY, LOSS_SIDES, POSITIVE_METRICS, PROFILE_SUFFIX, BatchScorer
 from gradspectra.scoring.result import ScoreResult
+from gradspectra.scoring.stability import StabilityDetector, StabilityResult
 
 __all__ = [
     "LOSS_KEY",
@@ -14,4 +15,6 @@ __all__ = [
     "PROFILE_SUFFIX",
     "BatchScorer",
     "ScoreResult",
+    "StabilityDetector",
+    "StabilityResult",
 ]

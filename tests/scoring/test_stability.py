@@ -1,0 +1,172 @@
+"""The stability detector on series with known trends: collapse, growth, layers moving apart, non-finite
+steps; quiet on stationary noise; one warning per episode; checkpointed; arguments checked."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gradspectra.scoring import StabilityDetector
+
+LAYERS = [f"encoder.attn/layer_{i:02d}" for i in range(6)]
+
+
+def step_values(rank: float, norm: float, rng: np.random.Generator, noise: float = 0.2) -> dict[str, dict[str, float]]:
+    """Each layer's effective rank and gradient norm, with log-normal noise of ``noise``."""
+    return {
+        k: {
+            "effective_rank": rank * math.exp(noise * rng.standard_normal()),
+            "frobenius_norm": norm * math.exp(noise * rng.standard_normal()),
+        }
+        for k in LAYERS
+    }
+
+
+def run(detector: StabilityDetector, values: list[dict[str, dict[str, float]]]) -> list[list[dict[str, str]]]:
+    return [detector.update(v).events for v in values]
+
+
+def first_warning(events: list[list[dict[str, str]]]) -> int | None:
+    return next((i for i, e in enumerate(events) if e), None)
+
+
+def test_stationary_noise_gives_no_warning() -> None:
+    rng = np.random.default_rng(0)
+    detector = StabilityDetector()
+    events = run(detector, [step_values(20.0, 1.0, rng, noise=0.3) for _ in range(600)])
+    assert first_warning(events) is None
+
+
+def test_a_collapsing_effective_rank_warns_with_what_where_and_how_much() -> None:
+    rng = np.random.default_rng(1)
+    healthy = [step_values(20.0, 1.0, rng) for _ in range(60)]
+    # the effective rank falls 15 % a step from step 60: 4x lower after ~9 steps
+    falling = [step_values(20.0 * 0.85 ** (t + 1), 1.0, rng) for t in range(30)]
+    detector = StabilityDetector()
+    events = run(detector, healthy + falling)
+    warned = first_warning(events)
+    assert warned is not None and 60 < warned < 75
+    (event,) = events[warned]
+    assert event["kind"] == "instability"
+    message = event["message"]
+    assert "collapsing onto few directions" in message and "effective rank down" in message
+    assert "encoder.attn layers 0-5" in message or "encoder.attn layers" in message
+    factor = float(message.split("effective rank down ")[1].split("x")[0])
+    assert factor >= 2.5  # over the limit, as said
+    assert "lower the learning rate" in message
+    # one warning per episode: the collapse goes on, no second event
+    assert sum(bool(e) for e in events) == 1
+
+
+def test_a_single_low_step_is_not_a_trend() -> None:
+    rng = np.random.default_rng(2)
+    values = [step_values(20.0, 1.0, rng) for _ in range(80)]
+    for t in (50, 60):  # very low steps, apart: the median of the recent 3 does not move
+        values[t] = step_values(1.0, 1.0, rng)
+    assert first_warning(run(StabilityDetector(), values)) is None
+
+
+def test_growing_gradients_and_layers_moving_apart() -> None:
+    rng = np.random.default_rng(3)
+    healthy = [step_values(20.0, 1.0, rng) for _ in range(50)]
+    growing = [step_values(20.0, 1.4 ** (t + 1), rng) for t in range(20)]
+    events = run(StabilityDetector(), healthy + growing)
+    warned = first_warning(events)
+    assert warned is not None and 50 < warned < 65
+    assert "gradient norm up" in events[warned][0]["message"]
+
+    apart = []
+    for t in range(20):  # one layer's gradient grows 30 % a step, the others stay
+        v = step_values(20.0, 1.0, rng)
+        v[LAYERS[2]]["frobenius_norm"] *= 1.3 ** (t + 1)
+        apart.append(v)
+    events = run(StabilityDetector(), [step_values(20.0, 1.0, rng) for _ in range(50)] + apart)
+    warned = first_warning(events)
+    assert warned is not None
+    assert "layers are moving apart" in events[warned][0]["message"]
+    assert "encoder.attn layer 2" in events[warned][0]["message"]
+
+
+def test_non_finite_steps_warn_and_never_enter_the_series() -> None:
+    rng = np.random.default_rng(4)
+    values: list[Any] = [step_values(20.0, 1.0, rng) for _ in range(40)]
+    detector = StabilityDetector()
+    assert first_warning(run(detector, values)) is None
+    bad = {k: {"effective_rank": math.nan, "frobenius_norm": math.inf} for k in LAYERS}
+    events = run(detector, [bad, bad, bad])
+    assert first_warning(events) == 1  # at once, on the 2nd non-finite step
+    assert "non-finite gradients or loss in 2 of the last 3 steps" in events[1][0]["message"]
+    # a NaN loss alone counts too
+    detector = StabilityDetector(nonfinite=1, persist=1)
+    run(detector, values)
+    result = detector.update(step_values(20.0, 1.0, rng), loss=math.nan)
+    assert result.events and "non-finite" in result.events[0]["message"]
+
+
+def test_rearms_after_recovery() -> None:
+    rng = np.random.default_rng(5)
+    values = [step_values(20.0, 1.0, rng) for _ in range(50)]
+    values += [step_values(4.0, 1.0, rng) for _ in range(10)]  # a collapse
+    values += [step_values(4.0, 1.0, rng) for _ in range(60)]  # the new level, for long: the reference follows
+    values += [step_values(0.8, 1.0, rng) for _ in range(10)]  # a second collapse
+    events = run(StabilityDetector(), values)
+    warned = [i for i, e in enumerate(events) if e]
+    assert len(warned) == 2
+    assert 50 < warned[0] < 60 and 120 < warned[1] < 130
+
+
+def test_only_series_with_enough_values_count() -> None:
+    # a value that reaches a layer every 50 steps (a rotating full spectrum) never builds a reference
+    detector = StabilityDetector()
+    for t in range(300):
+        metrics = {LAYERS[0]: {"frobenius_norm": 1.0}}
+        if t % 50 == 0:
+            metrics[LAYERS[1]] = {"top_sv_ratio": 0.1 if t < 200 else 0.9}
+        assert detector.update(metrics).events == []
+
+
+def test_detection_values_are_the_effective_rank_coarse_series() -> None:
+    rng = np.random.default_rng(6)
+    detector = StabilityDetector()
+    for t in range(80):
+        rank = 30.0 if t < 60 else 5.0
+        detection = {LAYERS[0]: rank * math.exp(0.1 * rng.standard_normal())}
+        result = detector.update({LAYERS[0]: {"frobenius_norm": 1.0}}, detection)
+        if result.events:
+            assert "effective rank (detection value) down" in result.events[0]["message"]
+            assert 60 < t < 70
+            return
+    pytest.fail("no warning")
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    rng = np.random.default_rng(7)
+    values = [step_values(20.0, 1.0, rng) for _ in range(40)] + [step_values(3.0, 1.0, rng) for _ in range(10)]
+    whole = StabilityDetector()
+    expected = [whole.update(v) for v in values]
+    first = StabilityDetector()
+    for v in values[:45]:
+        first.update(v)
+    second = StabilityDetector()
+    second.load_state_dict(first.state_dict())
+    resumed = [second.update(v) for v in values[45:]]
+    assert [r.events for r in resumed] == [r.events for r in expected[45:]]
+    assert [r.score for r in resumed] == pytest.approx([r.score for r in expected[45:]])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"recent": 0}, "`recent` must be an integer in [1, inf), got 0"),
+        ({"collapse": 1.0}, "`collapse` must be a finite number in (1.0, inf), got 1.0"),
+        ({"growth": math.nan}, "`growth` must be a finite number"),
+        ({"nonfinite": 9}, "`nonfinite` must be an integer in [1, recent=3], got 9"),
+        ({"persist": True}, "`persist` must be an integer"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        StabilityDetector(**kwargs)
