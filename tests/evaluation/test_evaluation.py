@@ -142,3 +142,49 @@ def test_the_runtime_scoring_package_does_not_export_the_benchmark_tools() -> No
     import gradspectra.scoring
 
     assert not {"ZScoreDetector", "auroc", "average_ranks", "global_grad_norm"} & set(dir(gradspectra.scoring))
+
+
+# ---------------------------------------------------------------------------------------------- stability peers
+
+
+def test_spike_detection_rule_is_lightnings_rule() -> None:
+    from gradspectra.evaluation import SpikeDetectionRule
+
+    rule = SpikeDetectionRule()  # window 10, warmup 1, rtol 2: a spike is >= 3x the running mean and worse
+    assert [rule.update(1.0) for _ in range(10)] == [False] * 10
+    assert rule.update(2.9) is False  # |2.9 - 1| < 2 * 1
+    rule = SpikeDetectionRule()
+    for _ in range(10):
+        rule.update(1.0)
+    assert rule.update(3.1) is True
+    assert rule.update(3.1) is True  # the spike did not enter the window
+    assert rule.update(0.5) is False  # better than the last accepted value: never a spike
+    assert rule.update(float("nan")) is True
+    assert rule.update(None) is False
+
+
+def test_kill_loss_spike_rule_needs_a_full_window_and_patience() -> None:
+    from gradspectra.evaluation import KillLossSpikeRule
+
+    rule = KillLossSpikeRule(window=5, multiplier=2.0, patience=2)
+    assert [rule.update(v) for v in [9.0, 9.0, 9.0, 9.0]] == [False] * 4  # window not full: nothing is an outlier
+    rule = KillLossSpikeRule(window=5, multiplier=2.0, patience=2)
+    fired = [rule.update(v) for v in [1.0] * 5 + [20.0, 20.0, 20.0, 1.0, 20.0]]
+    # 3 outliers in a row fire (patience 2); every finite loss enters the window, so its mean rises
+    # (4.8, 8.6, then 12.4: the 1.0 breaks the run, and 20 is no longer twice the mean)
+    assert fired == [False] * 5 + [False, False, True, False, False]
+    rule = KillLossSpikeRule(window=5, multiplier=2.0, patience=2)
+    assert [rule.update(v) for v in [1.0] * 5 + [5.0, 5.0, 5.0]] == [False] * 8  # 5 > 3.6, not > 5.2: reset
+
+
+def test_grad_norm_z_rule() -> None:
+    from gradspectra.evaluation import GradNormZRule
+
+    rule = GradNormZRule(warmup=5)
+    assert [rule.update(v) for v in [1.0, 1.2, 0.8, 1.1, 0.9]] == [False] * 5
+    assert rule.update(1.05) is False
+    assert rule.update(10.0) is True  # far above the EMA: fires, and does not move the statistics
+    assert rule.update(1.0) is False
+    assert rule.update(float("inf")) is True
+    with pytest.raises(ValueError, match=r"`alpha` must be a finite number in \(0.0, 1.0\), got 1.0"):
+        GradNormZRule(alpha=1.0)

@@ -224,8 +224,8 @@ class StabilityDetector:
         out = {}
         recent_from = step - self.recent + 1
         reference_to = recent_from - self.gap - 1
-        need_recent = getattr(self, "need_recent", max(1, (self.recent + 1) // 2))
-        need_reference = getattr(self, "need_reference", max(2, self.reference // 3))
+        need_recent = max(1, (self.recent + 1) // 2)
+        need_reference = max(2, self.reference // 3)
         for (layer, metric), series in self._series.items():
             if metric != name:
                 continue
