@@ -18,8 +18,8 @@ Settings (each with seeds 0, 1, 2):
   but not breaking.
 
 A run breaks (:func:`break_step`) at the first step whose loss, and the median of 10 from it, are
-above both 0.8x the run's starting level and twice its best 10-step median so far (non-finite: above). Training stops 10 steps
-after that, or at :data:`MAX_STEPS`.
+above both 0.8x the run's starting level and twice its best 10-step median so far (non-finite: above).
+Training stops 10 steps after that, or at :data:`MAX_STEPS`.
 
 For each run: the step the monitor first warns (an ``instability`` event in the records), the step
 each peer rule first fires on the same run (Lightning's ``SpikeDetection`` rule on the loss, llm-foundry's
