@@ -170,3 +170,19 @@ def test_state_dict_round_trip_continues_identically() -> None:
 def test_bad_arguments_are_named(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         StabilityDetector(**kwargs)
+
+
+def test_the_vectorised_median_is_numpys_nanmedian() -> None:
+    from gradspectra.scoring.stability import _nanmedian
+
+    rng = np.random.default_rng(8)
+    for rows in (1, 2, 3, 7, 30):
+        block = rng.standard_normal((rows, 40))
+        block[rng.random(block.shape) < 0.4] = np.nan
+        block[:, 0] = np.nan  # a column with no value
+        median, count = _nanmedian(block)
+        assert np.array_equal(count, np.count_nonzero(~np.isnan(block), axis=0))
+        with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("ignore")
+            expected = np.nanmedian(block, axis=0)
+        assert np.allclose(median, expected, equal_nan=True, rtol=0, atol=1e-15)

@@ -13,7 +13,8 @@ layers whose series have enough values in both windows (rotating values that rea
   the loss still falls (Wortsman et al. 2023; measured in ``benchmarks/stability.py``);
 - ``concentration``: the median rise of ``top_sv_ratio``;
 - ``growth``: the median rise of the gradient norms (``frobenius_norm``);
-- ``divergence``: layers moving apart, the spread (90th minus 10th percentile over layers) of the
+- ``divergence``: layers moving apart, the spread (90th minus 10th percentile over layers, nearest
+  rank) of the
   per-layer log change of ``frobenius_norm``: some layers' gradients growing while others stay;
 - ``nonfinite``: steps with a non-finite gradient or loss among the last ``recent``.
 
@@ -42,8 +43,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -87,7 +89,18 @@ class StabilityResult:
 class _Finding:
     family: str
     severity: float
-    text: str
+    text: Callable[[], str]  # built only for a warning
+
+
+@dataclass
+class _Changes:
+    """One metric's per-layer change between the windows: the layers' columns, log change, levels (log)."""
+
+    name: str
+    columns: np.ndarray
+    log: np.ndarray
+    before: np.ndarray
+    now: np.ndarray
 
 
 class StabilityDetector:
@@ -139,7 +152,11 @@ class StabilityDetector:
         self.rearm = check_int("rearm", rearm, 1)
         self.min_layers = check_int("min_layers", min_layers, 1)
         self._span = self.recent + self.gap + self.reference
-        self._series: dict[tuple[str, str], deque[tuple[int, float]]] = {}
+        # per watched metric, a ring of the last `_span` steps' log values, (span, layers), NaN where none
+        self._columns: dict[str, int] = {}
+        self._layers: list[str] = []
+        self._values: dict[str, np.ndarray] = {}
+        self._row_step = np.full(self._span, -1, dtype=np.int64)  # which step each row holds
         self._bad_steps: deque[int] = deque()
         self._step = 0
         self._over = 0  # consecutive steps over a limit
@@ -155,41 +172,37 @@ class StabilityDetector:
     ) -> StabilityResult:
         """Take one optimizer step's per-layer values (and detection values, loss); the step's verdict."""
         step, self._step = self._step, self._step + 1
+        row = step % self._span
+        self._row_step[row] = step
+        for values in self._values.values():
+            values[row] = np.nan
         bad = loss is not None and not math.isfinite(float(loss))
-        for layer, values in metrics.items():
+        for layer, layer_values in metrics.items():
+            column = self._column(layer)
             for name in _WATCHED:
-                if name in values:
-                    v = float(values[name])
-                    bad = bad or not math.isfinite(v)
-                    self._push(layer, name, v, step)
+                if name in layer_values:
+                    bad = self._put(name, row, column, float(layer_values[name])) or bad
         for layer, value in (detection or {}).items():
-            v = float(value)
-            bad = bad or not math.isfinite(v)
-            self._push(layer, "effective_rank_coarse", v, step)
+            bad = self._put("effective_rank_coarse", row, self._column(layer), float(value)) or bad
         while self._bad_steps and self._bad_steps[0] <= step - self.recent:
             self._bad_steps.popleft()
         if bad:
             self._bad_steps.append(step)
         findings = self._findings(step)
-        if not findings and len(self._bad_steps) < self.nonfinite:
+        if len(self._bad_steps) >= self.nonfinite:
+            text = f"non-finite gradients or loss in {len(self._bad_steps)} of the last {self.recent} steps"
+            findings.append(_Finding("nonfinite", len(self._bad_steps) / self.nonfinite, lambda: text))
+        if not findings:
             self._count(False)
             return StabilityResult(None if not self._has_reference(step) else 0.0)
-        if len(self._bad_steps) >= self.nonfinite:
-            findings.append(
-                _Finding(
-                    "nonfinite",
-                    len(self._bad_steps) / self.nonfinite,
-                    f"non-finite gradients or loss in {len(self._bad_steps)} of the last {self.recent} steps",
-                )
-            )
         severities = {f.family: f.severity for f in findings}
         score = max(severities.values())
         # non-finite steps are already a count over the recent window: no need to persist further
-        warn = self._count(score >= 1.0, immediate="nonfinite" in severities)
+        warn = self._count(score >= 1.0, immediate=severities.get("nonfinite", 0.0) >= 1.0)
         events = []
         if warn:
             worst = [f for f in sorted(findings, key=lambda f: -f.severity) if f.severity >= 1.0]
-            events.append({"kind": "instability", "message": _message(worst)})
+            events.append({"kind": "instability", "message": _message([f.text() for f in worst])})
         return StabilityResult(score, events, severities)
 
     def _count(self, over: bool, immediate: bool = False) -> bool:
@@ -206,53 +219,83 @@ class StabilityDetector:
             self._under = 0  # still in the episode that was warned about: stay quiet
         return False
 
-    def _push(self, layer: str, name: str, value: float, step: int) -> None:
-        if not (math.isfinite(value) and value > 0):
-            return
-        series = self._series.get((layer, name))
-        if series is None:
-            series = self._series[(layer, name)] = deque()
-        series.append((step, math.log(value)))
-        while series and series[0][0] <= step - self._span:
-            series.popleft()
+    def _column(self, layer: str) -> int:
+        column = self._columns.get(layer)
+        if column is None:
+            column = self._columns[layer] = len(self._layers)
+            self._layers.append(layer)
+            for name, values in self._values.items():
+                if values.shape[1] <= column:
+                    grown = np.full((self._span, max(8, 2 * values.shape[1])), np.nan)
+                    grown[:, : values.shape[1]] = values
+                    self._values[name] = grown
+        return column
+
+    def _put(self, name: str, row: int, column: int, value: float) -> bool:
+        """Store ``log(value)``; whether the value was non-finite."""
+        if not math.isfinite(value):
+            return True
+        if value > 0:
+            values = self._values.get(name)
+            if values is None:
+                values = self._values[name] = np.full((self._span, max(8, len(self._layers))), np.nan)
+            values[row, column] = math.log(value)
+        return False
 
     def _has_reference(self, step: int) -> bool:
         return step + 1 >= self._span - self.reference + max(2, self.reference // 3)
 
-    def _changes(self, name: str, step: int) -> dict[str, tuple[float, float, float, int]]:
-        """Per layer with enough values: (log change, reference level, recent level, steps between)."""
-        out = {}
-        recent_from = step - self.recent + 1
-        reference_to = recent_from - self.gap - 1
-        need_recent = max(1, (self.recent + 1) // 2)
-        need_reference = max(2, self.reference // 3)
-        for (layer, metric), series in self._series.items():
-            if metric != name:
-                continue
-            recent = [v for s, v in series if s >= recent_from]
-            reference = [v for s, v in series if s <= reference_to]
-            if len(recent) >= need_recent and len(reference) >= need_reference:
-                now, before = float(np.median(recent)), float(np.median(reference))
-                out[layer] = (now - before, before, now, self.recent + self.gap)
-        return out
+    def _windows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of the recent window and of the reference window that hold their steps."""
+        recent = np.arange(step - self.recent + 1, step + 1)
+        end = step - self.recent - self.gap
+        reference = np.arange(end - self.reference + 1, end + 1)
+        recent, reference = recent[recent >= 0], reference[reference >= 0]
+        recent = recent[self._row_step[recent % self._span] == recent] % self._span
+        reference = reference[self._row_step[reference % self._span] == reference] % self._span
+        return recent, reference
+
+    def _changes(self, name: str, recent: np.ndarray, reference: np.ndarray) -> _Changes | None:
+        """Per layer with enough values in both windows: the change of the median log value."""
+        values = self._values.get(name)
+        if values is None or len(recent) == 0 or len(reference) == 0:
+            return None
+        n = len(self._layers)
+        older = values[reference, :n]
+        ok = np.count_nonzero(~np.isnan(older), axis=0) >= max(2, self.reference // 3)
+        if np.count_nonzero(ok) < self.min_layers:  # a rotating value never builds a reference: done here
+            return None
+        newer = values[recent, :n]
+        ok &= np.count_nonzero(~np.isnan(newer), axis=0) >= max(1, (self.recent + 1) // 2)
+        columns = np.flatnonzero(ok)
+        if len(columns) < self.min_layers:
+            return None
+        now, _ = _nanmedian(newer[:, columns])
+        before, _ = _nanmedian(older[:, columns])
+        return _Changes(name, columns, now - before, before, now)
 
     def _findings(self, step: int) -> list[_Finding]:
         findings = []
+        recent, reference = self._windows(step)
+        steps = self.recent + self.gap
         for family, (names, sign) in FAMILIES.items():
             best: _Finding | None = None
             for name in names:
-                changes = self._changes(name, step)
-                if len(changes) < self.min_layers:
+                changes = self._changes(name, recent, reference)
+                if changes is None:
                     continue
-                logs = np.array([c[0] for c in changes.values()])
-                change = float(np.median(logs)) * sign
-                severity = max(change, 0.0) / math.log(self.limits[family])
+                severity = max(float(np.median(changes.log)) * sign, 0.0) / math.log(self.limits[family])
                 if best is None or severity > best.severity:
-                    best = _Finding(family, severity, _describe(family, name, sign, changes))
-                if family == "growth" and len(changes) >= 4:
-                    spread = float(np.percentile(logs, 90) - np.percentile(logs, 10))
+                    text = partial(_describe, family, sign, changes, self._layers, steps)
+                    best = _Finding(family, severity, text)
+                if family == "growth" and len(changes.columns) >= 4:
+                    ordered = np.sort(changes.log)
+                    k = len(ordered)  # nearest-rank 90th and 10th percentiles
+                    spread = float(ordered[math.ceil(0.9 * k) - 1] - ordered[math.ceil(0.1 * k) - 1])
                     sev = spread / math.log(self.limits["divergence"])
-                    findings.append(_Finding("divergence", sev, _describe_divergence(changes)))
+                    findings.append(
+                        _Finding("divergence", sev, partial(_describe_divergence, changes, self._layers, steps))
+                    )
             if best is not None:
                 findings.append(best)
         return findings
@@ -260,13 +303,16 @@ class StabilityDetector:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain lists and ints (checkpointed with the monitor)."""
+        """Plain lists and numbers (checkpointed with the monitor)."""
+        n = len(self._layers)
         return {
             "step": self._step,
             "over": self._over,
             "under": self._under,
             "bad_steps": list(self._bad_steps),
-            "series": [[layer, name, [list(p) for p in series]] for (layer, name), series in self._series.items()],
+            "layers": list(self._layers),
+            "row_step": self._row_step.tolist(),
+            "values": {name: values[:, :n].tolist() for name, values in self._values.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -274,10 +320,29 @@ class StabilityDetector:
         self._over = int(state.get("over", 0))
         self._under = int(state.get("under", self.rearm))
         self._bad_steps = deque(int(s) for s in state.get("bad_steps", []))
-        self._series = {
-            (str(layer), str(name)): deque((int(s), float(v)) for s, v in points)
-            for layer, name, points in state.get("series", [])
-        }
+        self._layers = [str(layer) for layer in state.get("layers", [])]
+        self._columns = {layer: i for i, layer in enumerate(self._layers)}
+        row_step = np.asarray(state.get("row_step", []), dtype=np.int64)
+        self._row_step = np.full(self._span, -1, dtype=np.int64)
+        self._values = {}
+        if len(row_step) != self._span:  # another window: start the series afresh
+            return
+        self._row_step = row_step
+        for name, values in (state.get("values") or {}).items():
+            array = np.full((self._span, max(8, len(self._layers))), np.nan)
+            array[:, : len(self._layers)] = np.asarray(values, dtype=float).reshape(self._span, len(self._layers))
+            self._values[str(name)] = array
+
+
+def _nanmedian(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's median over its non-NaN entries (NaN where none) and their count; vectorised."""
+    count = np.count_nonzero(~np.isnan(block), axis=0)
+    ordered = np.sort(block, axis=0)  # NaN last
+    columns = np.arange(block.shape[1])
+    low = ordered[np.maximum(count - 1, 0) // 2, columns]
+    high = ordered[np.maximum(count, 1) // 2 - (count == 0), columns]
+    median = np.where(count > 0, 0.5 * (low + high), np.nan)
+    return median, count
 
 
 # ---------------------------------------------------------------------------------------------- messages
@@ -308,39 +373,38 @@ def _layer_groups(layers: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
-def _describe(family: str, name: str, sign: int, changes: Mapping[str, tuple[float, float, float, int]]) -> str:
-    logs = {k: c[0] * sign for k, c in changes.items()}
-    median = float(np.median(list(logs.values())))
-    moved = sorted((k for k, v in logs.items() if v >= median), key=lambda k: -logs[k]) or list(changes)
-    before = float(np.exp(np.median([changes[k][1] for k in changes])))
-    now = float(np.exp(np.median([changes[k][2] for k in changes])))
-    steps = next(iter(changes.values()))[3]
-    factor = math.exp(abs(median))
-    where = f"median of {len(changes)} layer{'s' if len(changes) > 1 else ''}: {_layer_groups(sorted(moved))}"
+def _describe(family: str, sign: int, changes: _Changes, layers: Sequence[str], steps: int) -> str:
+    logs = changes.log * sign
+    median = float(np.median(logs))
+    moved = [layers[c] for c, v in zip(changes.columns.tolist(), logs.tolist()) if v >= median]
+    before = math.exp(float(np.median(changes.before)))
+    now = math.exp(float(np.median(changes.now)))
+    count = len(changes.columns)
+    where = f"median of {count} layer{'s' if count > 1 else ''}: {_layer_groups(sorted(moved))}"
     what = {
         "collapse": "the gradient is collapsing onto few directions",
         "concentration": "the gradient is concentrating in its top direction",
         "growth": "the gradients are growing",
     }[family]
     direction = "down" if sign < 0 else "up"
-    return f"{what}: {_LABELS[name]} {direction} {factor:.1f}x in {steps} steps ({where}; {before:.3g} -> {now:.3g})"
+    factor = math.exp(abs(median))
+    label = _LABELS[changes.name]
+    return f"{what}: {label} {direction} {factor:.1f}x in {steps} steps ({where}; {before:.3g} -> {now:.3g})"
 
 
-def _describe_divergence(changes: Mapping[str, tuple[float, float, float, int]]) -> str:
-    logs = {k: c[0] for k, c in changes.items()}
-    order = sorted(logs, key=lambda k: -logs[k])
+def _describe_divergence(changes: _Changes, layers: Sequence[str], steps: int) -> str:
+    order = np.argsort(-changes.log)
     top = order[: max(1, len(order) // 10)]
-    rest = float(np.median(list(logs.values())))
-    steps = next(iter(changes.values()))[3]
-    factor = math.exp(float(np.median([logs[k] for k in top])) - rest)
+    factor = math.exp(float(np.median(changes.log[top])) - float(np.median(changes.log)))
+    names = sorted(layers[c] for c in changes.columns[top].tolist())
     return (
-        f"layers are moving apart: the gradient norms of {_layer_groups(sorted(top))} grew {factor:.1f}x more "
+        f"layers are moving apart: the gradient norms of {_layer_groups(names)} grew {factor:.1f}x more "
         f"than the median layer's in {steps} steps"
     )
 
 
-def _message(findings: Sequence[_Finding]) -> str:
-    body = "; ".join(f.text for f in findings)
+def _message(texts: Sequence[str]) -> str:
+    body = "; ".join(texts)
     return (
         f"instability: {body}. A run at too high a learning rate does this before its loss breaks: lower the "
         "learning rate, or stop and resume from an earlier checkpoint."
