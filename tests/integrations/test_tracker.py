@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,32 @@ def test_a_fast_step_spaces_per_layer_logging_and_says_what_the_budget_affords(
     assert per_layer[0] == 0 and len(per_layer) < steps // 2  # spaced by the budget
     budget = t.engine.planner.budget if t.engine.planner is not None else None
     assert budget is not None and budget.log_period(1) > 1
+
+
+def test_instability_stop_and_raise_in_a_plain_loop(tmp_path: Path) -> None:
+    from gradspectra import InstabilityError
+
+    for action in ("stop", "raise"):
+        model = tiny_llama()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        options = {"figure_every_n_steps": 0, "verbose": False, "instability_action": action}
+        tracker = GradientSpectrumTracker(model, log_dir=tmp_path / action, optimizer=optimizer, **options)
+        steps = 0
+        with pytest.raises(InstabilityError) if action == "raise" else contextlib.nullcontext():
+            for step, batch in enumerate(batches(8)):
+                loss = model(**batch).loss * (float("nan") if step >= 3 else 1.0)
+                loss.backward()
+                tracker.step(loss=loss)
+                optimizer.step()
+                optimizer.zero_grad()
+                steps += 1
+                if tracker.should_stop:
+                    break
+        tracker.close()
+        if action == "stop":
+            assert steps == 5 and tracker.should_stop  # the warning at step 4, the 2nd non-finite step
+        else:
+            assert steps == 4  # raised inside step 4's tracker.step, before its optimizer step
+        records = read_records(tmp_path / action / "gradspectra" / "batches.jsonl")
+        assert [r["step"] for r in records] == [0, 1, 2, 3, 4]  # the warned step's record is written
+        assert records[4]["events"][-1]["kind"] == "instability"

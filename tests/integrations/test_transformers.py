@@ -105,3 +105,20 @@ def test_bad_option_names_itself() -> None:
         GradientSpectrumCallback(spectra="fast")
     with pytest.raises(TypeError, match="max_overheads"):
         GradientSpectrumCallback(max_overheads=0.1)
+
+
+def test_instability_stop_ends_training_after_the_warned_step(tmp_path: Path) -> None:
+    # from step 3 on the loss is NaN: the 2nd non-finite step in a row (step 4) is a stability warning
+    data = batches(8)
+    for step in range(3, 8):
+        data[step]["input_ids"][0, 0] = 0
+    model = NanAtMarker(tiny_llama())
+    callback = GradientSpectrumCallback(**{**OPTIONS, "instability_action": "stop"})
+    trainer = train(model, data, tmp_path, callback)
+    trainer.train()
+    records = list(callback.batch_records)
+    warned = [r["step"] for r in records if any(e["kind"] == "instability" for e in r["events"])]
+    assert warned == [4]
+    assert "non-finite gradients or loss in 2 of the last 3 steps" in records[4]["events"][-1]["message"]
+    assert trainer.state.global_step == 5  # step 4's optimizer step completed, none after it
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
