@@ -334,3 +334,18 @@ def test_the_number_of_anchors_follows_the_measured_cost_of_one_call() -> None:
     counts = run(150)  # one fewer every 20 steps at most
     assert counts[-30:] == [1] * 30 and counts == sorted(counts, reverse=True)
     assert set(budget.anchors) <= set(first)  # the smaller set is part of the larger one: its series go on
+
+
+def test_a_pause_between_steps_earns_nothing() -> None:
+    # 20 ms steps, then a 2 s pause (validation, a checkpoint): the step time, and what the monitor may
+    # spend, stay those of a 20 ms step
+    budget = OverheadBudget(SHAPES, 0.03)
+    for _ in range(10):
+        budget.observe_step(0.020)
+    before = budget.per_step
+    budget.observe_step(2.0)
+    assert budget.step_seconds == pytest.approx(0.020)
+    assert budget.per_step == pytest.approx(before)
+    for _ in range(15):  # a lasting change of the step time is followed within the window
+        budget.observe_step(0.050)
+    assert budget.step_seconds == pytest.approx(0.050)

@@ -4,8 +4,9 @@ The monitor's cost is dominated by the spectra (an ``m x n`` decomposition per l
 else it does reads each gradient once. :class:`OverheadBudget` keeps that cost at about
 ``max_overhead`` times the training step:
 
-- it learns the step time (without the monitor) and the monitor's fixed cost (norms, scoring,
-  records, logging) as exponential moving averages of what it measured on earlier steps;
+- it learns the step time (without the monitor), the median of the last 15 measured, so that a
+  pause between steps (validation, a checkpoint) earns nothing, and the monitor's fixed cost (norms,
+  scoring, records, logging) as an exponential moving average of what it measured on earlier steps;
 - it learns the cost of each kind of work per matrix shape, ``"exact"``, ``"estimate"`` and
   ``"cheap"``, from the measured time of the work done (priors from a flop count until a shape has
   been measured), and the time of the one ``"detect"`` call per step;
@@ -39,6 +40,8 @@ Pure Python, no torch: the engine measures, the budget decides.
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -62,6 +65,7 @@ _GOLDEN = (math.sqrt(5) - 1) / 2  # the anchors' low-discrepancy sequence
 _CHEAP_COLUMNS = 64  # the cheap tier's column-passes over a matrix: 16 + 2 x 24 (rank 8 + 8 random, + 8 probes)
 _DETECT_COLUMNS = 88  # the detection value's: 3 x 8 (range finder) + 8 Lanczos steps x 2 products x 4 probes
 _EMA = 0.3  # weight of the newest measurement in the moving averages
+_STEP_WINDOW = 15  # the step time is the median of this many recent measurements
 _MIN_RATE_FLOPS = 1e7  # work smaller than this does not teach the seconds-per-flop prior
 _AUDIT_SHARE = 0.25  # share of each step's credit that goes to the audit fund
 _HEADROOM = 0.8  # the budget plans to this share of max_overhead (see the module docstring)
@@ -181,6 +185,7 @@ class OverheadBudget:
         self.estimate_passes = estimate_passes
         self.cheap = bool(cheap)
         self.step_seconds: float | None = None
+        self._step_times: deque[float] = deque(maxlen=_STEP_WINDOW)
         self.fixed_seconds = 0.0
         self.credit = 0.0
         self.audit_fund = 0.0
@@ -211,8 +216,10 @@ class OverheadBudget:
     def observe_step(self, seconds: float) -> None:
         """The last training step's wall time, without the monitor's own time."""
         if seconds > 0 and math.isfinite(seconds):
-            s = self.step_seconds
-            self.step_seconds = seconds if s is None else (1 - _EMA) * s + _EMA * seconds
+            # a median, not a moving average: a pause between steps (validation, a checkpoint, a data
+            # loader stall) is not a training step, and must not earn the monitor seconds to spend
+            self._step_times.append(seconds)
+            self.step_seconds = statistics.median(self._step_times)
 
     def observe_fixed(self, seconds: float) -> None:
         """The monitor's cost on the last step outside the spectra (norms, scoring, records, logging)."""

@@ -118,6 +118,7 @@ class StabilityDetector:
         persist: consecutive steps over a limit before a warning, ``>= 1``.
         rearm: steps under every limit before the next warning, ``>= 1``.
         min_layers: layers with enough values for a family to count, ``>= 1``.
+        warmup_steps: steps before a trend can give a warning (non-finite steps warn from the start), ``>= 0``.
 
     Raises:
         ValueError: an argument is out of range (the message names it and the value).
@@ -131,12 +132,13 @@ class StabilityDetector:
         reference: int = 30,
         collapse: float = 2.5,
         concentration: float = 2.0,
-        growth: float = 8.0,
-        divergence: float = 8.0,
+        growth: float = 4.0,
+        divergence: float = 16.0,
         nonfinite: int = 2,
         persist: int = 2,
         rearm: int = 20,
         min_layers: int = 1,
+        warmup_steps: int = 40,
     ) -> None:
         self.recent = check_int("recent", recent, 1)
         self.gap = check_int("gap", gap, 0)
@@ -151,6 +153,7 @@ class StabilityDetector:
         self.persist = check_int("persist", persist, 1)
         self.rearm = check_int("rearm", rearm, 1)
         self.min_layers = check_int("min_layers", min_layers, 1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self._span = self.recent + self.gap + self.reference
         # per watched metric, a ring of the last `_span` steps' log values, (span, layers), NaN where none
         self._columns: dict[str, int] = {}
@@ -198,7 +201,10 @@ class StabilityDetector:
         severities = {f.family: f.severity for f in findings}
         score = max(severities.values())
         # non-finite steps are already a count over the recent window: no need to persist further
-        warn = self._count(score >= 1.0, immediate=severities.get("nonfinite", 0.0) >= 1.0)
+        immediate = severities.get("nonfinite", 0.0) >= 1.0
+        # the first steps of a fine-tune (a learning-rate warm-up, the model leaving its starting point) move
+        # every series: trends count from `warmup_steps` on, non-finite steps at once
+        warn = self._count(score >= 1.0 and (step >= self.warmup_steps or immediate), immediate=immediate)
         events = []
         if warn:
             worst = [f for f in sorted(findings, key=lambda f: -f.severity) if f.severity >= 1.0]
