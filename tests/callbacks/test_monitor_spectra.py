@@ -209,3 +209,16 @@ def test_default_cheap_tier_in_a_real_run_matches_exact_values_and_reaches_tenso
     tags = acc.Tags()["scalars"]
     assert "gradspectra/spectra/cheap_only" in tags and "gradspectra/detection/effective_rank_coarse_median" in tags
     assert "grad_spectrum/participation_ratio/attention.self.query/layer_00" in tags
+
+
+def test_a_second_fit_of_the_same_model_keeps_what_the_budget_learned(tmp_path: Path) -> None:
+    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, verbose=False)
+    model = TinyBert()
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, logger=False), callbacks=[monitor]).fit(model, loader(n=64))
+    planner = monitor.engine.planner
+    assert planner is not None and planner.budget is not None
+    learned = planner.budget.step_seconds
+    assert learned is not None
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, logger=False), callbacks=[monitor]).fit(model, loader(n=64))
+    assert monitor.engine.planner is planner  # not relearned from nothing on every fit
+    assert planner.budget is not None and planner.budget.step_seconds is not None

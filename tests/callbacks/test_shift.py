@@ -44,9 +44,10 @@ def test_a_lasting_change_is_flagged_three_times_then_reported_once_as_a_shift(t
     assert [(step, e["kind"]) for step, e in shifts] == [(JUMP_AT + 3, "shift")]
     assert "for 4 steps in a row" in shifts[0][1]["message"]
     assert all(not any(e["kind"] == "shift" for e in r["events"]) for r in records if r["step"] != JUMP_AT + 3)
-    # a 20x jump that lasts is also a trend for the stability detector, which the shift does not silence
+    # a 20x jump that lasts is also a trend for the stability detector, which the shift does not silence: it
+    # warns once its own warm-up (40 steps) is over, the jump still in the window, on the 2nd step over a limit
     warned = [r["step"] for r in records for e in r["events"] if e["kind"] == "instability"]
-    assert len(warned) == 1 and JUMP_AT < warned[0] <= JUMP_AT + 5
+    assert warned == [41]
     # the new level is the baseline now: nothing after the shift is flagged for the jump (this tiny model
     # on random tokens has the odd step with stable rank high, before the jump as after it)
     after = records[JUMP_AT + 4 :]

@@ -209,9 +209,14 @@ class MonitorEngine:
             for component, params in group_by_component(self.watched).items()
             if len(params) >= 2 and params[0].index is not None
         }
-        self.planner = Planner(
-            self.config.spectra, self.config.max_overhead, self._shapes, cheap=self.config.cheap_spectra
-        )
+        if self.planner is None or self.planner.shapes != self._shapes:
+            self.planner = Planner(
+                self.config.spectra, self.config.max_overhead, self._shapes, cheap=self.config.cheap_spectra
+            )
+        else:
+            # the same layers fitted again (another Trainer.fit, a resume): the budget keeps what it learned
+            # about the step and the work; the step count starts over
+            self.planner.restart()
         self._owners = None
         if self.factors is not None:
             self.factors.close()

@@ -35,6 +35,11 @@ class Planner:
         self.pending: Plan | None = None
         self._last_end: tuple[float, int] | None = None
 
+    def restart(self) -> None:
+        """A new fit of the same layers: forget the last step's end (its step count and time are another run's)."""
+        self._last_end = None
+        self.pending = None
+
     def begin(self) -> Plan | None:
         """A measured step starts: its plan under the budget (``None`` before the budget exists)."""
         self.pending = None

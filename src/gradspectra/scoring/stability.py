@@ -25,7 +25,7 @@ the score has stayed below 1 for ``rearm`` steps. Nothing resets it: a shift the
 is a new normal for single batches, not for the trend.
 
 >>> import math
->>> det = StabilityDetector(recent=3, gap=2, reference=8, persist=2)
+>>> det = StabilityDetector(recent=3, gap=2, reference=8, persist=2, warmup_steps=0)
 >>> healthy = {f"attn/layer_0{i}": {"effective_rank_coarse": 20.0, "frobenius_norm": 1.0} for i in range(4)}
 >>> [det.update(healthy).events for _ in range(12)][-1]
 []
