@@ -8,7 +8,7 @@ every linear layer, the 3 % budget), of two models:
 - ``llama``: a tiny Llama (``TinyCausalLM``, 4 layers, hidden 64) on chain-of-thought arithmetic, after
   300 unmonitored clean steps at 1e-3, then monitored at 1e-3.
 
-Settings (each with seeds 0, 1, 2):
+Settings (each with seeds 0 to 4):
 
 - ``ramp1.1``, ``ramp1.2``, ``ramp1.35``: the learning rate multiplied by 1.1, 1.2 or 1.35 each step
   from step 40, until the run breaks (made to break);
@@ -24,14 +24,18 @@ Training stops 10 steps after that, or at :data:`MAX_STEPS`.
 For each run: the step the monitor first warns (an ``instability`` event in the records), the step
 each peer rule first fires on the same run (Lightning's ``SpikeDetection`` rule on the loss, llm-foundry's
 ``KillLossSpike`` rule, a ZClip-style grad-norm z rule: :mod:`gradspectra.evaluation.peers`), and the
-lead of the warning over each. A warning on a stable run, or more than :data:`EARLY` steps before the
-break, is a false warning.
+lead of the warning over each. A warning on a stable run, before a ramp's start, or more than
+:data:`EARLY` steps before the break of another run, is a false warning (:func:`valid_from`); the
+peers' fires are judged alike.
 
-The split is fixed before any tuning: seed 0 of every setting is the tuning half
-(:data:`TUNING_SEEDS`), seeds 1 and 2 the held-out half. The report shows the held-out half first.
+The split was fixed before any tuning: seed 0 of every setting is the tuning half
+(:data:`TUNING_SEEDS`), seeds 1 and 2 were the held-out half. Their first report showed false warnings
+right after learning-rate warm-ups, and the detector's 40-step warm-up was added after reading it:
+seeds 1 and 2 are reported apart (:data:`READ_SEEDS`), and seeds 3 and 4, run only once the detector was
+final, are the held-out half (:data:`HELD_OUT_SEEDS`). The report shows the held-out half first.
 Each run is its own process; runs already in ``--records`` are kept (the benchmark resumes)::
 
-    python benchmarks/stability.py --records /tmp/stab              # ~25 min on 2 cores
+    python benchmarks/stability.py --records /tmp/stab              # 60 runs, ~45 min on 2 cores
     python benchmarks/stability.py --report /tmp/stab               # the table from kept records
     python benchmarks/stability.py --report /tmp/stab --replay      # re-run the detector on them (tuning)
 """
@@ -63,8 +67,10 @@ HIGH = 4.0  # x the base rate: noisy, does not break
 WARMUP = 20
 SETTINGS = (*RAMPS, "hot", "stable", "high")
 BREAKING = (*RAMPS, "hot")
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 TUNING_SEEDS = (0,)
+READ_SEEDS = (1, 2)  # held out at first, read once before the detector's warm-up was added
+HELD_OUT_SEEDS = (3, 4)
 MAX_STEPS = 220
 AFTER_BREAK = 10
 EARLY = 60  # a warning more than this many steps before the break is not about it
@@ -391,9 +397,15 @@ def report(directory: Path, do_replay: bool, models: Sequence[str], seeds: Seque
             continue
         records = read_records(path)
         results.append(evaluate(name, replay(records) if do_replay else records))
-    held = [r for r in results if r.seed not in TUNING_SEEDS]
-    tuned = [r for r in results if r.seed in TUNING_SEEDS]
-    parts = [table(held, "Held-out half (seeds 1, 2)"), table(tuned, "Tuning half (seed 0)")]
+    parts = []
+    for title, group in (
+        ("Held-out half (seeds 3, 4)", HELD_OUT_SEEDS),
+        ("Seeds 1, 2 (held out at first, read before the detector's warm-up was added)", READ_SEEDS),
+        ("Tuning half (seed 0)", TUNING_SEEDS),
+    ):
+        chosen = [r for r in results if r.seed in group]
+        if chosen:
+            parts.append(table(chosen, title))
     return "\n\n".join(parts)
 
 
@@ -405,7 +417,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", type=Path, default=None, help="the table from the records kept here")
     parser.add_argument("--replay", action="store_true", help="with --report: re-run the detector on the records")
     parser.add_argument("--models", default=",".join(MODELS), help=f"of: {', '.join(MODELS)}")
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="default 0,1,2")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="default 0,1,2,3,4")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument(
         "--spectra",
