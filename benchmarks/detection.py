@@ -428,22 +428,30 @@ def grid_run(name: str, spectra: str, out: Path) -> None:
 
 def run_grid(args: argparse.Namespace) -> None:
     """Every run of the grid not yet in ``--records``, ``--jobs`` at a time, each in its own process."""
+
+    def command(name: str) -> list[str]:
+        cmd = [sys.executable, __file__, "--grid-run", name, "--spectra", args.spectra, "--records", str(args.records)]
+        return [*cmd, "--threads", str(args.threads)]
+
+    run_each("grid", grid_names(args.tasks, args.seeds), args.records, command, args.jobs)
+
+
+def run_each(label: str, names: Sequence[str], records: Path, command: Any, jobs: int) -> None:
+    """Each run of ``names`` without ``records/<name>.jsonl`` yet, ``jobs`` at a time, each in its own
+    process (``command(name)``: its argv); a line on stderr per run (shared with ``stability.py``)."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
-    names = grid_names(args.tasks, args.seeds)
-    todo = [n for n in names if not (args.records / f"{n}.jsonl").exists()]
-    print(f"grid: {len(names)} runs, {len(todo)} to do, {args.jobs} at a time", file=sys.stderr, flush=True)
+    todo = [n for n in names if not (records / f"{n}.jsonl").exists()]
+    print(f"{label}: {len(names)} runs, {len(todo)} to do, {jobs} at a time", file=sys.stderr, flush=True)
 
     def one(name: str) -> None:
         t0 = time.perf_counter()
-        cmd = [sys.executable, __file__, "--grid-run", name, "--spectra", args.spectra, "--records", str(args.records)]
-        cmd += ["--threads", str(args.threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        status = "ok" if done.returncode == 0 else f"FAILED ({done.stderr.strip().splitlines()[-1:]})"
+        done = subprocess.run(command(name), capture_output=True, text=True)
+        status = "ok" if done.returncode == 0 else f"FAILED ({done.stderr.strip().splitlines()[-3:]})"
         print(f"{name}: {status} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
-    with ThreadPoolExecutor(args.jobs) as pool:
+    with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(one, todo))
 
 

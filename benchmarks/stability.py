@@ -49,7 +49,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -191,22 +190,12 @@ def run_one(name: str, out: Path, spectra: str = "auto") -> None:
 
 
 def run_all(args: argparse.Namespace) -> None:
-    import subprocess
-    from concurrent.futures import ThreadPoolExecutor
+    from detection import run_each
 
-    names = run_names(args.models, args.seeds)
-    todo = [n for n in names if not (args.records / f"{n}.jsonl").exists()]
-    print(f"stability: {len(names)} runs, {len(todo)} to do, {args.jobs} at a time", file=sys.stderr, flush=True)
+    def command(name: str) -> list[str]:
+        return [sys.executable, __file__, "--run", name, "--records", str(args.records), "--spectra", args.spectra]
 
-    def one(name: str) -> None:
-        t0 = time.perf_counter()
-        cmd = [sys.executable, __file__, "--run", name, "--records", str(args.records), "--spectra", args.spectra]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        status = "ok" if done.returncode == 0 else f"FAILED ({done.stderr.strip().splitlines()[-3:]})"
-        print(f"{name}: {status} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(one, todo))
+    run_each("stability", run_names(args.models, args.seeds), args.records, command, args.jobs)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

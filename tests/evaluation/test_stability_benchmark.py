@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from reference import load_benchmark
+
 
 @pytest.fixture(scope="module")
 def bench() -> Any:
-    path = Path(__file__).parents[2] / "benchmarks" / "stability.py"
-    spec = importlib.util.spec_from_file_location("stability_benchmark", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("stability")
 
 
 def test_a_loss_back_at_chance_for_good_is_a_break_noisy_steps_are_not(bench: Any) -> None:

@@ -299,16 +299,9 @@ def test_cuda_stays_on_device() -> None:
 @pytest.mark.benchmark
 def test_real_minilm_gradients_meet_the_targets() -> None:
     """Median error on MiniLM-L6 fine-tuning gradients: <= 1% nuclear norm, <= 3% effective rank."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from reference import load_benchmark
 
-    path = Path(__file__).parents[2] / "benchmarks" / "accuracy.py"
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("accuracy")
     steps = bench.minilm_gradients(2, seed=0)
     mats = [g for step in steps for g in step.values()]
     est = estimate_spectral_metrics_many(mats)
