@@ -175,3 +175,18 @@ def test_report_flagged_skipped_and_ids(tmp_path: Path) -> None:
 def test_top_must_be_positive(tmp_path: Path, bad: str) -> None:
     result = run_cli("report", str(write_run(tmp_path / "batches.jsonl")), "--top", bad)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_report_lists_stability_warnings_apart_from_the_table(tmp_path: Path) -> None:
+    path = tmp_path / "batches.jsonl"
+    writer = RecordWriter(path)
+    message = "instability: the gradients are growing: gradient norm up 5.1x in 11 steps (...)"
+    for step in range(8):
+        # the warning's step has a low batch score: the table of the top 2 would not show it
+        events = [{"kind": "instability", "message": message}] if step == 6 else []
+        writer.write(record(step, 0.1 if step == 6 else float(step), events=events))
+    writer.close()
+    result = run_cli("report", str(path), "--top", "2")
+    assert result.returncode == 0, result.stderr
+    assert f"stability warnings:\n  step 6: {message}" in result.stdout
+    assert [row[0] for row in _rows(result.stdout)] == ["7", "5"]

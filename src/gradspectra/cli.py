@@ -95,7 +95,12 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from gradspectra.reporting.tensorboard import flagged_table, is_nonfinite_record, table_records
+    from gradspectra.reporting.tensorboard import (
+        flagged_table,
+        instability_lines,
+        is_nonfinite_record,
+        table_records,
+    )
 
     try:
         path = _find_records(Path(args.path))
@@ -115,6 +120,9 @@ def _report(args: argparse.Namespace) -> int:
         which = " and ".join(w for w, on in (("flagged", args.flagged), ("skipped", args.skipped)) if on)
         print(f"(no {which} steps)")
         return 0
+    warnings_ = instability_lines(records)
+    if warnings_:
+        print("stability warnings:\n" + "\n".join(f"  {line}" for line in warnings_))
     print(flagged_table(chosen, args.top))
     if args.ids:
         rows = table_records(chosen, args.top)

@@ -76,6 +76,7 @@ def test_a_breaking_run_is_warned_once(tmp_path: Path, caplog: pytest.LogCapture
     assert records[step]["stability"] >= 1.0
     assert f"step {step}: instability" in caplog.text
     assert "1 stability warnings" in monitor.summary()
+    assert f"stability warnings:\n  step {step}: instability: " in monitor.summary()
 
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()

@@ -37,6 +37,7 @@ from gradspectra.reporting import (
     TensorBoardViews,
     ViewLayer,
     flagged_table,
+    instability_lines,
     set_aside_records_after,
 )
 from gradspectra.reporting.tags import (
@@ -687,4 +688,8 @@ class MonitorEngine:
         )
         if self.record_path is not None:
             head += f"\nrecords: {self.record_path}"
-        return head + "\n" + flagged_table(list(self.batch_records), top)
+        records = list(self.batch_records)
+        warnings_ = instability_lines(records)
+        if warnings_:
+            head += "\nstability warnings:\n" + "\n".join(f"  {line}" for line in warnings_)
+        return head + "\n" + flagged_table(records, top)

@@ -16,6 +16,7 @@ from gradspectra.reporting.tensorboard import (
     ViewLayer,
     flagged_table,
     heatmap_figure,
+    instability_lines,
     layer_profile_figure,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "custom_scalars_layout",
     "flagged_table",
     "heatmap_figure",
+    "instability_lines",
     "layer_profile_figure",
     "layer_tag",
     "read_records",

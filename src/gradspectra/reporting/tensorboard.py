@@ -317,6 +317,19 @@ def table_records(records: Sequence[Mapping[str, Any]], top: int = 10) -> list[M
     return (nonfinite + scored)[: max(0, top)]
 
 
+def instability_lines(records: Sequence[Mapping[str, Any]], limit: int = 5) -> list[str]:
+    """``"step S: message"`` of each stability warning in ``records`` (the first ``limit``, then a count):
+    rare (one per episode) and not tied to a high batch score, so listed apart from the table."""
+    found = [
+        f"step {r.get('step')}: {e.get('message', '')}"
+        for r in records
+        for e in r.get("events") or []
+        if e.get("kind") == "instability"
+    ]
+    more = [f"... and {len(found) - limit} more (see the records' events)"] if len(found) > limit else []
+    return found[:limit] + more
+
+
 def _reasons(record: Mapping[str, Any]) -> str:
     reasons = list(record.get("reasons") or [])
     layers = list(record.get("nonfinite_layers") or [])
