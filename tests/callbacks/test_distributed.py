@@ -64,3 +64,27 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
         assert len(per_rank) == 2 and sum(per_rank) == n_layers
         assert min(per_rank) >= n_layers // 2 - 3
         assert "layers_per_rank" not in a
+
+
+class NanFromStep3(TinyBert):
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= 3 else loss
+
+
+@pytest.mark.timeout(240)
+def test_ddp_instability_stop_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
+    # from step 3 on both ranks' losses, so every gradient, are NaN; the 2nd such step (step 4) is a
+    # stability warning. Every rank holds the same all-reduced table, so every rank decides to stop after
+    # step 4 and none waits on another
+    pl.seed_everything(0, verbose=False)
+    monitor = GradientSpectrumMonitor(
+        figure_every_n_steps=0, warmup_steps=5, output_dir=tmp_path / "ddp", instability_action="stop"
+    )
+    kwargs = trainer_kwargs(tmp_path, max_steps=12, logger=False)
+    kwargs.update(strategy=DDPStrategy(start_method="spawn", find_unused_parameters=True), devices=2)
+    pl.Trainer(**kwargs, callbacks=[monitor]).fit(NanFromStep3(), DataLoader(RandomTokens(96), batch_size=4))
+    records = read_records(tmp_path / "ddp" / "batches.jsonl")
+    warned = [r["step"] for r in records if any(e["kind"] == "instability" for e in r["events"])]
+    assert warned == [4]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]  # rank 0's records: training ended after step 4
