@@ -570,6 +570,14 @@ def grid_report(directory: Path, rescore_records: bool) -> str:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def comma_list(parser: argparse.ArgumentParser, option: str, text: str, allowed: Sequence[str]) -> list[str]:
+    """``text``'s comma-separated names, each one of ``allowed`` and at least one, else a parser error."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names or any(t not in allowed for t in names):
+        parser.error(f"{option} can be any of {', '.join(allowed)}, got {text!r}")
+    return names
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -622,9 +630,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="grid runs at a time (default 2)")
     parser.add_argument("--grid-run", default=None, help=argparse.SUPPRESS)  # one run, in its own process
     args = parser.parse_args(argv)
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not args.tasks or any(t not in GRID_TASKS for t in args.tasks):
-        parser.error(f"--tasks can be any of {', '.join(GRID_TASKS)}, got {','.join(args.tasks)!r}")
+    args.tasks = comma_list(parser, "--tasks", args.tasks, GRID_TASKS)
     args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     if (args.grid or args.grid_run) and args.records is None and args.rescore is None:
         parser.error("--grid needs --records DIR (where the runs' records go) or --rescore DIR")

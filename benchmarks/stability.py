@@ -417,9 +417,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="write the report here (.md)")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # one run, in its own process
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not args.models or any(m not in MODELS for m in args.models):
-        parser.error(f"--models can be any of {', '.join(MODELS)}, got {','.join(args.models)!r}")
+    from detection import comma_list
+
+    args.models = comma_list(parser, "--models", args.models, MODELS)
     args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     if args.records is None and args.report is None:
         parser.error("give --records DIR (run) or --report DIR (read)")

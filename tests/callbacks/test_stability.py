@@ -117,3 +117,12 @@ def test_options_are_checked() -> None:
         GradientSpectrumMonitor(stability=False, instability_action="stop")
     with pytest.raises(TypeError, match=r"`stability` must be a bool, got 'yes'"):
         GradientSpectrumMonitor(stability="yes")  # type: ignore[arg-type]
+
+
+def test_a_stop_asked_in_one_fit_does_not_stop_the_next(tmp_path: Path) -> None:
+    monitor, trainer, _ = fit(tmp_path, ramp=1.3, steps=RAMP_FROM + 60, instability_action="stop")
+    assert trainer.global_step < RAMP_FROM + 60 and monitor.engine.stop_requested
+    # the user lowers the rate and fits again with the same monitor: no ramp, it trains to the end
+    again = pl.Trainer(**trainer_kwargs(tmp_path / "again", max_steps=20, logger=False), callbacks=[monitor])
+    again.fit(Regression(ramp=1.0), data())
+    assert again.global_step == 20

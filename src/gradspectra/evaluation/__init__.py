@@ -17,4 +17,8 @@ __all__ = [
     "GradNormZRule",
     "KillLossSpikeRule",
     "SpikeDetectionRule",
-    "ZScoreDetector", "auroc", "average_ranks", "global_grad_norm"]
+    "ZScoreDetector",
+    "auroc",
+    "average_ranks",
+    "global_grad_norm",
+]

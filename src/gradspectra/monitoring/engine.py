@@ -219,6 +219,7 @@ class MonitorEngine:
             # about the step and the work; the step count starts over
             self.planner.restart()
         self._owners = None
+        self.stop_requested = False  # a stop asked in an earlier fit is not this fit's
         if self.factors is not None:
             self.factors.close()
         # factors of one process: under DDP/FSDP the gradient is the ranks' average, not Delta^T X. Only
