@@ -503,7 +503,7 @@ class MonitorEngine:
             record["optimizer"] = inputs.optimizer
         if self.stability is not None and not inputs.optimizer:
             # the trend of the run, never reset by the scorer's shifts
-            verdict = self.stability.update(record["metrics"], table.detection_values(keys), table.loss)
+            verdict = self.stability.update(record["metrics"], record.get("detection"), table.loss)
             record["events"].extend(verdict.events)
             if verdict.score is not None:
                 record["stability"] = float(verdict.score)
