@@ -34,6 +34,7 @@ from gradspectra.monitoring import (
     MonitorEngine,
     Outputs,
     OverheadBudget,
+    PerSample,
     Processes,
     Spectra,
     StepInputs,
@@ -144,6 +145,12 @@ class GradientSpectrumMonitor(Callback):
         instability_action: what a stability warning does: ``"log"`` (default); ``"raise"`` raises
             :class:`InstabilityError` carrying the record; ``"stop"`` asks the trainer to stop after the
             step (the optimizer step completes, checkpoints are written as usual).
+        per_sample: which samples of a batch stand out: ``None`` (default), ``"flagged"`` (on flagged
+            steps only) or ``"always"`` (every measured step). Per-sample spectra of the watched
+            ``nn.Linear`` layers from their inputs and output gradients (kept by hooks as references,
+            released at the optimizer step; padding excluded), scored against the batch and recent samples:
+            record key ``samples``, one entry per sample with its score and reasons. One process only
+            (not under DDP/FSDP yet). See docs/attribution.md.
 
     Raises:
         ValueError / TypeError: for a bad argument, naming it and what was received.
@@ -189,6 +196,7 @@ class GradientSpectrumMonitor(Callback):
         cheap_spectra: bool = True,
         stability: bool = True,
         instability_action: InstabilityAction = "log",
+        per_sample: PerSample | None = None,
     ) -> None:
         super().__init__()
         self.config = MonitorConfig(
@@ -222,6 +230,7 @@ class GradientSpectrumMonitor(Callback):
             cheap_spectra=cheap_spectra,
             stability=stability,
             instability_action=instability_action,
+            per_sample=per_sample,
         )
         self.engine = MonitorEngine(self.config)
         self._loss_sum: Tensor | None = None

@@ -4,6 +4,16 @@ from gradspectra.functional.batched import spectral_metrics_many
 from gradspectra.functional.detect import DETECTION_METRIC, coarse_effective_rank_many
 from gradspectra.functional.estimate import SpectralEstimate, estimate_spectral_metrics_many
 from gradspectra.functional.layers import adjacent_cosine, layer_mad, paper_segments
+from gradspectra.functional.per_sample import (
+    carrying_tokens,
+    compact_tokens,
+    per_sample_cosines,
+    per_sample_inner_products,
+    per_sample_metrics,
+    per_sample_singular_values,
+    per_sample_sketches,
+    sketch_projections,
+)
 from gradspectra.functional.reshape import as_matrix, is_conv1d
 from gradspectra.functional.sketch import CHEAP_METRICS, CheapSpectra, cheap_spectral_metrics_many
 from gradspectra.functional.spectral import (
@@ -35,10 +45,12 @@ __all__ = [
     "SpectralEstimate",
     "adjacent_cosine",
     "as_matrix",
+    "carrying_tokens",
     "cheap_spectral_metrics_many",
     "check_method",
     "check_metric_names",
     "coarse_effective_rank_many",
+    "compact_tokens",
     "effective_rank",
     "estimate_spectral_metrics_many",
     "factored_singular_values",
@@ -51,7 +63,13 @@ __all__ = [
     "nuclear_norm",
     "paper_segments",
     "participation_ratio",
+    "per_sample_cosines",
+    "per_sample_inner_products",
+    "per_sample_metrics",
+    "per_sample_singular_values",
+    "per_sample_sketches",
     "singular_values",
+    "sketch_projections",
     "spectral_metrics",
     "spectral_metrics_many",
     "spectral_norm",

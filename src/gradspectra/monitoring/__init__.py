@@ -21,12 +21,14 @@ from gradspectra.monitoring.engine import (
 )
 from gradspectra.monitoring.planner import Planner
 from gradspectra.monitoring.records import BatchRecord, HostTable, assemble_record
+from gradspectra.monitoring.samples import PER_SAMPLE, PerSample, SampleResult, SampleStage
 from gradspectra.monitoring.sources import SpectrumSource
 from gradspectra.monitoring.spectra import SpectraResult, SpectraRunner
 
 __all__ = [
     "ACTIONS",
     "INSTABILITY_ACTIONS",
+    "PER_SAMPLE",
     "SPECTRA",
     "Action",
     "BatchRecord",
@@ -39,9 +41,12 @@ __all__ = [
     "MonitorEngine",
     "Outputs",
     "OverheadBudget",
+    "PerSample",
     "Plan",
     "Planner",
     "Processes",
+    "SampleResult",
+    "SampleStage",
     "Spectra",
     "SpectraResult",
     "SpectraRunner",

@@ -14,6 +14,7 @@ from torch import nn
 from gradspectra.capture.selection import check_selection_args
 from gradspectra.functional import METRIC_NAMES, Method, check_method, check_metric_names
 from gradspectra.monitoring.budget import OverheadBudget
+from gradspectra.monitoring.samples import PER_SAMPLE, PerSample
 from gradspectra.scoring import BatchScorer, StabilityDetector
 
 Action = Literal["log", "skip", "raise"]
@@ -89,6 +90,7 @@ class MonitorConfig:
     cheap_spectra: bool = True
     stability: bool = True
     instability_action: InstabilityAction = "log"
+    per_sample: PerSample | None = None
     metric_names: tuple[str, ...] = field(init=False, default=METRIC_NAMES)
 
     def __post_init__(self) -> None:
@@ -121,6 +123,13 @@ class MonitorConfig:
             raise ValueError(
                 f"`instability_action={self.instability_action!r}` needs `stability=True`, got stability=False"
             )
+        if self.per_sample is not None:
+            if self.per_sample not in PER_SAMPLE:
+                raise ValueError(f"`per_sample` can be None, {', '.join(PER_SAMPLE)}, got {self.per_sample!r}")
+            if self.per_sample == "flagged" and not self.scoring:
+                raise ValueError(
+                    "`per_sample='flagged'` needs `scoring=True` (the flags come from the scorer), got scoring=False"
+                )
         if self.output_dir is not None:
             set_(self, "output_dir", Path(self.output_dir))
         self.make_scorer()  # the scorer checks its own arguments, so a bad value fails here too

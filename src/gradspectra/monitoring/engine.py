@@ -27,6 +27,7 @@ from gradspectra.monitoring.config import MonitorConfig
 from gradspectra.monitoring.distributed import Processes, gather_ids, gather_sharded, layer_owners, pack, unpack
 from gradspectra.monitoring.planner import Planner
 from gradspectra.monitoring.records import BatchRecord, HostTable, assemble_record
+from gradspectra.monitoring.samples import SampleStage
 from gradspectra.monitoring.sources import SpectrumSource
 from gradspectra.monitoring.spectra import SpectraResult, SpectraRunner, source_columns
 from gradspectra.reporting import (
@@ -48,7 +49,7 @@ from gradspectra.reporting.tags import (
     skip_scalars,
     status_scalars,
 )
-from gradspectra.scoring import BatchScorer
+from gradspectra.scoring import BatchScorer, SampleScorer
 
 log = logging.getLogger("gradspectra")
 
@@ -67,6 +68,7 @@ if not log.handlers:
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
 _AFFORDS_AFTER = 20  # measured steps before the monitor says what the budget affords (it has learned by then)
+_SAMPLES_SHARE = 0.5  # per_sample="always" under spectra="auto": its share of the budget
 _SKIP_MESSAGE_SECONDS = 10.0  # a run skipping many steps says so, without a line per step
 _COUNTERS = (
     "steps_monitored",
@@ -161,6 +163,8 @@ class MonitorEngine:
         self.watched: list[WatchedParameter] = []
         self.spectrum: LayerwiseSpectrum | None = None
         self.factors: FactorCapture | None = None
+        self.samples: SampleStage | None = None  # per_sample=: hooks of per-sample spectra (one process)
+        self.sample_scorer = SampleScorer() if config.per_sample is not None else None
         self.planner: Planner | None = None
         self.runner = SpectraRunner(self.metric_names, config.method, config.cpu_threads)
         self.views: TensorBoardViews | None = None
@@ -227,11 +231,35 @@ class MonitorEngine:
         use_factors = self.config.factored and self.config.spectra == "exact" and world == 1
         self.factors = FactorCapture(self.watched) if use_factors else None
         self.runner.factors = self.factors
+        self._attach_samples(world, owner)
         if selection.frozen:
             log.info(
                 f"gradspectra: {len(selection.frozen)} matching parameters are frozen and not watched "
                 f"(e.g. {selection.frozen[0]})"
             )
+
+    def _attach_samples(self, world: int, owner: str) -> None:
+        if self.samples is not None:
+            self.samples.close()
+            self.samples = None
+        if self.config.per_sample is None:
+            return
+        if world > 1:
+            # each rank holds only its own samples' factors, and the gradient is the ranks' average
+            raise ValueError(
+                f"`{owner}(per_sample={self.config.per_sample!r})` needs a single process for now, got a world "
+                f"of {world} processes; use per_sample=None under DDP/FSDP"
+            )
+        assert self.sample_scorer is not None
+        stage = SampleStage(self.watched, self.metric_names, self.sample_scorer)
+        if not stage.layers:
+            stage.close()
+            raise ValueError(
+                f"`{owner}(per_sample={self.config.per_sample!r})` needs watched nn.Linear weights (per-sample "
+                f"spectra come from their inputs and output gradients); none of the {len(self.watched)} watched "
+                f"parameters is one (e.g. {self.watched[0].name})"
+            )
+        self.samples = stage
 
     def open(self, record_path: Path, write: bool, wrapped: nn.Module | None = None) -> None:
         """Where records go (``write`` on global rank 0 only) and, once wrapped, whether gradients are sharded."""
@@ -283,6 +311,8 @@ class MonitorEngine:
         """At an optimizer step's first micro-batch: plan its work, tell the factor hooks what to keep."""
         measured = self.measures(step)
         plan = self.planner.begin() if measured and self.planner is not None else None
+        if self.samples is not None:
+            self.samples.capture.enabled = measured
         if self.factors is not None:
             if not measured:
                 self.factors.active = set()
@@ -307,6 +337,8 @@ class MonitorEngine:
         if not self.measures(inputs.step):
             if self.factors is not None:
                 self.factors.clear()
+            if self.samples is not None:
+                self.samples.clear()
             return None
         started = time.perf_counter()
         if inputs.share_ids and procs.world > 1:
@@ -315,6 +347,7 @@ class MonitorEngine:
         self.planner.step_started(started, inputs.step)
         table, result, error = self._measure(inputs, procs)
         record = self._record(inputs, table, result, error)
+        self._measure_samples(record, inputs)
         record["monitor_ms"] = 1000.0 * (time.perf_counter() - started)
         # the action before the record goes out, so that the file, the scalars and the console all say so
         self._act(record, params, procs)
@@ -328,6 +361,8 @@ class MonitorEngine:
         self.last_step = inputs.step
         if self.factors is not None:
             self.factors.clear()
+        if self.samples is not None:
+            self.samples.clear()
         if record["flagged"] and self.config.action == "raise":
             raise GradientAnomalyError(dict(record))
         if any(e.get("kind") == "instability" for e in record["events"]):
@@ -515,6 +550,24 @@ class MonitorEngine:
         self.steps_monitored += 1
         return record
 
+    def _measure_samples(self, record: BatchRecord, inputs: StepInputs) -> None:
+        """Per-sample spectra and scores into the record: every step (``"always"``) or flagged ones."""
+        if self.samples is None or inputs.optimizer:
+            return
+        if self.config.per_sample == "flagged" and not record["flagged"]:
+            return
+        allowance = None
+        budget = self.planner.budget if self.planner is not None else None
+        if self.config.per_sample == "always" and budget is not None and budget.step_seconds is not None:
+            # every step: half of the budget's share of the step, the rest stays with the spectra
+            allowance = _SAMPLES_SHARE * self.config.max_overhead * budget.step_seconds
+        with self.runner.threads(torch.device("cpu")):
+            out = self.samples.measure(inputs.sample_ids, inputs.loss_scale, allowance)
+        record["samples"] = out.entries
+        record["samples_ms"] = 1000.0 * out.seconds
+        if out.note is not None:
+            record["samples_note"] = out.note
+
     def _emit(self, record: BatchRecord, table: HostTable, procs: Processes, outputs: Outputs) -> float:
         """The record to memory and file, scalars to the loggers, rank 0's TensorBoard views. Returns the
         seconds of the work the budget spaces out and pays for apart (per-layer logging, figures)."""
@@ -634,6 +687,9 @@ class MonitorEngine:
         return table
 
     def close(self) -> None:
+        if self.samples is not None:
+            self.samples.close()
+            self.samples = None
         if self.factors is not None:
             self.factors.close()
             self.factors = None
@@ -654,6 +710,8 @@ class MonitorEngine:
             "scorer": None if self.scorer is None else self.scorer.state_dict(),
             "stability": None if self.stability is None else self.stability.state_dict(),
         }
+        if self.sample_scorer is not None:
+            state["samples"] = self.sample_scorer.state_dict()
         if self.optimizer_scorers:
             state["optimizer_scorers"] = {k: v.state_dict() for k, v in self.optimizer_scorers.items()}
         state.update({name: getattr(self, name) for name in _COUNTERS})
@@ -672,6 +730,8 @@ class MonitorEngine:
             self.scorer.load_state_dict(state_dict["scorer"])
         if self.stability is not None and state_dict.get("stability") is not None:
             self.stability.load_state_dict(state_dict["stability"])
+        if self.sample_scorer is not None and state_dict.get("samples") is not None:
+            self.sample_scorer.load_state_dict(state_dict["samples"])
         for k, state in (state_dict.get("optimizer_scorers") or {}).items():
             scorer = self._scorer_for(int(k))
             if scorer is not None:

@@ -46,6 +46,9 @@ class BatchRecord(_Required, total=False):
     it has its own baseline). ``detection``: per anchor layer (a few, the same every step), the detection
     value (a coarse, steady estimate of the effective rank by low-order Lanczos quadrature that the scorer
     watches as ``effective_rank_coarse``; biased, not the metric: the curves use ``metrics``).
+    ``samples`` (with ``per_sample=``): one entry per sample of the batch, ``{"index", "id", "score",
+    "reasons", "metrics", "tokens"}`` (:class:`gradspectra.scoring.SampleScorer`), ``None`` when no layer
+    could be measured; ``samples_note``: why some or all layers were left out; ``samples_ms``: its cost.
     """
 
     spectra: dict[str, str]
@@ -61,6 +64,9 @@ class BatchRecord(_Required, total=False):
     optimizer: int
     detection: dict[str, float]
     stability: float
+    samples: list[dict[str, Any]] | None
+    samples_note: str
+    samples_ms: float
 
 
 @dataclass

@@ -6,6 +6,7 @@ peer detectors are in :mod:`gradspectra.evaluation`.
 
 from gradspectra.scoring.batch import LOSS_KEY, LOSS_SIDES, POSITIVE_METRICS, PROFILE_SUFFIX, BatchScorer
 from gradspectra.scoring.result import ScoreResult
+from gradspectra.scoring.samples import SAMPLE_METRICS, SampleScorer
 from gradspectra.scoring.stability import StabilityDetector, StabilityResult
 
 __all__ = [
@@ -13,7 +14,9 @@ __all__ = [
     "LOSS_SIDES",
     "POSITIVE_METRICS",
     "PROFILE_SUFFIX",
+    "SAMPLE_METRICS",
     "BatchScorer",
+    "SampleScorer",
     "ScoreResult",
     "StabilityDetector",
     "StabilityResult",

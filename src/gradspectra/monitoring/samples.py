@@ -1,0 +1,166 @@
+"""The engine's per-sample stage: per-sample spectra of the watched linear layers from the factors the hooks
+kept, checked against the gradient, scored against the batch and the running baseline."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+
+from gradspectra.capture import SampleCapture, WatchedParameter
+from gradspectra.functional import (
+    carrying_tokens,
+    compact_tokens,
+    per_sample_metrics,
+    per_sample_sketches,
+    sketch_projections,
+)
+from gradspectra.scoring import SAMPLE_METRICS, SampleScorer
+
+PerSample = Literal["flagged", "always"]
+PER_SAMPLE: tuple[str, ...] = get_args(PerSample)
+#: layers measured on every step of a rotation (spread over depth), so that every step has some
+ALWAYS_LAYERS = 2
+SKETCH_SIZE = 16  # per-sample gradient sketches (16 x 16) for the cosines between samples
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def _spread(rows: Sequence[int], count: int) -> list[int]:
+    """``count`` of ``rows`` spread along the order by the golden ratio (a rule that ignores the model)."""
+    if len(rows) <= count:
+        return list(rows)
+    picked: list[int] = []
+    k = 0
+    while len(picked) < count:
+        r = rows[int(((k * _GOLDEN) % 1.0) * len(rows))]
+        if r not in picked:
+            picked.append(r)
+        k += 1
+    return sorted(picked)
+
+
+@dataclass
+class SampleResult:
+    """The stage's output: the record's ``samples`` (``None`` when nothing could be measured), what went wrong."""
+
+    entries: list[dict[str, Any]] | None
+    note: str | None
+    seconds: float
+
+
+class SampleStage:
+    """Per-sample gradient spectra for one process: hooks on the watched ``nn.Linear`` layers, a scorer."""
+
+    def __init__(self, watched: Sequence[WatchedParameter], metrics: Sequence[str], scorer: SampleScorer) -> None:
+        self.capture = SampleCapture(watched)
+        self.watched = list(watched)
+        self.metrics = tuple(dict.fromkeys([*SAMPLE_METRICS, *metrics]))
+        self.scorer = scorer
+        self._fixed_rows = _spread(self.capture.layers, ALWAYS_LAYERS)
+        self._layer_seconds: float | None = None  # learned cost of one layer's per-sample spectra
+        self._cursor = 0  # where the rotation over layers goes on next step
+        self._projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer, drawn once
+
+    def rows_for(self, allowance: float | None) -> list[int]:
+        """The layers measured this step: all of them, or when ``allowance`` (seconds) does not cover all, a
+        few layers spread over depth plus the next ones in rotation, as many as the allowance buys."""
+        rows = self.capture.layers
+        if allowance is None or self._layer_seconds is None or self._layer_seconds * len(rows) <= allowance:
+            return rows
+        extra = max(0, int(allowance / self._layer_seconds) - len(self._fixed_rows))
+        others = [r for r in rows if r not in self._fixed_rows]
+        chosen = [others[(self._cursor + k) % len(others)] for k in range(min(extra, len(others)))] if others else []
+        self._cursor = (self._cursor + len(chosen)) % max(1, len(others))
+        return sorted(set(self._fixed_rows) | set(chosen))
+
+    @property
+    def layers(self) -> list[int]:
+        return self.capture.layers
+
+    def measure(self, ids: Sequence[Any], loss_scale: float | None, allowance: float | None = None) -> SampleResult:
+        """Per-sample metrics of the hooked layers (:meth:`rows_for`) whose factors add up to their gradient,
+        then the scores."""
+        started = time.perf_counter()
+        rows = self.rows_for(allowance)
+        per_layer: dict[str, dict[str, np.ndarray]] = {}
+        sketches: list[torch.Tensor] = []
+        tokens: np.ndarray | None = None
+        batch: int | None = None
+        failed: list[str] = []
+        gen = torch.Generator().manual_seed(0)
+        for row in rows:
+            w = self.watched[row]
+            grad = w.grad_matrix()
+            parts = self.capture.factors(row)
+            if grad is None or not parts:
+                continue
+            scale = 1.0 / loss_scale if loss_scale else 1.0
+            if not self.capture.check(row, grad / scale if scale != 1.0 else grad, gen):
+                failed.append(w.key)
+                continue
+            deltas = [d for d, _ in parts]
+            xs = [x for _, x in parts]
+            delta, x = _stack(deltas), _stack(xs)
+            if batch is None:
+                batch = delta.shape[0]
+            elif delta.shape[0] != batch:
+                failed.append(w.key)
+                continue
+            delta, x = compact_tokens(delta, x)
+            delta, x = delta.to(torch.float64) * scale, x.to(torch.float64)  # once, for every use below
+            values = per_sample_metrics(delta, x, self.metrics)
+            per_layer[w.key] = {k: v.cpu().numpy() for k, v in values.items()}
+            carried = carrying_tokens(delta).sum(1).cpu().numpy()
+            tokens = carried if tokens is None else np.maximum(tokens, carried)
+            if row not in self._projections:
+                m, n = int(delta.shape[-1]), int(x.shape[-1])
+                self._projections[row] = sketch_projections(m, n, SKETCH_SIZE, seed=row)
+            sketches.append(per_sample_sketches(delta, x, self._projections[row]))
+        note = None
+        if failed:
+            note = (
+                f"per-sample values left out for {len(failed)} layers whose kept factors do not add up to the "
+                f"gradient (e.g. {failed[0]}): a second forward, gradient hooks, or samples not along dimension 0"
+            )
+        if not per_layer:
+            return SampleResult(None, note or "no watched linear layer kept its factors", time.perf_counter() - started)
+        cos = _mean_cosines(sketches)
+        sample_ids = list(ids) if ids and len(ids) == batch else None
+        entries = self.scorer.score(per_layer, cos, sample_ids, None if tokens is None else tokens.tolist())
+        seconds = time.perf_counter() - started
+        each = seconds / len(per_layer)
+        self._layer_seconds = each if self._layer_seconds is None else 0.8 * self._layer_seconds + 0.2 * each
+        return SampleResult(entries, note, seconds)
+
+    def clear(self) -> None:
+        self.capture.clear()
+
+    def close(self) -> None:
+        self.capture.close()
+
+
+def _mean_cosines(sketches: list[torch.Tensor]) -> np.ndarray | None:
+    """The samples' gradient cosines averaged over layers (each layer counts once, whatever its norm)."""
+    if not sketches:
+        return None
+    total = None
+    for sk in sketches:
+        unit = sk / sk.norm(dim=1, keepdim=True).clamp_min(torch.finfo(sk.dtype).tiny)
+        cos = unit @ unit.mT
+        total = cos if total is None else total + cos
+    assert total is not None
+    return (total / len(sketches)).cpu().numpy()
+
+
+def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Micro-batches' factors as one batch of samples, padded with zero tokens where their lengths differ."""
+    if len(parts) == 1:
+        return parts[0]
+    t = max(p.shape[1] for p in parts)
+    padded = [torch.nn.functional.pad(p, (0, 0, 0, t - p.shape[1])) if p.shape[1] < t else p for p in parts]
+    return torch.cat(padded, dim=0)

@@ -1,0 +1,247 @@
+"""Which samples of a batch stand out: a score per sample from its per-layer gradient metrics, against the
+rest of the batch and a running baseline of earlier samples, with reasons a person can act on.
+
+Pure numpy. Each scored metric is compared on a log scale, layer by layer, with the batch's median and
+spread (median absolute deviation); a sample's term is the median over layers of those robust z-scores,
+so one wild layer does not make a sample, and a change in most layers does. The same comparison
+against the recent samples of earlier steps (those not scored as outliers) covers a batch that is bad as a
+whole. Near-identical gradients (a sample repeated in the batch) are found from the cosine similarity of
+the samples' gradients. The score is the largest term in magnitude; a non-finite gradient scores ``inf``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+#: per-sample metrics compared on a log scale (positive quantities), in the order reasons name them
+SAMPLE_METRICS: tuple[str, ...] = ("nuclear_norm", "frobenius_norm", "effective_rank", "top_sv_ratio")
+_MAD_TO_SIGMA = 1.4826
+_LOG_FLOOR = 0.05  # smallest spread on the log scale (5 %): a batch of near-equal values is not a razor's edge
+_COSINE_FLOOR = 0.05  # smallest spread of the samples' largest cosines
+_READABLE = {
+    "nuclear_norm": "nuclear norm",
+    "frobenius_norm": "gradient norm",
+    "effective_rank": "effective rank",
+    "top_sv_ratio": "top singular value ratio",
+}
+
+
+def _positive_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _robust(x: np.ndarray, floor: float, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Median and spread (MAD as a standard deviation, at least ``floor``) along ``axis``, ignoring NaN."""
+    med = np.nanmedian(x, axis=axis)
+    mad = _MAD_TO_SIGMA * np.nanmedian(np.abs(x - np.expand_dims(med, axis)), axis=axis)
+    return med, np.maximum(np.nan_to_num(mad, nan=floor), floor)
+
+
+def _sample_list(indices: Sequence[int]) -> str:
+    names = [str(i) for i in indices]
+    if len(names) <= 1:
+        return f"sample {names[0]}" if names else ""
+    shown = names[:4] + ([f"{len(names) - 4} more"] if len(names) > 4 else [])
+    return "samples " + ", ".join(shown[:-1]) + " and " + shown[-1]
+
+
+class SampleScorer:
+    """Scores the samples of each measured batch from their per-layer gradient metrics.
+
+    Args:
+        threshold: a term at or above this (in robust standard deviations) is an outlier and gets a reason.
+        duplicate_cosine: a cosine similarity of two samples' gradients at or above this, with the
+            sample's largest cosine an outlier in the batch, is reported as "almost identical".
+        history: per-sample values kept per layer and metric for the running baseline.
+        min_history: values needed before the running baseline is used.
+
+    Example:
+        >>> scorer = SampleScorer()
+        >>> rng = np.random.default_rng(0)
+        >>> nuc = {f"l{k}": rng.lognormal(0, 0.1, 8) for k in range(4)}
+        >>> for values in nuc.values():
+        ...     values[5] *= 6.0   # sample 5: six times the nuclear norm of the others in every layer
+        >>> metrics = {layer: {"nuclear_norm": v} for layer, v in nuc.items()}
+        >>> out = scorer.score(metrics)
+        >>> max(out, key=lambda e: e["score"])["index"], out[5]["reasons"][0].split(" (")[0]
+        (5, 'nuclear norm 6.3x the batch median in 4/4 layers')
+    """
+
+    def __init__(
+        self, threshold: float = 3.5, duplicate_cosine: float = 0.9, history: int = 512, min_history: int = 64
+    ) -> None:
+        self.threshold = _positive_number("threshold", threshold)
+        if not 0 < duplicate_cosine <= 1:
+            raise ValueError(f"`duplicate_cosine` must be in (0, 1], got {duplicate_cosine!r}")
+        self.duplicate_cosine = float(duplicate_cosine)
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"`history` must be a positive int, got {history!r}")
+        if isinstance(min_history, bool) or not isinstance(min_history, int) or not 1 <= min_history <= history:
+            raise ValueError(f"`min_history` must be an int in [1, history], got {min_history!r}")
+        self.history, self.min_history = history, min_history
+        self._seen: dict[tuple[str, str], deque[float]] = {}
+
+    def score(
+        self,
+        metrics: Mapping[str, Mapping[str, Sequence[float] | np.ndarray]],
+        cosines: np.ndarray | None = None,
+        ids: Sequence[Any] | None = None,
+        tokens: Sequence[int] | None = None,
+    ) -> list[dict[str, Any]]:
+        """One entry per sample: ``{"index", "id", "score", "reasons", "metrics"}``.
+
+        Args:
+            metrics: ``{layer: {metric: values (B,)}}``, the samples' per-layer gradient metrics.
+            cosines: ``(B, B)`` cosine similarities of the samples' gradients, or ``None``.
+            ids: the samples' ids (``None`` entries where unknown).
+            tokens: tokens that carried gradient per sample (reported, not scored).
+
+        Returns:
+            entries in batch order; ``metrics`` of each is the mean over layers of every metric given
+            (``nan`` where a layer's value was not finite), plus ``"layers"``, the layers measured.
+        """
+        layers = list(metrics)
+        if not layers:
+            return []
+        names = list(next(iter(metrics.values())))
+        b = len(np.asarray(next(iter(metrics[layers[0]].values()))))
+        table = {
+            name: np.array([np.asarray(metrics[layer][name], dtype=np.float64) for layer in layers]) for name in names
+        }
+        for name, values in table.items():
+            if values.shape != (len(layers), b):
+                raise ValueError(f"`metrics` must give {b} values of {name!r} in every layer, got {values.shape}")
+        nonfinite = np.zeros((len(layers), b), dtype=bool)
+        for values in table.values():
+            nonfinite |= ~np.isfinite(values)
+        bad_layers = nonfinite.sum(0)
+        zero = (table["frobenius_norm"] == 0).all(0) if "frobenius_norm" in table else np.zeros(b, dtype=bool)
+
+        scores = np.zeros(b)
+        reasons: list[list[tuple[float, str]]] = [[] for _ in range(b)]
+        for name in (n for n in SAMPLE_METRICS if n in table):
+            self._metric_terms(name, table[name], layers, nonfinite | zero[None, :], scores, reasons)
+        if cosines is not None:
+            self._duplicate_terms(np.asarray(cosines, dtype=np.float64), zero | (bad_layers > 0), scores, reasons)
+        for i in np.flatnonzero(bad_layers).tolist():
+            scores[i] = np.inf
+            reasons[i].insert(0, (np.inf, f"non-finite gradient in {bad_layers[i]}/{len(layers)} layers"))
+        for i in np.flatnonzero(zero & (bad_layers == 0)).tolist():
+            reasons[i].insert(0, (0.0, "no gradient: the sample's loss does not reach these layers (zero)"))
+        self._remember(table, layers, scores, nonfinite | zero[None, :])
+
+        out: list[dict[str, Any]] = []
+        for i in range(int(b)):
+            with np.errstate(invalid="ignore"):
+                summary = {
+                    name: float(np.mean(v[:, i])) if np.isfinite(v[:, i]).all() else float("nan")
+                    for name, v in table.items()
+                }
+            summary["layers"] = float(len(layers))
+            entry: dict[str, Any] = {
+                "index": i,
+                "id": None if ids is None or i >= len(ids) else ids[i],
+                "score": float(scores[i]),
+                "reasons": [text for _, text in sorted(reasons[i], key=lambda r: -r[0])],
+                "metrics": summary,
+            }
+            if tokens is not None:
+                entry["tokens"] = int(tokens[i])
+            out.append(entry)
+        return out
+
+    def _metric_terms(
+        self,
+        name: str,
+        values: np.ndarray,
+        layers: list[str],
+        skip: np.ndarray,
+        scores: np.ndarray,
+        reasons: list[list[tuple[float, str]]],
+    ) -> None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logs = np.where(skip | ~(values > 0), np.nan, np.log(np.where(values > 0, values, 1.0)))
+        if np.isnan(logs).all():
+            return
+        med, spread = _robust(logs, _LOG_FLOOR, axis=1)  # per layer, across the batch
+        z = (logs - med[:, None]) / spread[:, None]
+        terms = [(z, med, "the batch median")]
+        baseline = self._baseline(name, layers)
+        if baseline is not None:
+            base_med, base_spread = baseline
+            terms.append(((logs - base_med[:, None]) / base_spread[:, None], base_med, "recent samples"))
+        readable = _READABLE.get(name, name)
+        for zz, centre, against in terms:
+            with np.errstate(invalid="ignore"):
+                term = np.nanmedian(zz, axis=0) if not np.isnan(zz).all() else np.full(zz.shape[1], np.nan)
+            for i in np.flatnonzero(np.abs(np.nan_to_num(term)) > scores):
+                scores[i] = abs(term[i])
+            for i in np.flatnonzero(np.abs(np.nan_to_num(term)) >= self.threshold):
+                high = term[i] > 0
+                count = int(np.sum(zz[:, i] >= self.threshold) if high else np.sum(zz[:, i] <= -self.threshold))
+                measured = int(np.sum(~np.isnan(zz[:, i])))
+                ratio = float(np.exp(np.nanmedian(logs[:, i] - centre)))
+                reasons[i].append(
+                    (
+                        abs(float(term[i])),
+                        f"{readable} {ratio:.2g}x {against} in {count}/{measured} layers (z={term[i]:.1f})",
+                    )
+                )
+
+    def _duplicate_terms(
+        self, cos: np.ndarray, skip: np.ndarray, scores: np.ndarray, reasons: list[list[tuple[float, str]]]
+    ) -> None:
+        b = cos.shape[0]
+        if b < 3 or cos.shape != (b, b):
+            return
+        others = np.where(np.eye(b, dtype=bool) | skip[None, :] | skip[:, None], -np.inf, cos)
+        best = others.max(1)
+        usable = np.isfinite(best)
+        if usable.sum() < 3:
+            return
+        med, spread = _robust(best[usable], _COSINE_FLOOR)
+        z = np.where(usable, (best - med) / spread, 0.0)
+        for i in np.flatnonzero(usable):
+            if z[i] > scores[i]:
+                scores[i] = z[i]
+            if z[i] >= self.threshold and best[i] >= self.duplicate_cosine:
+                partners = [int(j) for j in np.flatnonzero(others[i] >= max(self.duplicate_cosine, best[i] - 0.05))]
+                reasons[i].append(
+                    (float(z[i]), f"gradient almost identical to {_sample_list(partners)} (cosine {best[i]:.2f})")
+                )
+
+    def _baseline(self, name: str, layers: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        rows = [self._seen.get((name, layer)) for layer in layers]
+        if any(r is None or len(r) < self.min_history for r in rows):
+            return None
+        stats = [_robust(np.fromiter(r, dtype=np.float64), _LOG_FLOOR) for r in rows if r is not None]
+        return np.array([m for m, _ in stats]), np.array([s for _, s in stats])
+
+    def _remember(self, table: dict[str, np.ndarray], layers: list[str], scores: np.ndarray, skip: np.ndarray) -> None:
+        keep = scores < self.threshold
+        for name, values in table.items():
+            if name not in SAMPLE_METRICS:
+                continue
+            for k, layer in enumerate(layers):
+                ok = keep & ~skip[k] & (values[k] > 0)
+                row = self._seen.setdefault((name, layer), deque(maxlen=self.history))
+                row.extend(np.log(values[k][ok]).tolist())
+
+    def reset(self) -> None:
+        """Forget the running baseline (the layers measured changed)."""
+        self._seen.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"{name}|{layer}": list(row) for (name, layer), row in self._seen.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._seen = {}
+        for key, values in state.items():
+            name, _, layer = key.partition("|")
+            self._seen[(name, layer)] = deque((float(v) for v in values), maxlen=self.history)
