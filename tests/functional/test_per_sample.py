@@ -144,7 +144,7 @@ def test_non_finite_sample_is_nan_and_others_are_kept(bad: float) -> None:
 def test_errors_name_the_argument() -> None:
     with pytest.raises(ValueError, match="`delta` and `inputs` must have the same samples and tokens"):
         per_sample_metrics(torch.zeros(3, 4, 5), torch.zeros(3, 5, 5))
-    with pytest.raises(TypeError, match="`inputs` must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"`inputs` must be a torch\.Tensor"):
         per_sample_singular_values(torch.zeros(3, 4), [[1.0]])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`delta` must have at least 2 dimensions"):
         per_sample_inner_products(torch.zeros(3), torch.zeros(3, 2))

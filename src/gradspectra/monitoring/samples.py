@@ -145,12 +145,15 @@ class SampleStage:
 
 
 def _mean_cosines(sketches: list[torch.Tensor]) -> np.ndarray | None:
-    """The samples' gradient cosines averaged over layers (each layer counts once, whatever its norm)."""
+    """The samples' gradient cosines after removing the batch's mean gradient, averaged over layers (each layer
+    counts once). Early in training most samples' gradients point the same way (cosines near 1 for all
+    pairs); what sets a repeated sample apart is that its deviation from the batch is its twin's."""
     if not sketches:
         return None
     total = None
     for sk in sketches:
-        unit = sk / sk.norm(dim=1, keepdim=True).clamp_min(torch.finfo(sk.dtype).tiny)
+        centred = sk - sk.mean(dim=0, keepdim=True)
+        unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(torch.finfo(sk.dtype).tiny)
         cos = unit @ unit.mT
         total = cos if total is None else total + cos
     assert total is not None

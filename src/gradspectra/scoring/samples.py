@@ -11,6 +11,7 @@ the samples' gradients. The score is the largest term in magnitude; a non-finite
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,7 +22,8 @@ import numpy as np
 SAMPLE_METRICS: tuple[str, ...] = ("nuclear_norm", "frobenius_norm", "effective_rank", "top_sv_ratio")
 _MAD_TO_SIGMA = 1.4826
 _LOG_FLOOR = 0.05  # smallest spread on the log scale (5 %): a batch of near-equal values is not a razor's edge
-_COSINE_FLOOR = 0.05  # smallest spread of the samples' largest cosines
+_CLOSENESS_FLOOR = 0.25  # smallest spread of -log(1 - largest cosine) over the batch
+_IDENTICAL = 1e-6  # 1 - cosine below this counts as identical (rounding)
 _READABLE = {
     "nuclear_norm": "nuclear norm",
     "frobenius_norm": "gradient norm",
@@ -38,8 +40,10 @@ def _positive_number(name: str, value: Any) -> float:
 
 def _robust(x: np.ndarray, floor: float, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Median and spread (MAD as a standard deviation, at least ``floor``) along ``axis``, ignoring NaN."""
-    med = np.nanmedian(x, axis=axis)
-    mad = _MAD_TO_SIGMA * np.nanmedian(np.abs(x - np.expand_dims(med, axis)), axis=axis)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row gives NaN, handled by the callers
+        med = np.nanmedian(x, axis=axis)
+        mad = _MAD_TO_SIGMA * np.nanmedian(np.abs(x - np.expand_dims(med, axis)), axis=axis)
     return med, np.maximum(np.nan_to_num(mad, nan=floor), floor)
 
 
@@ -111,12 +115,13 @@ class SampleScorer:
             return []
         names = list(next(iter(metrics.values())))
         b = len(np.asarray(next(iter(metrics[layers[0]].values()))))
-        table = {
-            name: np.array([np.asarray(metrics[layer][name], dtype=np.float64) for layer in layers]) for name in names
-        }
-        for name, values in table.items():
-            if values.shape != (len(layers), b):
-                raise ValueError(f"`metrics` must give {b} values of {name!r} in every layer, got {values.shape}")
+        table: dict[str, np.ndarray] = {}
+        for name in names:
+            rows = [np.asarray(metrics[layer].get(name, ()), dtype=np.float64) for layer in layers]
+            shapes = sorted({r.shape for r in rows})
+            if shapes != [(b,)]:
+                raise ValueError(f"`metrics` must give {b} values of {name!r} in every layer, got shapes {shapes}")
+            table[name] = np.array(rows)
         nonfinite = np.zeros((len(layers), b), dtype=bool)
         for values in table.values():
             nonfinite |= ~np.isfinite(values)
@@ -178,8 +183,9 @@ class SampleScorer:
             terms.append(((logs - base_med[:, None]) / base_spread[:, None], base_med, "recent samples"))
         readable = _READABLE.get(name, name)
         for zz, centre, against in terms:
-            with np.errstate(invalid="ignore"):
-                term = np.nanmedian(zz, axis=0) if not np.isnan(zz).all() else np.full(zz.shape[1], np.nan)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a sample with no finite layer: its term is NaN
+                term = np.nanmedian(zz, axis=0)
             for i in np.flatnonzero(np.abs(np.nan_to_num(term)) > scores):
                 scores[i] = abs(term[i])
             for i in np.flatnonzero(np.abs(np.nan_to_num(term)) >= self.threshold):
@@ -205,8 +211,11 @@ class SampleScorer:
         usable = np.isfinite(best)
         if usable.sum() < 3:
             return
-        med, spread = _robust(best[usable], _COSINE_FLOOR)
-        z = np.where(usable, (best - med) / spread, 0.0)
+        # closeness to identical on a log scale: a twin's 1 - cosine is ~0 where others' are 0.1-1, and the
+        # batch's typical closeness (all gradients alike early in training, say) is the reference
+        closeness = -np.log(np.clip(1.0 - best, _IDENTICAL, 2.0))
+        med, spread = _robust(closeness[usable], _CLOSENESS_FLOOR)
+        z = np.where(usable, (closeness - med) / spread, 0.0)
         for i in np.flatnonzero(usable):
             if z[i] > scores[i]:
                 scores[i] = z[i]
