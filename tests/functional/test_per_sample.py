@@ -13,6 +13,8 @@ from gradspectra.functional import (
     per_sample_inner_products,
     per_sample_metrics,
     per_sample_singular_values,
+    per_sample_sketches,
+    sketch_projections,
 )
 from reference import assert_metric_close, random_orthogonal, ref_metrics, ref_singular_values
 
@@ -150,3 +152,27 @@ def test_errors_name_the_argument() -> None:
         per_sample_inner_products(torch.zeros(3), torch.zeros(3, 2))
     with pytest.raises(ValueError, match="`metrics` can be any of"):
         per_sample_metrics(torch.zeros(2, 3), torch.zeros(2, 3), metrics=["nuc"])
+
+
+def test_sketches_are_unbiased_and_identical_for_identical_gradients() -> None:
+    rng = np.random.default_rng(7)
+    d, x = rng.standard_normal((4, 6, 20)), rng.standard_normal((4, 6, 15))
+    d[3], x[3] = d[0], x[0]
+    flat = per_sample_gradients(d, x).reshape(4, -1)
+    want = flat @ flat.T
+    total = np.zeros((4, 4))
+    draws = 400
+    for seed in range(draws):
+        sk = per_sample_sketches(torch.from_numpy(d), torch.from_numpy(x), sketch_projections(20, 15, 8, seed))
+        assert sk.shape == (4, 64) and sk.dtype == torch.float64
+        assert bool(torch.equal(sk[0], sk[3]))  # identical gradients, identical sketches
+        total += (sk @ sk.T).numpy()
+    # the mean over draws approaches the exact inner products (a few standard errors of 400 draws)
+    np.testing.assert_allclose(total / draws, want, atol=0.15 * np.abs(np.diag(want)).max())
+    psi, omega = sketch_projections(20, 15, 8, seed=3)
+    again = sketch_projections(20, 15, 8, seed=3)
+    assert bool(torch.equal(psi, again[0])) and bool(torch.equal(omega, again[1]))
+    with pytest.raises(ValueError, match="`size` must be a positive int, got 0"):
+        sketch_projections(20, 15, 0)
+    with pytest.raises(ValueError, match=r"`projections` must be \(20, k\) and \(15, k\)"):
+        per_sample_sketches(torch.from_numpy(d), torch.from_numpy(x), sketch_projections(15, 20, 8))

@@ -122,3 +122,19 @@ def test_instability_stop_ends_training_after_the_warned_step(tmp_path: Path) ->
     assert "non-finite gradients or loss in 2 of the last 3 steps" in records[4]["events"][-1]["message"]
     assert trainer.state.global_step == 5  # step 4's optimizer step completed, none after it
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+
+
+def test_per_sample_entries_under_gradient_accumulation(tmp_path: Path) -> None:
+    data = batches(4)
+    data[2]["input_ids"][3] = data[2]["input_ids"][1]  # a repeated sample in the first micro-batch of step 1
+    data[2]["labels"][3] = data[2]["labels"][1]
+    callback = GradientSpectrumCallback(**OPTIONS, per_sample="always")
+    train(tiny_llama(), data, tmp_path, callback, gradient_accumulation_steps=2, max_steps=2).train()
+    records = read_records(tmp_path / "gradspectra" / "batches.jsonl")
+    assert len(records) == 2
+    for record in records:
+        assert [e["index"] for e in record["samples"]] == list(range(8))  # two micro-batches of 4
+        assert "samples_note" not in record
+    samples = records[1]["samples"]
+    assert {e["index"] for e in sorted(samples, key=lambda e: -e["score"])[:2]} == {1, 3}
+    assert "gradient almost identical to sample 3 (cosine 1.00)" in samples[1]["reasons"]
