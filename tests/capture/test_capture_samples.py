@@ -126,3 +126,15 @@ def test_check_fails_when_the_gradient_is_not_the_factors_sum() -> None:
     assert not capture.check(0, w.grad_matrix() * 0.5)  # e.g. DDP's average or a user's gradient hook
     capture.close()
     assert capture.factors(0) == []
+
+
+def test_kept_bytes_counts_each_storage_once() -> None:
+    lin = nn.Linear(6, 4)
+    (w,) = select_parameters(nn.Sequential(lin), include="*.weight").watched
+    capture = SampleCapture([w])
+    assert capture.kept_bytes() == 0
+    lin(torch.randn(3, 5, 6)).square().sum().backward()
+    assert capture.kept_bytes() == (3 * 5 * 6 + 3 * 5 * 4) * 4  # float32 inputs and output gradients
+    capture.clear()
+    assert capture.kept_bytes() == 0
+    capture.close()

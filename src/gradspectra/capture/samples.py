@@ -143,6 +143,21 @@ class SampleCapture:
         scale = float(torch.linalg.vector_norm(want))
         return scale > 0 and float(torch.linalg.vector_norm(got - want)) <= _CHECK_RTOL * scale
 
+    def kept_bytes(self) -> int:
+        """Bytes of the tensors referenced now (inputs counted once per call; output gradients are held only
+        here, inputs also by autograd until the backward has used them)."""
+        seen: set[int] = set()
+        total = 0
+        for batches in self._rows.values():
+            for calls in batches.values():
+                for d, x in calls:
+                    for t in (d, x):
+                        key = t.untyped_storage().data_ptr()
+                        if key not in seen:
+                            seen.add(key)
+                            total += t.untyped_storage().nbytes()
+        return total
+
     def clear(self) -> None:
         """Release this step's references (call after each optimizer step)."""
         self._rows.clear()
