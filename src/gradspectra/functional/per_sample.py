@@ -74,13 +74,15 @@ def per_sample_singular_values(delta: Tensor, inputs: Tensor) -> Tensor:
     return factored_singular_values(*compact_tokens(d, x))
 
 
-def compact_tokens(delta: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
+def compact_tokens(delta: Tensor, inputs: Tensor, carries: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(B, T', .)`` factors with each sample's carrying tokens first and ``T'`` their largest count.
 
     The ``T x T`` cores cost :math:`O(T^2)` per feature: padding to a fixed length (and prompt tokens outside
     the loss) would be paid for in every layer. The spectrum is unchanged (only zero rows are dropped).
+    ``carries``: :func:`carrying_tokens` of ``delta`` when the caller has it already.
     """
-    carries = carrying_tokens(delta)
+    if carries is None:
+        carries = carrying_tokens(delta)
     t = delta.shape[1]
     keep = int(carries.sum(1).max()) if carries.numel() else 0
     if keep >= t:
@@ -153,7 +155,7 @@ def per_sample_sketches(delta: Tensor, inputs: Tensor, projections: tuple[Tensor
     and two identical gradients have identical sketches (cosine exactly 1).
 
     Returns:
-        ``(B, size * size)`` float64.
+        ``(B, size * size)`` float64 (computed in float32 unless a factor is float64).
     """
     d, x = _check_pair(delta, inputs)
     psi, omega = projections
@@ -162,9 +164,12 @@ def per_sample_sketches(delta: Tensor, inputs: Tensor, projections: tuple[Tensor
             f"`projections` must be ({d.shape[-1]}, k) and ({x.shape[-1]}, k), "
             f"got {tuple(psi.shape)} and {tuple(omega.shape)}"
         )
-    left = d.to(torch.float64) @ psi.to(d.device)  # (B, T, size)
-    right = x.to(torch.float64) @ omega.to(x.device)
-    return (left.mT @ right).flatten(1)
+    # float32 products unless the factors are float64: a sketch is an estimate to start with, and two
+    # identical gradients still give identical sketches
+    dtype = torch.float64 if torch.float64 in (d.dtype, x.dtype) else torch.float32
+    left = d.to(dtype) @ psi.to(d.device, dtype)  # (B, T, size)
+    right = x.to(dtype) @ omega.to(x.device, dtype)
+    return (left.mT @ right).flatten(1).to(torch.float64)
 
 
 def per_sample_cosines(delta: Tensor, inputs: Tensor) -> Tensor:

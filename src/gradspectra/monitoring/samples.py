@@ -111,12 +111,15 @@ class SampleStage:
             elif delta.shape[0] != batch:
                 failed.append(w.key)
                 continue
-            delta, x = compact_tokens(delta, x)
-            delta, x = delta.to(torch.float64) * scale, x.to(torch.float64)  # once, for every use below
+            # padding and prompt tokens dropped first, in the factors' own dtype: every pass below is shorter
+            carries = carrying_tokens(delta)
+            carried = carries.sum(1).cpu().numpy()
+            tokens = carried if tokens is None else np.maximum(tokens, carried)
+            delta, x = compact_tokens(delta, x, carries)
+            if scale != 1.0:
+                delta = delta * scale
             values = per_sample_metrics(delta, x, self.metrics)
             per_layer[w.key] = {k: v.cpu().numpy() for k, v in values.items()}
-            carried = carrying_tokens(delta).sum(1).cpu().numpy()
-            tokens = carried if tokens is None else np.maximum(tokens, carried)
             if row not in self._projections:
                 m, n = int(delta.shape[-1]), int(x.shape[-1])
                 self._projections[row] = sketch_projections(m, n, SKETCH_SIZE, seed=row)
