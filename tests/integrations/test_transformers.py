@@ -137,4 +137,4 @@ def test_per_sample_entries_under_gradient_accumulation(tmp_path: Path) -> None:
         assert "samples_note" not in record
     samples = records[1]["samples"]
     assert {e["index"] for e in sorted(samples, key=lambda e: -e["score"])[:2]} == {1, 3}
-    assert "gradient almost identical to sample 3 (cosine 1.00)" in samples[1]["reasons"]
+    assert "gradient almost identical to sample 3 (cosine 1.00, batch mean removed)" in samples[1]["reasons"]

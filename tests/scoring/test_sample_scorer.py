@@ -61,7 +61,7 @@ def test_near_identical_gradients_are_named_with_their_partners() -> None:
     out = SampleScorer().score(metrics, cosines=cos, ids=[f"s{i}" for i in range(12)])
     top = sorted(out, key=lambda e: -e["score"])[:3]
     assert {e["index"] for e in top} == {3, 7, 10}
-    assert "gradient almost identical to samples 7 and 10 (cosine 0.99)" in out[3]["reasons"]
+    assert "gradient almost identical to samples 7 and 10 (cosine 0.99, batch mean removed)" in out[3]["reasons"]
     assert out[3]["id"] == "s3"
     assert all(not r.startswith("gradient almost") for e in out if e["index"] not in (3, 7, 10) for r in e["reasons"])
 

@@ -6,7 +6,7 @@ peer detectors are in :mod:`gradspectra.evaluation`.
 
 from gradspectra.scoring.batch import LOSS_KEY, LOSS_SIDES, POSITIVE_METRICS, PROFILE_SUFFIX, BatchScorer
 from gradspectra.scoring.result import ScoreResult
-from gradspectra.scoring.samples import SAMPLE_METRICS, SampleScorer
+from gradspectra.scoring.samples import SAMPLE_METRICS, SAMPLE_TERMS, SampleScorer
 from gradspectra.scoring.stability import StabilityDetector, StabilityResult
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "POSITIVE_METRICS",
     "PROFILE_SUFFIX",
     "SAMPLE_METRICS",
+    "SAMPLE_TERMS",
     "BatchScorer",
     "SampleScorer",
     "ScoreResult",

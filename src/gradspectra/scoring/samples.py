@@ -1,12 +1,13 @@
 """Which samples of a batch stand out: a score per sample from its per-layer gradient metrics, against the
 rest of the batch and a running baseline of earlier samples, with reasons a person can act on.
 
-Pure numpy. Each scored metric is compared on a log scale, layer by layer, with the batch's median and
-spread (median absolute deviation); a sample's term is the median over layers of those robust z-scores,
-so one wild layer does not make a sample, and a change in most layers does. The same comparison
+Pure numpy. Each scored metric (:data:`SAMPLE_TERMS`: the gradient norm and nuclear norm upwards, the
+effective rank downwards) is compared on a log scale, layer by layer, with the batch's median and spread
+(median absolute deviation); a sample's term is the median over layers of those robust z-scores, so one
+wild layer does not make a sample, and a change in most layers does. The same comparison
 against the recent samples of earlier steps (those not scored as outliers) covers a batch that is bad as a
 whole. Near-identical gradients (a sample repeated in the batch) are found from the cosine similarity of
-the samples' gradients. The score is the largest term in magnitude; a non-finite gradient scores ``inf``.
+the samples' gradients. The score is the largest term; a non-finite gradient scores ``inf``.
 """
 
 from __future__ import annotations
@@ -18,12 +19,19 @@ from typing import Any
 
 import numpy as np
 
-#: per-sample metrics compared on a log scale (positive quantities), in the order reasons name them
+#: per-sample metrics scored, on a log scale, and the direction that makes a sample suspect: a gradient
+#: much larger than the others' (a wrong label, noise text: the loss pulls hard), or one spread over far
+#: fewer directions (a text cut short, one template). The other direction is a sample the model already
+#: fits, not a bad one; and terms that are mostly noise per sample (top_sv_ratio, stable_rank) would
+#: outrank a clear outlier in the largest-term rule, so they are measured but not scored.
+SAMPLE_TERMS: dict[str, int] = {"frobenius_norm": 1, "nuclear_norm": 1, "effective_rank": -1}
+#: per-sample metrics every measurement includes (the scored ones and the papers' top share)
 SAMPLE_METRICS: tuple[str, ...] = ("nuclear_norm", "frobenius_norm", "effective_rank", "top_sv_ratio")
 _MAD_TO_SIGMA = 1.4826
-_LOG_FLOOR = 0.05  # smallest spread on the log scale (5 %): a batch of near-equal values is not a razor's edge
+_LOG_FLOOR = 0.1  # smallest spread on the log scale (10 %): a batch of near-equal values is not a razor's edge
 _CLOSENESS_FLOOR = 0.25  # smallest spread of -log(1 - largest cosine) over the batch
 _IDENTICAL = 1e-6  # 1 - cosine below this counts as identical (rounding)
+_SIMILAR = 0.5  # a cosine (batch mean removed) below this is not called similar, whatever the batch
 _READABLE = {
     "nuclear_norm": "nuclear norm",
     "frobenius_norm": "gradient norm",
@@ -60,8 +68,9 @@ class SampleScorer:
 
     Args:
         threshold: a term at or above this (in robust standard deviations) is an outlier and gets a reason.
-        duplicate_cosine: a cosine similarity of two samples' gradients at or above this, with the
-            sample's largest cosine an outlier in the batch, is reported as "almost identical".
+        duplicate_cosine: a cosine similarity of two samples' gradients (the batch's mean gradient removed) at
+            or above this, with the sample's largest cosine an outlier in the batch, is reported as "almost
+            identical" (from 0.5, "very similar": a repeated sample under dropout).
         history: per-sample values kept per layer and metric for the running baseline.
         min_history: values needed before the running baseline is used.
 
@@ -130,8 +139,9 @@ class SampleScorer:
 
         scores = np.zeros(b)
         reasons: list[list[tuple[float, str]]] = [[] for _ in range(b)]
-        for name in (n for n in SAMPLE_METRICS if n in table):
-            self._metric_terms(name, table[name], layers, nonfinite | zero[None, :], scores, reasons)
+        for name, sign in SAMPLE_TERMS.items():
+            if name in table:
+                self._metric_terms(name, sign, table[name], layers, nonfinite | zero[None, :], scores, reasons)
         if cosines is not None:
             self._duplicate_terms(np.asarray(cosines, dtype=np.float64), zero | (bad_layers > 0), scores, reasons)
         for i in np.flatnonzero(bad_layers).tolist():
@@ -164,6 +174,7 @@ class SampleScorer:
     def _metric_terms(
         self,
         name: str,
+        sign: int,
         values: np.ndarray,
         layers: list[str],
         skip: np.ndarray,
@@ -186,17 +197,18 @@ class SampleScorer:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a sample with no finite layer: its term is NaN
                 term = np.nanmedian(zz, axis=0)
-            for i in np.flatnonzero(np.abs(np.nan_to_num(term)) > scores):
-                scores[i] = abs(term[i])
-            for i in np.flatnonzero(np.abs(np.nan_to_num(term)) >= self.threshold):
-                high = term[i] > 0
-                count = int(np.sum(zz[:, i] >= self.threshold) if high else np.sum(zz[:, i] <= -self.threshold))
+            term = sign * np.nan_to_num(term, nan=0.0)  # only the suspect direction counts
+            for i in np.flatnonzero(term > scores):
+                scores[i] = term[i]
+            for i in np.flatnonzero(term >= self.threshold):
+                signed = zz[:, i] * sign
+                count = int(np.sum(signed >= self.threshold))
                 measured = int(np.sum(~np.isnan(zz[:, i])))
                 ratio = float(np.exp(np.nanmedian(logs[:, i] - centre)))
                 reasons[i].append(
                     (
-                        abs(float(term[i])),
-                        f"{readable} {ratio:.2g}x {against} in {count}/{measured} layers (z={term[i]:.1f})",
+                        float(term[i]),
+                        f"{readable} {ratio:.2g}x {against} in {count}/{measured} layers (z={sign * term[i]:.1f})",
                     )
                 )
 
@@ -219,10 +231,12 @@ class SampleScorer:
         for i in np.flatnonzero(usable):
             if z[i] > scores[i]:
                 scores[i] = z[i]
-            if z[i] >= self.threshold and best[i] >= self.duplicate_cosine:
-                partners = [int(j) for j in np.flatnonzero(others[i] >= max(self.duplicate_cosine, best[i] - 0.05))]
+            if z[i] >= self.threshold and best[i] >= _SIMILAR:
+                near = max(_SIMILAR, best[i] - 0.05)
+                partners = [int(j) for j in np.flatnonzero(others[i] >= near)]
+                how = "almost identical to" if best[i] >= self.duplicate_cosine else "very similar to"
                 reasons[i].append(
-                    (float(z[i]), f"gradient almost identical to {_sample_list(partners)} (cosine {best[i]:.2f})")
+                    (float(z[i]), f"gradient {how} {_sample_list(partners)} (cosine {best[i]:.2f}, batch mean removed)")
                 )
 
     def _baseline(self, name: str, layers: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -235,7 +249,7 @@ class SampleScorer:
     def _remember(self, table: dict[str, np.ndarray], layers: list[str], scores: np.ndarray, skip: np.ndarray) -> None:
         keep = scores < self.threshold
         for name, values in table.items():
-            if name not in SAMPLE_METRICS:
+            if name not in SAMPLE_TERMS:
                 continue
             for k, layer in enumerate(layers):
                 ok = keep & ~skip[k] & (values[k] > 0)
