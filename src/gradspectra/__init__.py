@@ -12,10 +12,12 @@ __all__ = [
     "GradientSpectrumTracker",
     "InstabilityError",
     "__version__",
+    "score_data",
 ]
 
 if TYPE_CHECKING:
     from gradspectra.callbacks import GradientSpectrumMonitor
+    from gradspectra.data_scoring import score_data
     from gradspectra.monitoring import GradientAnomalyError, InstabilityError
     from gradspectra.tracker import GradientSpectrumTracker
 
@@ -34,4 +36,8 @@ def __getattr__(name: str) -> Any:
         from gradspectra import tracker
 
         return tracker.GradientSpectrumTracker
+    if name == "score_data":
+        from gradspectra import data_scoring
+
+        return data_scoring.score_data
     raise AttributeError(f"module 'gradspectra' has no attribute {name!r}")

@@ -14,6 +14,7 @@ from gradspectra.functional import (
     per_sample_metrics,
     per_sample_singular_values,
     per_sample_sketches,
+    per_sample_token_similarity,
     sketch_projections,
 )
 from reference import assert_metric_close, random_orthogonal, ref_metrics, ref_singular_values
@@ -176,3 +177,30 @@ def test_sketches_are_unbiased_and_identical_for_identical_gradients() -> None:
         sketch_projections(20, 15, 0)
     with pytest.raises(ValueError, match=r"`projections` must be \(20, k\) and \(15, k\)"):
         per_sample_sketches(torch.from_numpy(d), torch.from_numpy(x), sketch_projections(15, 20, 8))
+
+
+def test_token_similarity_finds_copies_of_a_text_whatever_the_dropout() -> None:
+    gen = torch.Generator().manual_seed(4)
+    b, t, n = 8, 10, 32
+    position = torch.randn(t, n, generator=gen)  # a part common to every sample at a position
+    x = position + 2.0 * torch.randn(b, t, n, generator=gen)
+    x[5] = x[2]
+    keep = (torch.rand(b, t, n, generator=gen) > 0.1).double() / 0.9  # dropout on every copy
+    carries = torch.ones(b, t, dtype=torch.bool)
+    carries[6, 7:] = False  # a shorter sample
+    sim = per_sample_token_similarity(x * keep, carries)
+    assert sim.shape == (b, b) and sim.dtype == torch.float64
+    assert float(sim[2, 5]) > 0.8
+    off = sim.clone()
+    off[2, 5] = off[5, 2] = 0.0
+    off.fill_diagonal_(0.0)
+    assert float(off.abs().max()) < 0.4  # the position's common part does not make texts alike
+    assert float(sim[6, 6]) == pytest.approx(7 / 7, rel=1e-9)  # its own 7 tokens over the longer of 7 and 7
+    # the same text cut to half its length: at most half as similar
+    y = x.clone()
+    y[5] = x[2]
+    cut = carries.clone()
+    cut[5, 5:] = False
+    assert float(per_sample_token_similarity(y, cut)[2, 5]) <= 0.5 + 1e-9
+    with pytest.raises(ValueError, match=r"`carries` must have shape \(8, 10\)"):
+        per_sample_token_similarity(x, carries[:, :5])

@@ -27,16 +27,17 @@ def test_a_large_gradient_in_most_layers_ranks_first_with_a_true_reason() -> Non
     metrics = batch(rng)
     for k, layer in enumerate(metrics.values()):
         if k < 5:  # five of six layers
-            layer["nuclear_norm"][4] *= 8.0
+            layer["frobenius_norm"][4] *= 8.0
     out = SampleScorer().score(metrics)
     ranked = sorted(out, key=lambda e: -e["score"])
     assert ranked[0]["index"] == 4 and ranked[1]["score"] < 3.5
-    reason = next(r for r in ranked[0]["reasons"] if r.startswith("nuclear norm"))
-    ratio, count, measured = re.match(r"nuclear norm ([\d.]+)x the batch median in (\d+)/(\d+) layers", reason).groups()
+    reason = next(r for r in ranked[0]["reasons"] if r.startswith("gradient norm"))
+    pattern = r"gradient norm ([\d.]+)x the batch median \(z=[\d.]+; (\d+)/(\d+) layers at z >= 3.5 against the batch\)"
+    ratio, count, measured = re.fullmatch(pattern, reason).groups()
     assert (int(count), int(measured)) == (5, 6)  # exactly the layers that moved, of those measured
-    logs = np.log([layer["nuclear_norm"] for layer in metrics.values()])
-    want = np.exp(np.median(logs[:, 4] - np.median(logs, axis=1)))
-    assert float(ratio) == pytest.approx(want, rel=0.05)
+    # the ratio is of the whole gradient's norm (root of the sum of squares over layers) to the batch median
+    total = np.sqrt(np.sum(np.array([layer["frobenius_norm"] for layer in metrics.values()]) ** 2, axis=0))
+    assert float(ratio) == pytest.approx(total[4] / np.median(total), rel=0.05)
     assert all(e["reasons"] == [] for e in out if e["index"] != 4)
 
 

@@ -12,6 +12,7 @@ from gradspectra.functional.per_sample import (
     per_sample_metrics,
     per_sample_singular_values,
     per_sample_sketches,
+    per_sample_token_similarity,
     sketch_projections,
 )
 from gradspectra.functional.reshape import as_matrix, is_conv1d
@@ -68,6 +69,7 @@ __all__ = [
     "per_sample_metrics",
     "per_sample_singular_values",
     "per_sample_sketches",
+    "per_sample_token_similarity",
     "singular_values",
     "sketch_projections",
     "spectral_metrics",

@@ -172,6 +172,34 @@ def per_sample_sketches(delta: Tensor, inputs: Tensor, projections: tuple[Tensor
     return (left.mT @ right).flatten(1).to(torch.float64)
 
 
+def per_sample_token_similarity(inputs: Tensor, carries: Tensor) -> Tensor:
+    """``(B, B)`` token-by-token similarity of the samples' inputs to a layer, in ``[-1, 1]``, float64.
+
+    Each token's input, less the batch's mean input at that position (the position's common part), is
+    scaled to unit length; samples ``i`` and ``j`` score the sum over positions both carry of the cosines,
+    over the larger of their token counts. Two copies of one text score about 1 whatever the dropout (most
+    entries of each token survive), two texts that share only a template score low, and texts of
+    different lengths are penalised by the length ratio.
+
+    Args:
+        inputs: ``(B, T, n)`` inputs of one layer, sample first.
+        carries: ``(B, T)`` bool, the tokens that carry gradient (:func:`carrying_tokens`).
+    """
+    x = sample_rows(inputs, "inputs").to(torch.float64)
+    if carries.shape != x.shape[:2]:
+        raise ValueError(f"`carries` must have shape {tuple(x.shape[:2])}, got {tuple(carries.shape)}")
+    mask = carries.to(torch.float64)[..., None]
+    count = mask.sum(0).clamp_min(1.0)
+    centred = (x - (x * mask).sum(0) / count) * mask
+    unit = centred / centred.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    # (T, B, n) @ (T, n, B): the cosines at each position, summed over positions
+    total = (unit.transpose(0, 1) @ unit.permute(1, 2, 0)).sum(0)
+    lengths = carries.sum(1).to(torch.float64)
+    longer = torch.maximum(lengths[:, None], lengths[None, :]).clamp_min(1.0)
+    out: Tensor = total / longer
+    return out
+
+
 def per_sample_cosines(delta: Tensor, inputs: Tensor) -> Tensor:
     """``(B, B)`` cosine similarities of the samples' gradients (0 where either gradient is zero), float64."""
     gram = per_sample_inner_products(delta, inputs)

@@ -18,6 +18,7 @@ from gradspectra.functional import (
     compact_tokens,
     per_sample_metrics,
     per_sample_sketches,
+    per_sample_token_similarity,
     sketch_projections,
 )
 from gradspectra.scoring import SAMPLE_METRICS, SampleScorer
@@ -61,7 +62,9 @@ class SampleStage:
         self.watched = list(watched)
         self.metrics = tuple(dict.fromkeys([*SAMPLE_METRICS, *metrics]))
         self.scorer = scorer
-        self._fixed_rows = _spread(self.capture.layers, ALWAYS_LAYERS)
+        # the first layer is always among them: its inputs give the token-wise similarity of the samples
+        layers = self.capture.layers
+        self._fixed_rows = sorted({layers[0], *_spread(layers, ALWAYS_LAYERS)}) if layers else []
         self._layer_seconds: float | None = None  # learned cost of one layer's per-sample spectra
         self._cursor = 0  # where the rotation over layers goes on next step
         self._projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer, drawn once
@@ -89,6 +92,7 @@ class SampleStage:
         rows = self.rows_for(allowance)
         per_layer: dict[str, dict[str, np.ndarray]] = {}
         sketches: list[torch.Tensor] = []
+        similar: np.ndarray | None = None
         tokens: np.ndarray | None = None
         batch: int | None = None
         failed: list[str] = []
@@ -115,6 +119,9 @@ class SampleStage:
             carries = carrying_tokens(delta)
             carried = carries.sum(1).cpu().numpy()
             tokens = carried if tokens is None else np.maximum(tokens, carried)
+            if similar is None and row == self.capture.layers[0]:
+                # the first watched layer's inputs: closest to the text, and dropout leaves copies alike
+                similar = per_sample_token_similarity(x, carries).cpu().numpy()
             delta, x = compact_tokens(delta, x, carries)
             if scale != 1.0:
                 delta = delta * scale
@@ -134,7 +141,9 @@ class SampleStage:
             return SampleResult(None, note or "no watched linear layer kept its factors", time.perf_counter() - started)
         cos = _mean_cosines(sketches)
         sample_ids = list(ids) if ids and len(ids) == batch else None
-        entries = self.scorer.score(per_layer, cos, sample_ids, None if tokens is None else tokens.tolist())
+        entries = self.scorer.score(
+            per_layer, cos, sample_ids, None if tokens is None else tokens.tolist(), input_similarity=similar
+        )
         seconds = time.perf_counter() - started
         each = seconds / len(per_layer)
         self._layer_seconds = each if self._layer_seconds is None else 0.8 * self._layer_seconds + 0.2 * each
@@ -160,7 +169,8 @@ def _mean_cosines(sketches: list[torch.Tensor]) -> np.ndarray | None:
         cos = unit @ unit.mT
         total = cos if total is None else total + cos
     assert total is not None
-    return (total / len(sketches)).cpu().numpy()
+    out: np.ndarray = (total / len(sketches)).cpu().numpy()
+    return out
 
 
 def _stack(parts: list[torch.Tensor]) -> torch.Tensor:

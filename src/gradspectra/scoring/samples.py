@@ -24,13 +24,14 @@ import numpy as np
 #: fewer directions (a text cut short, one template). The other direction is a sample the model already
 #: fits, not a bad one; and terms that are mostly noise per sample (top_sv_ratio, stable_rank) would
 #: outrank a clear outlier in the largest-term rule, so they are measured but not scored.
-SAMPLE_TERMS: dict[str, int] = {"frobenius_norm": 1, "nuclear_norm": 1, "effective_rank": -1}
+SAMPLE_TERMS: dict[str, int] = {"frobenius_norm": 1, "effective_rank": -1}
 #: per-sample metrics every measurement includes (the scored ones and the papers' top share)
 SAMPLE_METRICS: tuple[str, ...] = ("nuclear_norm", "frobenius_norm", "effective_rank", "top_sv_ratio")
 _MAD_TO_SIGMA = 1.4826
 _LOG_FLOOR = 0.1  # smallest spread on the log scale (10 %): a batch of near-equal values is not a razor's edge
 _CLOSENESS_FLOOR = 0.25  # smallest spread of -log(1 - largest cosine) over the batch
 _IDENTICAL = 1e-6  # 1 - cosine below this counts as identical (rounding)
+_SIMILARITY_FLOOR = 0.05  # smallest spread of the samples' best token-wise input similarity
 _SIMILAR = 0.5  # a cosine (batch mean removed) below this is not called similar, whatever the batch
 _READABLE = {
     "nuclear_norm": "nuclear norm",
@@ -77,13 +78,13 @@ class SampleScorer:
     Example:
         >>> scorer = SampleScorer()
         >>> rng = np.random.default_rng(0)
-        >>> nuc = {f"l{k}": rng.lognormal(0, 0.1, 8) for k in range(4)}
-        >>> for values in nuc.values():
-        ...     values[5] *= 6.0   # sample 5: six times the nuclear norm of the others in every layer
-        >>> metrics = {layer: {"nuclear_norm": v} for layer, v in nuc.items()}
+        >>> norms = {f"l{k}": rng.lognormal(0, 0.1, 8) for k in range(4)}
+        >>> for values in norms.values():
+        ...     values[5] *= 6.0   # sample 5: six times the gradient norm of the others in every layer
+        >>> metrics = {layer: {"frobenius_norm": v} for layer, v in norms.items()}
         >>> out = scorer.score(metrics)
         >>> max(out, key=lambda e: e["score"])["index"], out[5]["reasons"][0].split(" (")[0]
-        (5, 'nuclear norm 6.3x the batch median in 4/4 layers')
+        (5, 'gradient norm 6.3x the batch median')
     """
 
     def __init__(
@@ -106,12 +107,16 @@ class SampleScorer:
         cosines: np.ndarray | None = None,
         ids: Sequence[Any] | None = None,
         tokens: Sequence[int] | None = None,
+        input_similarity: np.ndarray | None = None,
     ) -> list[dict[str, Any]]:
         """One entry per sample: ``{"index", "id", "score", "reasons", "metrics"}``.
 
         Args:
             metrics: ``{layer: {metric: values (B,)}}``, the samples' per-layer gradient metrics.
             cosines: ``(B, B)`` cosine similarities of the samples' gradients, or ``None``.
+            input_similarity: ``(B, B)`` token-by-token similarity of the samples' inputs to the first
+                watched layer (:func:`gradspectra.functional.per_sample_token_similarity`), or ``None``: a
+                repeated sample under dropout has a gradient no closer to its twin's than to others'.
             ids: the samples' ids (``None`` entries where unknown).
             tokens: tokens that carried gradient per sample (reported, not scored).
 
@@ -142,8 +147,10 @@ class SampleScorer:
         for name, sign in SAMPLE_TERMS.items():
             if name in table:
                 self._metric_terms(name, sign, table[name], layers, nonfinite | zero[None, :], scores, reasons)
-        if cosines is not None:
-            self._duplicate_terms(np.asarray(cosines, dtype=np.float64), zero | (bad_layers > 0), scores, reasons)
+        skip = zero | (bad_layers > 0)
+        for kind, sim in (("gradient", cosines), ("input", input_similarity)):
+            if sim is not None:
+                self._duplicate_terms(kind, np.asarray(sim, dtype=np.float64), skip, scores, reasons)
         for i in np.flatnonzero(bad_layers).tolist():
             scores[i] = np.inf
             reasons[i].insert(0, (np.inf, f"non-finite gradient in {bad_layers[i]}/{len(layers)} layers"))
@@ -187,17 +194,30 @@ class SampleScorer:
             return
         med, spread = _robust(logs, _LOG_FLOOR, axis=1)  # per layer, across the batch
         z = (logs - med[:, None]) / spread[:, None]
+        readable = _READABLE.get(name, name)
+        if name == "frobenius_norm":
+            # the sample's whole gradient: sqrt of the sum of squares over layers (what a per-sample gradient
+            # norm sees: a few large layers carry it), not a median over layers that a bimodal batch blurs
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                total = 0.5 * np.log(np.nansum(np.exp(2 * logs), axis=0))
+            total = np.where(np.isnan(logs).all(0), np.nan, total)
+            self._total_term(readable, total, z, scores, reasons)
+            return
         terms = [(z, med, "the batch median")]
         baseline = self._baseline(name, layers)
         if baseline is not None:
             base_med, base_spread = baseline
             terms.append(((logs - base_med[:, None]) / base_spread[:, None], base_med, "recent samples"))
-        readable = _READABLE.get(name, name)
         for zz, centre, against in terms:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a sample with no finite layer: its term is NaN
                 term = np.nanmedian(zz, axis=0)
             term = sign * np.nan_to_num(term, nan=0.0)  # only the suspect direction counts
+            if against != "the batch median":
+                # against earlier samples only when over the threshold (a batch bad as a whole): below it, the
+                # model's drift since then would reorder the batch's samples by noise
+                term = np.where(term >= self.threshold, term, 0.0)
             for i in np.flatnonzero(term > scores):
                 scores[i] = term[i]
             for i in np.flatnonzero(term >= self.threshold):
@@ -212,8 +232,48 @@ class SampleScorer:
                     )
                 )
 
+    def _total_term(
+        self,
+        readable: str,
+        total: np.ndarray,
+        layer_z: np.ndarray,
+        scores: np.ndarray,
+        reasons: list[list[tuple[float, str]]],
+    ) -> None:
+        """The whole gradient's norm, upwards, against the batch and (over the threshold only) recent samples."""
+        usable = ~np.isnan(total)
+        if usable.sum() < 3:
+            return
+        med, spread = _robust(total[usable], _LOG_FLOOR)
+        terms = [((total - med) / spread, med, "the batch median")]
+        row = self._seen.get(("total_norm", ""))
+        if row is not None and len(row) >= self.min_history:
+            base_med, base_spread = _robust(np.fromiter(row, dtype=np.float64), _LOG_FLOOR)
+            base = (total - base_med) / base_spread
+            terms.append((np.where(base >= self.threshold, base, 0.0), base_med, "recent samples"))
+        for term, centre, against in terms:
+            term = np.nan_to_num(term, nan=0.0)
+            for i in np.flatnonzero(term > scores):
+                scores[i] = term[i]
+            for i in np.flatnonzero(term >= self.threshold):
+                count = int(np.sum(layer_z[:, i] >= self.threshold))
+                measured = int(np.sum(~np.isnan(layer_z[:, i])))
+                ratio = float(np.exp(total[i] - centre))
+                reasons[i].append(
+                    (
+                        float(term[i]),
+                        f"{readable} {ratio:.2g}x {against} (z={term[i]:.1f}; {count}/{measured} layers "
+                        f"at z >= {self.threshold:g} against the batch)",
+                    )
+                )
+
     def _duplicate_terms(
-        self, cos: np.ndarray, skip: np.ndarray, scores: np.ndarray, reasons: list[list[tuple[float, str]]]
+        self,
+        kind: str,
+        cos: np.ndarray,
+        skip: np.ndarray,
+        scores: np.ndarray,
+        reasons: list[list[tuple[float, str]]],
     ) -> None:
         b = cos.shape[0]
         if b < 3 or cos.shape != (b, b):
@@ -223,11 +283,16 @@ class SampleScorer:
         usable = np.isfinite(best)
         if usable.sum() < 3:
             return
-        # closeness to identical on a log scale: a twin's 1 - cosine is ~0 where others' are 0.1-1, and the
-        # batch's typical closeness (all gradients alike early in training, say) is the reference
-        closeness = -np.log(np.clip(1.0 - best, _IDENTICAL, 2.0))
-        med, spread = _robust(closeness[usable], _CLOSENESS_FLOOR)
-        z = np.where(usable, (closeness - med) / spread, 0.0)
+        if kind == "gradient":
+            # closeness to identical on a log scale: a twin's 1 - cosine is ~0 where others' are 0.1-1, and the
+            # batch's typical closeness (all gradients alike early in training, say) is the reference
+            value = -np.log(np.clip(1.0 - best, _IDENTICAL, 2.0))
+            floor = _CLOSENESS_FLOOR
+        else:
+            # inputs: copies of a text under dropout stay at 0.6-0.8 where other texts' best match is 0.1-0.4
+            value, floor = best, _SIMILARITY_FLOOR
+        med, spread = _robust(value[usable], floor)
+        z = np.where(usable, (value - med) / spread, 0.0)
         for i in np.flatnonzero(usable):
             if z[i] > scores[i]:
                 scores[i] = z[i]
@@ -235,8 +300,9 @@ class SampleScorer:
                 near = max(_SIMILAR, best[i] - 0.05)
                 partners = [int(j) for j in np.flatnonzero(others[i] >= near)]
                 how = "almost identical to" if best[i] >= self.duplicate_cosine else "very similar to"
+                what = "cosine" if kind == "gradient" else "token-wise cosine"
                 reasons[i].append(
-                    (float(z[i]), f"gradient {how} {_sample_list(partners)} (cosine {best[i]:.2f}, batch mean removed)")
+                    (float(z[i]), f"{kind} {how} {_sample_list(partners)} ({what} {best[i]:.2f}, batch mean removed)")
                 )
 
     def _baseline(self, name: str, layers: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -248,8 +314,13 @@ class SampleScorer:
 
     def _remember(self, table: dict[str, np.ndarray], layers: list[str], scores: np.ndarray, skip: np.ndarray) -> None:
         keep = scores < self.threshold
+        if "frobenius_norm" in table:
+            fro = np.where(skip, np.nan, table["frobenius_norm"])
+            ok = keep & ~np.isnan(fro).all(0) & (np.nansum(fro, axis=0) > 0)
+            total = np.sqrt(np.nansum(fro[:, ok] ** 2, axis=0))
+            self._seen.setdefault(("total_norm", ""), deque(maxlen=self.history)).extend(np.log(total).tolist())
         for name, values in table.items():
-            if name not in SAMPLE_TERMS:
+            if name not in SAMPLE_TERMS or name == "frobenius_norm":
                 continue
             for k, layer in enumerate(layers):
                 ok = keep & ~skip[k] & (values[k] > 0)
