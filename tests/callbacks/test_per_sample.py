@@ -51,8 +51,9 @@ def test_always_gives_every_sample_an_entry_and_names_repeated_samples(tmp_path:
         assert record["samples_ms"] > 0 and "samples_note" not in record
         top = sorted(samples, key=lambda e: -e["score"])[:2]
         top_steps += {e["index"] for e in top} == {2, 5}
-        named = "gradient almost identical to sample 5 (cosine 1.00, batch mean removed)" in samples[2]["reasons"]
-        assert named == ("gradient almost identical to sample 2 (cosine 1.00, batch mean removed)" in samples[5]["reasons"])
+        twin = "gradient almost identical to sample {} (cosine 1.00, batch mean removed)"
+        named = twin.format(5) in samples[2]["reasons"]
+        assert named == (twin.format(2) in samples[5]["reasons"])
         named_steps += named
         assert samples[0]["metrics"]["layers"] == len(monitor.engine.watched) - 1  # all but the unused layer
         assert all(e["tokens"] == 12 for e in samples)
