@@ -697,8 +697,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--spectra",
         choices=("auto", "exact"),
-        default="exact",
-        help="the tracker's spectra (exact: every layer per sample, as on a flagged step)",
+        default=None,
+        help="the tracker's spectra (default: exact for precision, every layer per sample as on a flagged step; "
+        "auto, the default constructor, for --overhead)",
     )
     parser.add_argument("--ties", choices=("pessimistic", "random"), default="pessimistic")
     parser.add_argument("--records", type=Path, default=None, help="run, keep seed<N>.jsonl rows here (resumes)")
@@ -734,7 +735,8 @@ def settings_of(args: argparse.Namespace) -> Settings:
         warmup_steps=args.warmup_steps,
         clean_between=args.clean_between,
         max_length=args.max_length,
-        spectra=args.spectra,
+        # precision: every layer per sample ("exact", no budget); overhead: the default constructor ("auto")
+        spectra=args.spectra or ("auto" if args.overhead else "exact"),
     )
     if args.quick:
         settings = dataclasses.replace(settings, monitor_warmup=5, **QUICK)
