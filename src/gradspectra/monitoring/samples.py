@@ -157,15 +157,19 @@ class SampleStage:
 
 
 def _mean_cosines(sketches: list[torch.Tensor]) -> np.ndarray | None:
-    """The samples' gradient cosines after removing the batch's mean gradient, averaged over layers (each layer
-    counts once). Early in training most samples' gradients point the same way (cosines near 1 for all
+    """The samples' gradient cosines after removing the batch's mean gradient direction, averaged over layers
+    (each layer counts once). Early in training most samples' gradients point the same way (cosines near 1 for all
     pairs); what sets a repeated sample apart is that its deviation from the batch is its twin's."""
     if not sketches:
         return None
     total = None
+    tiny = torch.finfo(torch.float64).tiny
     for sk in sketches:
-        centred = sk - sk.mean(dim=0, keepdim=True)
-        unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(torch.finfo(sk.dtype).tiny)
+        # directions first, then the batch's mean direction removed: a mean of the raw gradients would be one
+        # large sample's (a flipped label's), and every other sample would look alike once it is removed
+        unit = sk / sk.norm(dim=1, keepdim=True).clamp_min(tiny)
+        centred = unit - unit.mean(dim=0, keepdim=True)
+        unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(tiny)
         cos = unit @ unit.mT
         total = cos if total is None else total + cos
     assert total is not None
