@@ -190,3 +190,25 @@ def test_report_lists_stability_warnings_apart_from_the_table(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     assert f"stability warnings:\n  step 6: {message}" in result.stdout
     assert [row[0] for row in _rows(result.stdout)] == ["7", "5"]
+
+
+def test_report_samples_view_lists_the_highest_scoring_samples(tmp_path: Path) -> None:
+    path = tmp_path / "batches.jsonl"
+    writer = RecordWriter(path)
+    entries = [
+        {"index": 0, "id": "a", "score": 1.2, "reasons": [], "metrics": {}},
+        {"index": 1, "id": "b", "score": 7.5, "reasons": ["gradient norm 9x the batch median (z=7.5)"], "metrics": {}},
+        {"index": 2, "id": None, "score": 4.0, "reasons": ["effective rank 0.3x the batch median"], "metrics": {}},
+    ]
+    writer.write(record(0, 9.0, flagged=True, samples=entries))
+    writer.write(record(1, 0.5))
+    writer.close()
+    result = run_cli("report", str(path), "--samples", "2")
+    assert result.returncode == 0, result.stderr
+    view = result.stdout.split("samples (highest score first):", 1)[1].splitlines()
+    assert view[1:4] == [
+        "step 0:",
+        "  sample 1 id b: score 7.5: gradient norm 9x the batch median (z=7.5)",
+        "  sample 2: score 4.0: effective rank 0.3x the batch median",
+    ]
+    assert "per_sample" in run_cli("report", str(write_run(tmp_path / "old.jsonl")), "--samples").stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--ids", action="store_true", help="after the table, every sample id of each row (the table shows six)"
+    )
+    report.add_argument(
+        "--samples",
+        type=_positive,
+        nargs="?",
+        const=3,
+        default=None,
+        metavar="K",
+        help="after the table, the K highest-scoring samples of each row with their reasons (records made "
+        "with per_sample=; default K 3)",
     )
     _add_score_data(sub)
     return parser
@@ -203,7 +213,27 @@ def _report(args: argparse.Namespace) -> int:
             print("\nsample ids:")
             for r in with_ids:
                 print(f"step {r.get('step')}: {', '.join(str(i) for i in r['sample_ids'])}")
+    if args.samples:
+        print(_samples_view(table_records(chosen, args.top), args.samples))
     return 0
+
+
+def _samples_view(rows: Sequence[Mapping[str, Any]], k: int) -> str:
+    """The ``k`` highest-scoring samples of each row's ``samples`` (per_sample=), with id and reasons."""
+    with_samples = [r for r in rows if r.get("samples")]
+    if not with_samples:
+        return "\n(no per-sample entries in these records: run the monitor with per_sample='flagged' or 'always')"
+    lines = ["\nsamples (highest score first):"]
+    for r in with_samples:
+        lines.append(f"step {r.get('step')}:")
+        ranked = sorted(r["samples"], key=lambda e: -(e.get("score") if e.get("score") is not None else -1.0))
+        for e in ranked[:k]:
+            score = e.get("score")
+            shown = "null" if score is None else f"{score:.1f}"
+            ident = f" id {e['id']}" if e.get("id") is not None else ""
+            reasons = "; ".join(e.get("reasons") or []) or "-"
+            lines.append(f"  sample {e.get('index')}{ident}: score {shown}: {reasons}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
