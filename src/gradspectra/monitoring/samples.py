@@ -25,8 +25,8 @@ from gradspectra.scoring import SAMPLE_METRICS, SampleScorer
 
 PerSample = Literal["flagged", "always"]
 PER_SAMPLE: tuple[str, ...] = get_args(PerSample)
-#: layers measured on every step of a rotation (spread over depth), so that every step has some
-ALWAYS_LAYERS = 2
+#: layers measured on every step of a rotation (spread over depth; the first watched layer is always one)
+ALWAYS_LAYERS = 1
 SKETCH_SIZE = 16  # per-sample gradient sketches (16 x 16) for the cosines between samples
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
