@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -139,13 +140,64 @@ def test_refusals_name_why() -> None:
 
 def test_a_gradient_the_factors_do_not_explain_is_left_out_with_a_note(tmp_path: Path) -> None:
     model = TinyBert()
+    gen = torch.Generator().manual_seed(0)
     with GradientSpectrumTracker(model, log_dir=tmp_path, per_sample="always", verbose=False) as tracker:
         hidden = model.bert(input_ids=RandomTokens(4).ids).last_hidden_state.mean(1)
         loss = nn.functional.cross_entropy(model.head(hidden), RandomTokens(4).labels)
         loss.backward()
         for p in model.parameters():  # e.g. a gradient hook of the user: not the sum of the samples' shares
             if p.grad is not None:
-                p.grad.mul_(0.5)
+                p.grad.add_(torch.randn(p.grad.shape, generator=gen) * p.grad.abs().max())
         record = tracker.step(loss=loss)
     assert record is not None and record["samples"] is None
     assert record["samples_note"].startswith("per-sample values left out for")
+    assert "not a multiple of their kept factors' sum" in record["samples_note"]
+
+
+def test_clipped_gradients_give_the_samples_shares_of_the_clipped_gradient(tmp_path: Path) -> None:
+    model = TinyBert().double()
+    data = RandomTokens(BATCH)
+    values = []
+    for clip in (None, 1e-3):
+        with GradientSpectrumTracker(
+            model, log_dir=tmp_path, per_sample="always", spectra="exact", include="*.encoder.*", verbose=False
+        ) as tracker:
+            model.zero_grad()
+            hidden = model.bert(input_ids=data.ids).last_hidden_state.mean(1)
+            loss = nn.functional.cross_entropy(model.head(hidden), data.labels)
+            loss.backward()
+            if clip is not None:
+                factor = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            record = tracker.step(loss=loss)
+        assert record is not None and "samples_note" not in record
+        values.append([e["metrics"]["nuclear_norm"] for e in record["samples"]])
+    ratio = clip / factor  # what clip_grad_norm_ multiplied every gradient by
+    np.testing.assert_allclose(values[1], np.array(values[0]) * ratio, rtol=1e-5)
+
+
+def test_bf16_autocast_a_loss_scaler_and_a_nan_sample(tmp_path: Path) -> None:
+    model = TinyBert()
+    data = RandomTokens(BATCH)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with GradientSpectrumTracker(model, log_dir=tmp_path, per_sample="always", spectra="exact", verbose=False) as tr:
+        for poison in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                hidden = model.bert(input_ids=data.ids).last_hidden_state.mean(1)
+                if poison:
+                    hidden = hidden * torch.tensor([1.0] * 3 + [float("nan")] + [1.0] * (BATCH - 4))[:, None]
+                loss = nn.functional.cross_entropy(model.head(hidden).float(), data.labels)
+            scaler.scale(loss).backward()  # output gradients scaled by 1024; .grad unscaled below
+            scaler.unscale_(optimizer)
+            record = tr.step(loss=loss)  # the loss scale is not passed: the check finds the multiple
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            assert record is not None and record["samples"] is not None, record.get("samples_note")
+            if not poison:
+                assert "samples_note" not in record, record["samples_note"]
+                assert all(np.isfinite(e["score"]) for e in record["samples"])
+            else:
+                scores = [e["score"] for e in record["samples"]]
+                assert scores[3] == float("inf") and record["samples"][3]["reasons"][0].startswith("non-finite")
+                assert all(np.isfinite(s) for i, s in enumerate(scores) if i != 3)

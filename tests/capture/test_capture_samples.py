@@ -69,8 +69,8 @@ def test_every_sample_metric_equals_a_backward_per_sample() -> None:
         parts = capture.factors(row)
         assert len(parts) == 2  # two forwards before any clear(): two micro-batches of the same samples
         delta, inputs = parts[1]
-        assert capture.check(row, w.grad_matrix())  # both micro-batches add up to .grad
-        assert not capture.check(row, w.grad_matrix() / 2)
+        assert capture.check(row, w.grad_matrix()) == pytest.approx(1.0, rel=1e-6)  # both micro-batches: .grad
+        assert capture.check(row, w.grad_matrix() / 2) == pytest.approx(0.5, rel=1e-6)  # clipped by half
         got = per_sample_metrics(delta, inputs)
         for i in range(ids.shape[0]):
             want = ref_metrics(reference[i][w.key])
@@ -88,7 +88,7 @@ def test_micro_batches_are_new_samples_and_clear_releases_them() -> None:
     lin(x2).square().sum().backward()  # accumulation: another micro-batch
     parts = capture.factors(0)
     assert [tuple(d.shape) for d, _ in parts] == [(3, 5, 4), (2, 5, 4)]
-    assert capture.check(0, w.grad_matrix())
+    assert capture.check(0, w.grad_matrix()) == pytest.approx(1.0, rel=1e-5)
     capture.clear()
     assert capture.factors(0) == []
     capture.enabled = False
@@ -117,15 +117,35 @@ def test_a_layer_called_twice_in_one_forward_joins_the_tokens() -> None:
     capture.close()
 
 
-def test_check_fails_when_the_gradient_is_not_the_factors_sum() -> None:
+def test_check_gives_the_multiple_or_none_when_the_gradient_is_something_else() -> None:
     lin = nn.Linear(5, 3)
     (w,) = select_parameters(nn.Sequential(lin), include="*.weight").watched
     capture = SampleCapture([w])
-    lin(torch.randn(4, 5)).sum().backward()
-    assert capture.check(0, w.grad_matrix())
-    assert not capture.check(0, w.grad_matrix() * 0.5)  # e.g. DDP's average or a user's gradient hook
+    lin(torch.randn(4, 5)).square().sum().backward()
+    grad = w.grad_matrix()
+    assert capture.check(0, grad) == pytest.approx(1.0, rel=1e-5)
+    assert capture.check(0, grad * 0.25) == pytest.approx(0.25, rel=1e-5)  # clipping, or 1 / an AMP loss scale
+    other = grad + 0.5 * grad.abs().max() * torch.randn(grad.shape, generator=torch.Generator().manual_seed(1))
+    assert capture.check(0, other) is None  # e.g. a user's gradient hook: not a multiple
+    assert capture.check(0, -grad) is None
+    nan = grad.clone()
+    nan[0, 0] = float("nan")
+    assert np.isnan(capture.check(0, nan))  # a non-finite gradient: nothing to compare, said so
     capture.close()
     assert capture.factors(0) == []
+
+
+def test_gradients_of_a_graph_built_before_clear_are_ignored() -> None:
+    lin = nn.Linear(5, 3)
+    (w,) = select_parameters(nn.Sequential(lin), include="*.weight").watched
+    capture = SampleCapture([w])
+    old = lin(torch.randn(4, 5)).sum()  # e.g. another optimizer's loss, built before this step ends
+    capture.clear()
+    old.backward()  # must neither fail nor land in the new step
+    assert capture.factors(0) == []
+    lin(torch.randn(2, 5)).sum().backward()
+    assert [tuple(d.shape) for d, _ in capture.factors(0)] == [(2, 1, 3)]
+    capture.close()
 
 
 def test_kept_bytes_counts_each_storage_once() -> None:

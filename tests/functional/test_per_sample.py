@@ -9,6 +9,7 @@ import torch
 from gradspectra.functional import (
     METRIC_NAMES,
     carrying_tokens,
+    compact_tokens,
     per_sample_cosines,
     per_sample_inner_products,
     per_sample_metrics,
@@ -56,6 +57,30 @@ def test_known_per_sample_spectra_are_recovered() -> None:
     assert float(metrics["effective_rank"][1]) == pytest.approx(5.0, rel=1e-9)  # flat spectrum: full rank
     assert float(metrics["effective_rank"][2]) == pytest.approx(1.0, rel=1e-9)
     assert float(metrics["nuclear_norm"][3]) == 0.0 and float(metrics["effective_rank"][3]) == 0.0
+
+
+def test_samples_of_different_lengths_are_compacted_without_changing_anything() -> None:
+    rng = np.random.default_rng(8)
+    d, x = rng.standard_normal((3, 9, 7)), rng.standard_normal((3, 9, 5))
+    lengths = [9, 4, 1]
+    for i, n in enumerate(lengths):
+        d[i, n:] = 0.0  # padding: no output gradient, but inputs that are not zero
+    order = rng.permutation(9)  # carrying tokens anywhere in the sample, not only first
+    d, x = d[:, order], x[:, order]
+    cd, cx = compact_tokens(torch.from_numpy(d), torch.from_numpy(x))
+    assert cd.shape == (3, 9, 7)  # the longest sample carries all 9
+    cd, cx = compact_tokens(torch.from_numpy(d[1:]), torch.from_numpy(x[1:]))
+    assert cd.shape == (2, 4, 7) and cx.shape == (2, 4, 5)
+    assert bool((cx[1, 1:] == 0).all()) and bool((cd[1, 1:] == 0).all())  # a shorter sample's filler rows
+    want = per_sample_gradients(d[1:], x[1:])
+    got = per_sample_gradients(cd.numpy(), cx.numpy())
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        per_sample_singular_values(torch.from_numpy(d), torch.from_numpy(x)).numpy()[:, :5],
+        np.stack([ref_singular_values(g) for g in per_sample_gradients(d, x)]),
+        rtol=1e-9,
+        atol=1e-12,
+    )
 
 
 def test_padding_rows_change_nothing() -> None:

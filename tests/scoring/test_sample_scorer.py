@@ -104,7 +104,12 @@ def test_state_round_trip_keeps_the_baseline() -> None:
     copy = SampleScorer(min_history=16)
     copy.load_state_dict(scorer.state_dict())
     probe = batch(rng)
-    assert [e["score"] for e in copy.score(probe)] == [e["score"] for e in scorer.score(probe)]
+    for layer in probe.values():
+        layer["frobenius_norm"] *= 10.0  # bad as a whole: only the running baseline can say
+    want = [e["score"] for e in scorer.score(probe)]
+    assert [e["score"] for e in copy.score(probe)] == want
+    assert min(want) > 3.5
+    assert max(e["score"] for e in SampleScorer(min_history=16).score(probe)) < 3.5  # without the state
 
 
 @pytest.mark.parametrize(
@@ -113,7 +118,8 @@ def test_state_round_trip_keeps_the_baseline() -> None:
         ({"threshold": 0}, "`threshold` must be a positive number, got 0"),
         ({"duplicate_cosine": 1.5}, r"`duplicate_cosine` must be in \(0, 1\], got 1.5"),
         ({"history": 0}, "`history` must be a positive int, got 0"),
-        ({"min_history": 600}, r"`min_history` must be an int in \[1, history\], got 600"),
+        ({"min_history": 600}, r"`min_history` must be an int in \[1, history=512\], got 600"),
+        ({"duplicate_cosine": "high"}, r"`duplicate_cosine` must be in \(0, 1\], got 'high'"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict[str, float], message: str) -> None:

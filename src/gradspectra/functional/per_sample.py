@@ -9,7 +9,8 @@ Inner products between samples' gradients come the same way,
 :math:`\langle G_i, G_j \rangle_F = \sum_{t \in i, u \in j} (\delta_t \cdot \delta_u)(x_t \cdot x_u)`
 (the Frobenius case is the "ghost norm" of differentially private training).
 
-Tokens whose output gradient is zero (padding, prompt tokens outside the loss) change nothing: their
+Tokens whose output gradient is zero (padding; in a causal LM, tokens after the last one in the loss; in the
+top layers, tokens no loss position reads) change nothing: their
 rows are dropped from the spectrum by zeroing them (a zero row adds only zero singular values).
 """
 
@@ -77,8 +78,9 @@ def per_sample_singular_values(delta: Tensor, inputs: Tensor) -> Tensor:
 def compact_tokens(delta: Tensor, inputs: Tensor, carries: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(B, T', .)`` factors with each sample's carrying tokens first and ``T'`` their largest count.
 
-    The ``T x T`` cores cost :math:`O(T^2)` per feature: padding to a fixed length (and prompt tokens outside
-    the loss) would be paid for in every layer. The spectrum is unchanged (only zero rows are dropped).
+    The ``T x T`` cores cost :math:`O(T^2)` per feature: padding to a fixed length would be paid for in every
+    layer. (Prompt tokens do carry gradient below the last layer: the loss positions attend to them.) The
+    spectrum is unchanged (only zero rows are dropped).
     ``carries``: :func:`carrying_tokens` of ``delta`` when the caller has it already.
     """
     if carries is None:

@@ -68,7 +68,7 @@ if not log.handlers:
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
 _AFFORDS_AFTER = 20  # measured steps before the monitor says what the budget affords (it has learned by then)
-_SAMPLES_SHARE = 0.5  # per_sample="always" under spectra="auto": its share of the budget
+_SAMPLES_SHARE = 0.5  # per_sample="always" under spectra="auto": the share of the budget it aims at
 _SKIP_MESSAGE_SECONDS = 10.0  # a run skipping many steps says so, without a line per step
 _COUNTERS = (
     "steps_monitored",
@@ -559,10 +559,11 @@ class MonitorEngine:
         allowance = None
         budget = self.planner.budget if self.planner is not None else None
         if self.config.per_sample == "always" and budget is not None and budget.step_seconds is not None:
-            # every step: half of the budget's share of the step, the rest stays with the spectra
+            # every step: aim at half of the budget's share of the step (its time is also counted as fixed work,
+            # which the spectra's share gives up)
             allowance = _SAMPLES_SHARE * self.config.max_overhead * budget.step_seconds
         with self.runner.threads(torch.device("cpu")):
-            out = self.samples.measure(inputs.sample_ids, inputs.loss_scale, allowance)
+            out = self.samples.measure(inputs.sample_ids, inputs.loss_scale, allowance, inputs.scope)
         record["samples"] = out.entries
         record["samples_ms"] = 1000.0 * out.seconds
         if out.note is not None:

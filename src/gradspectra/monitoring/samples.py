@@ -4,13 +4,15 @@ kept, checked against the gradient, scored against the batch and the running bas
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from gradspectra.capture import SampleCapture, WatchedParameter
 from gradspectra.functional import (
@@ -27,6 +29,8 @@ PerSample = Literal["flagged", "always"]
 PER_SAMPLE: tuple[str, ...] = get_args(PerSample)
 #: layers measured on every step of a rotation (spread over depth; the first watched layer is always one)
 ALWAYS_LAYERS = 1
+_AGREE, _LOW_AGREE = 1e-2, 5e-2  # how far a layer's multiple may be from the others' (float32, bf16/fp16)
+_LOW = (torch.bfloat16, torch.float16)
 SKETCH_SIZE = 16  # per-sample gradient sketches (16 x 16) for the cosines between samples
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -85,37 +89,59 @@ class SampleStage:
     def layers(self) -> list[int]:
         return self.capture.layers
 
-    def measure(self, ids: Sequence[Any], loss_scale: float | None, allowance: float | None = None) -> SampleResult:
-        """Per-sample metrics of the hooked layers (:meth:`rows_for`) whose factors add up to their gradient,
-        then the scores."""
+    def measure(
+        self,
+        ids: Sequence[Any],
+        loss_scale: float | None,
+        allowance: float | None = None,
+        scope: Collection[int] | None = None,
+    ) -> SampleResult:
+        """Per-sample metrics of the hooked layers (:meth:`rows_for`, within ``scope`` when given) whose factors
+        add up to their gradient, then the scores.
+
+        Each layer's gradient must be one common multiple ``c`` of its factors' sum (1 normally; the clipping
+        factor under gradient clipping, ``1 / scale`` under an AMP loss scale): the samples' shares of the
+        gradient the optimizer sees are ``c Delta_i^T X_i``. Layers with another multiple, or none, are left
+        out and ``note`` says which and why.
+        """
         started = time.perf_counter()
-        rows = self.rows_for(allowance)
-        per_layer: dict[str, dict[str, np.ndarray]] = {}
-        sketches: list[torch.Tensor] = []
-        similar: np.ndarray | None = None
-        tokens: np.ndarray | None = None
-        batch: int | None = None
-        failed: list[str] = []
+        rows = [r for r in self.rows_for(allowance) if scope is None or r in scope]
         gen = torch.Generator().manual_seed(0)
+        checked: list[tuple[int, Tensor, Tensor, float]] = []
+        unexplained: list[str] = []
+        sizes: list[int] = []
         for row in rows:
-            w = self.watched[row]
-            grad = w.grad_matrix()
+            grad = self.watched[row].grad_matrix()
             parts = self.capture.factors(row)
             if grad is None or not parts:
                 continue
-            scale = 1.0 / loss_scale if loss_scale else 1.0
-            if not self.capture.check(row, grad / scale if scale != 1.0 else grad, gen):
-                failed.append(w.key)
+            c = self.capture.check(row, grad, gen)
+            if c is None:
+                unexplained.append(self.watched[row].key)
                 continue
-            deltas = [d for d, _ in parts]
-            xs = [x for _, x in parts]
-            delta, x = _stack(deltas), _stack(xs)
-            if batch is None:
-                batch = delta.shape[0]
-            elif delta.shape[0] != batch:
-                failed.append(w.key)
+            delta, x = _stack([d for d, _ in parts]), _stack([x for _, x in parts])
+            checked.append((row, delta, x, c))
+            sizes.append(int(delta.shape[0]))
+        known = [c for *_, c in checked if math.isfinite(c)]
+        # one multiple for the whole model (clipping and loss scales are global); a non-finite gradient has none
+        common = statistics.median(known) if known else (1.0 / loss_scale if loss_scale else 1.0)
+        batch = statistics.mode(sizes) if sizes else None
+        other_scale = [
+            self.watched[r].key
+            for r, d, _, c in checked
+            # bf16/fp16 factors fit their multiple to a few parts in a thousand per element, a small layer worse
+            if math.isfinite(c) and abs(c / common - 1) > (_LOW_AGREE if d.dtype in _LOW else _AGREE)
+        ]
+        other_size = [self.watched[r].key for r, d, _, _ in checked if d.shape[0] != batch]
+        per_layer: dict[str, dict[str, np.ndarray]] = {}
+        sketches: list[Tensor] = []
+        similar: np.ndarray | None = None
+        tokens: np.ndarray | None = None
+        for row, delta, x, _ in checked:
+            key = self.watched[row].key
+            if key in other_scale or key in other_size:
                 continue
-            # padding and prompt tokens dropped first, in the factors' own dtype: every pass below is shorter
+            # padding (and tokens after the last one in the loss) dropped first, in the factors' own dtype
             carries = carrying_tokens(delta)
             carried = carries.sum(1).cpu().numpy()
             tokens = carried if tokens is None else np.maximum(tokens, carried)
@@ -123,20 +149,15 @@ class SampleStage:
                 # the first watched layer's inputs: closest to the text, and dropout leaves copies alike
                 similar = per_sample_token_similarity(x, carries).cpu().numpy()
             delta, x = compact_tokens(delta, x, carries)
-            if scale != 1.0:
-                delta = delta * scale
+            if common != 1.0:
+                delta = delta * common
             values = per_sample_metrics(delta, x, self.metrics)
-            per_layer[w.key] = {k: v.cpu().numpy() for k, v in values.items()}
+            per_layer[key] = {k: v.cpu().numpy() for k, v in values.items()}
             if row not in self._projections:
                 m, n = int(delta.shape[-1]), int(x.shape[-1])
                 self._projections[row] = sketch_projections(m, n, SKETCH_SIZE, seed=row)
             sketches.append(per_sample_sketches(delta, x, self._projections[row]))
-        note = None
-        if failed:
-            note = (
-                f"per-sample values left out for {len(failed)} layers whose kept factors do not add up to the "
-                f"gradient (e.g. {failed[0]}): a second forward, gradient hooks, or samples not along dimension 0"
-            )
+        note = _note(unexplained, other_scale, other_size, batch)
         if not per_layer:
             return SampleResult(None, note or "no watched linear layer kept its factors", time.perf_counter() - started)
         cos = _mean_cosines(sketches)
@@ -154,6 +175,24 @@ class SampleStage:
 
     def close(self) -> None:
         self.capture.close()
+
+
+def _note(unexplained: list[str], other_scale: list[str], other_size: list[str], batch: int | None) -> str | None:
+    """Why layers were left out, in words, or ``None``."""
+    parts = []
+    if unexplained:
+        parts.append(
+            f"{len(unexplained)} layers whose gradient is not a multiple of their kept factors' sum (e.g. "
+            f"{unexplained[0]}: a gradient hook, activation checkpointing, or samples not along dimension 0)"
+        )
+    if other_scale:
+        parts.append(
+            f"{len(other_scale)} layers whose gradient is another multiple of their factors than the others' "
+            f"(e.g. {other_scale[0]}: clipping or scaling per layer)"
+        )
+    if other_size:
+        parts.append(f"{len(other_size)} layers with another number of samples than {batch} (e.g. {other_size[0]})")
+    return "per-sample values left out for " + "; ".join(parts) if parts else None
 
 
 def _mean_cosines(sketches: list[torch.Tensor]) -> np.ndarray | None:

@@ -31,7 +31,8 @@ _MAD_TO_SIGMA = 1.4826
 _LOG_FLOOR = 0.1  # smallest spread on the log scale (10 %): a batch of near-equal values is not a razor's edge
 _CLOSENESS_FLOOR = 0.25  # smallest spread of -log(1 - largest cosine) over the batch
 _IDENTICAL = 1e-6  # 1 - cosine below this counts as identical (rounding)
-_SIMILARITY_FLOOR = 0.05  # smallest spread of the samples' best token-wise input similarity
+_SIMILARITY_FLOOR = 0.1  # smallest spread of the samples' best token-wise input similarity
+_MAX_LAYER_SETS = 64  # baselines of the whole gradient's norm kept (one per set of layers measured)
 _SIMILAR = 0.5  # a cosine (batch mean removed) below this is not called similar, whatever the batch
 _READABLE = {
     "nuclear_norm": "nuclear norm",
@@ -39,6 +40,11 @@ _READABLE = {
     "effective_rank": "effective rank",
     "top_sv_ratio": "top singular value ratio",
 }
+
+
+def _layer_set(layers: Sequence[str]) -> str:
+    """A key for a set of layers (the running baseline of the whole gradient's norm is per set)."""
+    return ",".join(sorted(layers))
 
 
 def _positive_number(name: str, value: Any) -> float:
@@ -91,13 +97,17 @@ class SampleScorer:
         self, threshold: float = 3.5, duplicate_cosine: float = 0.9, history: int = 512, min_history: int = 64
     ) -> None:
         self.threshold = _positive_number("threshold", threshold)
-        if not 0 < duplicate_cosine <= 1:
+        if (
+            isinstance(duplicate_cosine, bool)
+            or not isinstance(duplicate_cosine, int | float)
+            or not 0 < duplicate_cosine <= 1
+        ):
             raise ValueError(f"`duplicate_cosine` must be in (0, 1], got {duplicate_cosine!r}")
         self.duplicate_cosine = float(duplicate_cosine)
         if isinstance(history, bool) or not isinstance(history, int) or history < 1:
             raise ValueError(f"`history` must be a positive int, got {history!r}")
         if isinstance(min_history, bool) or not isinstance(min_history, int) or not 1 <= min_history <= history:
-            raise ValueError(f"`min_history` must be an int in [1, history], got {min_history!r}")
+            raise ValueError(f"`min_history` must be an int in [1, history={history}], got {min_history!r}")
         self.history, self.min_history = history, min_history
         self._seen: dict[tuple[str, str], deque[float]] = {}
 
@@ -202,7 +212,7 @@ class SampleScorer:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 total = 0.5 * np.log(np.nansum(np.exp(2 * logs), axis=0))
             total = np.where(np.isnan(logs).all(0), np.nan, total)
-            self._total_term(readable, total, z, scores, reasons)
+            self._total_term(readable, total, z, layers, scores, reasons)
             return
         terms = [(z, med, "the batch median")]
         baseline = self._baseline(name, layers)
@@ -237,6 +247,7 @@ class SampleScorer:
         readable: str,
         total: np.ndarray,
         layer_z: np.ndarray,
+        layers: list[str],
         scores: np.ndarray,
         reasons: list[list[tuple[float, str]]],
     ) -> None:
@@ -246,7 +257,7 @@ class SampleScorer:
             return
         med, spread = _robust(total[usable], _LOG_FLOOR)
         terms = [((total - med) / spread, med, "the batch median")]
-        row = self._seen.get(("total_norm", ""))
+        row = self._seen.get(("total_norm", _layer_set(layers)))
         if row is not None and len(row) >= self.min_history:
             base_med, base_spread = _robust(np.fromiter(row, dtype=np.float64), _LOG_FLOOR)
             base = (total - base_med) / base_spread
@@ -293,10 +304,11 @@ class SampleScorer:
             value, floor = best, _SIMILARITY_FLOOR
         med, spread = _robust(value[usable], floor)
         z = np.where(usable, (value - med) / spread, 0.0)
-        for i in np.flatnonzero(usable):
+        for i in np.flatnonzero(usable & (best >= _SIMILAR)):
+            # below _SIMILAR nothing is called similar, so nothing is scored for it either
             if z[i] > scores[i]:
                 scores[i] = z[i]
-            if z[i] >= self.threshold and best[i] >= _SIMILAR:
+            if z[i] >= self.threshold:
                 near = max(_SIMILAR, best[i] - 0.05)
                 partners = [int(j) for j in np.flatnonzero(others[i] >= near)]
                 how = "almost identical to" if best[i] >= self.duplicate_cosine else "very similar to"
@@ -318,7 +330,14 @@ class SampleScorer:
             fro = np.where(skip, np.nan, table["frobenius_norm"])
             ok = keep & ~np.isnan(fro).all(0) & (np.nansum(fro, axis=0) > 0)
             total = np.sqrt(np.nansum(fro[:, ok] ** 2, axis=0))
-            self._seen.setdefault(("total_norm", ""), deque(maxlen=self.history)).extend(np.log(total).tolist())
+            key = ("total_norm", _layer_set(layers))
+            if key not in self._seen:
+                # one baseline per set of layers measured (a rotation changes the set, and the total with it);
+                # the oldest sets go first
+                sets = [k for k in self._seen if k[0] == "total_norm"]
+                for old in sets[: max(0, len(sets) - _MAX_LAYER_SETS + 1)]:
+                    del self._seen[old]
+            self._seen.setdefault(key, deque(maxlen=self.history)).extend(np.log(total).tolist())
         for name, values in table.items():
             if name not in SAMPLE_TERMS or name == "frobenius_norm":
                 continue
