@@ -124,19 +124,23 @@ def minilm_tokenizer() -> Any:
     return load_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def bert(minilm_tokenizer: Any) -> nn.Module:
-    torch.manual_seed(1)
-    config = transformers.BertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
+def bert_config(vocab_size: int, **extra: Any) -> Any:
+    """A tiny BERT: 2 layers of width 32."""
+    return transformers.BertConfig(
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=64,
-        num_labels=3,
+        **extra,
     )
-    return transformers.BertForSequenceClassification(config).double()
+
+
+@pytest.fixture(scope="module")
+def bert(minilm_tokenizer: Any) -> nn.Module:
+    torch.manual_seed(1)
+    return transformers.BertForSequenceClassification(bert_config(minilm_tokenizer.vocab_size, num_labels=3)).double()
 
 
 def test_llama_float64_equals_reference(llama: nn.Module) -> None:
@@ -285,14 +289,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_end_to_end(minilm_tokenizer: Any, tmp_path: Path) -> None:
     # a tiny BERT encoder saved without a classification head: score-data adds one (seed 0), sized from the labels
     torch.manual_seed(2)
-    config = transformers.BertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
+    config = bert_config(minilm_tokenizer.vocab_size)
     folder = tmp_path / "tiny-bert"
     transformers.BertModel(config).save_pretrained(folder)
     minilm_tokenizer.save_pretrained(folder)
