@@ -74,8 +74,9 @@ class SampleStage:
         self._projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer, drawn once
 
     def rows_for(self, allowance: float | None) -> list[int]:
-        """The layers measured this step: all of them, or when ``allowance`` (seconds) does not cover all, a
-        few layers spread over depth plus the next ones in rotation, as many as the allowance buys."""
+        """The layers measured this step: all of them, or when ``allowance`` (seconds) does not cover all, the
+        fixed ones (:data:`ALWAYS_LAYERS` spread over depth, the first watched layer among them) plus the next
+        ones in rotation, as many as the allowance buys."""
         rows = self.capture.layers
         if allowance is None or self._layer_seconds is None or self._layer_seconds * len(rows) <= allowance:
             return rows
