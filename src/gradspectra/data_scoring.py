@@ -27,7 +27,7 @@ from gradspectra.capture.selection import select_parameters
 from gradspectra.capture.watched import WatchedParameter, group_by_component
 from gradspectra.functional.layers import layer_mad
 from gradspectra.functional.per_sample import per_sample_metrics
-from gradspectra.functional.spectral import METRIC_NAMES, check_metric_names, metrics_from_singular_values
+from gradspectra.functional.spectral import METRIC_NAMES, check_metric_names, spectral_metrics
 
 Task = Literal["auto", "causal_lm", "classification"]
 TASKS: tuple[str, ...] = get_args(Task)
@@ -366,7 +366,10 @@ def _factored_batch(
     for i in range(len(watched)):
         parts = capture.factors(i)
         if len(parts) != 1:
-            raise RuntimeError(f"no per-sample factors were captured for {watched[i].name!r} in this batch")
+            raise RuntimeError(
+                f"{len(parts)} sets of per-sample factors were captured for {watched[i].name!r} in this batch, "
+                "expected 1 (one forward of the layer per batch)"
+            )
         d, x = parts[0]
         if d.shape[:2] != mask.shape:
             raise RuntimeError(
@@ -407,15 +410,8 @@ def _reference_sample(
         g = w.grad_matrix()
         if g is None:
             g = torch.zeros_like(w.param)
-        g64 = g.detach().to(torch.float64)
-        if bool(torch.isfinite(g64).all()):
-            s = torch.linalg.svdvals(g64)
-            fro = torch.linalg.matrix_norm(g64)
-        else:
-            # LAPACK must not see a NaN: every metric of a non-finite gradient is NaN
-            s = torch.full((min(g64.shape),), float("nan"), dtype=torch.float64, device=g64.device)
-            fro = torch.tensor(float("nan"), dtype=torch.float64)
-        values = metrics_from_singular_values(s, fro.to(s.device), names)
+        # a full float64 SVD of the matrix (NaN metrics for a non-finite gradient, never a LAPACK error)
+        values = spectral_metrics(g.detach(), names, method="svd")
         for name in names:
             out[name][i, 0] = values[name].cpu()
     model.zero_grad(set_to_none=True)

@@ -335,10 +335,7 @@ class MonitorEngine:
         """
         procs = procs or Processes()
         if not self.measures(inputs.step):
-            if self.factors is not None:
-                self.factors.clear()
-            if self.samples is not None:
-                self.samples.clear()
+            self._release_factors()
             return None
         started = time.perf_counter()
         if inputs.share_ids and procs.world > 1:
@@ -359,10 +356,7 @@ class MonitorEngine:
         self.planner.step_ended(ended, inputs.step, fixed)
         self._say_affordance(record, procs)
         self.last_step = inputs.step
-        if self.factors is not None:
-            self.factors.clear()
-        if self.samples is not None:
-            self.samples.clear()
+        self._release_factors()
         if record["flagged"] and self.config.action == "raise":
             raise GradientAnomalyError(dict(record))
         if any(e.get("kind") == "instability" for e in record["events"]):
@@ -549,6 +543,13 @@ class MonitorEngine:
         self.shift_total += sum(e.get("kind") == "shift" for e in record["events"])
         self.steps_monitored += 1
         return record
+
+    def _release_factors(self) -> None:
+        """What the hooks kept for this step (the exact route's factors, the per-sample ones) goes."""
+        if self.factors is not None:
+            self.factors.clear()
+        if self.samples is not None:
+            self.samples.clear()
 
     def _measure_samples(self, record: BatchRecord, inputs: StepInputs) -> None:
         """Per-sample spectra and scores into the record: every step (``"always"``) or flagged ones."""

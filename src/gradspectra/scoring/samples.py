@@ -1,13 +1,14 @@
 """Which samples of a batch stand out: a score per sample from its per-layer gradient metrics, against the
 rest of the batch and a running baseline of earlier samples, with reasons a person can act on.
 
-Pure numpy. Each scored metric (:data:`SAMPLE_TERMS`: the gradient norm and nuclear norm upwards, the
-effective rank downwards) is compared on a log scale, layer by layer, with the batch's median and spread
-(median absolute deviation); a sample's term is the median over layers of those robust z-scores, so one
-wild layer does not make a sample, and a change in most layers does. The same comparison
-against the recent samples of earlier steps (those not scored as outliers) covers a batch that is bad as a
-whole. Near-identical gradients (a sample repeated in the batch) are found from the cosine similarity of
-the samples' gradients. The score is the largest term; a non-finite gradient scores ``inf``.
+Pure numpy. The terms (:data:`SAMPLE_TERMS`), each a robust z-score (median and median absolute deviation,
+on a log scale) against the batch: the whole gradient's norm (root of the sum of squares over layers),
+upwards; the effective rank, downwards, as the median over layers of per-layer z-scores, so that one wild
+layer does not make a sample and a change in most layers does; and the closeness of a sample to its most
+similar one, from the cosines of the samples' gradients and the token-wise similarity of their inputs
+(a sample repeated in the batch). Against the recent samples of earlier steps (those not scored as
+outliers) the first two count only over the threshold: a batch bad as a whole. The score is the largest
+term; a non-finite gradient scores ``inf``.
 """
 
 from __future__ import annotations
@@ -34,12 +35,7 @@ _IDENTICAL = 1e-6  # 1 - cosine below this counts as identical (rounding)
 _SIMILARITY_FLOOR = 0.1  # smallest spread of the samples' best token-wise input similarity
 _MAX_LAYER_SETS = 64  # baselines of the whole gradient's norm kept (one per set of layers measured)
 _SIMILAR = 0.5  # a cosine (batch mean removed) below this is not called similar, whatever the batch
-_READABLE = {
-    "nuclear_norm": "nuclear norm",
-    "frobenius_norm": "gradient norm",
-    "effective_rank": "effective rank",
-    "top_sv_ratio": "top singular value ratio",
-}
+_READABLE = {"frobenius_norm": "gradient norm", "effective_rank": "effective rank"}
 
 
 def _layer_set(layers: Sequence[str]) -> str:
