@@ -16,6 +16,18 @@ Configurations:
 - ``estimate``: ``spectra="estimate"``, estimates of every layer every step;
 - ``default-nostability``: the default with ``stability=False`` (not in the default set of configurations).
 
+With ``--lora`` (the cpu, small and gpu sections) the model gets peft LoRA adapters (r=8) on the attention's
+query and value projections and trains only those (and the MiniLM classifier head); the monitor then
+measures the frozen base weights by their implied gradient ``D^T X`` (docs/lora.md). Two more
+configurations for it (not in the default set):
+
+- ``hooks``: only the hooks that keep ``(D, X)`` of the layers the default watches, released after each
+  step, nothing measured: what keeping the references costs inside the training step;
+- ``papers``: the default with the papers' layers, ``include`` of every attention projection (q/k/v/o,
+  adapted or not: their implied gradients).
+
+The memory line gives the bytes the hooks held at the measurement (references and folded sums).
+
 CPU section: the pretrained MiniLM-L6 (``gradspectra.demo``), 16 reviews x 64 tokens, every linear
 layer watched (37 matrices). Small section: a tiny Llama (hidden 128, 4 layers, 8 x 32 tokens, a ~20 ms
 step on 2 cores), where the monitor's fixed cost, not the spectra, decides the overhead. GPU section
@@ -26,6 +38,7 @@ step on 2 cores), where the monitor's fixed cost, not the spectra, decides the o
     python benchmarks/overhead.py --rounds 2 --block 4    # quicker, noisier
     python benchmarks/overhead.py --section small --configs none,default --rounds 12   # the tiny model
     python benchmarks/overhead.py --section gpu           # on a machine with a GPU
+    python benchmarks/overhead.py --section cpu --lora --configs none,hooks,default,papers
 """
 
 from __future__ import annotations
@@ -43,7 +56,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-CONFIGS = ("none", "default", "exact", "estimate", "default-nostability")
+CONFIGS = ("none", "default", "exact", "estimate", "default-nostability", "hooks", "papers")
+PAPERS_INCLUDE = {"cpu": "*.attention.*", "small": "*.self_attn.*_proj.weight", "gpu": "*.self_attn.*_proj.weight"}
 
 
 class StepTimer:
@@ -76,12 +90,55 @@ class StepTimer:
         return _Timer()
 
 
-def make_monitor(config: str, out: Path) -> Any:
+def make_monitor(config: str, out: Path, section: str = "cpu") -> Any:
     from gradspectra import GradientSpectrumMonitor
 
-    spectra = {"default": "auto", "exact": "exact", "estimate": "estimate", "default-nostability": "auto"}[config]
+    if config == "hooks":
+        return HooksOnly()
+    include = PAPERS_INCLUDE[section] if config == "papers" else None
+    spectra = {"exact": "exact", "estimate": "estimate"}.get(config, "auto")
     stability = config != "default-nostability"  # what the stability detector costs on top of the default
-    return GradientSpectrumMonitor(spectra=spectra, output_dir=out / config, verbose=False, stability=stability)
+    return GradientSpectrumMonitor(
+        spectra=spectra, output_dir=out / config, verbose=False, stability=stability, include=include
+    )
+
+
+class HooksOnly:
+    """A Lightning callback with only the implied-gradient hooks of the default selection, released each step."""
+
+    def __new__(cls) -> Any:
+        import lightning.pytorch as pl
+
+        from gradspectra.capture import ImpliedGradients, select_parameters
+
+        class _Hooks(pl.Callback):
+            def __init__(self) -> None:
+                self.implied: Any = None
+                self.kept: list[int] = []
+                self.batch_records: list[dict[str, Any]] = []
+
+            def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+                if self.implied is None:
+                    self.implied = ImpliedGradients(select_parameters(pl_module).watched)
+
+            def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+                self.kept.append(self.implied.kept_bytes())
+                self.implied.clear()
+
+        return _Hooks()
+
+
+def add_lora(model: Any, section: str) -> Any:
+    """peft LoRA (r=8) on the attention's query and value projections; only adapters (and a head) train."""
+    import peft
+
+    targets = ["query", "value"] if section == "cpu" else ["q_proj", "v_proj"]
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0)
+    if section == "cpu":
+        model.encoder = peft.get_peft_model(model.encoder, config)
+    else:
+        model.model = peft.get_peft_model(model.model, config)
+    return model
 
 
 def minilm_section(args: argparse.Namespace) -> tuple[Any, Any, str]:
@@ -186,6 +243,9 @@ def run(args: argparse.Namespace, section: str) -> str:
         trainer_kw = {"accelerator": "gpu" if cuda else "cpu", "precision": "bf16-mixed" if cuda else "32-true"}
         if cuda:
             label += f", {torch.cuda.get_device_name()}"
+    if args.lora:
+        model = add_lora(model, section)
+        label += ", LoRA r=8 on q/v"
     iterator = iter(loader)
     configs: tuple[str, ...] = args.configs
     times: dict[str, list[float]] = {c: [] for c in configs}
@@ -193,7 +253,7 @@ def run(args: argparse.Namespace, section: str) -> str:
     records: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        monitors = {c: make_monitor(c, out) for c in configs if c != "none"}
+        monitors = {c: make_monitor(c, out, section) for c in configs if c != "none"}
         warm_records: dict[str, int] = {}
         # round 0 warms up (allocator, kernels, the monitors' budgets and estimator bases) and is not timed
         for r in range(args.rounds + 1):
@@ -274,6 +334,13 @@ def run(args: argparse.Namespace, section: str) -> str:
         if config == "default" and coverage(records[config]):
             lines.append(f"Coverage of the default: {coverage(records[config])}.")
             lines.append("")
+    for config, monitor in monitors.items():
+        kept = getattr(monitor, "kept", None)
+        if kept:
+            mib = [k / 2**20 for k in kept]
+            held = f"median {statistics.median(mib):.1f} MiB, max {max(mib):.1f} MiB"
+            lines.append(f"Memory held by the hooks at the optimizer step ({config}): {held}.")
+            lines.append("")
     lines.append(
         f"{len(times['none'])} timed steps per configuration ({args.rounds} rounds x {args.block - 1}), "
         f"torch threads {torch.get_num_threads()}, monitor cpu_threads 1."
@@ -305,6 +372,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"(default {','.join(CONFIGS[:4])}; 'none,default' spends every round on the default's ratio)",
     )
     parser.add_argument("--gpu-smoke", action="store_true", help="run the GPU section's code on a tiny model on CPU")
+    parser.add_argument(
+        "--lora", action="store_true", help="LoRA adapters (peft, r=8) on q/v; the monitor measures implied gradients"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here (.md)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -314,6 +384,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--configs can be any of {', '.join(CONFIGS)}, got {args.configs!r}")
     args.configs = tuple(c for c in CONFIGS if c == "none" or c in configs)
+    if ("hooks" in args.configs or "papers" in args.configs) and not args.lora:
+        parser.error("--configs hooks and papers measure LoRA runs: add --lora")
     if args.block < 2:
         parser.error(f"--block must be >= 2 (the first step is not timed), got {args.block}")
     return args

@@ -22,7 +22,7 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"minimal.py", "demo.py", "fast_vs_slow_thinking.py", "hf_trainer.py", "plain_loop.py"}
+    tested = {"minimal.py", "demo.py", "fast_vs_slow_thinking.py", "hf_trainer.py", "plain_loop.py", "lora.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -65,3 +65,14 @@ def test_plain_loop_short(tmp_path: Path) -> None:
     assert [r["step"] for r in records] == list(range(8))
     assert records[0]["sample_ids"] == list(range(16))
     assert all(r["loss"] > 0 for r in records)
+
+
+def test_lora_short(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    out = run("lora.py", "--steps", "6", "--max-length", "16", "--out", "lr", cwd=tmp_path)
+    assert "24 frozen layers measured by D^T X, 12 of them adapted" in out
+    records = read_records(tmp_path / "lr" / "lora" / "version_0" / "gradspectra" / "batches.jsonl")
+    assert [r["step"] for r in records] == list(range(6))
+    assert records[0]["implied_layers"]["attention.self.query/layer_05"] == "default"
+    assert records[0]["implied_layers"]["attention.output.dense/layer_05"] is None
+    assert records[-1]["metrics"]["attention.self.query/layer_03"]["effective_rank"] > 8

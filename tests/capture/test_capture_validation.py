@@ -35,6 +35,7 @@ BAD = [
     ({"regex": 5}, TypeError, "`regex` must be a str or a compiled re.Pattern, got 5"),
     ({"predicate": 3}, TypeError, "`predicate` must be a callable (name, param, module) -> bool, got 3"),
     ({"include_embeddings": "yes"}, TypeError, "`include_embeddings` must be a bool, got 'yes'"),
+    ({"gradients": "lora"}, ValueError, "`gradients` can be auto, implied, parameters, got 'lora'"),
 ]
 
 FRONT_DOORS: dict[str, Callable[..., Any]] = {
@@ -63,6 +64,7 @@ def test_good_selection_arguments_are_accepted() -> None:
         "module_types": nn.Linear,
         "predicate": lambda name, param, module: True,
         "include_embeddings": True,
+        "gradients": "implied",
     }
     check_selection_args(**kwargs)
     assert MonitorConfig(**kwargs).selection_kwargs == kwargs

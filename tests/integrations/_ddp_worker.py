@@ -1,9 +1,10 @@
 """One rank of a real 2-process CPU (gloo) run of a front door, launched by ``torch.distributed.run``.
 
-Usage: ``python -m torch.distributed.run --nproc_per_node 2 _ddp_worker.py {tracker|trainer} OUT STEPS``.
+Usage: ``python -m torch.distributed.run --nproc_per_node 2 _ddp_worker.py {tracker|lora|trainer} OUT STEPS``.
 
 ``tracker``: the tiny Llama in ``DistributedDataParallel``, each rank trained on its half of every global
 batch of :func:`conftest.batches`, a ``GradientSpectrumTracker`` between backward and the SGD step.
+``lora``: the same with :func:`conftest.lora_llama`, watching the papers' q/k/v/o pattern (implied gradients).
 ``trainer``: a transformers ``Trainer`` (per-device batch 2) over :class:`conftest.Samples` with a
 ``GradientSpectrumCallback``. Each rank writes ``OUT/rank<r>.json``: its rank and world, the layers it
 measured, the records its door returned, the token rows it trained on.
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 OPTIONS: dict[str, Any] = {"spectra": "exact", "figure_every_n_steps": 0, "warmup_steps": 5, "verbose": False}
+LORA_INCLUDE = "*.self_attn.*_proj.weight"  # the papers' pattern: q/v adapted, k/o frozen without adapters
 
 
 def _conftest() -> Any:
@@ -35,7 +37,7 @@ def _dump(out: Path, rank: int, payload: dict[str, Any]) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(payload, default=float))
 
 
-def run_tracker(out: Path, steps: int) -> None:
+def run_tracker(out: Path, steps: int, lora: bool = False) -> None:
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -47,9 +49,11 @@ def run_tracker(out: Path, steps: int) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     per_rank = c.BATCH // world
-    model = DistributedDataParallel(c.tiny_llama())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    tracker = GradientSpectrumTracker(model, log_dir=out / "logs", **OPTIONS)
+    # lora: frozen base weights measured by their implied gradient D^T X, averaged over the ranks by the engine
+    model = DistributedDataParallel(c.lora_llama() if lora else c.tiny_llama())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    options = {**OPTIONS, "include": LORA_INCLUDE} if lora else OPTIONS
+    tracker = GradientSpectrumTracker(model, log_dir=out / "logs", **options)
     returned, rows = [], []
     for batch in c.batches(steps):
         mine = {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}
@@ -126,4 +130,7 @@ def run_trainer(out: Path, steps: int) -> None:
 
 if __name__ == "__main__":
     mode, folder, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    {"tracker": run_tracker, "trainer": run_trainer}[mode](folder, n)
+    if mode == "lora":
+        run_tracker(folder, n, lora=True)
+    else:
+        {"tracker": run_tracker, "trainer": run_trainer}[mode](folder, n)

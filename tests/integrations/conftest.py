@@ -30,6 +30,24 @@ def tiny_llama(seed: int = 0) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
+def lora_llama(seed: int = 0) -> nn.Module:
+    """:func:`tiny_llama` with peft LoRA adapters (r=4) on q and v; ``lora_B`` drawn, not zero, so that the
+    adapters change the model from the first step."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        model = peft.get_peft_model(tiny_llama(seed), config)
+    torch.manual_seed(seed + 3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.02)
+    return model
+
+
 def batches(steps: int, seed: int = 1, poison_at: set[int] | None = None) -> list[dict[str, Tensor]]:
     """``steps`` batches of random tokens; labels are the inputs with the first position ignored, so that the
     mean over label tokens is the same whether a trainer counts labels before or after the shift."""

@@ -18,8 +18,8 @@ import torch
 from gradspectra.integrations.transformers import GradientSpectrumCallback
 from gradspectra.reporting import read_records
 
-from ._ddp_worker import OPTIONS
-from .conftest import BATCH, Samples, batches, hf_args, tiny_llama
+from ._ddp_worker import LORA_INCLUDE, OPTIONS
+from .conftest import BATCH, Samples, batches, hf_args, lora_llama, tiny_llama
 from .test_front_doors import run_plain
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
@@ -124,6 +124,22 @@ def test_tracker_under_ddp_matches_one_process(tmp_path: Path) -> None:
         else:
             assert b["score"] == pytest.approx(a["score"], rel=1e-3, abs=1e-3)
     assert ranks[1]["records"][-1]["loss"] == pytest.approx(single[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.timeout(240)
+def test_lora_implied_gradients_under_ddp_are_the_ranks_average(tmp_path: Path) -> None:
+    """Frozen base weights get no DDP all-reduce: the engine averages their D^T X over the ranks itself."""
+    pytest.importorskip("peft")
+    steps = 4
+    data = batches(steps)
+    single, _ = run_plain(lora_llama(), data, tmp_path / "single", **{**OPTIONS, "include": LORA_INCLUDE})
+    assert len(single[0]["metrics"]) == 8 and len(single[0]["implied_layers"]) == 8
+    ranks = torchrun("lora", tmp_path / "ddp", steps)
+    ddp = written_once(tmp_path / "ddp" / "logs" / "gradspectra" / "batches.jsonl", steps)
+    assert_split(ranks, ddp, 8, steps)
+    for a, b in zip(single, ddp):
+        assert_same_metrics(b["metrics"], a["metrics"], f"step {a['step']}")
+        assert b["implied_layers"] == a["implied_layers"]
 
 
 @pytest.mark.timeout(240)

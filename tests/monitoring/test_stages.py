@@ -618,6 +618,7 @@ def test_config_selection_kwargs_are_select_parameters_arguments() -> None:
         "module_types": [torch.nn.Linear],
         "predicate": keep,
         "include_embeddings": False,
+        "gradients": "auto",
     }
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
     assert [w.key for w in select_parameters(model, **MonitorConfig(exclude="1.*").selection_kwargs).watched] == ["0"]

@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from gradspectra.capture import Selection, WatchedParameter
+from gradspectra.capture.selection import Gradients
 from gradspectra.functional import Method
 from gradspectra.metrics import LayerwiseSpectrum
 from gradspectra.monitoring import (
@@ -79,6 +80,15 @@ class GradientSpectrumMonitor(Callback):
             convolution and GPT-2 style ``Conv1D``.
         predicate: ``f(name, parameter, module) -> bool``, a last say on each candidate.
         include_embeddings: also watch ``nn.Embedding`` weights.
+        gradients: which gradient a watched weight is measured by. ``"auto"`` (default): ``.grad`` of the
+            trainable weights, and for frozen ``nn.Linear`` weights that adapters wrap (peft's LoRA, DoRA,
+            IA3) or that an explicit ``include``/``regex``/``predicate`` matched, their implied
+            full-weight gradient ``D^T X`` (output gradients and inputs kept by hooks, released after
+            the step; what the papers measure, independent of the adapter's rank). A wrapped layer is one
+            layer named as its base (``self_attn.q_proj/layer_00``) and matched as
+            ``...q_proj.weight``; its adapters' own matrices are not watched. ``"implied"``: the implied
+            gradient of every matched frozen ``nn.Linear``. ``"parameters"``: only ``.grad`` of trainable
+            weights, each adapter matrix a layer of its own. See docs/lora.md.
         metrics: metric names (see :data:`gradspectra.functional.METRIC_NAMES`); ``None`` for all.
         method: exact singular value route, ``"auto"``, ``"svd"`` or ``"gram"``.
         spectra: how spectra are obtained. ``"auto"`` (default) keeps the monitor's cost near
@@ -172,6 +182,7 @@ class GradientSpectrumMonitor(Callback):
         module_types: Sequence[type[nn.Module]] | None = None,
         predicate: Callable[[str, nn.Parameter, nn.Module], bool] | None = None,
         include_embeddings: bool = False,
+        gradients: Gradients = "auto",
         metrics: Sequence[str] | None = None,
         method: Method = "auto",
         spectra: Spectra = "auto",
@@ -206,6 +217,7 @@ class GradientSpectrumMonitor(Callback):
             module_types=module_types,
             predicate=predicate,
             include_embeddings=include_embeddings,
+            gradients=gradients,
             metrics=metrics,
             method=method,
             spectra=spectra,
@@ -283,6 +295,8 @@ class GradientSpectrumMonitor(Callback):
     @override
     def state_key(self) -> str:
         keys = {k: v for k, v in self.selection_kwargs.items() if isinstance(v, (str, bool, type(None)))}
+        if keys.get("gradients") == "auto":
+            del keys["gradients"]  # added later: the default keeps the key that earlier checkpoints were saved under
         # the default metric list as it was when checkpoints were first written: a metric added to the
         # defaults later must not change the key, or every old checkpoint's state would be orphaned
         metrics = _DEFAULT_METRICS_IN_KEY if self.config.metrics is None else self.metric_names

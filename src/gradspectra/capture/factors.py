@@ -63,7 +63,7 @@ class FactorCapture:
         self._limit: dict[int, int] = {}
         for i, w in enumerate(watched):
             module = w.module
-            if not isinstance(module, nn.Linear) or w.param is not module.weight:
+            if w.implied or not isinstance(module, nn.Linear) or w.param is not module.weight:
                 continue
             m, n = module.weight.shape
             if min(m, n) < 2:

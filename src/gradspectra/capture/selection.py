@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, Literal, get_args
 
 from torch import nn
 
@@ -28,6 +29,88 @@ DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (
 _EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 Predicate = Callable[[str, nn.Parameter, nn.Module], bool]
+
+#: Which gradient a watched weight is measured by: ``"parameters"``, the ``.grad`` of trainable weights (an
+#: adapter's own matrices are layers of their own); ``"implied"``, also the full-weight gradient ``D^T X`` of
+#: every matched frozen ``nn.Linear`` weight, adapted or not; ``"auto"``, the implied gradient for the frozen
+#: base weights that adapters wrap and for frozen weights an explicit filter matched, else as ``"parameters"``.
+Gradients = Literal["auto", "implied", "parameters"]
+GRADIENTS: tuple[str, ...] = get_args(Gradients)
+
+_BASE = "base_layer"
+
+
+def adapter_wrappers(model: nn.Module) -> dict[str, str]:
+    """Modules that wrap a base layer with adapters (peft's LoRA, DoRA, IA3 layers): path -> adapter names.
+
+    Recognised by structure, so that peft is never imported: a module with a child named ``base_layer``.
+    The adapter names are its ``active_adapters`` (peft), joined by ``","``.
+
+    Example:
+        >>> class Wrapped(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.base_layer, self.lora_A = nn.Linear(4, 4), nn.Linear(4, 2)
+        ...         self.active_adapters = ["default"]
+        >>> adapter_wrappers(nn.Sequential(Wrapped()))
+        {'0': 'default'}
+    """
+    wrappers: dict[str, str] = {}
+    for path, module in model.named_modules():
+        if not isinstance(dict(module.named_children()).get(_BASE), nn.Module):
+            continue
+        names: Any = getattr(module, "active_adapters", None)
+        if names is None:
+            names = getattr(module, "active_adapter", ())
+        if isinstance(names, str):
+            names = [names]
+        try:
+            wrappers[path] = ",".join(str(n) for n in names)
+        except TypeError:  # not a list of names: a wrapper all the same
+            wrappers[path] = ""
+    return wrappers
+
+
+def peft_models(model: nn.Module) -> list[str]:
+    """Paths of the peft models in ``model`` (``""``: ``model`` itself): a ``peft_config`` over ``base_model.model``.
+
+    Their ``base_model.model.`` segments are what peft adds to every name of the model it wraps.
+    """
+    found = []
+    for path, module in model.named_modules():
+        inner = getattr(module, "base_model", None)
+        if hasattr(module, "peft_config") and isinstance(getattr(inner, "model", None), nn.Module):
+            found.append(path)
+    return found
+
+
+def base_path(path: str, wrappers: Mapping[str, str], peft: Sequence[str] = ()) -> str:
+    """``path`` as it is without adapters: each wrapper's ``.base_layer`` removed, and the ``base_model.model.``
+    that each peft model (``peft``: their paths) inserts.
+
+    Example:
+        >>> base_path("base_model.model.layers.0.q_proj.base_layer", {"base_model.model.layers.0.q_proj": "default"},
+        ...           [""])
+        'layers.0.q_proj'
+    """
+    parts = path.split(".")
+    kept: list[str] = []
+    for part in parts:
+        if part == _BASE and ".".join(kept) in wrappers:
+            continue
+        kept.append(part)
+    path = ".".join(kept)
+    for outer in sorted(peft, key=len, reverse=True):
+        head = f"{outer}.base_model.model." if outer else "base_model.model."
+        if path.startswith(head):
+            path = (f"{outer}." if outer else "") + path[len(head) :]
+    return path
+
+
+def _under_adapter(path: str, wrappers: dict[str, str]) -> bool:
+    """Whether ``path`` is inside a wrapper but not in its base layer: an adapter's own matrix."""
+    parts = path.split(".")
+    return any(".".join(parts[:i]) in wrappers and parts[i] != _BASE for i in range(len(parts)))
 
 
 @dataclass
@@ -124,8 +207,11 @@ def _checked(
     module_types: type[nn.Module] | Sequence[type[nn.Module]] | None,
     predicate: Predicate | None,
     include_embeddings: bool,
+    gradients: str = "auto",
 ) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None, re.Pattern[str] | None, tuple[type[nn.Module], ...] | None]:
     """The selection arguments checked, with the globs, the regex and the types in their normal form."""
+    if gradients not in GRADIENTS:
+        raise ValueError(f"`gradients` can be {', '.join(GRADIENTS)}, got {gradients!r}")
     includes = _patterns(include, "include", allow_empty=False)
     excludes = _patterns(exclude, "exclude", allow_empty=True)
     if regex is not None and not isinstance(regex, (str, re.Pattern)):
@@ -149,6 +235,7 @@ def check_selection_args(
     module_types: type[nn.Module] | Sequence[type[nn.Module]] | None = None,
     predicate: Predicate | None = None,
     include_embeddings: bool = False,
+    gradients: Gradients = "auto",
 ) -> None:
     """Check the arguments of :func:`select_parameters` without a model, so that a bad one fails early.
 
@@ -167,7 +254,7 @@ def check_selection_args(
         ...
         TypeError: `module_types` must be a sequence of nn.Module subclasses, got ['Linear']
     """
-    _checked(include, exclude, regex, module_types, predicate, include_embeddings)
+    _checked(include, exclude, regex, module_types, predicate, include_embeddings, gradients)
 
 
 def select_parameters(
@@ -179,6 +266,7 @@ def select_parameters(
     module_types: type[nn.Module] | Sequence[type[nn.Module]] | None = None,
     predicate: Predicate | None = None,
     include_embeddings: bool = False,
+    gradients: Gradients = "auto",
 ) -> Selection:
     """Choose the weights whose gradient spectra are measured.
 
@@ -195,6 +283,18 @@ def select_parameters(
     - ``predicate(name, param, module)``: called last, for each candidate left;
     - ``include_embeddings``: embeddings are measured only when ``True`` (their gradient touches only
       the rows of the tokens seen); otherwise they land in :attr:`Selection.excluded`.
+
+    Frozen weights and adapters (``gradients``, :data:`Gradients`): a module that wraps a base layer with
+    adapters (peft's LoRA, DoRA, IA3 layers; :func:`adapter_wrappers`) is one layer, named and matched
+    as its base: without the ``.base_layer`` segment and without the ``base_model.model.`` a peft model
+    puts before every name (:func:`base_path`), so names and keys are those of the model without
+    adapters and ``"*.self_attn.*_proj.weight"`` matches ``...q_proj.base_layer.weight`` (the filters
+    also see the real name). Under ``"auto"`` (default) and ``"implied"`` the adapters' own matrices are
+    not candidates, and a frozen ``nn.Linear`` weight is watched by its implied gradient (``implied=True``, with
+    ``adapter`` named) when it is wrapped or an explicit filter (``include``, ``regex``, ``predicate``)
+    matched it (``"auto"``), or whenever it matched (``"implied"``). Under ``"parameters"`` frozen
+    weights are skipped and each adapter matrix is a layer of its own (a base weight made trainable
+    keeps its base name).
 
     A parameter shared by several modules (tied weights) is watched once, under the module that
     measures it best: a non-embedding module first (GPT-2's tied ``wte`` / ``lm_head`` weight is watched
@@ -220,7 +320,14 @@ def select_parameters(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {model!r}")
-    includes, excludes, pattern, types = _checked(include, exclude, regex, module_types, predicate, include_embeddings)
+    includes, excludes, pattern, types = _checked(
+        include, exclude, regex, module_types, predicate, include_embeddings, gradients
+    )
+    wrappers = adapter_wrappers(model)
+    peft = peft_models(model) if wrappers else []
+    skip_adapters = gradients != "parameters"
+    adapters = {base_path(path, wrappers, peft): names for path, names in wrappers.items()}
+    explicit = includes is not None or pattern is not None or predicate is not None
 
     def is_candidate(module: nn.Module) -> bool:
         if types is None:
@@ -231,12 +338,13 @@ def select_parameters(
             return True
         return issubclass(nn.Linear, types) and is_conv1d(module)
 
-    def passes(name: str, param: nn.Parameter, module: nn.Module) -> bool:
-        if includes is not None and not any(fnmatch.fnmatchcase(name, p) for p in includes):
+    def passes(name: str, real: str, param: nn.Parameter, module: nn.Module) -> bool:
+        names = (name,) if real == name else (name, real)
+        if includes is not None and not any(fnmatch.fnmatchcase(n, p) for n in names for p in includes):
             return False
-        if excludes and any(fnmatch.fnmatchcase(name, p) for p in excludes):
+        if excludes and any(fnmatch.fnmatchcase(n, p) for n in names for p in excludes):
             return False
-        if pattern is not None and pattern.search(name) is None:
+        if pattern is not None and all(pattern.search(n) is None for n in names):
             return False
         return predicate is None or bool(predicate(name, param, module))
 
@@ -246,10 +354,11 @@ def select_parameters(
         if not is_candidate(module):
             continue
         param = _weight(module)
-        if param is None:
+        if param is None or (skip_adapters and wrappers and _under_adapter(path, wrappers)):
             continue
-        name = f"{path}.weight" if path else "weight"
-        if passes(name, param, module):
+        shown = base_path(path, wrappers, peft) if wrappers else path
+        name = f"{shown}.weight" if shown else "weight"
+        if passes(name, f"{path}.weight" if path else "weight", param, module):
             owners.setdefault(id(param), []).append((position, path, module, param))
 
     def rank(owner: tuple[int, str, nn.Module, nn.Parameter]) -> tuple[bool, bool, int]:
@@ -261,17 +370,28 @@ def select_parameters(
     all_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     parsed = parse_layer_names(all_names + [f"{p}.weight" if p else "weight" for _, p, _, _ in chosen], model)
 
-    criteria = _criteria(includes, excludes, pattern, types, predicate, include_embeddings)
+    criteria = _criteria(includes, excludes, pattern, types, predicate, include_embeddings, gradients)
     selection = Selection(watched=[], criteria=criteria)
-    for _, path, module, param in chosen:
+    for _, real, module, param in chosen:
+        index, component = parsed[f"{real}.weight" if real else "weight"]
+        path = real
+        if wrappers:
+            # named as without adapters: the layer's own segments and peft's prefix go from the name and component
+            path = base_path(real, wrappers, peft)
+            component = path if component == real else ".".join(s for s in component.split(".") if s != _BASE)
         name = f"{path}.weight" if path else "weight"
+        adapter = adapters.get(path)
         if not param.requires_grad:
-            selection.frozen.append(name)
+            implied = gradients == "implied" or ((adapter is not None or explicit) and gradients == "auto")
+            if implied and isinstance(module, nn.Linear) and min(param.shape) >= 2:
+                watched = WatchedParameter(name, path, index, component, param, module, implied=True, adapter=adapter)
+                selection.watched.append(watched)
+            else:
+                selection.frozen.append(name)
         elif as_matrix(param.detach(), module, include_embeddings=include_embeddings) is None:
             selection.excluded.append(name)
         else:
-            index, component = parsed[name]
-            selection.watched.append(WatchedParameter(name, path, index, component, param, module))
+            selection.watched.append(WatchedParameter(name, path, index, component, param, module, adapter=adapter))
     indices = [w.index for w in selection.watched if w.index is not None]
     width = max([2] + [len(str(i)) for i in indices])
     if width > 2:
@@ -287,6 +407,7 @@ def _criteria(
     types: tuple[type[nn.Module], ...] | None,
     predicate: Predicate | None,
     include_embeddings: bool,
+    gradients: str = "auto",
 ) -> str:
     parts = []
     for arg, globs in (("include", includes), ("exclude", excludes)):
@@ -300,4 +421,6 @@ def _criteria(
         parts.append(f"predicate={getattr(predicate, '__name__', repr(predicate))}")
     if include_embeddings:
         parts.append("include_embeddings=True")
+    if gradients != "auto":
+        parts.append(f"gradients={gradients!r}")
     return ", ".join(parts)

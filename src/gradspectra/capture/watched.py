@@ -27,6 +27,11 @@ class WatchedParameter:
         module: the module that owns it, used to read the gradient in the right orientation.
         index_width: digits of the layer index in :attr:`key`, zero-padded (2; 3 in a model with 100
             or more layers, so that the keys sort in layer order).
+        implied: the weight is frozen and what is measured is its implied full-weight gradient
+            ``D^T X`` (the ``nn.Linear``'s output gradients and inputs, kept by
+            :class:`gradspectra.capture.ImpliedGradients`), not ``param.grad``.
+        adapter: the adapter(s) wrapping the layer (peft's adapter names, ``"default"``), ``None`` when
+            no adapter does.
 
     Example:
         >>> lin = nn.Linear(4, 3)
@@ -47,6 +52,8 @@ class WatchedParameter:
     param: nn.Parameter = field(compare=False, repr=False)
     module: nn.Module | None = field(default=None, compare=False, repr=False)
     index_width: int = field(default=2, compare=False, repr=False)
+    implied: bool = field(default=False, compare=False)
+    adapter: str | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:

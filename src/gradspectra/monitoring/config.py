@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 
 from torch import nn
 
-from gradspectra.capture.selection import check_selection_args
+from gradspectra.capture.selection import Gradients, check_selection_args
 from gradspectra.functional import METRIC_NAMES, Method, check_method, check_metric_names
 from gradspectra.monitoring.budget import OverheadBudget
 from gradspectra.monitoring.samples import PER_SAMPLE, PerSample
@@ -66,6 +66,7 @@ class MonitorConfig:
     module_types: Sequence[type[nn.Module]] | None = None
     predicate: Callable[[str, nn.Parameter, nn.Module], bool] | None = None
     include_embeddings: bool = False
+    gradients: Gradients = "auto"
     metrics: Sequence[str] | None = None
     method: Method = "auto"
     spectra: Spectra = "auto"
@@ -144,6 +145,7 @@ class MonitorConfig:
             "module_types": self.module_types,
             "predicate": self.predicate,
             "include_embeddings": self.include_embeddings,
+            "gradients": self.gradients,
         }
 
     def make_scorer(self) -> BatchScorer | None:

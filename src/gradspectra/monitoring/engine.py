@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from gradspectra.capture import Selection, WatchedParameter, group_by_component, select_parameters
 from gradspectra.capture.factors import FactorCapture
+from gradspectra.capture.implied import ImpliedGradients
 from gradspectra.capture.sharded import fsdp_groups, is_sharded
 from gradspectra.functional import needs_spectrum
 from gradspectra.metrics import LayerwiseSpectrum
@@ -163,6 +164,8 @@ class MonitorEngine:
         self.watched: list[WatchedParameter] = []
         self.spectrum: LayerwiseSpectrum | None = None
         self.factors: FactorCapture | None = None
+        self.implied: ImpliedGradients | None = None
+        self._implied_layers: dict[str, str | None] = {}
         self.samples: SampleStage | None = None  # per_sample=: hooks of per-sample spectra (one process)
         self.sample_scorer = SampleScorer() if config.per_sample is not None else None
         self.planner: Planner | None = None
@@ -231,11 +234,27 @@ class MonitorEngine:
         use_factors = self.config.factored and self.config.spectra == "exact" and world == 1
         self.factors = FactorCapture(self.watched) if use_factors else None
         self.runner.factors = self.factors
+        self._attach_implied()
         self._attach_samples(world, owner)
         if selection.frozen:
             log.info(
                 f"gradspectra: {len(selection.frozen)} matching parameters are frozen and not watched "
                 f"(e.g. {selection.frozen[0]})"
+            )
+
+    def _attach_implied(self) -> None:
+        """Hooks for the frozen watched weights measured by their implied gradient ``D^T X``."""
+        if self.implied is not None:
+            self.implied.close()
+            self.implied = None
+        self._implied_layers = {w.key: w.adapter for w in self.watched if w.implied}
+        if self._implied_layers:
+            self.implied = ImpliedGradients(self.watched)
+            adapted = sum(a is not None for a in self._implied_layers.values())
+            log.info(
+                f"gradspectra: {len(self._implied_layers)} frozen linear weights ({adapted} wrapped by adapters) are "
+                "measured by their implied full-weight gradient D^T X (gradients='parameters' measures the "
+                "adapters' own gradients instead)"
             )
 
     def _attach_samples(self, world: int, owner: str) -> None:
@@ -269,6 +288,12 @@ class MonitorEngine:
         # under FSDP this fails early if the watched weights were flattened away
         self.sharded = wrapped if wrapped is not None and is_sharded(wrapped) else None
         if self.sharded is not None:
+            if self._implied_layers:
+                raise ValueError(
+                    f"gradspectra measures frozen weights by their implied gradient (here {len(self._implied_layers)}, "
+                    f"e.g. {next(iter(self._implied_layers))}) in one process or under DDP, not under FSDP yet; "
+                    "pass gradients='parameters' to watch the trainable (adapter) weights instead"
+                )
             fsdp_groups(self.sharded, self.watched)
         self.views = TensorBoardViews(
             self.metric_names,
@@ -313,6 +338,8 @@ class MonitorEngine:
         plan = self.planner.begin() if measured and self.planner is not None else None
         if self.samples is not None:
             self.samples.capture.enabled = measured
+        if self.implied is not None:
+            self.implied.enabled = measured
         if self.factors is not None:
             if not measured:
                 self.factors.active = set()
@@ -372,14 +399,46 @@ class MonitorEngine:
             kept = [k for k, i in enumerate(present) if scope is None or i in scope]
             return Collected([present[k] for k in kept], [matrices[k] for k in kept])
         collected = Collected([], [])
+        implied = self.implied
         for i, w in enumerate(self.watched):
             if scope is not None and i not in scope:
+                continue
+            if w.implied:
                 continue
             g = w.grad_matrix()
             if g is not None:
                 collected.present.append(i)
                 collected.matrices.append(g)
+        if implied is not None:
+            rows = [i for i in implied.layers if scope is None or i in scope]
+            formed = {i: g for i in rows if (g := implied.matrix(i)) is not None}
+            if procs.world > 1:
+                formed = self._implied_over_ranks(rows, formed, procs)
+            for i, g in formed.items():
+                collected.present.append(i)
+                collected.matrices.append(g)
+            order = sorted(range(len(collected.present)), key=collected.present.__getitem__)
+            collected.present = [collected.present[k] for k in order]
+            collected.matrices = [collected.matrices[k] for k in order]
         return collected
+
+    def _implied_over_ranks(self, rows: list[int], matrices: dict[int, Tensor], procs: Processes) -> dict[int, Tensor]:
+        """Under DDP: the ranks' average of each implied gradient (what DDP gives a trainable weight), one all-reduce.
+
+        A rank without a layer's gradient this step adds zeros; a layer no rank has stays missing.
+        """
+        if not rows:
+            return matrices
+        device = self.watched[rows[0]].param.device
+        parts = []
+        for i in rows:
+            m, n = self._shapes[i]
+            g = matrices.get(i)
+            parts.append(g.float() if g is not None else torch.zeros(m, n, dtype=torch.float32, device=device))
+        counts = torch.tensor([float(i in matrices) for i in rows], dtype=torch.float32, device=device)
+        flat = procs.reduce_sum(pack([*parts, counts], dtype=torch.float32))
+        *summed, seen = unpack(flat, [*parts, counts])
+        return {i: g / procs.world for i, g, c in zip(rows, summed, seen.tolist()) if c > 0}
 
     def _layer_owners(self, world: int) -> list[int]:
         if self._owners is None or self._owners[0] != world:
@@ -530,6 +589,8 @@ class MonitorEngine:
         )
         if inputs.optimizer is not None:
             record["optimizer"] = inputs.optimizer
+        if self._implied_layers:
+            record["implied_layers"] = dict(self._implied_layers)
         if self.stability is not None and not inputs.optimizer:
             # the trend of the run, never reset by the scorer's shifts
             verdict = self.stability.update(record["metrics"], record.get("detection"), table.loss)
@@ -548,6 +609,8 @@ class MonitorEngine:
         """What the hooks kept for this step (the exact route's factors, the per-sample ones) goes."""
         if self.factors is not None:
             self.factors.clear()
+        if self.implied is not None:
+            self.implied.clear()
         if self.samples is not None:
             self.samples.clear()
 
@@ -692,6 +755,9 @@ class MonitorEngine:
         if self.samples is not None:
             self.samples.close()
             self.samples = None
+        if self.implied is not None:
+            self.implied.close()
+            self.implied = None
         if self.factors is not None:
             self.factors.close()
             self.factors = None

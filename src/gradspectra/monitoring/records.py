@@ -46,6 +46,8 @@ class BatchRecord(_Required, total=False):
     it has its own baseline). ``detection``: per anchor layer (a few, the same every step), the detection
     value (a coarse, steady estimate of the effective rank by low-order Lanczos quadrature that the scorer
     watches as ``effective_rank_coarse``; biased, not the metric: the curves use ``metrics``).
+    ``implied_layers``: the frozen layers measured by their implied full-weight gradient ``D^T X``
+    (``gradients=``), each with the adapter that wraps it (``None``: a frozen layer without adapter).
     ``samples`` (with ``per_sample=``): one entry per sample of the batch, ``{"index", "id", "score",
     "reasons", "metrics", "tokens"}`` (:class:`gradspectra.scoring.SampleScorer`), ``None`` when no layer
     could be measured; ``samples_note``: why some or all layers were left out; ``samples_ms``: its cost.
@@ -64,6 +66,7 @@ class BatchRecord(_Required, total=False):
     optimizer: int
     detection: dict[str, float]
     stability: float
+    implied_layers: dict[str, str | None]
     samples: list[dict[str, Any]] | None
     samples_note: str
     samples_ms: float

@@ -1,0 +1,177 @@
+r"""The implied full-weight gradient of a frozen linear layer, :math:`G = \Delta^\top X`, from module hooks.
+
+In a LoRA (or DoRA, IA3, partly frozen) fine-tune the base weights are frozen: autograd never forms
+their gradient, yet it is what the papers measure, and it does not depend on the adapter's rank or
+initialisation. For an ``nn.Linear`` it is a sum over the tokens that went through the layer,
+:math:`G = \sum_t \delta_t x_t^\top = \Delta^\top X` (inputs :math:`X`, ``T x n``; output gradients
+:math:`\Delta`, ``T x m``). :class:`ImpliedGradients` keeps references to both for each watched frozen
+layer (no copy: autograd keeps the inputs of the layers upstream of a trainable one anyway) and forms
+:math:`G` when asked (:meth:`ImpliedGradients.matrix`); :meth:`ImpliedGradients.factors` gives the rows
+themselves, padding dropped, for the ``T x T`` route.
+
+Gradient accumulation: once a layer's kept tokens reach ``min(m, n)`` (where the ``T x T`` route cannot
+win), each further micro-batch folds the rows kept so far into one ``m x n`` sum in float32 (float64 for
+float64 layers), so the memory held is at most one micro-batch's rows plus one matrix, whatever the
+number of micro-batches.
+
+A frozen layer whose output needs no gradient (the first layers of a model with frozen embeddings,
+an adapter-free layer upstream of every trainable one) would get no :math:`\Delta` from autograd; its
+output is then made to require one (a detached copy of the reference, no data copied), so that the
+backward also runs through that part of the graph: the implied gradient has a price there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from gradspectra.capture.watched import WatchedParameter
+
+
+class ImpliedGradients:
+    """Hooks that keep ``(Delta, X)`` of each watched frozen ``nn.Linear`` for one optimizer step.
+
+    Args:
+        watched: the watched parameters; those with ``implied=True`` whose module is an ``nn.Linear``
+            get hooks, the others are ignored.
+
+    Read :meth:`matrix` (or :meth:`factors`) after the backward, call :meth:`clear` after the
+    optimizer step (the references are released there).
+
+    Example:
+        >>> lin = nn.Linear(8, 6).requires_grad_(False)
+        >>> w = WatchedParameter("fc.weight", "fc", None, "fc", lin.weight, lin, implied=True)
+        >>> implied = ImpliedGradients([w])
+        >>> x = torch.randn(3, 8)
+        >>> lin(x).sum().backward()
+        >>> g = implied.matrix(0)
+        >>> bool(torch.allclose(g, torch.ones(3, 6).mT @ x))
+        True
+        >>> implied.close()
+    """
+
+    def __init__(self, watched: Sequence[WatchedParameter]) -> None:
+        self._handles: list[RemovableHandle] = []
+        #: whether the hooks keep anything (a step that is not measured keeps nothing)
+        self.enabled = True
+        self._rows: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self._tokens: dict[int, int] = {}
+        self._sum: dict[int, Tensor] = {}
+        self._limit: dict[int, int] = {}
+        self._generation = 0  # bumped by clear(): gradients of graphs built before it are ignored
+        #: layers whose rows did not fit their weight this step (the layer was called on something else)
+        self.broken: set[int] = set()
+        for i, w in enumerate(watched):
+            module = w.module
+            if not w.implied or not isinstance(module, nn.Linear) or w.param is not module.weight:
+                continue
+            self._limit[i] = min(module.weight.shape)
+            self._handles.append(module.register_forward_hook(self._forward_hook(i)))
+
+    @property
+    def layers(self) -> list[int]:
+        """Indices (into ``watched``) of the layers with hooks."""
+        return sorted(self._limit)
+
+    def _forward_hook(self, i: int) -> Any:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+            if not self.enabled or not torch.is_grad_enabled() or not isinstance(output, Tensor) or not inputs:
+                return None
+            x = inputs[0]
+            if not isinstance(x, Tensor) or not isinstance(module, nn.Linear) or x.shape[-1] != module.in_features:
+                return None
+            generation = self._generation
+            replaced = None
+            if not output.requires_grad:
+                # nothing upstream is trained: ask autograd for this output's gradient all the same
+                replaced = output.detach().requires_grad_(True)
+                output = replaced
+            x = x.detach()
+            output.register_hook(lambda grad: self._keep(i, generation, x, grad))  # type: ignore[no-untyped-call]
+            return replaced
+
+        return hook
+
+    def _keep(self, i: int, generation: int, x: Tensor, grad: Tensor) -> None:
+        if generation != self._generation or i in self.broken:
+            return
+        d = grad.detach().reshape(-1, grad.shape[-1])
+        xs = x.reshape(-1, x.shape[-1])
+        if d.shape[0] != xs.shape[0]:
+            self.broken.add(i)
+            self._rows.pop(i, None)
+            self._sum.pop(i, None)
+            return
+        tokens = self._tokens.get(i, 0)
+        if self._rows.get(i) and tokens + int(d.shape[0]) >= self._limit[i]:
+            self._fold(i)
+        self._tokens[i] = tokens + int(d.shape[0])
+        # references only: nothing is copied in the training step
+        self._rows.setdefault(i, []).append((d, xs))
+
+    def _fold(self, i: int) -> None:
+        """Sum the rows kept so far into the layer's ``m x n`` matrix and let them go."""
+        rows = self._rows.pop(i, [])
+        for d, xs in rows:
+            dtype = torch.float64 if d.dtype == torch.float64 or xs.dtype == torch.float64 else torch.float32
+            part = d.to(dtype).mT @ xs.to(dtype)
+            self._sum[i] = part if i not in self._sum else self._sum[i].add_(part.to(self._sum[i].dtype))
+
+    def has(self, i: int) -> bool:
+        """Whether layer ``i`` got a gradient this step."""
+        return i not in self.broken and (bool(self._rows.get(i)) or i in self._sum)
+
+    def tokens(self, i: int) -> int:
+        """Token rows that reached layer ``i`` this step (padding included)."""
+        return self._tokens.get(i, 0)
+
+    def matrix(self, i: int) -> Tensor | None:
+        """Layer ``i``'s implied gradient ``Delta^T X`` (``m x n``, float32; float64 for a float64 layer), or None."""
+        if not self.has(i):
+            return None
+        self._fold(i)
+        return self._sum[i]
+
+    def factors(self, i: int) -> tuple[Tensor, Tensor] | None:
+        """``(Delta, X)`` of layer ``i`` with the padding rows (zero output gradient) dropped, or ``None``.
+
+        ``None`` as well once the rows were folded into the matrix (more tokens than ``min(m, n)``).
+        """
+        if i in self.broken or i in self._sum or not self._rows.get(i):
+            return None
+        parts = self._rows[i]
+        delta = torch.cat([d for d, _ in parts]) if len(parts) > 1 else parts[0][0]
+        x = torch.cat([xs for _, xs in parts]) if len(parts) > 1 else parts[0][1]
+        carries = delta.abs().amax(dim=1) > 0
+        return delta[carries], x[carries]
+
+    def kept_bytes(self) -> int:
+        """Bytes held by the references and the sums (counting each distinct storage once)."""
+        seen: dict[int, int] = {}
+        for rows in self._rows.values():
+            for d, xs in rows:
+                for t in (d, xs):
+                    storage = t.untyped_storage()
+                    seen[storage.data_ptr()] = storage.nbytes()
+        for s in self._sum.values():
+            seen[s.untyped_storage().data_ptr()] = s.untyped_storage().nbytes()
+        return sum(seen.values())
+
+    def clear(self) -> None:
+        """Forget this step's rows and sums (call after each optimizer step)."""
+        self._rows.clear()
+        self._tokens.clear()
+        self._sum.clear()
+        self.broken.clear()
+        self._generation += 1
+
+    def close(self) -> None:
+        """Remove the hooks and forget everything."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()

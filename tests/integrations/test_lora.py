@@ -1,0 +1,160 @@
+"""LoRA fine-tunes through the three front doors: the frozen base weights are measured by their implied
+full-weight gradient D^T X under their base names, equal to a run where the same weights are made trainable
+(in an lr=0 group: autograd then forms their .grad) and measured the usual way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from gradspectra import GradientSpectrumMonitor, GradientSpectrumTracker
+from gradspectra.integrations.transformers import GradientSpectrumCallback
+from gradspectra.reporting import read_records
+
+from .conftest import Samples, batches, clone, hf_args, lora_llama
+
+peft = pytest.importorskip("peft")  # the `lora` extra; installed by `.[test]`
+
+PAPERS = "*.self_attn.*_proj.weight"
+OPTIONS: dict[str, Any] = {
+    "include": PAPERS,
+    "spectra": "exact",
+    "figure_every_n_steps": 0,
+    "warmup_steps": 5,
+    "verbose": False,
+}
+KEYS = [f"self_attn.{p}_proj/layer_{i:02d}" for i in range(2) for p in "qkvo"]
+
+
+def unfrozen(model: nn.Module) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """The same model with the watched base weights trainable, in an lr=0 group (they never move)."""
+    twin = clone(model)
+    base = []
+    for name, p in twin.named_parameters():
+        if not p.requires_grad and ".self_attn." in name and name.endswith(".weight"):
+            p.requires_grad_(True)  # q/k/v/o base weights (the adapters' own are trainable already)
+            base.append(p)
+    ids = {id(p) for p in base}
+    adapters = [p for p in twin.parameters() if p.requires_grad and id(p) not in ids]
+    return twin, [{"params": adapters}, {"params": base, "lr": 0.0}]
+
+
+def groups(model: nn.Module) -> list[dict[str, Any]]:
+    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+
+class Lit(pl.LightningModule):
+    def __init__(self, model: nn.Module, params: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.model, self.params = model, params
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.model(**batch).loss  # type: ignore[no-any-return]
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.params, lr=0.1)
+
+
+def run_lightning(
+    model: nn.Module, params: list[dict[str, Any]], data: list[dict[str, Tensor]], out: Path, **options: Any
+) -> list[dict[str, Any]]:
+    accumulate = options.pop("accumulate", 1)
+    monitor = GradientSpectrumMonitor(**{**OPTIONS, "output_dir": out, **options})
+    trainer = pl.Trainer(
+        default_root_dir=str(out),
+        max_steps=len(data) // accumulate,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(Lit(model, params), DataLoader(Samples(data), batch_size=4))
+    return read_records(out / "batches.jsonl")
+
+
+def assert_same_spectra(mine: list[dict[str, Any]], reference: list[dict[str, Any]], rel: float = 1e-6) -> None:
+    assert [r["step"] for r in mine] == [r["step"] for r in reference] and mine
+    for a, b in zip(mine, reference):
+        assert list(a["metrics"]) == KEYS and list(b["metrics"]) == KEYS
+        assert not a["missing_layers"] and not a["nonfinite_layers"]
+        for key in KEYS:
+            assert a["metrics"][key] == pytest.approx(b["metrics"][key], rel=rel), (a["step"], key)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_lightning_lora_measures_the_full_weight_gradient(tmp_path: Path, accumulate: int) -> None:
+    model, data = lora_llama(), batches(4)
+    twin, twin_groups = unfrozen(model)
+    net = clone(model)
+    implied = run_lightning(net, groups(net), data, tmp_path / "lora", accumulate=accumulate)
+    reference = run_lightning(twin, twin_groups, data, tmp_path / "twin", accumulate=accumulate, gradients="parameters")
+    assert_same_spectra(implied, reference)
+    first = implied[0]
+    assert first["implied_layers"] == {k: "default" if ("q_proj" in k or "v_proj" in k) else None for k in KEYS}
+    assert "implied_layers" not in reference[0]
+    # the implied gradient does not depend on the adapter's rank: far above r = 4
+    assert first["metrics"]["self_attn.q_proj/layer_01"]["effective_rank"] > 8
+
+
+def test_default_selection_watches_what_the_adapters_wrap(tmp_path: Path) -> None:
+    model, data = lora_llama(), batches(2)
+    options = {k: v for k, v in OPTIONS.items() if k != "include"}
+    monitor = GradientSpectrumMonitor(**options, output_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(Lit(model, groups(model)), DataLoader(Samples(data), batch_size=4))
+    record = monitor.batch_records[-1]
+    assert list(record["metrics"]) == [f"self_attn.{p}_proj/layer_{i:02d}" for i in range(2) for p in "qv"]
+    assert set(record["implied_layers"].values()) == {"default"}
+
+
+def test_transformers_and_plain_loop_doors(tmp_path: Path) -> None:
+    from transformers import Trainer
+
+    model, data = lora_llama(), batches(4)
+    twin, twin_groups = unfrozen(model)
+    plain = clone(model)
+    runs = {}
+    for name, net, params, options in (
+        ("lora", model, groups(model), {}),
+        ("twin", twin, twin_groups, {"gradients": "parameters"}),
+    ):
+        callback = GradientSpectrumCallback(**{**OPTIONS, **options})
+        trainer = Trainer(
+            model=net,
+            args=hf_args(tmp_path / name, len(data), gradient_accumulation_steps=1),
+            train_dataset=Samples(data),
+            callbacks=[callback],
+            optimizers=(torch.optim.SGD(params, lr=0.1), None),
+        )
+        trainer.train()
+        runs[name] = read_records(tmp_path / name / "gradspectra" / "batches.jsonl")
+    assert_same_spectra(runs["lora"], runs["twin"])
+
+    optimizer = torch.optim.SGD(groups(plain), lr=0.1)
+    with GradientSpectrumTracker(plain, log_dir=tmp_path / "plain", optimizer=optimizer, **OPTIONS) as tracker:
+        for batch in data:
+            loss = plain(**batch).loss
+            loss.backward()
+            tracker.step(loss=loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert_same_spectra(read_records(tmp_path / "plain" / "gradspectra" / "batches.jsonl"), runs["twin"])
