@@ -250,3 +250,13 @@ def test_activation_checkpointing_counts_each_token_once(reentrant: bool) -> Non
         real = next(n for n, p in model.named_parameters() if p is w.param)
         torch.testing.assert_close(implied.matrix(i), reference[real].grad, rtol=1e-9, atol=1e-14)
     implied.close()
+
+
+def test_a_nan_output_gradient_is_not_dropped_as_padding() -> None:
+    lin = nn.Linear(6, 4)
+    implied = ImpliedGradients([_frozen(lin)])
+    x = torch.randn(5, 6, requires_grad=True)
+    weights = torch.tensor([1.0, 0.0, float("nan"), 1.0, 0.0])
+    (lin(x).sum(-1) * weights).sum().backward()
+    assert bool(torch.isnan(implied.matrix(0)).all())
+    implied.close()

@@ -62,10 +62,15 @@ class Lit(pl.LightningModule):
 
 
 def run_lightning(
-    model: nn.Module, params: list[dict[str, Any]], data: list[dict[str, Tensor]], out: Path, **options: Any
+    model: nn.Module,
+    params: list[dict[str, Any]],
+    data: list[dict[str, Tensor]],
+    out: Path,
+    monitor: GradientSpectrumMonitor | None = None,
+    **options: Any,
 ) -> list[dict[str, Any]]:
     accumulate = options.pop("accumulate", 1)
-    monitor = GradientSpectrumMonitor(**{**OPTIONS, "output_dir": out, **options})
+    monitor = monitor or GradientSpectrumMonitor(**{**OPTIONS, "output_dir": out, **options})
     trainer = pl.Trainer(
         default_root_dir=str(out),
         max_steps=len(data) // accumulate,
@@ -158,3 +163,23 @@ def test_transformers_and_plain_loop_doors(tmp_path: Path) -> None:
             optimizer.step()
             optimizer.zero_grad()
     assert_same_spectra(read_records(tmp_path / "plain" / "gradspectra" / "batches.jsonl"), runs["twin"])
+
+
+def test_under_the_budget_implied_layers_take_turns(tmp_path: Path) -> None:
+    """spectra="auto" with a budget too small to form every D^T X each step: the layers take turns, none is
+    reported missing, and each is measured again within a few steps."""
+    model, data = lora_llama(), batches(24)
+    monitor = GradientSpectrumMonitor(**{**OPTIONS, "spectra": "auto", "max_overhead": 1e-4, "output_dir": tmp_path})
+    records = run_lightning(model, groups(model), data, tmp_path, monitor=monitor)
+    assert "frozen layers a step" in str(monitor.engine.affordance)  # the user is told, in words
+    assert not records[0].get("unmeasured_layers")  # the first step forms every layer: it learns the cost
+    later = records[4:]
+    assert all(r["unmeasured_layers"] for r in later)
+    for r in records:
+        assert not r["missing_layers"]
+        measured = set(r["metrics"])
+        assert measured | set(r.get("unmeasured_layers", [])) == set(KEYS)
+        assert not measured & set(r.get("unmeasured_layers", []))
+        assert measured  # at least one layer a step
+    last_seen = {k: max(r["step"] for r in later if k in r["metrics"]) for k in KEYS}
+    assert all(records[-1]["step"] - step < 9 for step in last_seen.values()), last_seen

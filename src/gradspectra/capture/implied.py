@@ -117,6 +117,12 @@ class ImpliedGradients:
         """Sum the rows kept so far into the layer's ``m x n`` matrix and let them go."""
         rows = self._rows.pop(i, [])
         for d, xs in rows:
+            if d.device.type == "cpu":
+                # padding rows carry no gradient: leaving them out of the product costs one read of D
+                # (on a GPU finding them would wait for the device, and the product is cheap there)
+                carries = (d != 0).any(dim=1)  # NaN rows are kept: a bad gradient must show
+                if not bool(carries.all()):
+                    d, xs = d[carries], xs[carries]
             dtype = torch.float64 if d.dtype == torch.float64 or xs.dtype == torch.float64 else torch.float32
             part = d.to(dtype).mT @ xs.to(dtype)
             self._sum[i] = part if i not in self._sum else self._sum[i].add_(part.to(self._sum[i].dtype))
@@ -146,7 +152,7 @@ class ImpliedGradients:
         parts = self._rows[i]
         delta = torch.cat([d for d, _ in parts]) if len(parts) > 1 else parts[0][0]
         x = torch.cat([xs for _, xs in parts]) if len(parts) > 1 else parts[0][1]
-        carries = delta.abs().amax(dim=1) > 0
+        carries = (delta != 0).any(dim=1)
         return delta[carries], x[carries]
 
     def kept_bytes(self) -> int:

@@ -69,6 +69,7 @@ if not log.handlers:
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
 _AFFORDS_AFTER = 20  # measured steps before the monitor says what the budget affords (it has learned by then)
+_IMPLIED_SHARE = 0.5  # under spectra="auto": the share of the budget that forming implied gradients may take
 _SAMPLES_SHARE = 0.5  # per_sample="always" under spectra="auto": the share of the budget it aims at
 _SKIP_MESSAGE_SECONDS = 10.0  # a run skipping many steps says so, without a line per step
 _COUNTERS = (
@@ -166,6 +167,9 @@ class MonitorEngine:
         self.factors: FactorCapture | None = None
         self.implied: ImpliedGradients | None = None
         self._implied_layers: dict[str, str | None] = {}
+        self._implied_cost: float | None = None  # seconds per token x m x n to form an implied gradient (EMA)
+        self._implied_formed_at: dict[int, int] = {}  # layer -> the measured step its implied gradient was formed
+        self._unmeasured: list[int] = []  # implied layers this step left for a later one (their turn comes)
         self.samples: SampleStage | None = None  # per_sample=: hooks of per-sample spectra (one process)
         self.sample_scorer = SampleScorer() if config.per_sample is not None else None
         self.planner: Planner | None = None
@@ -193,6 +197,7 @@ class MonitorEngine:
         self._last_layer_log = -math.inf  # steps_monitored when per-layer scalars were last logged
         self._spectra_counts: deque[int] = deque(maxlen=_AFFORDS_AFTER)  # layers with a full spectrum, per step
         self._cheap_counts: deque[int] = deque(maxlen=_AFFORDS_AFTER)  # layers with the cheap tier, per step
+        self._formed_counts: deque[int] = deque(maxlen=_AFFORDS_AFTER)  # implied gradients formed, per step
         self._affordance_said = False
         self._skips_unsaid = 0
 
@@ -409,9 +414,14 @@ class MonitorEngine:
             if g is not None:
                 collected.present.append(i)
                 collected.matrices.append(g)
+        self._unmeasured = []
         if implied is not None:
-            rows = [i for i in implied.layers if scope is None or i in scope]
+            rows = [i for i in implied.layers if (scope is None or i in scope) and implied.has(i)]
+            if procs.world == 1 and self.config.spectra == "auto":
+                rows, self._unmeasured = self._implied_turn(rows, implied)
+            started = time.perf_counter()
             formed = {i: g for i in rows if (g := implied.matrix(i)) is not None}
+            self._learn_implied_cost(rows, implied, time.perf_counter() - started)
             if procs.world > 1:
                 formed = self._implied_over_ranks(rows, formed, procs)
             for i, g in formed.items():
@@ -421,6 +431,45 @@ class MonitorEngine:
             collected.present = [collected.present[k] for k in order]
             collected.matrices = [collected.matrices[k] for k in order]
         return collected
+
+    def _implied_turn(self, rows: list[int], implied: ImpliedGradients) -> tuple[list[int], list[int]]:
+        """Under ``spectra="auto"``: the implied layers whose ``D^T X`` is formed this step, and those left for later.
+
+        Forming costs ``2 T m n`` flops a layer (what autograd spends on a trainable weight): the layers take
+        turns, oldest first, in at most half of the step's budget (at least one a step), besides the step's
+        detection anchors (formed every step, so that the scorer's detection series has no gaps); every layer
+        on the first measured steps, while the step time and the cost are learned.
+        """
+        budget = self.planner.budget if self.planner is not None else None
+        step_seconds = budget.step_seconds if budget is not None else None
+        if step_seconds is None or self._implied_cost is None:
+            return rows, []
+        allowance = _IMPLIED_SHARE * self.config.max_overhead * step_seconds
+        pending = self.planner.pending if self.planner is not None else None
+        anchors = set(pending.detect) if pending is not None else set()
+        chosen: list[int] = []
+        spent = 0.0
+        turns = 0  # layers formed in turn (besides the anchors): at least one a step, so that every layer's comes
+        for i in sorted(rows, key=lambda r: (r not in anchors, self._implied_formed_at.get(r, -1))):
+            m, n = self._shapes[i]
+            cost = self._implied_cost * implied.tokens(i) * m * n
+            if i not in anchors:
+                if turns and spent + cost > allowance:
+                    continue
+                turns += 1
+            chosen.append(i)
+            spent += cost
+        taken = set(chosen)
+        return sorted(chosen), [i for i in rows if i not in taken]
+
+    def _learn_implied_cost(self, rows: list[int], implied: ImpliedGradients, seconds: float) -> None:
+        size = sum(implied.tokens(i) * self._shapes[i][0] * self._shapes[i][1] for i in rows)
+        for i in rows:
+            self._implied_formed_at[i] = self.steps_monitored
+        if size <= 0:
+            return
+        cost = seconds / size
+        self._implied_cost = cost if self._implied_cost is None else 0.8 * self._implied_cost + 0.2 * cost
 
     def _implied_over_ranks(self, rows: list[int], matrices: dict[int, Tensor], procs: Processes) -> dict[int, Tensor]:
         """Under DDP: the ranks' average of each implied gradient (what DDP gives a trainable weight), one all-reduce.
@@ -591,6 +640,11 @@ class MonitorEngine:
             record["optimizer"] = inputs.optimizer
         if self._implied_layers:
             record["implied_layers"] = dict(self._implied_layers)
+            if self._unmeasured:
+                # not missing: their turn to be formed comes on a later step (the budget)
+                later = {self._keys[i] for i in self._unmeasured}
+                record["missing_layers"] = [k for k in record["missing_layers"] if k not in later]
+                record["unmeasured_layers"] = sorted(later, key=self._keys.index)
         if self.stability is not None and not inputs.optimizer:
             # the trend of the run, never reset by the scorer's shifts
             verdict = self.stability.update(record["metrics"], record.get("detection"), table.loss)
@@ -705,12 +759,20 @@ class MonitorEngine:
         kinds = list(spectra.values()) if spectra is not None else ["exact"] * len(record["metrics"])
         self._spectra_counts.append(sum(SpectrumSource(k).is_full for k in kinds))
         self._cheap_counts.append(sum(k == SpectrumSource.CHEAP or SpectrumSource(k).is_full for k in kinds))
+        implied = len(self._implied_layers)
+        self._formed_counts.append(implied - len(record.get("unmeasured_layers", [])))
         if len(self._spectra_counts) < _AFFORDS_AFTER:
             return
         per_step = sum(self._spectra_counts) / len(self._spectra_counts)
         cheap = sum(self._cheap_counts) / len(self._cheap_counts)
         period = self.planner.log_period(self.config.log_every_n_steps)
         text = self.planner.affords(len(self.watched), per_step, period, cheap)
+        formed = sum(self._formed_counts) / len(self._formed_counts)
+        if text is not None and implied and formed < implied - 0.05:
+            text += (
+                f"; it forms the full-weight gradient D^T X of {formed:.1f} of the {implied} frozen layers a step "
+                f"(each about every {implied / max(formed, 1e-9):.0f} steps; the others have no values on that step)"
+            )
         if text is not None and procs.is_zero:
             log.info(text)
         self._affordance_said = text is not None

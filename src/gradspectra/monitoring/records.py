@@ -47,7 +47,9 @@ class BatchRecord(_Required, total=False):
     value (a coarse, steady estimate of the effective rank by low-order Lanczos quadrature that the scorer
     watches as ``effective_rank_coarse``; biased, not the metric: the curves use ``metrics``).
     ``implied_layers``: the frozen layers measured by their implied full-weight gradient ``D^T X``
-    (``gradients=``), each with the adapter that wraps it (``None``: a frozen layer without adapter).
+    (``gradients=``), each with the adapter that wraps it (``None``: a frozen layer without adapter);
+    ``unmeasured_layers``: those of them not measured this step (under ``spectra="auto"`` forming ``D^T X``
+    takes turns within the budget; not missing, no values this step).
     ``samples`` (with ``per_sample=``): one entry per sample of the batch, ``{"index", "id", "score",
     "reasons", "metrics", "tokens"}`` (:class:`gradspectra.scoring.SampleScorer`), ``None`` when no layer
     could be measured; ``samples_note``: why some or all layers were left out; ``samples_ms``: its cost.
@@ -67,6 +69,7 @@ class BatchRecord(_Required, total=False):
     detection: dict[str, float]
     stability: float
     implied_layers: dict[str, str | None]
+    unmeasured_layers: list[str]
     samples: list[dict[str, Any]] | None
     samples_note: str
     samples_ms: float
