@@ -183,3 +183,30 @@ def test_under_the_budget_implied_layers_take_turns(tmp_path: Path) -> None:
         assert measured  # at least one layer a step
     last_seen = {k: max(r["step"] for r in later if k in r["metrics"]) for k in KEYS}
     assert all(records[-1]["step"] - step < 9 for step in last_seen.values()), last_seen
+
+
+def test_few_tokens_take_the_exact_t_by_t_route(tmp_path: Path) -> None:
+    """Fewer tokens than min(m, n) carry gradient: the exact spectra of the implied gradients come from the
+    kept rows (T x T), equal to the trainable twin's from .grad."""
+    model = lora_llama()
+    data = [{k: v[:2] for k, v in b.items()} for b in batches(3)]  # 2 x 12 tokens < 32 = min(m, n)
+    twin, twin_groups = unfrozen(model)
+    runs = {}
+    for name, net, params, options in (
+        ("lora", model, groups(model), {}),
+        ("twin", twin, twin_groups, {"gradients": "parameters", "factored": False}),
+    ):
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        with GradientSpectrumTracker(net, log_dir=tmp_path / name, optimizer=optimizer, **{**OPTIONS, **options}) as t:
+            for batch in data:
+                loss = net(**batch).loss
+                loss.backward()
+                t.step(loss=loss)
+                optimizer.step()
+                optimizer.zero_grad()
+        runs[name] = read_records(tmp_path / name / "gradspectra" / "batches.jsonl")
+    # q/o are 32 x 32 (24 tokens < 32: factored); k/v are 16 x 32 (grouped-query heads: 24 >= 16, formed)
+    wide = [k for k in KEYS if "q_proj" in k or "o_proj" in k]
+    assert all(r["factored_layers"] == wide for r in runs["lora"])
+    assert all("factored_layers" not in r for r in runs["twin"])
+    assert_same_spectra(runs["lora"], runs["twin"])

@@ -12,7 +12,9 @@ themselves, padding dropped, for the ``T x T`` route.
 Gradient accumulation: once a layer's kept tokens reach ``min(m, n)`` (where the ``T x T`` route cannot
 win), each further micro-batch folds the rows kept so far into one ``m x n`` sum in float32 (float64 for
 float64 layers), so the memory held is at most one micro-batch's rows plus one matrix, whatever the
-number of micro-batches.
+number of micro-batches. When all of a step's rows are still kept and fewer than ``min(m, n)`` of them
+carry gradient, the exact spectrum comes from them through the ``T x T`` route
+(:meth:`ImpliedGradients.factors`).
 
 A frozen layer whose output needs no gradient (the first layers of a model with frozen embeddings,
 an adapter-free layer upstream of every trainable one) would get no :math:`\Delta` from autograd; its
@@ -61,6 +63,8 @@ class ImpliedGradients:
         self._rows: dict[int, list[tuple[Tensor, Tensor]]] = {}
         self._tokens: dict[int, int] = {}
         self._sum: dict[int, Tensor] = {}
+        self._formed: set[int] = set()  # layers whose matrix holds every kept row
+        self._partial: set[int] = set()  # layers some of whose rows were folded away (no T x T factors)
         self._limit: dict[int, int] = {}
         self._generation = 0  # bumped by clear(): gradients of graphs built before it are ignored
         #: layers whose rows did not fit their weight this step (the layer was called on something else)
@@ -107,15 +111,23 @@ class ImpliedGradients:
             self._sum.pop(i, None)
             return
         tokens = self._tokens.get(i, 0)
-        if self._rows.get(i) and tokens + int(d.shape[0]) >= self._limit[i]:
+        if i in self._formed:
+            # the matrix was formed before this backward: its rows are in the sum already
+            self._rows.pop(i, None)
+            self._formed.discard(i)
+            self._partial.add(i)
+        elif self._rows.get(i) and tokens + int(d.shape[0]) >= self._limit[i]:
             self._fold(i)
+            self._partial.add(i)
         self._tokens[i] = tokens + int(d.shape[0])
         # references only: nothing is copied in the training step
         self._rows.setdefault(i, []).append((d, xs))
 
     def _fold(self, i: int) -> None:
         """Sum the rows kept so far into the layer's ``m x n`` matrix and let them go."""
-        rows = self._rows.pop(i, [])
+        self._add(i, self._rows.pop(i, []))
+
+    def _add(self, i: int, rows: list[tuple[Tensor, Tensor]]) -> None:
         for d, xs in rows:
             if d.device.type == "cpu":
                 # padding rows carry no gradient: leaving them out of the product costs one read of D
@@ -136,24 +148,35 @@ class ImpliedGradients:
         return self._tokens.get(i, 0)
 
     def matrix(self, i: int) -> Tensor | None:
-        """Layer ``i``'s implied gradient ``Delta^T X`` (``m x n``, float32; float64 for a float64 layer), or None."""
+        """Layer ``i``'s implied gradient ``Delta^T X`` (``m x n``, float32; float64 for a float64 layer), or None.
+
+        Formed once per step (``2 T m n`` flops); the rows stay kept for :meth:`factors` until :meth:`clear`.
+        """
         if not self.has(i):
             return None
-        self._fold(i)
+        if i not in self._formed:
+            self._add(i, self._rows.get(i, []))
+            self._formed.add(i)
         return self._sum[i]
 
-    def factors(self, i: int) -> tuple[Tensor, Tensor] | None:
+    def factors(self, i: int, grad: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         """``(Delta, X)`` of layer ``i`` with the padding rows (zero output gradient) dropped, or ``None``.
 
-        ``None`` as well once the rows were folded into the matrix (more tokens than ``min(m, n)``).
+        ``None`` as well when some of the step's rows were folded into the matrix (under accumulation, past
+        ``min(m, n)`` tokens), or when ``min(m, n)`` tokens or more carry gradient (the ``T x T`` route cannot
+        win there). ``grad`` is accepted for the signature of :meth:`gradspectra.capture.FactorCapture.factors`
+        and not needed: the factors are the gradient's by construction.
         """
-        if i in self.broken or i in self._sum or not self._rows.get(i):
+        if i in self.broken or i in self._partial or not self._rows.get(i):
             return None
         parts = self._rows[i]
         delta = torch.cat([d for d, _ in parts]) if len(parts) > 1 else parts[0][0]
         x = torch.cat([xs for _, xs in parts]) if len(parts) > 1 else parts[0][1]
         carries = (delta != 0).any(dim=1)
-        return delta[carries], x[carries]
+        delta, x = delta[carries], x[carries]
+        if delta.shape[0] >= self._limit[i]:
+            return None
+        return delta, x
 
     def kept_bytes(self) -> int:
         """Bytes held by the references and the sums (counting each distinct storage once)."""
@@ -172,6 +195,8 @@ class ImpliedGradients:
         self._rows.clear()
         self._tokens.clear()
         self._sum.clear()
+        self._formed.clear()
+        self._partial.clear()
         self.broken.clear()
         self._generation += 1
 

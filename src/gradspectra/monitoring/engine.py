@@ -30,7 +30,7 @@ from gradspectra.monitoring.planner import Planner
 from gradspectra.monitoring.records import BatchRecord, HostTable, assemble_record
 from gradspectra.monitoring.samples import SampleStage
 from gradspectra.monitoring.sources import SpectrumSource
-from gradspectra.monitoring.spectra import SpectraResult, SpectraRunner, source_columns
+from gradspectra.monitoring.spectra import FactorSource, SpectraResult, SpectraRunner, source_columns
 from gradspectra.reporting import (
     LayerRuns,
     RecordBuffer,
@@ -238,14 +238,30 @@ class MonitorEngine:
         # for spectra="exact": what the hooks cost happens inside the training step, unseen by the budget
         use_factors = self.config.factored and self.config.spectra == "exact" and world == 1
         self.factors = FactorCapture(self.watched) if use_factors else None
-        self.runner.factors = self.factors
         self._attach_implied()
+        self.runner.factors = self._factor_source()
         self._attach_samples(world, owner)
         if selection.frozen:
             log.info(
                 f"gradspectra: {len(selection.frozen)} matching parameters are frozen and not watched "
                 f"(e.g. {selection.frozen[0]})"
             )
+
+    def _factor_source(self) -> FactorSource | None:
+        """The ``T x T`` route's factors: the implied layers' own (any mode), the others' from FactorCapture."""
+        implied, capture = self.implied, self.factors
+        if implied is None:
+            return capture
+        rows = set(implied.layers)
+
+        class Both:
+            def factors(self, i: int, grad: Tensor) -> tuple[Tensor, Tensor] | None:
+                if i in rows:
+                    assert implied is not None
+                    return implied.factors(i)
+                return capture.factors(i, grad) if capture is not None else None
+
+        return Both()
 
     def _attach_implied(self) -> None:
         """Hooks for the frozen watched weights measured by their implied gradient ``D^T X``."""

@@ -7,11 +7,11 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from gradspectra.capture.factors import FactorCapture
 from gradspectra.functional import (
     CHEAP_METRICS,
     ENTRY_METRICS,
@@ -32,6 +32,13 @@ from gradspectra.monitoring.sources import SpectrumSource
 _CHEAP_TOLERANCE = 0.02  # two sketches in a row whose error estimate exceeds this send a layer to the Gram route ...
 _GRAM_STEPS = 20  # ... for this many steps, then the sketch is tried again
 _GRAM_COST = 4  # ... where the Gram route costs at most this many times the sketch (min(m, n) <= 256)
+
+
+class FactorSource(Protocol):
+    """Where the ``T x T`` route gets a layer's factors: :class:`gradspectra.capture.FactorCapture` (checked
+    against the gradient) or :class:`gradspectra.capture.ImpliedGradients` (the gradient by construction)."""
+
+    def factors(self, i: int, grad: Tensor) -> tuple[Tensor, Tensor] | None: ...
 
 
 @dataclass
@@ -88,7 +95,7 @@ class SpectraRunner:
         metric_names: Sequence[str],
         method: Method = "auto",
         cpu_threads: int | None = 1,
-        factors: FactorCapture | None = None,
+        factors: FactorSource | None = None,
     ) -> None:
         self.metric_names = tuple(metric_names)
         self.method: Method = method
