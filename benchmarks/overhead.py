@@ -26,7 +26,8 @@ configurations for it (not in the default set):
 - ``papers``: the default with the papers' layers, ``include`` of every attention projection (q/k/v/o,
   adapted or not: their implied gradients).
 
-The memory line gives the bytes the hooks held at the measurement (references and folded sums).
+The memory line gives the bytes the hooks held at the optimizer step (references and folded sums); with
+``--accumulate N`` (``accumulate_grad_batches``) it shows what gradient accumulation adds.
 
 CPU section: the pretrained MiniLM-L6 (``gradspectra.demo``), 16 reviews x 64 tokens, every linear
 layer watched (37 matrices). Small section: a tiny Llama (hidden 128, 4 layers, 8 x 32 tokens, a ~20 ms
@@ -147,7 +148,7 @@ def minilm_section(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from gradspectra.demo.data import review_batches
     from gradspectra.demo.models import ReviewClassifier, TokenizedBatches, load_tokenizer
 
-    steps = (args.rounds + 1) * len(args.configs) * args.block + 8
+    steps = (args.rounds + 1) * len(args.configs) * args.block * args.accumulate + 8
     planned = review_batches(steps, batch_size=16, corrupt_fraction=0.0, seed=args.seed)
     data = TokenizedBatches(planned, load_tokenizer(), max_length=64)
     return ReviewClassifier(), DataLoader(data, batch_size=None, shuffle=False), "MiniLM-L6, 16 x 64 tokens, CPU"
@@ -184,7 +185,7 @@ def llama_section(args: argparse.Namespace, small: bool | str) -> tuple[Any, Any
             return torch.optim.AdamW(self.parameters(), lr=1e-5)
 
     g = torch.Generator().manual_seed(args.seed)
-    steps = (args.rounds + 1) * len(args.configs) * args.block + 8
+    steps = (args.rounds + 1) * len(args.configs) * args.block * args.accumulate + 8
     data = [{"input_ids": torch.randint(0, vocab, (batch, tokens), generator=g)} for _ in range(steps)]
     from torch.utils.data import DataLoader
 
@@ -267,6 +268,7 @@ def run(args: argparse.Namespace, section: str) -> str:
                 callbacks = [timer] + ([monitors[config]] if config != "none" else [])
                 trainer = pl.Trainer(
                     max_steps=args.block,
+                    accumulate_grad_batches=args.accumulate,
                     max_epochs=1,
                     logger=TensorBoardLogger(str(out / "tb"), name=config),
                     callbacks=callbacks,
@@ -275,7 +277,7 @@ def run(args: argparse.Namespace, section: str) -> str:
                     enable_model_summary=False,
                     **trainer_kw,
                 )
-                block = [next(iterator) for _ in range(args.block)]
+                block = [next(iterator) for _ in range(args.block * args.accumulate)]
                 from torch.utils.data import DataLoader
 
                 trainer.fit(model, DataLoader(block, batch_size=None, shuffle=False))  # type: ignore[arg-type]
@@ -372,6 +374,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"(default {','.join(CONFIGS[:4])}; 'none,default' spends every round on the default's ratio)",
     )
     parser.add_argument("--gpu-smoke", action="store_true", help="run the GPU section's code on a tiny model on CPU")
+    parser.add_argument(
+        "--accumulate", type=int, default=1, help="micro-batches per optimizer step (accumulate_grad_batches)"
+    )
     parser.add_argument(
         "--lora", action="store_true", help="LoRA adapters (peft, r=8) on q/v; the monitor measures implied gradients"
     )
