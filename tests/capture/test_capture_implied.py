@@ -261,3 +261,37 @@ def test_a_nan_output_gradient_is_not_dropped_as_padding() -> None:
     (lin(x).sum(-1) * weights).sum().backward()
     assert bool(torch.isnan(implied.matrix(0)).all())
     implied.close()
+
+
+def test_gpt2_conv1d_layers_with_lora_equal_their_trainable_twin() -> None:
+    """peft wraps GPT-2's Conv1D (weight stored in x out) too: D^T X in the out x in orientation of as_matrix."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gradspectra.functional import as_matrix
+
+    torch.manual_seed(6)
+    config = GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    base = GPT2LMHeadModel(config).double()
+    twin = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = peft.LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True)
+        frozen, trainable = peft.get_peft_model(base, lora), peft.get_peft_model(twin, lora)
+    trainable.load_state_dict(frozen.state_dict())
+    watched = select_parameters(frozen, include="*.attn.c_*.weight").watched
+    assert [w.key for w in watched] == [f"attn.c_{p}/layer_{i:02d}" for i in range(2) for p in ("attn", "proj")]
+    assert all(w.implied for w in watched)
+    implied = ImpliedGradients(watched)
+    for p in trainable.parameters():
+        p.requires_grad_(True)
+    ids = torch.randint(0, 64, (2, 8))
+    for net in (frozen, trainable):
+        net(input_ids=ids, labels=ids).loss.backward()
+    reference = dict(trainable.named_parameters())
+    for i, w in enumerate(watched):
+        real = next(n for n, p in frozen.named_parameters() if p is w.param)
+        want = as_matrix(reference[real].grad, w.module)
+        torch.testing.assert_close(implied.matrix(i), want, rtol=1e-9, atol=1e-14)
+    implied.close()

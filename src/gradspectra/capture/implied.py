@@ -32,14 +32,33 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradspectra.capture.watched import WatchedParameter
+from gradspectra.functional.reshape import is_conv1d
+
+
+def _in_features(module: nn.Module | None) -> int | None:
+    """The input width of a linear layer (``nn.Linear``, or GPT-2's ``Conv1D``, weight stored ``in x out``), else None.
+
+    For both the implied gradient in the ``out x in`` orientation of :func:`gradspectra.functional.as_matrix` is
+    ``D^T X``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if module is not None and is_conv1d(module):
+        weight = getattr(module, "weight", None)
+        return int(weight.shape[0]) if isinstance(weight, Tensor) and weight.ndim == 2 else None
+    return None
+
+
+def is_linear(module: nn.Module | None) -> bool:
+    """Whether ``module``'s frozen weight can be measured by its implied gradient (``nn.Linear``, GPT-2 ``Conv1D``)."""
+    return _in_features(module) is not None
 
 
 class ImpliedGradients:
     """Hooks that keep ``(Delta, X)`` of each watched frozen ``nn.Linear`` for one optimizer step.
 
     Args:
-        watched: the watched parameters; those with ``implied=True`` whose module is an ``nn.Linear``
-            get hooks, the others are ignored.
+        watched: the watched parameters; those with ``implied=True`` whose module is an ``nn.Linear`` (or a
+            GPT-2 ``Conv1D``) get hooks, the others are ignored.
 
     Read :meth:`matrix` (or :meth:`factors`) after the backward, call :meth:`clear` after the
     optimizer step (the references are released there).
@@ -71,9 +90,11 @@ class ImpliedGradients:
         self.broken: set[int] = set()
         for i, w in enumerate(watched):
             module = w.module
-            if not w.implied or not isinstance(module, nn.Linear) or w.param is not module.weight:
+            if not w.implied or module is None or not is_linear(module):
                 continue
-            self._limit[i] = min(module.weight.shape)
+            if w.param is not getattr(module, "weight", None):
+                continue
+            self._limit[i] = min(w.param.shape)
             self._handles.append(module.register_forward_hook(self._forward_hook(i)))
 
     @property
@@ -86,7 +107,7 @@ class ImpliedGradients:
             if not self.enabled or not torch.is_grad_enabled() or not isinstance(output, Tensor) or not inputs:
                 return None
             x = inputs[0]
-            if not isinstance(x, Tensor) or not isinstance(module, nn.Linear) or x.shape[-1] != module.in_features:
+            if not isinstance(x, Tensor) or x.shape[-1] != _in_features(module):
                 return None
             generation = self._generation
             replaced = None

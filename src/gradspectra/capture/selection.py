@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args
 
 from torch import nn
 
+from gradspectra.capture.implied import is_linear
 from gradspectra.capture.naming import parse_layer_names
 from gradspectra.capture.watched import WatchedParameter
 from gradspectra.functional.reshape import as_matrix, is_conv1d
@@ -383,7 +384,7 @@ def select_parameters(
         adapter = adapters.get(path)
         if not param.requires_grad:
             implied = gradients == "implied" or ((adapter is not None or explicit) and gradients == "auto")
-            if implied and isinstance(module, nn.Linear) and min(param.shape) >= 2:
+            if implied and is_linear(module) and param.ndim == 2 and min(param.shape) >= 2:
                 watched = WatchedParameter(name, path, index, component, param, module, implied=True, adapter=adapter)
                 selection.watched.append(watched)
             else:
