@@ -295,3 +295,67 @@ def test_gpt2_conv1d_layers_with_lora_equal_their_trainable_twin() -> None:
         want = as_matrix(reference[real].grad, w.module)
         torch.testing.assert_close(implied.matrix(i), want, rtol=1e-9, atol=1e-14)
     implied.close()
+
+
+def test_in_place_ops_after_a_layer_with_nothing_trained_upstream_still_train() -> None:
+    """The output of a frozen layer whose input needs no gradient is a copy that requires one, not a leaf:
+    an in-place ReLU after it is legal, and the implied gradient equals the trainable twin's."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)).double()
+    twin = copy.deepcopy(model)
+    model[0].requires_grad_(False)
+    watched = select_parameters(model, include="*.weight").watched
+    assert [(w.name, w.implied) for w in watched] == [("0.weight", True), ("2.weight", False)]
+    implied = ImpliedGradients(watched)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    model(x).square().sum().backward()
+    twin(x).square().sum().backward()
+    torch.testing.assert_close(implied.matrix(0), twin[0].weight.grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(model[2].weight.grad, twin[2].weight.grad, rtol=1e-12, atol=0)
+    implied.close()
+
+
+def test_an_input_changed_in_place_after_the_layer_breaks_the_step_not_the_value() -> None:
+    lin = nn.Linear(4, 4)
+    implied = ImpliedGradients([_frozen(lin)])
+    x = torch.randn(3, 4, requires_grad=True).clone()
+    y = lin(x)
+    x.mul_(3.0)  # legal for the user (autograd saved nothing of x for a frozen layer), but D^T X would be wrong
+    (y.sum() + x.sum()).backward()
+    assert not implied.has(0) and 0 in implied.broken
+    implied.close()
+
+
+def test_a_non_finite_input_on_a_padding_row_shows_as_nan() -> None:
+    """0 x inf is NaN in autograd's product too: a row with no output gradient but a bad input is kept."""
+    lin = nn.Linear(8, 6)
+    implied = ImpliedGradients([_frozen(lin)])
+    x = torch.randn(4, 8)
+    x[2, 1] = float("inf")
+    weights = torch.tensor([1.0, 1.0, 0.0, 1.0])[:, None]
+    (lin(x.requires_grad_()) * weights).sum().backward()
+    assert not bool(torch.isfinite(implied.matrix(0)).all())
+    parts = implied.factors(0)
+    assert parts is not None and parts[0].shape[0] == 4
+    implied.close()
+
+
+def test_a_user_module_with_a_base_layer_child_is_not_an_adapter() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base_layer, self.refine = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    model = nn.Sequential(Block(), nn.Linear(4, 2))
+    assert adapter_wrappers(model) == {}
+    names = [w.name for w in select_parameters(model).watched]
+    assert names == ["0.base_layer.weight", "0.refine.weight", "1.weight"]
+
+
+def test_a_tied_frozen_weight_is_not_measured_by_a_part_of_its_gradient() -> None:
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.ReLU(), second, nn.Linear(4, 2))
+    first.requires_grad_(False)
+    sel = select_parameters(model, include="*.weight")
+    assert [w.name for w in sel.watched] == ["3.weight"] and sel.frozen == ["0.weight"]

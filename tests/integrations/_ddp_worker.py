@@ -128,9 +128,49 @@ def run_trainer(out: Path, steps: int) -> None:
         dist.destroy_process_group()
 
 
+def run_branch(out: Path, steps: int) -> None:
+    """A frozen layer that only rank 0's batches reach (an expert, a branch): the ranks still agree on the
+    implied layers' all-reduce, and rank 1 adds zeros for it."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gradspectra import GradientSpectrumTracker
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8), "head": nn.Linear(8, 2)})
+    model["a"].requires_grad_(False)
+    model["b"].requires_grad_(False)
+    ddp = DistributedDataParallel(model)
+    tracker = GradientSpectrumTracker(ddp, log_dir=out / "logs", include="*.weight", **{**OPTIONS, "spectra": "exact"})
+    optimizer = torch.optim.SGD(model["head"].parameters(), lr=0.1)
+    returned = []
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(2, 16, 8, generator=g)[rank]
+        h = torch.relu(model["a"](x))
+        if rank == 0:
+            h = h + model["b"](h)
+        loss = model["head"](h).square().mean()
+        loss.backward()
+        returned.append(tracker.step(loss=loss))
+        optimizer.step()
+        optimizer.zero_grad()
+    tracker.close()
+    _dump(out, rank, {"rank": rank, "world": dist.get_world_size(), "records": returned})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     mode, folder, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     if mode == "lora":
         run_tracker(folder, n, lora=True)
+    elif mode == "branch":
+        run_branch(folder, n)
     else:
         {"tracker": run_tracker, "trainer": run_trainer}[mode](folder, n)

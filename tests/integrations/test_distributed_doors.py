@@ -143,6 +143,17 @@ def test_lora_implied_gradients_under_ddp_are_the_ranks_average(tmp_path: Path) 
 
 
 @pytest.mark.timeout(240)
+def test_a_frozen_layer_only_one_rank_reaches_does_not_desynchronise_the_ranks(tmp_path: Path) -> None:
+    ranks = torchrun("branch", tmp_path / "ddp", 2)
+    for r in ranks:
+        for record in r["records"]:
+            assert sorted(record["metrics"]) == ["a", "b", "head"] and "error" not in record
+            assert set(record["implied_layers"]) == {"a", "b"}
+    # rank 1 added zeros for b: the average is half of rank 0's own D^T X, which is not zero
+    assert ranks[0]["records"][0]["metrics"]["b"]["frobenius_norm"] > 0
+
+
+@pytest.mark.timeout(240)
 def test_trainer_callback_under_torchrun_matches_one_process(tmp_path: Path) -> None:
     from transformers import Trainer
 

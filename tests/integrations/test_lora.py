@@ -174,7 +174,7 @@ def test_under_the_budget_implied_layers_take_turns(tmp_path: Path) -> None:
     monitor = GradientSpectrumMonitor(**{**OPTIONS, "spectra": "auto", "max_overhead": 1e-4, "output_dir": tmp_path})
     records = run_lightning(model, groups(model), data, tmp_path, monitor=monitor)
     assert "frozen layers a step" in str(monitor.engine.affordance)  # the user is told, in words
-    assert not records[0].get("unmeasured_layers")  # the first step forms every layer: it learns the cost
+    assert len(records[0]["metrics"]) == 1  # the first step forms one layer: the cost is learned from it
     later = records[4:]
     assert all(r["unmeasured_layers"] for r in later)
     for r in records:
@@ -225,3 +225,19 @@ def test_bf16_mixed_matches_the_trainable_weights_gradient(tmp_path: Path) -> No
         twin, twin_groups, data, tmp_path / "twin", precision="bf16-mixed", gradients="parameters"
     )
     assert_same_spectra(implied, reference, rel=1e-2)
+
+
+def test_per_sample_spectra_of_a_lora_model(tmp_path: Path) -> None:
+    """per_sample= on frozen layers: the samples' factors are checked against the implied gradient."""
+    model, data = lora_llama(), batches(3)
+    optimizer = torch.optim.SGD(groups(model), lr=0.1)
+    options = {**OPTIONS, "per_sample": "always"}
+    with GradientSpectrumTracker(model, log_dir=tmp_path, optimizer=optimizer, **options) as tracker:
+        for batch in data:
+            loss = model(**batch).loss
+            loss.backward()
+            record = tracker.step(loss=loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            assert record is not None and record["samples"] is not None, record.get("samples_note")
+            assert len(record["samples"]) == 4 and "samples_note" not in record, record.get("samples_note")

@@ -48,6 +48,12 @@ def _in_features(module: nn.Module | None) -> int | None:
     return None
 
 
+def _carries(d: Tensor, x: Tensor) -> Tensor:
+    """Rows that add to ``D^T X``: a nonzero output gradient, or a non-finite input (``0 x inf`` is NaN, as in
+    autograd's product: a bad value must show, never be dropped with the padding)."""
+    return (d != 0).any(dim=1) | ~x.isfinite().all(dim=1)
+
+
 def is_linear(module: nn.Module | None) -> bool:
     """Whether ``module``'s frozen weight can be measured by its implied gradient (``nn.Linear``, GPT-2 ``Conv1D``)."""
     return _in_features(module) is not None
@@ -79,6 +85,8 @@ class ImpliedGradients:
         self._handles: list[RemovableHandle] = []
         #: whether the hooks keep anything (a step that is not measured keeps nothing)
         self.enabled = True
+        #: the layers whose rows are kept this step (``None``: every hooked layer); the others keep nothing
+        self.active: set[int] | None = None
         self._rows: dict[int, list[tuple[Tensor, Tensor]]] = {}
         self._tokens: dict[int, int] = {}
         self._sum: dict[int, Tensor] = {}
@@ -106,30 +114,33 @@ class ImpliedGradients:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
             if not self.enabled or not torch.is_grad_enabled() or not isinstance(output, Tensor) or not inputs:
                 return None
+            if self.active is not None and i not in self.active:
+                return None
             x = inputs[0]
             if not isinstance(x, Tensor) or x.shape[-1] != _in_features(module):
                 return None
-            generation = self._generation
+            generation, version = self._generation, x._version
             replaced = None
             if not output.requires_grad:
-                # nothing upstream is trained: ask autograd for this output's gradient all the same
-                replaced = output.detach().requires_grad_(True)
+                # nothing upstream is trained: ask autograd for this output's gradient all the same. The
+                # output is copied (a leaf that requires grad would forbid in-place operations after the layer)
+                replaced = output.detach().requires_grad_(True).clone()
                 output = replaced
             x = x.detach()
-            output.register_hook(lambda grad: self._keep(i, generation, x, grad))  # type: ignore[no-untyped-call]
+            output.register_hook(lambda grad: self._keep(i, generation, x, grad, version))  # type: ignore[no-untyped-call]
             return replaced
 
         return hook
 
-    def _keep(self, i: int, generation: int, x: Tensor, grad: Tensor) -> None:
+    def _keep(self, i: int, generation: int, x: Tensor, grad: Tensor, version: int | None = None) -> None:
         if generation != self._generation or i in self.broken:
             return
         d = grad.detach().reshape(-1, grad.shape[-1])
         xs = x.reshape(-1, x.shape[-1])
-        if d.shape[0] != xs.shape[0]:
-            self.broken.add(i)
-            self._rows.pop(i, None)
-            self._sum.pop(i, None)
+        # rows that do not fit, or an input changed in place after the layer read it (autograd did not save
+        # it for a frozen layer, so nothing else would notice): the layer has no implied gradient this step
+        if d.shape[0] != xs.shape[0] or (version is not None and x._version != version):
+            self._break(i)
             return
         tokens = self._tokens.get(i, 0)
         if i in self._formed:
@@ -138,11 +149,20 @@ class ImpliedGradients:
             self._formed.discard(i)
             self._partial.add(i)
         elif self._rows.get(i) and tokens + int(d.shape[0]) >= self._limit[i]:
-            self._fold(i)
+            try:
+                self._fold(i)
+            except RuntimeError:  # out of memory inside the user's backward: lose this layer's step, not the run
+                self._break(i)
+                return
             self._partial.add(i)
         self._tokens[i] = tokens + int(d.shape[0])
         # references only: nothing is copied in the training step
         self._rows.setdefault(i, []).append((d, xs))
+
+    def _break(self, i: int) -> None:
+        self.broken.add(i)
+        self._rows.pop(i, None)
+        self._sum.pop(i, None)
 
     def _fold(self, i: int) -> None:
         """Sum the rows kept so far into the layer's ``m x n`` matrix and let them go."""
@@ -153,7 +173,7 @@ class ImpliedGradients:
             if d.device.type == "cpu":
                 # padding rows carry no gradient: leaving them out of the product costs one read of D
                 # (on a GPU finding them would wait for the device, and the product is cheap there)
-                carries = (d != 0).any(dim=1)  # NaN rows are kept: a bad gradient must show
+                carries = _carries(d, xs)
                 if not bool(carries.all()):
                     d, xs = d[carries], xs[carries]
             dtype = torch.float64 if d.dtype == torch.float64 or xs.dtype == torch.float64 else torch.float32
@@ -193,7 +213,7 @@ class ImpliedGradients:
         parts = self._rows[i]
         delta = torch.cat([d for d, _ in parts]) if len(parts) > 1 else parts[0][0]
         x = torch.cat([xs for _, xs in parts]) if len(parts) > 1 else parts[0][1]
-        carries = (delta != 0).any(dim=1)
+        carries = _carries(delta, x)
         delta, x = delta[carries], x[carries]
         if delta.shape[0] >= self._limit[i]:
             return None

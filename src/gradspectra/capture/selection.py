@@ -44,8 +44,9 @@ _BASE = "base_layer"
 def adapter_wrappers(model: nn.Module) -> dict[str, str]:
     """Modules that wrap a base layer with adapters (peft's LoRA, DoRA, IA3 layers): path -> adapter names.
 
-    Recognised by structure, so that peft is never imported: a module with a child named ``base_layer``.
-    The adapter names are its ``active_adapters`` (peft), joined by ``","``.
+    Recognised by structure, so that peft is never imported: a module with a child named ``base_layer`` and
+    peft's adapter attributes (``adapter_layer_names`` or ``active_adapters``). The adapter names are its
+    ``active_adapters``, joined by ``","``.
 
     Example:
         >>> class Wrapped(nn.Module):
@@ -60,6 +61,8 @@ def adapter_wrappers(model: nn.Module) -> dict[str, str]:
     for path, module in model.named_modules():
         if not isinstance(dict(module.named_children()).get(_BASE), nn.Module):
             continue
+        if not any(hasattr(module, a) for a in ("adapter_layer_names", "active_adapters", "active_adapter")):
+            continue  # a module of the user's that happens to have a `base_layer` child: not an adapter wrapper
         names: Any = getattr(module, "active_adapters", None)
         if names is None:
             names = getattr(module, "active_adapter", ())
@@ -295,7 +298,8 @@ def select_parameters(
     ``adapter`` named) when it is wrapped or an explicit filter (``include``, ``regex``, ``predicate``)
     matched it (``"auto"``), or whenever it matched (``"implied"``). Under ``"parameters"`` frozen
     weights are skipped and each adapter matrix is a layer of its own (a base weight made trainable
-    keeps its base name).
+    keeps its base name). A frozen weight shared by several modules (tied) is not measured by its implied
+    gradient (it lands in :attr:`Selection.frozen`).
 
     A parameter shared by several modules (tied weights) is watched once, under the module that
     measures it best: a non-embedding module first (GPT-2's tied ``wte`` / ``lm_head`` weight is watched
@@ -368,6 +372,12 @@ def select_parameters(
         return (not measurable, isinstance(module, _EMBEDDING_TYPES), position)
 
     chosen = sorted((min(group, key=rank) for group in owners.values()), key=lambda owner: owner[0])
+    # a weight held by several modules (tied) gets gradient from each: one module's hooks would see a part of it
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        weight = _weight(module)
+        if weight is not None:
+            holders[id(weight)] = holders.get(id(weight), 0) + 1
     all_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     parsed = parse_layer_names(all_names + [f"{p}.weight" if p else "weight" for _, p, _, _ in chosen], model)
 
@@ -384,7 +394,7 @@ def select_parameters(
         adapter = adapters.get(path)
         if not param.requires_grad:
             implied = gradients == "implied" or ((adapter is not None or explicit) and gradients == "auto")
-            if implied and is_linear(module) and param.ndim == 2 and min(param.shape) >= 2:
+            if implied and is_linear(module) and param.ndim == 2 and min(param.shape) >= 2 and holders[id(param)] == 1:
                 watched = WatchedParameter(name, path, index, component, param, module, implied=True, adapter=adapter)
                 selection.watched.append(watched)
             else:

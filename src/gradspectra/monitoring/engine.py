@@ -23,7 +23,9 @@ from gradspectra.capture.factors import FactorCapture
 from gradspectra.capture.implied import ImpliedGradients
 from gradspectra.capture.sharded import fsdp_groups, is_sharded
 from gradspectra.functional import needs_spectrum
+from gradspectra.functional.reshape import is_conv1d
 from gradspectra.metrics import LayerwiseSpectrum
+from gradspectra.monitoring.budget import Plan
 from gradspectra.monitoring.config import MonitorConfig
 from gradspectra.monitoring.distributed import Processes, gather_ids, gather_sharded, layer_owners, pack, unpack
 from gradspectra.monitoring.planner import Planner
@@ -170,6 +172,9 @@ class MonitorEngine:
         self._implied_cost: float | None = None  # seconds per token x m x n to form an implied gradient (EMA)
         self._implied_formed_at: dict[int, int] = {}  # layer -> the measured step its implied gradient was formed
         self._unmeasured: list[int] = []  # implied layers this step left for a later one (their turn comes)
+        self._implied_rotates = False
+        self._implied_shapes: dict[int, tuple[int, int]] = {}
+        self._implied_tokens: dict[int, int] = {}  # tokens each implied layer saw when it was last formed
         self.samples: SampleStage | None = None  # per_sample=: hooks of per-sample spectra (one process)
         self.sample_scorer = SampleScorer() if config.per_sample is not None else None
         self.planner: Planner | None = None
@@ -238,8 +243,9 @@ class MonitorEngine:
         # for spectra="exact": what the hooks cost happens inside the training step, unseen by the budget
         use_factors = self.config.factored and self.config.spectra == "exact" and world == 1
         self.factors = FactorCapture(self.watched) if use_factors else None
-        self._attach_implied()
-        self.runner.factors = self._factor_source()
+        self._attach_implied(world)
+        # the kept rows are this rank's: under DDP the implied gradient is the ranks' average, not their D^T X
+        self.runner.factors = self._factor_source() if world == 1 else self.factors
         self._attach_samples(world, owner)
         if selection.frozen:
             log.info(
@@ -263,14 +269,24 @@ class MonitorEngine:
 
         return Both()
 
-    def _attach_implied(self) -> None:
+    def _attach_implied(self, world: int) -> None:
         """Hooks for the frozen watched weights measured by their implied gradient ``D^T X``."""
         if self.implied is not None:
             self.implied.close()
             self.implied = None
         self._implied_layers = {w.key: w.adapter for w in self.watched if w.implied}
+        self._implied_rotates = world == 1 and self.config.spectra == "auto"
         if self._implied_layers:
             self.implied = ImpliedGradients(self.watched)
+            # each implied layer's matrix as it is formed (out x in: GPT-2's Conv1D stores its weight in x out)
+            self._implied_shapes = {
+                i: (int(w.param.shape[1]), int(w.param.shape[0])) if is_conv1d(w.module) else self._shapes[i]
+                for i, w in enumerate(self.watched)
+                if w.implied
+            }
+            if self._implied_rotates and self.planner is not None and self.planner.budget is None:
+                # the budget covers every layer from the start, although the implied ones take turns
+                self.planner.rows = list(range(len(self.watched)))
             adapted = sum(a is not None for a in self._implied_layers.values())
             log.info(
                 f"gradspectra: {len(self._implied_layers)} frozen linear weights ({adapted} wrapped by adapters) are "
@@ -292,6 +308,11 @@ class MonitorEngine:
             )
         assert self.sample_scorer is not None
         stage = SampleStage(self.watched, self.metric_names, self.sample_scorer)
+        implied = self.implied
+        if implied is not None:
+            # frozen layers: the samples' factors add up to the implied gradient (formed only on its turn)
+            rows = set(implied.layers)
+            stage.gradient = lambda r: implied.matrix(r) if r in rows else self.watched[r].grad_matrix()
         if not stage.layers:
             stage.close()
             raise ValueError(
@@ -361,6 +382,10 @@ class MonitorEngine:
             self.samples.capture.enabled = measured
         if self.implied is not None:
             self.implied.enabled = measured
+            # the turns are chosen now, so that the layers whose turn it is not keep no rows at all
+            self.implied.active = (
+                set(self._implied_turn(self.implied.layers, plan)[0]) if measured and self._implied_rotates else None
+            )
         if self.factors is not None:
             if not measured:
                 self.factors.active = set()
@@ -432,12 +457,14 @@ class MonitorEngine:
                 collected.matrices.append(g)
         self._unmeasured = []
         if implied is not None:
-            rows = [i for i in implied.layers if (scope is None or i in scope) and implied.has(i)]
-            if procs.world == 1 and self.config.spectra == "auto":
-                rows, self._unmeasured = self._implied_turn(rows, implied)
-            started = time.perf_counter()
-            formed = {i: g for i in rows if (g := implied.matrix(i)) is not None}
-            self._learn_implied_cost(rows, implied, time.perf_counter() - started)
+            rows = [i for i in implied.layers if scope is None or i in scope]
+            if self._implied_rotates:
+                active = implied.active if implied.active is not None else set(self._implied_turn(rows, None)[0])
+                self._unmeasured = [i for i in rows if i not in active]
+                rows = [i for i in rows if i in active]
+            if procs.world == 1:
+                rows = [i for i in rows if implied.has(i)]  # (under DDP every rank lists every layer: one all-reduce)
+            formed = self._form_implied(rows, implied)
             if procs.world > 1:
                 formed = self._implied_over_ranks(rows, formed, procs)
             for i, g in formed.items():
@@ -448,29 +475,51 @@ class MonitorEngine:
             collected.matrices = [collected.matrices[k] for k in order]
         return collected
 
-    def _implied_turn(self, rows: list[int], implied: ImpliedGradients) -> tuple[list[int], list[int]]:
+    def _form_implied(self, rows: list[int], implied: ImpliedGradients) -> dict[int, Tensor]:
+        """Each layer's ``D^T X``, timed to learn the cost (a layer that fails to form is left out of this step)."""
+        started = time.perf_counter()
+        formed: dict[int, Tensor] = {}
+        for i in rows:
+            try:
+                g = implied.matrix(i)
+            except RuntimeError as err:  # e.g. out of memory: this layer has no value this step
+                message = f"gradspectra could not form the implied gradient of {self._keys[i]}: {err}"
+                warnings.warn(message, stacklevel=2)
+                continue
+            if g is not None:
+                formed[i] = g
+        if formed:
+            device = next(iter(formed.values())).device
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the products run asynchronously: time them, not their launch
+        self._learn_implied_cost(list(formed), implied, time.perf_counter() - started)
+        return formed
+
+    def _implied_turn(self, rows: list[int], plan: Plan | None) -> tuple[list[int], list[int]]:
         """Under ``spectra="auto"``: the implied layers whose ``D^T X`` is formed this step, and those left for later.
 
         Forming costs ``2 T m n`` flops a layer (what autograd spends on a trainable weight): the layers take
         turns, oldest first, in at most half of the step's budget (at least one a step), besides the step's
-        detection anchors (formed every step, so that the scorer's detection series has no gaps); every layer
-        on the first measured steps, while the step time and the cost are learned.
+        detection anchors (``plan.detect``, formed every step, so that the scorer's detection series has no
+        gaps). Until the step time and the cost are learned (the first steps), one layer a step besides the
+        anchors. The cost of a layer is predicted from the tokens it saw when it was last formed.
         """
         budget = self.planner.budget if self.planner is not None else None
         step_seconds = budget.step_seconds if budget is not None else None
-        if step_seconds is None or self._implied_cost is None:
-            return rows, []
-        allowance = _IMPLIED_SHARE * self.config.max_overhead * step_seconds
-        pending = self.planner.pending if self.planner is not None else None
-        anchors = set(pending.detect) if pending is not None else set()
+        cost_per = self._implied_cost
+        allowance = 0.0
+        if step_seconds is not None and cost_per is not None:
+            allowance = _IMPLIED_SHARE * self.config.max_overhead * step_seconds
+        anchors = set(plan.detect) if plan is not None else set()
+        tokens = max(self._implied_tokens.values(), default=0)
         chosen: list[int] = []
         spent = 0.0
         turns = 0  # layers formed in turn (besides the anchors): at least one a step, so that every layer's comes
         for i in sorted(rows, key=lambda r: (r not in anchors, self._implied_formed_at.get(r, -1))):
             m, n = self._shapes[i]
-            cost = self._implied_cost * implied.tokens(i) * m * n
+            cost = (cost_per or 0.0) * self._implied_tokens.get(i, tokens) * m * n
             if i not in anchors:
-                if turns and spent + cost > allowance:
+                if turns and (cost_per is None or spent + cost > allowance):
                     continue
                 turns += 1
             chosen.append(i)
@@ -482,6 +531,7 @@ class MonitorEngine:
         size = sum(implied.tokens(i) * self._shapes[i][0] * self._shapes[i][1] for i in rows)
         for i in rows:
             self._implied_formed_at[i] = self.steps_monitored
+            self._implied_tokens[i] = implied.tokens(i)
         if size <= 0:
             return
         cost = seconds / size
@@ -497,7 +547,7 @@ class MonitorEngine:
         device = self.watched[rows[0]].param.device
         parts = []
         for i in rows:
-            m, n = self._shapes[i]
+            m, n = self._implied_shapes[i]
             g = matrices.get(i)
             parts.append(g.float() if g is not None else torch.zeros(m, n, dtype=torch.float32, device=device))
         counts = torch.tensor([float(i in matrices) for i in rows], dtype=torch.float32, device=device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -56,6 +56,9 @@ class SampleStage:
         self._layer_seconds: float | None = None  # learned cost of one layer's per-sample spectra
         self._cursor = 0  # where the rotation over layers goes on next step
         self._projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer, drawn once
+        #: the gradient each layer's factors are checked against (default ``grad_matrix()``; the engine gives
+        #: frozen layers' implied gradient ``D^T X`` here)
+        self.gradient: Callable[[int], Tensor | None] = lambda row: self.watched[row].grad_matrix()
 
     def rows_for(self, allowance: float | None) -> list[int]:
         """The layers measured this step: all of them, or when ``allowance`` (seconds) does not cover all, the
@@ -95,7 +98,7 @@ class SampleStage:
         unexplained: list[str] = []
         sizes: list[int] = []
         for row in rows:
-            grad = self.watched[row].grad_matrix()
+            grad = self.gradient(row)
             parts = self.capture.factors(row)
             if grad is None or not parts:
                 continue
