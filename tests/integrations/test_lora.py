@@ -117,17 +117,7 @@ def test_default_selection_watches_what_the_adapters_wrap(tmp_path: Path) -> Non
     model, data = lora_llama(), batches(2)
     options = {k: v for k, v in OPTIONS.items() if k != "include"}
     monitor = GradientSpectrumMonitor(**options, output_dir=tmp_path)
-    trainer = pl.Trainer(
-        max_steps=2,
-        logger=False,
-        callbacks=[monitor],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
-    trainer.fit(Lit(model, groups(model)), DataLoader(Samples(data), batch_size=4))
+    run_lightning(model, groups(model), data, tmp_path, monitor=monitor)
     record = monitor.batch_records[-1]
     assert list(record["metrics"]) == [f"self_attn.{p}_proj/layer_{i:02d}" for i in range(2) for p in "qv"]
     assert set(record["implied_layers"].values()) == {"default"}
