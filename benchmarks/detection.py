@@ -22,9 +22,23 @@ do) and two-sided form, per kind.
     python benchmarks/detection.py --kinds duplicate --steps 80
     python benchmarks/detection.py --records /tmp/recs      # also keep each run's batch records
     python benchmarks/detection.py --rescore /tmp/recs      # no training: re-score kept records
+    python benchmarks/detection.py --lora --records /tmp/lora   # the review kinds, MiniLM-L6 with LoRA adapters
 
 ``--rescore`` replays kept records through a fresh ``BatchScorer`` with the monitor's settings (the
 score is a pure function of the stream of per-step metrics and losses), for tuning the scorer.
+
+``--lora`` runs the review kinds (the default ``--kinds`` becomes the review kinds; the causal-LM kind
+and ``--grid`` are not available with it) on MiniLM-L6 with peft LoRA adapters (needs peft, the
+``gradspectra[lora]`` extra): ``r=8, lora_alpha=16`` on ``query`` and ``value``, no adapter dropout,
+the encoder frozen but for the adapters, the classification head fully trained, AdamW at ``--lora-lr``
+(default 5e-4: adapters need a larger rate than the full fine-tune's 2e-5). The monitor is unchanged: the
+frozen base weights it watches (with ``--watch attention``: query, key, value and ``output.dense`` of
+every layer, matched by the explicit include) are measured by their implied full-weight gradient
+``D^T X`` under the same names as in the full fine-tune (``attention.self.query/layer_00``), so the
+two runs measure the same layers. The peers' gradient norm is the norm over those watched layers, so
+under LoRA it is the norm of the implied gradients too. The report, the table's model column and the
+``--out`` JSON (``"lora"``) say whether a run was LoRA; ``--rescore`` tells LoRA records apart by their
+``implied_layers`` (an adapter named for some layer).
 
 ``--grid`` runs the settings the scorer must hold on, not only the one it was tuned on: 4 tasks
 (``reviews``: sentiment, ``topics``: 4-class topic, ``pairs``: whether two reviews agree, all three
@@ -81,6 +95,7 @@ class KindResult:
     false_flag_rate: float
     recall: float
     seconds: float
+    lora: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -115,10 +130,45 @@ def _monitor(out_dir: Path, include: str | None, spectra: str) -> Any:
     )
 
 
+#: ``--lora``: the adapters put on MiniLM-L6's encoder (peft ``LoraConfig`` arguments).
+LORA_CONFIG: dict[str, Any] = {"r": 8, "lora_alpha": 16, "target_modules": ["query", "value"], "lora_dropout": 0.0}
+LORA_LR = 5e-4
+FULL_LR = 2e-5  # ReviewClassifier's default
+
+
+def with_lora(model: Any) -> Any:
+    """``model`` (a ``ReviewClassifier``) with its encoder wrapped in peft LoRA adapters (:data:`LORA_CONFIG`).
+
+    peft freezes the encoder but for the adapters; the head stays fully trainable. The optimizer gets
+    every parameter (``_optimizers``: ``AdamW(module.parameters())``); AdamW skips the frozen ones, which
+    never get a ``.grad``.
+    """
+    try:
+        import peft
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("--lora needs peft: pip install peft (or `pip install 'gradspectra[lora]'`)") from err
+    model.encoder = peft.get_peft_model(model.encoder, peft.LoraConfig(**LORA_CONFIG))
+    if not all(p.requires_grad for p in model.head.parameters()):
+        raise RuntimeError("--lora: the classification head must stay trainable")
+    return model
+
+
 def run_review(
-    kind: str, steps: int, max_length: int, seed: int, work: Path, watch: str, spectra: str = "exact"
+    kind: str,
+    steps: int,
+    max_length: int,
+    seed: int,
+    work: Path,
+    watch: str,
+    spectra: str = "exact",
+    lora: bool = False,
+    lora_lr: float = LORA_LR,
 ) -> tuple[list[dict[str, Any]], dict[int, bool]]:
-    """Fine-tune MiniLM-L6 on reviews with ``kind`` injected; the monitor's records and batch -> corrupted."""
+    """Fine-tune MiniLM-L6 on reviews with ``kind`` injected; the monitor's records and batch -> corrupted.
+
+    ``lora``: LoRA adapters on the encoder (:func:`with_lora`), trained at ``lora_lr``, instead of the full
+    fine-tune at :data:`FULL_LR`.
+    """
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
@@ -128,7 +178,9 @@ def run_review(
     pl.seed_everything(seed, verbose=False)
     planned = review_batches(steps, batch_size=16, corruptions=(kind,), clean_prefix=CLEAN_PREFIX, seed=seed)
     data = TokenizedBatches(planned, load_tokenizer(), max_length=max_length)
-    model = ReviewClassifier()
+    model = ReviewClassifier(lr=lora_lr) if lora else ReviewClassifier()
+    if lora:
+        model = with_lora(model)
     monitor = _monitor(work, "*.attention.*" if watch == "attention" else None, spectra)
     _trainer(steps, monitor).fit(model, DataLoader(data, batch_size=None, shuffle=False))
     return list(monitor.batch_records), {b.index: b.corruption is not None for b in planned}
@@ -246,8 +298,19 @@ def _auroc(scores: Sequence[float | None], labels: Sequence[bool]) -> float:
     return auroc([math.inf if s is None or math.isnan(s) else s for s in scores], labels)
 
 
+def is_lora(records: Sequence[dict[str, Any]]) -> bool:
+    """Whether the records come from a run with adapters: some layer measured by its implied gradient has an
+    adapter named (``implied_layers``)."""
+    return any(a is not None for r in records for a in (r.get("implied_layers") or {}).values())
+
+
 def evaluate(
-    kind: str, model: str, records: Sequence[dict[str, Any]], corrupted: dict[int, bool], seconds: float
+    kind: str,
+    model: str,
+    records: Sequence[dict[str, Any]],
+    corrupted: dict[int, bool],
+    seconds: float,
+    lora: bool = False,
 ) -> KindResult:
     loss_high, loss_both = peer_scores(records, "loss")
     norm_high, norm_both = peer_scores(records, "grad_norm")
@@ -274,6 +337,7 @@ def evaluate(
         false_flag_rate=sum(clean_flags) / max(1, len(clean_flags)),
         recall=sum(bad_flags) / max(1, len(bad_flags)),
         seconds=seconds,
+        lora=lora,
     )
 
 
@@ -582,7 +646,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--kinds", default=",".join(ALL_KINDS), help=f"comma-separated, of: {', '.join(ALL_KINDS)}")
+    parser.add_argument(
+        "--kinds",
+        default=None,
+        help=f"comma-separated, of: {', '.join(ALL_KINDS)} (default all; with --lora the review kinds)",
+    )
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per MiniLM run (default 150)")
     parser.add_argument("--lm-steps", type=int, default=300, help="optimizer steps of the causal-LM run (default 300)")
     parser.add_argument(
@@ -616,6 +684,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1,
         help="torch threads (default 1: on a busy 2-core machine 2 threads ran 4-10x slower, waiting on each other)",
     )
+    parser.add_argument(
+        "--lora",
+        action="store_true",
+        help="review kinds only: MiniLM-L6 with peft LoRA adapters (r 8, alpha 16, on query and value, no dropout; "
+        "the head fully trained) instead of the full fine-tune; the monitor measures the frozen watched weights by "
+        "their implied gradient D^T X under the full fine-tune's names. Needs peft (`gradspectra[lora]`)",
+    )
+    parser.add_argument(
+        "--lora-lr",
+        type=float,
+        default=LORA_LR,
+        help=f"AdamW learning rate of the --lora runs (default {LORA_LR:g}; the full fine-tune uses {FULL_LR:g})",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the table here (.md) and the numbers (.json)")
     parser.add_argument("--records", type=Path, default=None, help="keep each run's batch records as <kind>.jsonl here")
     parser.add_argument("--rescore", type=Path, default=None, help="re-score the <kind>.jsonl records kept here")
@@ -634,10 +715,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     if (args.grid or args.grid_run) and args.records is None and args.rescore is None:
         parser.error("--grid needs --records DIR (where the runs' records go) or --rescore DIR")
+    if args.kinds is None:
+        args.kinds = ",".join(REVIEW_KINDS if args.lora else ALL_KINDS)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in ALL_KINDS]
     if unknown or not kinds:
         parser.error(f"--kinds can be any of {', '.join(ALL_KINDS)}, got {args.kinds!r}")
+    if args.lora and (args.grid or args.grid_run):
+        parser.error("--lora runs the single-kind review runs, not --grid")
+    if args.lora and any(k in LM_KINDS for k in kinds):
+        parser.error(f"--lora runs the review kinds ({', '.join(REVIEW_KINDS)}), got {args.kinds!r}")
+    if args.lora_lr <= 0:
+        parser.error(f"--lora-lr must be positive, got {args.lora_lr}")
     if args.steps <= CLEAN_PREFIX + 10 or args.lm_steps <= CLEAN_PREFIX + 10:
         parser.error(f"--steps and --lm-steps must exceed {CLEAN_PREFIX + 10}")
     args.kinds = kinds
@@ -675,14 +764,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| shape of the nuclear-norm layer profile |",
         "|---|---|---|---|---|---|",
     ]
+    lora_runs: list[bool] = []
     for kind in args.kinds:
         is_lm = kind in LM_KINDS
-        model = "tiny Llama (random init + clean pre-run)" if is_lm else "MiniLM-L6 (pretrained)"
         t0 = time.perf_counter()
         if args.rescore is not None:
             records = rescore(read_records(args.rescore / f"{kind}.jsonl"))
             corrupted = {int(r["batch_idx"]): bool(r["corrupted"]) for r in records}
+            lora = is_lora(records)  # what the records say, whatever --lora says
+            if lora != args.lora:
+                print(
+                    f"{kind}: the kept records are {'' if lora else 'not '}from a LoRA run "
+                    f"({'no ' if lora else ''}--lora given); reported as {'LoRA' if lora else 'full fine-tune'}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         else:
+            lora = args.lora
             with tempfile.TemporaryDirectory() as tmp:
                 work = Path(tmp)
                 if is_lm:
@@ -698,19 +796,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                 else:
                     records, corrupted = run_review(
-                        kind, args.steps, args.max_length, args.seed, work, args.watch, args.spectra
+                        kind,
+                        args.steps,
+                        args.max_length,
+                        args.seed,
+                        work,
+                        args.watch,
+                        args.spectra,
+                        lora=args.lora,
+                        lora_lr=args.lora_lr,
                     )
                 if args.records is not None:
                     args.records.mkdir(parents=True, exist_ok=True)
                     shutil.copy(work / "batches.jsonl", args.records / f"{kind}.jsonl")
                     _add_labels(args.records / f"{kind}.jsonl", corrupted)
-        result = evaluate(kind, model, records, corrupted, time.perf_counter() - t0)
+        if is_lm:
+            model = "tiny Llama (random init + clean pre-run)"
+        else:
+            model = "MiniLM-L6 (pretrained) + LoRA r 8 (query, value)" if lora else "MiniLM-L6 (pretrained)"
+        lora_runs.append(lora)
+        result = evaluate(kind, model, records, corrupted, time.perf_counter() - t0, lora=lora)
         results.append(result)
         signals.append(signal_row(kind, records, corrupted))
         print(
             f"{kind}: {result.steps} steps in {result.seconds:.0f} s, AUROC ours {result.auroc_ours:.3f}, "
             f"loss z {result.auroc_loss:.3f}, grad-norm z {result.auroc_grad_norm:.3f}, "
-            f"false flags {100 * result.false_flag_rate:.1f} %",
+            f"false flags {100 * result.false_flag_rate:.1f} %" + (" (LoRA)" if lora else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -720,9 +831,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.watch == "attention"
         else "every linear layer (`--watch all`)"
     )
+    any_lora = any(lora_runs)
+    if any_lora:
+        mode = (
+            "Mode: **LoRA** (peft adapters r 8, alpha 16, on query and value, no dropout; encoder frozen but for the "
+            f"adapters, classification head fully trained; AdamW lr {args.lora_lr:g}"
+            + (", as given by --lora-lr: the records do not keep it" if args.rescore else "")
+            + "). The frozen watched weights are measured by their implied full-weight gradient D^T X under the "
+            "full fine-tune's layer names."
+        )
+        review = f"LoRA, AdamW, lr {args.lora_lr:g}"
+    else:
+        mode = "Mode: full fine-tune (every weight trained)."
+        review = f"AdamW, lr {FULL_LR:g}"
+    if any_lora and not all(lora_runs):
+        mode += " Mixed: only " + ", ".join(k for k, x in zip(args.kinds, lora_runs) if x) + " are LoRA runs."
     settings = (
         f"Settings: seed {args.seed}; batches of 16, about 12 % corrupted after {CLEAN_PREFIX} clean ones; "
-        f"MiniLM-L6 ReviewClassifier runs {args.steps} steps at {args.max_length} tokens per review (AdamW, lr 2e-5, "
+        f"MiniLM-L6 ReviewClassifier runs {args.steps} steps at {args.max_length} tokens per review ({review}, "
         f"base label noise 0.1); TinyCausalLM (4 layers, hidden 64) runs {args.lm_pretrain_steps} unmonitored "
         f"clean steps, then {args.lm_steps} monitored steps at {args.lm_max_length} characters (AdamW, lr 1e-3); "
         f"GradientSpectrumMonitor watching {watched}, "
@@ -735,7 +861,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         + f"; CPU, {args.threads} torch thread(s); total {seconds / 60:.1f} min."
     )
     text = (
-        table(results)
+        mode
+        + "\n\n"
+        + table(results)
         + "\n\n"
         + settings
         + "\n\nSingle signals, per-batch AUROC (levels and profile against the last 24 clean steps, an oracle "
@@ -746,7 +874,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
-        payload = {"settings": vars(args), "seconds": seconds, "results": [asdict(r) for r in results]}
+        payload = {
+            "settings": vars(args),
+            "lora": any_lora,
+            "lora_config": LORA_CONFIG if any_lora else None,
+            "seconds": seconds,
+            "results": [asdict(r) for r in results],
+        }
         args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     return 0
 
