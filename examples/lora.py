@@ -56,7 +56,8 @@ def main() -> None:
     for key in ("attention.self.query/layer_00", "attention.self.key/layer_00", "attention.self.query/layer_05"):
         values = record["metrics"][key]
         rank, nuclear = values["effective_rank"], values["nuclear_norm"]
-        print(f"{key}: effective rank {rank:.1f} (the adapters' rank: 8), nuclear norm {nuclear:.3g}")
+        adapter = "adapter r=8" if record["implied_layers"][key] else "no adapter"
+        print(f"{key} ({adapter}): effective rank {rank:.1f}, nuclear norm {nuclear:.3g}")
     print(f"tensorboard --logdir {args.out}")
 
 
