@@ -89,6 +89,23 @@ def run_lightning(
     return read_records(out / "batches.jsonl")
 
 
+def run_plain(
+    model: nn.Module, params: list[dict[str, Any]], data: list[dict[str, Tensor]], out: Path, **options: Any
+) -> list[dict[str, Any]]:
+    """The plain-loop tracker over ``data`` (SGD on ``params``); the records it returned, in order."""
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    returned = []
+    with GradientSpectrumTracker(model, log_dir=out, optimizer=optimizer, **{**OPTIONS, **options}) as tracker:
+        for batch in data:
+            loss = model(**batch).loss
+            loss.backward()
+            returned.append(tracker.step(loss=loss))
+            optimizer.step()
+            optimizer.zero_grad()
+    assert [r["step"] for r in read_records(out / "gradspectra" / "batches.jsonl")] == [r["step"] for r in returned]
+    return returned
+
+
 def assert_same_spectra(mine: list[dict[str, Any]], reference: list[dict[str, Any]], rel: float = 1e-6) -> None:
     assert [r["step"] for r in mine] == [r["step"] for r in reference] and mine
     for a, b in zip(mine, reference):
@@ -146,15 +163,7 @@ def test_transformers_and_plain_loop_doors(tmp_path: Path) -> None:
         runs[name] = read_records(tmp_path / name / "gradspectra" / "batches.jsonl")
     assert_same_spectra(runs["lora"], runs["twin"])
 
-    optimizer = torch.optim.SGD(groups(plain), lr=0.1)
-    with GradientSpectrumTracker(plain, log_dir=tmp_path / "plain", optimizer=optimizer, **OPTIONS) as tracker:
-        for batch in data:
-            loss = plain(**batch).loss
-            loss.backward()
-            tracker.step(loss=loss)
-            optimizer.step()
-            optimizer.zero_grad()
-    assert_same_spectra(read_records(tmp_path / "plain" / "gradspectra" / "batches.jsonl"), runs["twin"])
+    assert_same_spectra(run_plain(plain, groups(plain), data, tmp_path / "plain"), runs["twin"])
 
 
 def test_under_the_budget_implied_layers_take_turns(tmp_path: Path) -> None:
@@ -188,15 +197,7 @@ def test_few_tokens_take_the_exact_t_by_t_route(tmp_path: Path) -> None:
         ("lora", model, groups(model), {}),
         ("twin", twin, twin_groups, {"gradients": "parameters", "factored": False}),
     ):
-        optimizer = torch.optim.SGD(params, lr=0.1)
-        with GradientSpectrumTracker(net, log_dir=tmp_path / name, optimizer=optimizer, **{**OPTIONS, **options}) as t:
-            for batch in data:
-                loss = net(**batch).loss
-                loss.backward()
-                t.step(loss=loss)
-                optimizer.step()
-                optimizer.zero_grad()
-        runs[name] = read_records(tmp_path / name / "gradspectra" / "batches.jsonl")
+        runs[name] = run_plain(net, params, data, tmp_path / name, **options)
     # q/o are 32 x 32 (24 tokens < 32: factored); k/v are 16 x 32 (grouped-query heads: 24 >= 16, formed)
     wide = [k for k in KEYS if "q_proj" in k or "o_proj" in k]
     assert all(r["factored_layers"] == wide for r in runs["lora"])
@@ -220,14 +221,6 @@ def test_bf16_mixed_matches_the_trainable_weights_gradient(tmp_path: Path) -> No
 def test_per_sample_spectra_of_a_lora_model(tmp_path: Path) -> None:
     """per_sample= on frozen layers: the samples' factors are checked against the implied gradient."""
     model, data = lora_llama(), batches(3)
-    optimizer = torch.optim.SGD(groups(model), lr=0.1)
-    options = {**OPTIONS, "per_sample": "always"}
-    with GradientSpectrumTracker(model, log_dir=tmp_path, optimizer=optimizer, **options) as tracker:
-        for batch in data:
-            loss = model(**batch).loss
-            loss.backward()
-            record = tracker.step(loss=loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            assert record is not None and record["samples"] is not None, record.get("samples_note")
-            assert len(record["samples"]) == 4 and "samples_note" not in record, record.get("samples_note")
+    for record in run_plain(model, groups(model), data, tmp_path, per_sample="always"):
+        assert record is not None and record["samples"] is not None, record.get("samples_note")
+        assert len(record["samples"]) == 4 and "samples_note" not in record, record.get("samples_note")
