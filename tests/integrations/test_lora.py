@@ -140,7 +140,8 @@ def test_default_selection_watches_what_the_adapters_wrap(tmp_path: Path) -> Non
     assert set(record["implied_layers"].values()) == {"default"}
 
 
-def test_transformers_and_plain_loop_doors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_transformers_and_plain_loop_doors(tmp_path: Path, accumulate: int) -> None:
     from transformers import Trainer
 
     model, data = lora_llama(), batches(4)
@@ -154,7 +155,12 @@ def test_transformers_and_plain_loop_doors(tmp_path: Path) -> None:
         callback = GradientSpectrumCallback(**{**OPTIONS, **options})
         trainer = Trainer(
             model=net,
-            args=hf_args(tmp_path / name, len(data), gradient_accumulation_steps=1),
+            args=hf_args(
+                tmp_path / name,
+                len(data),
+                gradient_accumulation_steps=accumulate,
+                per_device_train_batch_size=4 // accumulate,  # the same 4 samples per optimizer step
+            ),
             train_dataset=Samples(data),
             callbacks=[callback],
             optimizers=(torch.optim.SGD(params, lr=0.1), None),
