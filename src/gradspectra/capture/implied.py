@@ -5,7 +5,8 @@ their gradient, yet it is what the papers measure, and it does not depend on the
 initialisation. For an ``nn.Linear`` it is a sum over the tokens that went through the layer,
 :math:`G = \sum_t \delta_t x_t^\top = \Delta^\top X` (inputs :math:`X`, ``T x n``; output gradients
 :math:`\Delta`, ``T x m``). :class:`ImpliedGradients` keeps references to both for each watched frozen
-layer (no copy: autograd keeps the inputs of the layers upstream of a trainable one anyway) and forms
+layer (references, no copy; they keep the inputs alive until the step ends, which autograd itself would
+not do for a frozen layer) and forms
 :math:`G` when asked (:meth:`ImpliedGradients.matrix`); :meth:`ImpliedGradients.factors` gives the rows
 themselves, padding dropped, for the ``T x T`` route.
 
@@ -18,8 +19,9 @@ carry gradient, the exact spectrum comes from them through the ``T x T`` route
 
 A frozen layer whose output needs no gradient (the first layers of a model with frozen embeddings,
 an adapter-free layer upstream of every trainable one) would get no :math:`\Delta` from autograd; its
-output is then made to require one (a detached copy of the reference, no data copied), so that the
-backward also runs through that part of the graph: the implied gradient has a price there.
+output is then replaced by a copy that requires one (a copy, not a leaf, so that in-place operations after
+the layer stay legal), and the backward also runs through that part of the graph: the implied gradient
+has a price there.
 """
 
 from __future__ import annotations

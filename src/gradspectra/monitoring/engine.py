@@ -23,7 +23,7 @@ from gradspectra.capture.factors import FactorCapture
 from gradspectra.capture.implied import ImpliedGradients
 from gradspectra.capture.sharded import fsdp_groups, is_sharded
 from gradspectra.functional import needs_spectrum
-from gradspectra.functional.reshape import is_conv1d
+from gradspectra.functional.reshape import as_matrix
 from gradspectra.metrics import LayerwiseSpectrum
 from gradspectra.monitoring.budget import Plan
 from gradspectra.monitoring.config import MonitorConfig
@@ -71,6 +71,7 @@ if not log.handlers:
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
 _AFFORDS_AFTER = 20  # measured steps before the monitor says what the budget affords (it has learned by then)
+_IMPLIED_LEARN = 20  # on a GPU, the formings timed (each waits for the device) to learn their cost
 _IMPLIED_SHARE = 0.5  # under spectra="auto": the share of the budget that forming implied gradients may take
 _SAMPLES_SHARE = 0.5  # per_sample="always" under spectra="auto": the share of the budget it aims at
 _SKIP_MESSAGE_SECONDS = 10.0  # a run skipping many steps says so, without a line per step
@@ -175,6 +176,7 @@ class MonitorEngine:
         self._implied_rotates = False
         self._implied_shapes: dict[int, tuple[int, int]] = {}
         self._implied_tokens: dict[int, int] = {}  # tokens each implied layer saw when it was last formed
+        self._implied_learned = 0  # formings timed so far (on a GPU only the first _IMPLIED_LEARN are)
         self.samples: SampleStage | None = None  # per_sample=: hooks of per-sample spectra (one process)
         self.sample_scorer = SampleScorer() if config.per_sample is not None else None
         self.planner: Planner | None = None
@@ -278,12 +280,12 @@ class MonitorEngine:
         self._implied_rotates = world == 1 and self.config.spectra == "auto"
         if self._implied_layers:
             self.implied = ImpliedGradients(self.watched)
-            # each implied layer's matrix as it is formed (out x in: GPT-2's Conv1D stores its weight in x out)
-            self._implied_shapes = {
-                i: (int(w.param.shape[1]), int(w.param.shape[0])) if is_conv1d(w.module) else self._shapes[i]
-                for i, w in enumerate(self.watched)
-                if w.implied
-            }
+            # each implied layer's matrix as it is formed: the out x in of as_matrix (GPT-2's Conv1D is stored in x out)
+            self._implied_shapes = {}
+            for i, w in enumerate(self.watched):
+                matrix = as_matrix(w.param.detach(), w.module) if w.implied else None
+                if matrix is not None:
+                    self._implied_shapes[i] = (int(matrix.shape[0]), int(matrix.shape[1]))
             if self._implied_rotates and self.planner is not None and self.planner.budget is None:
                 # the budget covers every layer from the start, although the implied ones take turns
                 self.planner.rows = list(range(len(self.watched)))
@@ -488,11 +490,15 @@ class MonitorEngine:
                 continue
             if g is not None:
                 formed[i] = g
-        if formed:
-            device = next(iter(formed.values())).device
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the products run asynchronously: time them, not their launch
-        self._learn_implied_cost(list(formed), implied, time.perf_counter() - started)
+        device = next(iter(formed.values())).device if formed else None
+        timed = True
+        if device is not None and device.type == "cuda":
+            # the products run asynchronously: timing them waits for the device, so only while the turns
+            # still learn the cost (their first _IMPLIED_LEARN formings)
+            timed = self._implied_rotates and self._implied_learned < _IMPLIED_LEARN
+            if timed:
+                torch.cuda.synchronize(device)
+        self._learn_implied_cost(list(formed), implied, time.perf_counter() - started if timed else None)
         return formed
 
     def _implied_turn(self, rows: list[int], plan: Plan | None) -> tuple[list[int], list[int]]:
@@ -527,13 +533,15 @@ class MonitorEngine:
         taken = set(chosen)
         return sorted(chosen), [i for i in rows if i not in taken]
 
-    def _learn_implied_cost(self, rows: list[int], implied: ImpliedGradients, seconds: float) -> None:
+    def _learn_implied_cost(self, rows: list[int], implied: ImpliedGradients, seconds: float | None) -> None:
+        """Which layers were formed (their turn, their tokens), and what it cost (``None``: not timed)."""
         size = sum(implied.tokens(i) * self._shapes[i][0] * self._shapes[i][1] for i in rows)
         for i in rows:
             self._implied_formed_at[i] = self.steps_monitored
             self._implied_tokens[i] = implied.tokens(i)
-        if size <= 0:
+        if size <= 0 or seconds is None:
             return
+        self._implied_learned += 1
         cost = seconds / size
         self._implied_cost = cost if self._implied_cost is None else 0.8 * self._implied_cost + 0.2 * cost
 
@@ -700,17 +708,14 @@ class MonitorEngine:
             factored_rows=result.factored_rows,
             error=error,
             loss_seen=inputs.loss_seen,
-            scope=inputs.scope,
+            scope=self._record_scope(inputs.scope),
         )
         if inputs.optimizer is not None:
             record["optimizer"] = inputs.optimizer
         if self._implied_layers:
             record["implied_layers"] = dict(self._implied_layers)
             if self._unmeasured:
-                # not missing: their turn to be formed comes on a later step (the budget)
-                later = {self._keys[i] for i in self._unmeasured}
-                record["missing_layers"] = [k for k in record["missing_layers"] if k not in later]
-                record["unmeasured_layers"] = sorted(later, key=self._keys.index)
+                record["unmeasured_layers"] = [self._keys[i] for i in sorted(self._unmeasured)]
         if self.stability is not None and not inputs.optimizer:
             # the trend of the run, never reset by the scorer's shifts
             verdict = self.stability.update(record["metrics"], record.get("detection"), table.loss)
@@ -724,6 +729,13 @@ class MonitorEngine:
         self.shift_total += sum(e.get("kind") == "shift" for e in record["events"])
         self.steps_monitored += 1
         return record
+
+    def _record_scope(self, scope: frozenset[int] | None) -> frozenset[int] | None:
+        """The layers this step was to measure: the implied layers whose turn it is not are not missing."""
+        if not self._unmeasured:
+            return scope
+        rows = frozenset(range(len(self.watched))) if scope is None else scope
+        return rows - frozenset(self._unmeasured)
 
     def _release_factors(self) -> None:
         """What the hooks kept for this step (the exact route's factors, the per-sample ones) goes."""
