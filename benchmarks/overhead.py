@@ -14,7 +14,9 @@ Configurations:
 - ``default``: ``GradientSpectrumMonitor()`` (``spectra="auto"``, ``max_overhead=0.03``);
 - ``exact``: ``spectra="exact"``, exact spectra of every layer every step;
 - ``estimate``: ``spectra="estimate"``, estimates of every layer every step;
-- ``default-nostability``: the default with ``stability=False`` (not in the default set of configurations).
+- ``default-nostability``: the default with ``stability=False`` (not in the default set of configurations);
+- ``idle``: the monitor attached with ``every_n_steps`` past the run, measuring nothing: what its hooks and
+  the Lightning callback cost alone (not in the default set).
 
 With ``--lora`` (the cpu, small and gpu sections) the model gets peft LoRA adapters (r=8) on the attention's
 query and value projections and trains only those (and the MiniLM classifier head); the monitor then
@@ -57,7 +59,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-CONFIGS = ("none", "default", "exact", "estimate", "default-nostability", "hooks", "papers")
+CONFIGS = ("none", "default", "exact", "estimate", "default-nostability", "hooks", "papers", "idle")
 PAPERS_INCLUDE = {"cpu": "*.attention.*", "small": "*.self_attn.*_proj.weight", "gpu": "*.self_attn.*_proj.weight"}
 
 
@@ -98,6 +100,8 @@ def make_monitor(config: str, out: Path, section: str = "cpu") -> Any:
         return HooksOnly()
     include = PAPERS_INCLUDE[section] if config == "papers" else None
     spectra = {"exact": "exact", "estimate": "estimate"}.get(config, "auto")
+    if config == "idle":
+        return GradientSpectrumMonitor(output_dir=out / config, verbose=False, every_n_steps=10**6)
     stability = config != "default-nostability"  # what the stability detector costs on top of the default
     return GradientSpectrumMonitor(
         spectra=spectra, output_dir=out / config, verbose=False, stability=stability, include=include
@@ -219,7 +223,9 @@ def coverage(records: Sequence[dict[str, Any]]) -> str:
     per_step = statistics.fmean(full_per_step)
     cadence = f"every ~{n_layers / per_step:.0f} steps" if per_step > 0 else "never"
     observed = f"; observed gaps: median {statistics.median(gaps):.0f}, max {max(gaps)}" if gaps else ""
+    light = sum(bool(r.get("light")) for r in records)
     return (
+        f"light steps {light}/{len(records)}; "
         f"cheap tier on {100 * cheap / max(1, layer_steps):.1f}% of layer-steps; detection value on "
         f"{detected}/{len(records)} steps ({anchors:g} anchor layers, median); full spectra {per_step:.2f} "
         f"layers/step ({n_layers} layers: each {cadence}{observed})"

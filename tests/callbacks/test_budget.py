@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from gradspectra.monitoring.budget import CHEAP, DETECT, DETECT_MAX, ESTIMATE, EXACT, OverheadBudget, Plan
+from gradspectra.monitoring.budget import CHEAP, DETECT, DETECT_MAX, ESTIMATE, EXACT, MAX_PERIOD, OverheadBudget, Plan
 
 SHAPES = [(384, 384)] * 24 + [(1536, 384)] * 6 + [(384, 1536)] * 6
 
@@ -349,3 +349,56 @@ def test_a_pause_between_steps_earns_nothing() -> None:
     for _ in range(15):  # a lasting change of the step time is followed within the window
         budget.observe_step(0.050)
     assert budget.step_seconds == pytest.approx(0.050)
+
+
+def light_run(budget: OverheadBudget, steps: int, step: float, fixed: float, light: float) -> list[Plan]:
+    """A monitor on a made-up machine: a full step's fixed work costs ``fixed``, a light step ``light``."""
+    plans = []
+    for _ in range(steps):
+        budget.observe_step(step)
+        plan = budget.plan()
+        if plan.light:
+            budget.observe_light(light)
+        else:
+            if plan.detect:
+                budget.observe_work(DETECT, plan.detect, 0.004 * len(plan.detect))
+            budget.observe_fixed(fixed)
+        plans.append(plan)
+    return plans
+
+
+def test_a_fast_step_gets_light_steps_and_a_full_step_in_period() -> None:
+    # a 20 ms step: 3 % is 0.6 ms, less than a full step's fixed work (5 ms) and one anchor (4 ms); a light step
+    # (0.3 ms) leaves room: one full step in `period`, the smallest period that pays for it
+    shapes = [(128, 128)] * 16
+    budget = OverheadBudget(shapes, 0.03, cheap=True, light=True)
+    plans = light_run(budget, 1500, step=0.020, fixed=0.005, light=0.0003)  # the averages settle on full steps
+    each = 0.8 * 0.03 * 0.020
+    expected = math.ceil((0.005 + 0.004 - 0.0003) / (each - 0.0003))
+    assert budget.period == expected
+    full = [k for k, p in enumerate(plans) if not p.light]
+    assert [b - a for a, b in zip(full[-5:], full[-4:])] == [expected] * 4
+    for plan in plans:
+        if plan.light:  # a light step: every layer's Frobenius norm only
+            assert plan.deferred == list(range(len(shapes)))
+            assert not (plan.exact or plan.estimate or plan.audit or plan.cheap or plan.detect)
+    # the steady state spends about the budget: light steps plus a full step's fixed work and its detection
+    steady = plans[750:]
+    spent = sum(0.0003 if p.light else 0.005 + 0.004 * len(p.detect) for p in steady) / len(steady)
+    assert spent <= 0.03 * 0.020
+    assert budget.planned == pytest.approx(expected * each - (expected - 1) * 0.0003)
+
+
+def test_light_steps_only_where_a_full_step_does_not_fit() -> None:
+    shapes = [(128, 128)] * 16
+    slow = OverheadBudget(shapes, 0.03, cheap=True, light=True)  # a 1 s step: every step full
+    assert not any(p.light for p in light_run(slow, 100, step=1.0, fixed=0.005, light=0.0003))
+    assert slow.period == 1
+    off = OverheadBudget(shapes, 0.03, cheap=True, light=False)  # light=False (DDP): every step full
+    assert not any(p.light for p in light_run(off, 100, step=0.020, fixed=0.005, light=0.0003))
+    # a light step dearer than the whole budget: the full steps as rare as allowed, and the light steps go on
+    over = OverheadBudget(shapes, 0.03, cheap=True, light=True)
+    plans = light_run(over, 300, step=0.005, fixed=0.005, light=0.001)
+    assert over.period == MAX_PERIOD
+    assert sum(not p.light for p in plans[100:]) <= math.ceil(200 / MAX_PERIOD) + 1
+    assert over.planned == pytest.approx(0.8 * 0.03 * 0.005)  # a full step gets at least its own share

@@ -82,9 +82,11 @@ def test_a_breaking_run_is_warned_once(tmp_path: Path, caplog: pytest.LogCapture
     acc.Reload()
     counts = {e.step: e.value for e in acc.Scalars("gradspectra/instability")}
     assert counts[step] == 1.0 and sum(counts.values()) == 1.0
+    # the warned step logs its scalars even when it is a light step (a step this fast is mostly light ones,
+    # whose scalars are logged only when they say something)
     stability = {e.step: e.value for e in acc.Scalars("gradspectra/stability")}
     assert stability[step] >= 1.0
-    assert max(v for s, v in stability.items() if s < RAMP_FROM) < 1.0
+    assert max(r["stability"] for r in records if r["step"] < RAMP_FROM and "stability" in r) < 1.0
     texts = acc.Tensors("gradspectra/events/text_summary")
     assert any(t.step == step and "instability" in t.tensor_proto.string_val[0].decode() for t in texts)
 

@@ -136,3 +136,14 @@ def test_set_aside_moves_later_steps_and_a_cut_line_keeps_the_rest(tmp_path: Pat
     assert [r["loss"] for r in read_records(moved)] == [4.0, 5.0, 40.0]
     assert set_aside_records_after(path, 3) is None
     assert set_aside_records_after(tmp_path / "missing.jsonl", 3) is None
+
+
+def test_a_plain_record_is_written_in_one_pass_like_a_cleaned_one() -> None:
+    from gradspectra.reporting.records import _clean, record_to_json
+
+    plain = {**_record(3, 1.5), "metrics": {"fc/layer_00": {"nuclear_norm": 2.0, "effective_rank": 2.5}}}
+    assert record_to_json(plain) == json.dumps(_clean(plain), allow_nan=False, separators=(", ", ": "))
+    # a numpy float32 (not JSON by itself) and a NaN take the cleaned route
+    odd = {**plain, "loss": np.float32(0.5), "score": float("nan")}
+    back = json.loads(record_to_json(odd))
+    assert back["loss"] == 0.5 and back["score"] is None

@@ -96,7 +96,10 @@ class GradientSpectrumMonitor(Callback):
             spectra with what is left: exact when they fit, else bounded-error
             estimates (:func:`gradspectra.functional.estimate_spectral_metrics_many`), for as many
             layers as fit, oldest first, the others deferred to a later step (their Frobenius norm,
-            exact, is still measured), with exact audits of the estimator in round-robin order.
+            exact, is still measured), with exact audits of the estimator in round-robin order. On a step
+            too fast for that (a small model's few milliseconds, one process), most steps are light (every
+            layer's Frobenius norm, a score from them and the loss, the stability detector, the record) and
+            one in a period chosen by the budget is full; the record says ``"light": true``.
             ``"exact"``: exact spectra of every layer every step, whatever they cost.
             ``"estimate"``: estimates of every layer every step, no audits.
             Each record says which layers got which (``spectra``) and the estimates' errors.

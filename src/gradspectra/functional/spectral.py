@@ -98,9 +98,15 @@ def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
     for m in matrices:
         _check_matrix(m)
     device = matrices[0].device
+    fused = hasattr(torch, "_foreach_norm")
+    if fused and all(m.dtype == torch.float32 and m.device == device for m in matrices):
+        # the common case, every matrix float32 on one device: one fused call, and done when every norm is
+        # well inside float32's range of squares (else the routes below)
+        norms = torch.stack(list(torch._foreach_norm(list(matrices)))).to(torch.float64)
+        if bool((((norms > 1e-10) & (norms < 1e15)) | torch.isnan(norms)).all()):
+            return norms
     out = torch.empty(len(matrices), dtype=torch.float64, device=device)
     trusted = torch.empty(len(matrices), dtype=torch.bool, device=device)
-    fused = hasattr(torch, "_foreach_norm")
     plain = [i for i, m in enumerate(matrices) if fused and m.dtype == torch.float32 and m.device == device]
     if plain:
         # float32 matrices in one fused call (what torch's clip_grad_norm_ uses); trusted only well inside

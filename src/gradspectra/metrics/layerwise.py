@@ -63,14 +63,21 @@ class LayerwiseSpectrum(Metric):
         add_streaming_states(self, shape, persistent=True)
 
     def update(self, values: Tensor, mask: Tensor | None = None) -> None:
-        """Fold one step's values, shaped ``(layers, metrics)``.
+        """Fold one step's values, shaped ``(layers, metrics)``, or several steps' in order, ``(steps, layers,
+        metrics)`` (the same state as one update per step, in one pass).
 
-        ``mask`` (bool, ``(layers,)`` or ``(layers, metrics)``) marks the layers (or single values)
-        measured this step; the others (no gradient, or a spectrum deferred to a later step) keep
-        their state untouched rather than counting as non-finite.
+        ``mask`` (bool, ``(layers,)`` or ``(layers, metrics)``, with a leading ``steps`` dimension for
+        several steps) marks the layers (or single values) measured that step; the others (no gradient,
+        or a spectrum deferred to a later step) keep their state untouched rather than counting as non-finite.
         """
+        if values.ndim == 3 and tuple(values.shape[1:]) == tuple(self.sum.shape):
+            self._update_steps(values, mask)
+            return
         if tuple(values.shape) != tuple(self.sum.shape):
-            raise ValueError(f"`values` must be shaped {tuple(self.sum.shape)}, got {tuple(values.shape)}")
+            raise ValueError(
+                f"`values` must be shaped {tuple(self.sum.shape)} or (steps, *{tuple(self.sum.shape)}), "
+                f"got {tuple(values.shape)}"
+            )
         shape = self.sum.shape
         batch = streaming_update(values.to(device=self.sum.device).reshape(1, -1))
         if mask is None:
@@ -89,6 +96,35 @@ class LayerwiseSpectrum(Metric):
         self.min = torch.where(keep, torch.minimum(self.min, batch.min.view(shape)), self.min)
         self.max = torch.where(keep, torch.maximum(self.max, batch.max.view(shape)), self.max)
         self.last = torch.where(keep, batch.last.view(shape), self.last)
+
+    def _update_steps(self, values: Tensor, mask: Tensor | None) -> None:
+        shape = (values.shape[0], *self.sum.shape)
+        v = values.to(device=self.sum.device, dtype=torch.float64)
+        if mask is None:
+            keep = torch.ones(shape, dtype=torch.bool, device=self.sum.device)
+        elif mask.ndim == 2 and tuple(mask.shape) == shape[:2]:
+            keep = mask.to(device=self.sum.device, dtype=torch.bool)[:, :, None].expand(shape)
+        elif tuple(mask.shape) == shape:
+            keep = mask.to(device=self.sum.device, dtype=torch.bool)
+        else:
+            raise ValueError(
+                f"`mask` must be shaped {shape[:2]} or {shape} for values shaped {shape}, got {tuple(mask.shape)}"
+            )
+        finite = torch.isfinite(v)
+        good = keep & finite
+        fv = torch.where(good, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        inf = torch.tensor(float("inf"), dtype=v.dtype, device=v.device)
+        self.count += good.sum(0).to(self.count.dtype)
+        self.nonfinite += (keep & ~finite).sum(0).to(self.nonfinite.dtype)
+        self.sum += fv.sum(0)
+        self.sum_sq += (fv * fv).sum(0)
+        self.min = torch.minimum(self.min, torch.where(good, v, inf).amin(0))
+        self.max = torch.maximum(self.max, torch.where(good, v, -inf).amax(0))
+        # each value's last kept step (NaN included); a value kept on no step keeps its state
+        order = torch.arange(1, shape[0] + 1, device=v.device).view(-1, 1, 1)
+        last = (keep * order).amax(0)
+        taken = v.gather(0, (last - 1).clamp_min(0)[None]).squeeze(0)
+        self.last = torch.where(last > 0, taken, self.last)
 
     def compute(self) -> dict[str, Tensor]:
         """``{stat: Tensor (layers, metrics)}`` for every stat in ``STAT_NAMES``."""

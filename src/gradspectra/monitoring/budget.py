@@ -30,6 +30,10 @@ else it does reads each gradient once. :class:`OverheadBudget` keeps that cost a
 - figures (TensorBoard images, which take seconds to draw) are spaced so that their cost, spread
   over the steps between them, is at most a quarter of the planned budget, and that share is
   taken off the spectral work (:meth:`OverheadBudget.figure_period`);
+- on a step so fast that a full step's fixed work and one anchor's detection value do not fit (a small
+  model's step of a few milliseconds), most steps are *light* (:meth:`OverheadBudget.full_step`): every
+  layer's Frobenius norm, a score from them and the loss, the record; one step in :attr:`OverheadBudget.period`
+  is full and gets what the light steps before it left of their shares (:attr:`OverheadBudget.planned`);
 - a quarter of the credit goes to an audit fund: when the fund covers the next layer in
   round-robin order, that layer is computed both exactly and by the estimator, its exact values
   are used and the estimator's relative error is recorded (so the estimates stay honest).
@@ -72,6 +76,9 @@ _HEADROOM = 0.8  # the budget plans to this share of max_overhead (see the modul
 _FIGURE_SHARE = 0.25  # figures get at most this share of what the budget plans
 _FIGURE_PRIOR = 0.5  # seconds per figure until a drawing has been measured
 _LOG_SHARE = 0.25  # per-layer scalar logging gets at most this share of what the budget plans
+#: The most training steps per full step (see :meth:`OverheadBudget.full_step`): on a step so fast that even
+#: the light steps exceed the budget, the full steps are at least this frequent (and the message says so).
+MAX_PERIOD = 64
 
 
 @dataclass
@@ -90,6 +97,8 @@ class Plan:
     deferred: list[int] = field(default_factory=list)
     cheap: list[int] = field(default_factory=list)
     detect: list[int] = field(default_factory=list)
+    #: a light step (:meth:`OverheadBudget.full_step`): Frobenius norms and a score, nothing else
+    light: bool = False
 
     def mapped(self, index: Sequence[int], keep: Collection[int] | None = None) -> Plan:
         """The same plan with each layer ``i`` renamed ``index[i]``, keeping only the names in ``keep``."""
@@ -104,6 +113,7 @@ class Plan:
             names(self.deferred),
             names(self.cheap),
             names(self.detect),
+            self.light,
         )
 
 
@@ -157,6 +167,8 @@ class OverheadBudget:
         estimate_passes: the estimator's column-passes over a matrix (for the flop prior).
         cheap: plan the detection value (anchor layers, every step) and the cheap tier (every layer, every
             step, when the budget covers it).
+        light: allow light steps (:meth:`full_step`) when a full step's fixed work does not fit the budget;
+            ``False`` keeps every step full (under DDP, where every rank must make the same steps).
 
     Example:
         >>> budget = OverheadBudget([(64, 64)] * 4, max_overhead=0.03)
@@ -173,6 +185,7 @@ class OverheadBudget:
         estimate_rank: int = 32,
         estimate_passes: int = 200,
         cheap: bool = False,
+        light: bool = False,
     ) -> None:
         if isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)):
             raise TypeError(f"`max_overhead` must be a float, got {max_overhead!r}")
@@ -210,6 +223,10 @@ class OverheadBudget:
         self.detect_seconds: float | None = None  # the detection value's measured time per step (all anchors)
         self._detect_since = 0  # steps since the number of anchors last changed
         self._detect_calibrated = False  # the last step was the calibration (every anchor)
+        self.light = bool(light)
+        self.light_seconds: float | None = None  # a light step's whole cost, measured
+        self.period = 1  # training steps per full step (the others light), chosen at each full step
+        self._since_full = 0
 
     # ------------------------------------------------------------------ measurements
 
@@ -226,6 +243,54 @@ class OverheadBudget:
         if seconds >= 0 and math.isfinite(seconds):
             self.fixed_seconds = (1 - _EMA) * self.fixed_seconds + _EMA * seconds
 
+    def observe_light(self, seconds: float) -> None:
+        """The monitor's whole cost on the last light step (norms, score, record)."""
+        if seconds >= 0 and math.isfinite(seconds):
+            t = self.light_seconds
+            self.light_seconds = seconds if t is None else (1 - _EMA) * t + _EMA * seconds
+
+    @property
+    def planned(self) -> float:
+        """Seconds the budget plans for one full step: its own share of ``max_overhead`` x the step time plus
+        the shares of the light steps before the next full step, less what those light steps cost (at least
+        its own share)."""
+        if self.step_seconds is None:
+            return 0.0
+        each = _HEADROOM * self.max_overhead * self.step_seconds
+        return max(each, self.period * each - (self.period - 1) * (self.light_seconds or 0.0))
+
+    def full_step(self) -> bool:
+        """Whether the next step is a full one (spectra, detection value, stability, scalars) or a light one
+        (every layer's Frobenius norm, the score, the record: the least a step gets).
+
+        Every step is full while a full step's fixed work and one anchor's detection value fit in the
+        planned share of a step. When they do not (a small model's step of a few milliseconds), one step in
+        :attr:`period` is full, the smallest period whose light steps leave the full step that much, at most
+        :data:`MAX_PERIOD`; the period is chosen again at each full step.
+        """
+        if not self.light or self.step_seconds is None:
+            return True
+        self._since_full += 1
+        if self._since_full < self.period:
+            return False
+        self._since_full = 0
+        self.period = self._choose_period()
+        return True
+
+    def _choose_period(self) -> int:
+        assert self.step_seconds is not None
+        each = _HEADROOM * self.max_overhead * self.step_seconds
+        need = self.fixed_seconds
+        if self.cheap and self._pool:
+            one = self.detect_seconds / max(1, len(self.anchors)) if self.detect_seconds is not None else None
+            need += one if one is not None else self._rate[DETECT] * work_flops(DETECT, self.shapes[self._pool[0]])
+        if need <= each:
+            return 1
+        light = self.light_seconds if self.light_seconds is not None else 0.0
+        if light >= each:
+            return MAX_PERIOD
+        return min(MAX_PERIOD, math.ceil((need - light) / (each - light)))
+
     def observe_figures(self, seconds: float) -> None:
         """The wall time of one drawing of the figures."""
         if seconds >= 0 and math.isfinite(seconds):
@@ -233,7 +298,7 @@ class OverheadBudget:
             self.figure_seconds = seconds if f is None else (1 - _EMA) * f + _EMA * seconds
 
     def figure_period(self, min_steps: int, figures: int) -> int:
-        """Measured steps between two drawings of ``figures`` figures: at least ``min_steps``, and
+        """Full steps between two drawings of ``figures`` figures: at least ``min_steps``, and
         enough that drawing costs at most a quarter of the planned budget per step on average.
 
         The figures' cost per step at that spacing is taken off the spectral work from then on.
@@ -243,7 +308,7 @@ class OverheadBudget:
         if self.step_seconds is None:
             return min_steps
         cost = self.figure_seconds if self.figure_seconds is not None else _FIGURE_PRIOR * figures
-        allowed = _FIGURE_SHARE * _HEADROOM * self.max_overhead * self.step_seconds
+        allowed = _FIGURE_SHARE * self.planned
         period = max(min_steps, math.ceil(cost / allowed)) if allowed > 0 else min_steps
         self._figures_per_step = cost / period
         return period
@@ -255,14 +320,14 @@ class OverheadBudget:
             self.log_seconds = seconds if t is None else (1 - _EMA) * t + _EMA * seconds
 
     def log_period(self, min_steps: int) -> int:
-        """Measured steps between two loggings of the per-layer scalars: at least ``min_steps``, and enough
+        """Full steps between two loggings of the per-layer scalars: at least ``min_steps``, and enough
         that logging costs at most a quarter of the planned budget per step on average (on a fast step,
         hundreds of scalars cost more than the whole budget). Taken off the spectral work from then on."""
         if min_steps < 1:
             raise ValueError(f"`min_steps` must be >= 1, got {min_steps!r}")
         if self.step_seconds is None or self.log_seconds is None:
             return min_steps
-        allowed = _LOG_SHARE * _HEADROOM * self.max_overhead * self.step_seconds
+        allowed = _LOG_SHARE * self.planned
         period = max(min_steps, math.ceil(self.log_seconds / allowed)) if allowed > 0 else min_steps
         self._logging_per_step = self.log_seconds / period
         return period
@@ -312,8 +377,7 @@ class OverheadBudget:
         """Seconds of spectral work the budget allows per step (0 until a step time is known)."""
         if self.step_seconds is None:
             return 0.0
-        planned = _HEADROOM * self.max_overhead * self.step_seconds
-        return max(0.0, planned - self.fixed_seconds - self._figures_per_step - self._logging_per_step)
+        return max(0.0, self.planned - self.fixed_seconds - self._figures_per_step - self._logging_per_step)
 
     def _plan_detect(self, plan: Plan, earned: float) -> float:
         """The detection value first, for the anchors: what is left of ``earned``.
@@ -383,7 +447,7 @@ class OverheadBudget:
             self._cheap_credit = 0.0
             return earned - sum(costs)
         # full spectra keep a floor: enough for every layer's within _FULL_CADENCE steps, when it fits
-        full = sum(min(self.cost(EXACT, i), self.cost(ESTIMATE, i)) for i in range(n)) / _FULL_CADENCE
+        full = sum(min(self.cost(EXACT, i), self.cost(ESTIMATE, i)) for i in range(n)) * self.period / _FULL_CADENCE
         share = _CHEAP_SHARE * max(0.0, earned - full)
         self._cheap_credit = min(self._cheap_credit + share, 2 * share + max(costs))
         for k in range(n):
@@ -399,9 +463,11 @@ class OverheadBudget:
     def plan(self) -> Plan:
         """Which layers get the cheap tier, exact spectra, estimates, audits, or nothing on this step."""
         n = len(self.shapes)
+        self._planned_audit = 0.0
+        if not self.full_step():
+            return Plan(deferred=list(range(n)), light=True)
         self._step += 1
         plan = Plan()
-        self._planned_audit = 0.0
         if n == 0:
             return plan
         earned = self._plan_cheap(plan, self._plan_detect(plan, self.per_step))

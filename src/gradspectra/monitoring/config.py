@@ -153,5 +153,17 @@ class MonitorConfig:
             return None
         return BatchScorer(warmup_steps=self.warmup_steps, false_flag_rate=self.false_flag_rate)
 
+    def make_light_scorer(self) -> BatchScorer | None:
+        """The light steps' scorer (``spectra="auto"`` on a fast step): every layer's Frobenius norm and the loss,
+        fed every step, with the main scorer's warm-up and false-flag rate and no layer profile."""
+        if not self.scoring:
+            return None
+        return BatchScorer(
+            warmup_steps=self.warmup_steps,
+            false_flag_rate=self.false_flag_rate,
+            metrics=("frobenius_norm",),
+            profile_metrics=(),
+        )
+
     def make_stability(self) -> StabilityDetector | None:
         return StabilityDetector() if self.stability else None

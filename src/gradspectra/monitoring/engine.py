@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -22,7 +23,7 @@ from gradspectra.capture import Selection, WatchedParameter, group_by_component,
 from gradspectra.capture.factors import FactorCapture
 from gradspectra.capture.implied import ImpliedGradients
 from gradspectra.capture.sharded import fsdp_groups, is_sharded
-from gradspectra.functional import needs_spectrum
+from gradspectra.functional import frobenius_norms, needs_spectrum
 from gradspectra.functional.reshape import as_matrix
 from gradspectra.metrics import LayerwiseSpectrum
 from gradspectra.monitoring.budget import Plan
@@ -74,6 +75,7 @@ _AFFORDS_AFTER = 20  # measured steps before the monitor says what the budget af
 _IMPLIED_LEARN = 20  # on a GPU, the formings timed (each waits for the device) to learn their cost
 _IMPLIED_SHARE = 0.5  # under spectra="auto": the share of the budget that forming implied gradients may take
 _SAMPLES_SHARE = 0.5  # per_sample="always" under spectra="auto": the share of the budget it aims at
+_LIGHT_ROWS = 64  # light steps' rows kept before they are folded into the streaming statistics
 _SKIP_MESSAGE_SECONDS = 10.0  # a run skipping many steps says so, without a line per step
 _COUNTERS = (
     "steps_monitored",
@@ -163,10 +165,14 @@ class MonitorEngine:
         self.stability = config.make_stability()  # the first optimizer's run only
         self.stop_requested = False  # instability_action="stop": the front door stops training after this step
         self.optimizer_scorers: dict[int, BatchScorer] = {}  # optimizers after the first, each its own baseline
+        # per optimizer (0: the first), the scorer of the light steps, fed every step (see _record)
+        self.light_scorers: dict[int, BatchScorer] = {}
         self.batch_records = RecordBuffer(config.max_records_in_memory)
         self.selection: Selection | None = None
         self.watched: list[WatchedParameter] = []
-        self.spectrum: LayerwiseSpectrum | None = None
+        self._spectrum: LayerwiseSpectrum | None = None
+        # light steps' (values, validity, device), folded into the streaming statistics in one update
+        self._light_rows: list[tuple[np.ndarray, np.ndarray, torch.device]] = []
         self.factors: FactorCapture | None = None
         self.implied: ImpliedGradients | None = None
         self._implied_layers: dict[str, str | None] = {}
@@ -181,12 +187,15 @@ class MonitorEngine:
         self.sample_scorer = SampleScorer() if config.per_sample is not None else None
         self.planner: Planner | None = None
         self.runner = SpectraRunner(self.metric_names, config.method, config.cpu_threads)
+        self._no_result = self.runner.empty(0, torch.device("cpu"))  # a light step's (no spectral work)
         self.views: TensorBoardViews | None = None
         self.record_path: Path | None = None
         self.sharded: nn.Module | None = None
         self.steps_monitored = self.flagged_total = self.skipped_total = 0
         self.missing_grad_total = self.nonfinite_total = self.error_total = self.shift_total = 0
         self.instability_total = 0
+        self.full_steps = 0  # measured steps that were not light (the cadence of per-layer scalars and figures)
+        self._light = False  # the step begun is a light one (begin_step)
         self.monitor_seconds = 0.0
         self.layers_computed_here = 0
         self.last_step: int | None = None  # the last step measured (kept in checkpoints)
@@ -201,7 +210,7 @@ class MonitorEngine:
         self._source_columns: dict[torch.device, Tensor] = {}
         self._layer_runs: LayerRuns | None = None
         self._last_skip_message = -math.inf
-        self._last_layer_log = -math.inf  # steps_monitored when per-layer scalars were last logged
+        self._last_layer_log = -math.inf  # full_steps when per-layer scalars were last logged
         self._spectra_counts: deque[int] = deque(maxlen=_AFFORDS_AFTER)  # layers with a full spectrum, per step
         self._cheap_counts: deque[int] = deque(maxlen=_AFFORDS_AFTER)  # layers with the cheap tier, per step
         self._formed_counts: deque[int] = deque(maxlen=_AFFORDS_AFTER)  # implied gradients formed, per step
@@ -231,7 +240,13 @@ class MonitorEngine:
         }
         if self.planner is None or self.planner.shapes != self._shapes:
             self.planner = Planner(
-                self.config.spectra, self.config.max_overhead, self._shapes, cheap=self.config.cheap_spectra
+                self.config.spectra,
+                self.config.max_overhead,
+                self._shapes,
+                cheap=self.config.cheap_spectra,
+                # under DDP every rank must make the same steps (the scorer's flags, the stability stop); a light
+                # step's score rests on the Frobenius norms
+                light=world == 1 and self.config.spectra == "auto" and "frobenius_norm" in self.metric_names,
             )
         else:
             # the same layers fitted again (another Trainer.fit, a resume): the budget keeps what it learned
@@ -373,6 +388,15 @@ class MonitorEngine:
             self.optimizer_scorers[optimizer] = self.config.make_scorer()  # type: ignore[assignment]
         return self.optimizer_scorers[optimizer]
 
+    def _light_scorer_for(self, optimizer: int | None) -> BatchScorer | None:
+        """The light steps' scorer of ``optimizer``, where light steps can happen (``None`` elsewhere)."""
+        if self.scorer is None or self.planner is None or not self.planner.light:
+            return None
+        key = optimizer or 0
+        if key not in self.light_scorers:
+            self.light_scorers[key] = self.config.make_light_scorer()  # type: ignore[assignment]
+        return self.light_scorers[key]
+
     def measures(self, step: int) -> bool:
         return step % self.config.every_n_steps == 0 and bool(self.watched)
 
@@ -380,6 +404,7 @@ class MonitorEngine:
         """At an optimizer step's first micro-batch: plan its work, tell the factor hooks what to keep."""
         measured = self.measures(step)
         plan = self.planner.begin() if measured and self.planner is not None else None
+        self._light = plan is not None and plan.light
         if self.samples is not None:
             self.samples.capture.enabled = measured
         if self.implied is not None:
@@ -388,6 +413,7 @@ class MonitorEngine:
             self.implied.active = (
                 set(self._implied_turn(self.implied.layers, plan)[0]) if measured and self._implied_rotates else None
             )
+
         if self.factors is not None:
             if not measured:
                 self.factors.active = set()
@@ -412,23 +438,24 @@ class MonitorEngine:
         if not self.measures(inputs.step):
             self._release_factors()
             return None
+        light, self._light = self._light, False
         started = time.perf_counter()
         if inputs.share_ids and procs.world > 1:
             inputs.sample_ids = gather_ids(inputs.sample_ids, procs.world)
         assert self.planner is not None
         self.planner.step_started(started, inputs.step)
-        table, result, error = self._measure(inputs, procs)
-        record = self._record(inputs, table, result, error)
+        table, result, error = self._measure_light(inputs, procs) if light else self._measure(inputs, procs)
+        record = self._record(inputs, table, result, error, light)
         self._measure_samples(record, inputs)
         record["monitor_ms"] = 1000.0 * (time.perf_counter() - started)
         # the action before the record goes out, so that the file, the scalars and the console all say so
         self._act(record, params, procs)
-        spaced_seconds = self._emit(record, table, procs, outputs or Outputs())
+        spaced_seconds = self._emit(record, table, procs, outputs or Outputs(), light)
         ended = time.perf_counter()
         self.monitor_seconds += ended - started
         # per-layer logging and figures are paid for apart (spaced by the budget), not as a fixed cost per step
         fixed = ended - started - result.seconds - result.cheap_seconds - spaced_seconds
-        self.planner.step_ended(ended, inputs.step, fixed)
+        self.planner.step_ended(ended, inputs.step, fixed, light)
         self._say_affordance(record, procs)
         self.last_step = inputs.step
         self._release_factors()
@@ -602,6 +629,36 @@ class MonitorEngine:
                 warnings.warn(f"gradspectra could not measure step {inputs.step}: {error}", stacklevel=2)
             return self._host_loss(HostTable.unmeasured(n, k, present), loss, inputs), result, error
 
+    def _measure_light(self, inputs: StepInputs, procs: Processes) -> tuple[HostTable, SpectraResult, str | None]:
+        """A light step (one process): every layer's Frobenius norm, one read each and one host copy; nothing else.
+
+        A failure is reported in the record and never stops the user's training.
+        """
+        n, k = len(self.watched), len(self.metric_names)
+        present: list[int] = []
+        try:
+            collected = self._collect(procs, 1, inputs.scope)
+            present = collected.present
+            table = HostTable.unmeasured(n, k, present)
+            table.detection = np.full(n, np.nan)
+            if present:
+                device = collected.matrices[0].device
+                with self.runner.threads(device):
+                    norms = frobenius_norms(collected.matrices)
+                column = self.metric_names.index("frobenius_norm")
+                table.values[present, column] = norms.cpu().numpy()
+                table.valid[present, column] = True
+                self._light_rows.append((table.values.copy(), table.valid.copy(), device))
+                if len(self._light_rows) >= _LIGHT_ROWS:
+                    self._fold_light_rows()
+            return self._host_loss(table, inputs.loss, inputs), self._no_result, None
+        except Exception as err:  # a measurement failure must never stop the user's training
+            error = f"{type(err).__name__}: {err}"
+            self.error_total += 1
+            if procs.is_zero:
+                warnings.warn(f"gradspectra could not measure step {inputs.step}: {error}", stacklevel=2)
+            return self._host_loss(HostTable.unmeasured(n, k, present), inputs.loss, inputs), self._no_result, error
+
     @staticmethod
     def _host_loss(table: HostTable, loss: Tensor | float | None, inputs: StepInputs) -> HostTable:
         table.loss = None if loss is None else float(loss) / (inputs.loss_scale or 1.0)
@@ -663,6 +720,7 @@ class MonitorEngine:
         if host[4][0] > 0:  # every rank sees the same count, so every rank drops the step alike
             detail = f": {failure}" if failure else ""
             raise RuntimeError(f"measurement failed on {int(host[4][0])} of {world} ranks{detail}")
+        self._fold_light_rows()  # in step order
         self._spectrum_on(device).update(values, mask=valid)
         return HostTable(
             values=host[0],
@@ -675,10 +733,27 @@ class MonitorEngine:
             detection=host[5],
         )
 
+    @property
+    def spectrum(self) -> LayerwiseSpectrum | None:
+        """The streaming statistics of every layer's metrics (``None`` before the first measured step)."""
+        self._fold_light_rows()
+        return self._spectrum
+
+    def _fold_light_rows(self) -> None:
+        """The light steps' values so far into the streaming statistics, in one update (before the next step's)."""
+        if not self._light_rows:
+            return
+        rows, self._light_rows = self._light_rows, []
+        device = rows[0][2]
+        values = torch.from_numpy(np.stack([r[0] for r in rows])).to(device)
+        valid = torch.from_numpy(np.stack([r[1] for r in rows])).to(device)
+        self._fold_light_rows()  # in step order
+        self._spectrum_on(device).update(values, mask=valid)
+
     def _spectrum_on(self, device: torch.device) -> LayerwiseSpectrum:
-        if self.spectrum is None:
+        if self._spectrum is None:
             keys = [w.key for w in self.watched]
-            self.spectrum = LayerwiseSpectrum(keys, self.metric_names).to(device)
+            self._spectrum = LayerwiseSpectrum(keys, self.metric_names).to(device)
             pending, self._pending_state = self._pending_state, None
             if pending and pending.get("spectrum") is not None:
                 same = list(pending.get("layer_keys", [])) == keys
@@ -688,13 +763,29 @@ class MonitorEngine:
                         stacklevel=2,
                     )
                 else:
-                    self.spectrum.load_state_dict({k: v.to(device) for k, v in pending["spectrum"].items()})
-        return self.spectrum
+                    self._spectrum.load_state_dict({k: v.to(device) for k, v in pending["spectrum"].items()})
+        return self._spectrum
 
-    def _record(self, inputs: StepInputs, table: HostTable, result: SpectraResult, error: str | None) -> BatchRecord:
+    def _record(
+        self, inputs: StepInputs, table: HostTable, result: SpectraResult, error: str | None, light: bool = False
+    ) -> BatchRecord:
         keys = self._keys
+        # where light steps can happen, the light scorer sees every step's Frobenius norms (its series go on),
+        # and scores the light ones; the scorer sees the full steps only
+        light_scorer = self._light_scorer_for(inputs.optimizer)
+        light_score = None
+        if light_scorer is not None:
+            j = self.metric_names.index("frobenius_norm")
+            norms = {keys[i]: {"frobenius_norm": float(table.values[i, j])} for i in table.present if table.valid[i, j]}
+            light_score = light_scorer.score(norms, table.loss)
         scorer = self._scorer_for(inputs.optimizer)
-        score = None if scorer is None else scorer.score(table.scored_metrics(keys, self.metric_names), table.loss)
+        if light:
+            score = light_score
+        else:
+            score = None if scorer is None else scorer.score(table.scored_metrics(keys, self.metric_names), table.loss)
+            if score is not None and score.in_warmup and light_score is not None and not light_score.in_warmup:
+                # the scorer sees only the full steps: while it warms up on them, the light scorer's score stands
+                score = light_score
         record = assemble_record(
             step=inputs.step,
             epoch=inputs.epoch,
@@ -712,6 +803,8 @@ class MonitorEngine:
         )
         if inputs.optimizer is not None:
             record["optimizer"] = inputs.optimizer
+        if light:
+            record["light"] = True
         if self._implied_layers:
             record["implied_layers"] = dict(self._implied_layers)
             if self._unmeasured:
@@ -765,21 +858,35 @@ class MonitorEngine:
         if out.note is not None:
             record["samples_note"] = out.note
 
-    def _emit(self, record: BatchRecord, table: HostTable, procs: Processes, outputs: Outputs) -> float:
+    def _emit(
+        self, record: BatchRecord, table: HostTable, procs: Processes, outputs: Outputs, light: bool = False
+    ) -> float:
         """The record to memory and file, scalars to the loggers, rank 0's TensorBoard views. Returns the
-        seconds of the work the budget spaces out and pays for apart (per-layer logging, figures)."""
+        seconds of the work the budget spaces out and pays for apart (per-layer logging, figures).
+
+        A light step's record goes out whole; its status scalars only when it is flagged or says something
+        (a non-finite gradient, an event), and nothing else."""
         self.batch_records.append(cast(dict[str, Any], record))
         if self._writer is not None:
             self._writer.write(record)
         if procs.is_zero and record["events"]:
             self._say_events(record, outputs)
+        if light:
+            said = record["flagged"] or record["events"] or record["nonfinite_layers"] or record.get("skipped")
+            if said and outputs.log_scalars is not None:
+                scalars = status_scalars(record, self.flagged_total, record.get("optimizer"))
+                if self.config.action == "skip":
+                    scalars.update(skip_scalars(record, self.skipped_total))
+                outputs.log_scalars(finite_only(scalars), record["step"])
+            return 0.0
+        self.full_steps += 1
         if self.views is None:
             return 0.0
         self.views.observe(record["step"], table.values)
         assert self.planner is not None
         # per-layer scalars on their cadence: under spectra="auto" the budget spaces them by what they cost
         period = self.planner.log_period(self.config.log_every_n_steps)
-        per_layer = self.steps_monitored - self._last_layer_log >= period
+        per_layer = self.full_steps - self._last_layer_log >= period
         t0 = time.perf_counter()
         if outputs.log_scalars is not None:
             keys = self._keys
@@ -794,7 +901,7 @@ class MonitorEngine:
             self._log_layer_runs(record, table, outputs)
         logging_seconds = 0.0
         if per_layer:
-            self._last_layer_log = self.steps_monitored
+            self._last_layer_log = self.full_steps
             logging_seconds = time.perf_counter() - t0
             self.planner.observe_logging(logging_seconds)
         if not (procs.is_zero and outputs.writers):
@@ -803,7 +910,7 @@ class MonitorEngine:
         if period:
             # under spectra="auto" the budget spaces the figures by what they cost to draw
             period = self.planner.figure_period(period, self.views.figures_per_drawing)
-        seconds = self.views.update(outputs.writers, record["step"], self.steps_monitored, period)
+        seconds = self.views.update(outputs.writers, record["step"], self.full_steps, period)
         self.planner.observe_figures(seconds)
         return logging_seconds + seconds
 
@@ -922,6 +1029,8 @@ class MonitorEngine:
             state["samples"] = self.sample_scorer.state_dict()
         if self.optimizer_scorers:
             state["optimizer_scorers"] = {k: v.state_dict() for k, v in self.optimizer_scorers.items()}
+        if self.light_scorers:
+            state["light_scorers"] = {k: v.state_dict() for k, v in self.light_scorers.items()}
         state.update({name: getattr(self, name) for name in _COUNTERS})
         # the last step measured before this checkpoint: a resume sets later records aside
         state["last_step"] = self.last_step
@@ -944,6 +1053,11 @@ class MonitorEngine:
             scorer = self._scorer_for(int(k))
             if scorer is not None:
                 scorer.load_state_dict(state)
+        for k, state in (state_dict.get("light_scorers") or {}).items():
+            light = self.config.make_light_scorer()
+            if light is not None:
+                light.load_state_dict(state)
+                self.light_scorers[int(k)] = light
 
     def summary(self, top: int = 10) -> str:
         """A text report: counts, then the ``top`` highest-scoring batches (from the records in memory)."""

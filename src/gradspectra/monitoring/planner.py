@@ -21,13 +21,21 @@ class Planner:
         max_overhead: the budget's target, a fraction of the training step time.
         shapes: every watched layer's ``(m, n)``.
         cheap: under ``"auto"``, plan the cheap tier (:func:`gradspectra.functional.cheap_spectral_metrics_many`).
+        light: under ``"auto"``, allow light steps where a full step does not fit the budget
+            (:meth:`OverheadBudget.full_step`); ``False`` under DDP, where every rank must make the same steps.
     """
 
     def __init__(
-        self, spectra: Spectra, max_overhead: float, shapes: Sequence[tuple[int, int]], cheap: bool = False
+        self,
+        spectra: Spectra,
+        max_overhead: float,
+        shapes: Sequence[tuple[int, int]],
+        cheap: bool = False,
+        light: bool = False,
     ) -> None:
         self.spectra = spectra
         self.cheap = cheap
+        self.light = light
         self.max_overhead = max_overhead
         self.shapes = list(shapes)
         self.budget: OverheadBudget | None = None
@@ -66,7 +74,9 @@ class Planner:
             )
         if self.budget is None or not wanted <= set(self.rows):
             self.rows = sorted(set(self.rows) | wanted)
-            self.budget = OverheadBudget([self.shapes[r] for r in self.rows], self.max_overhead, cheap=self.cheap)
+            self.budget = OverheadBudget(
+                [self.shapes[r] for r in self.rows], self.max_overhead, cheap=self.cheap, light=self.light
+            )
         return self.budget.plan().mapped(self.rows, keep=wanted)
 
     def learn(self, result: SpectraResult, planned: bool) -> None:
@@ -83,13 +93,17 @@ class Planner:
         if self.budget is not None and self._last_end is not None and step > self._last_end[1]:
             self.budget.observe_step((now - self._last_end[0]) / (step - self._last_end[1]))
 
-    def step_ended(self, now: float, step: int, fixed_seconds: float) -> None:
+    def step_ended(self, now: float, step: int, fixed_seconds: float, light: bool = False) -> None:
+        """The monitor's work on a step is done: its fixed part (a light step's: all of it) teaches the budget."""
         if self.budget is not None:
-            self.budget.observe_fixed(max(0.0, fixed_seconds))
+            if light:
+                self.budget.observe_light(max(0.0, fixed_seconds))
+            else:
+                self.budget.observe_fixed(max(0.0, fixed_seconds))
         self._last_end = (now, step)
 
     def figure_period(self, min_steps: int, figures: int) -> int:
-        """Measured steps between drawings: ``min_steps``, spaced further by the budget under ``"auto"``."""
+        """Full steps between drawings: ``min_steps``, spaced further by the budget under ``"auto"``."""
         return min_steps if self.budget is None else self.budget.figure_period(min_steps, figures)
 
     def observe_figures(self, seconds: float) -> None:
@@ -97,7 +111,7 @@ class Planner:
             self.budget.observe_figures(seconds)
 
     def log_period(self, min_steps: int) -> int:
-        """Measured steps between loggings of the per-layer scalars (spaced by the budget under ``"auto"``)."""
+        """Full steps between loggings of the per-layer scalars (spaced by the budget under ``"auto"``)."""
         return min_steps if self.budget is None else self.budget.log_period(min_steps)
 
     def observe_logging(self, seconds: float) -> None:
@@ -132,17 +146,36 @@ class Planner:
             if spectra_per_step > 0
             else "affords no full spectra (only Frobenius norms; pass spectra='exact' or a larger max_overhead)"
         )
-        every = "every step" if log_period == 1 else f"every {_ordinal(log_period)} step"
+        logged = log_period * b.period
+        every = "every step" if logged == 1 else f"every {_ordinal(logged)} step"
         logging = f"logs per-layer scalars {every}"
-        fixed = 1000 * b.fixed_seconds
+        if b.period == 1:
+            fixed = 1000 * b.fixed_seconds
+            over = (
+                f"; its fixed work alone (records, scoring) takes {fixed:.1f} ms, more than the budget"
+                if b.fixed_seconds > b.max_overhead * b.step_seconds
+                else ""
+            )
+            return (
+                f"gradspectra: at {100 * b.max_overhead:g}% of a {step_ms:.0f} ms step the monitor {logging}, "
+                f"{cheap}and {spectra}{over}"
+            )
+        # light steps: what every step gets, then what one step in `period` gets (from the budget: the first
+        # steps, which calibrate every kind of work, say nothing of the steady state)
+        light_ms = 1000 * (b.light_seconds or 0.0)
         over = (
-            f"; its fixed work alone (records, scoring) takes {fixed:.1f} ms, more than the budget"
-            if b.fixed_seconds > b.max_overhead * b.step_seconds
+            f"; even a light step takes {light_ms:.1f} ms, more than the budget (pass a larger max_overhead, "
+            f"or every_n_steps)"
+            if (b.light_seconds or 0.0) > b.max_overhead * b.step_seconds
             else ""
         )
+        anchors = len(b.anchors)
+        detect = f"the detection value of {anchors} anchor layer{'s' if anchors != 1 else ''}, then " if anchors else ""
         return (
-            f"gradspectra: at {100 * b.max_overhead:g}% of a {step_ms:.0f} ms step the monitor {logging}, "
-            f"{cheap}and {spectra}{over}"
+            f"gradspectra: at {100 * b.max_overhead:g}% of a {step_ms:.0f} ms step the monitor scores every step "
+            f"from every layer's Frobenius norm and the loss (light steps, {light_ms:.1f} ms each); every "
+            f"{_ordinal(b.period)} step is full: {detect}spectra in turn with what the light steps left, and it "
+            f"{logging}{over}"
         )
 
 

@@ -53,6 +53,8 @@ class BatchRecord(_Required, total=False):
     ``samples`` (with ``per_sample=``): one entry per sample of the batch, ``{"index", "id", "score",
     "reasons", "metrics", "tokens"}`` (:class:`gradspectra.scoring.SampleScorer`), ``None`` when no layer
     could be measured; ``samples_note``: why some or all layers were left out; ``samples_ms``: its cost.
+    ``light``: a light step (``spectra="auto"`` on a step too fast for a full one: every layer's Frobenius norm,
+    the light scorer's score and the stability detector, nothing else; see docs/cost.md); absent on full steps.
     """
 
     spectra: dict[str, str]
@@ -73,6 +75,7 @@ class BatchRecord(_Required, total=False):
     samples: list[dict[str, Any]] | None
     samples_note: str
     samples_ms: float
+    light: bool
 
 
 @dataclass

@@ -1,0 +1,92 @@
+"""Light steps: on a step too fast for a full step's fixed work, every step is still scored and recorded."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gradspectra import GradientSpectrumMonitor
+from gradspectra.reporting import read_records
+
+from .conftest import TinyBert, loader, trainer_kwargs
+
+STEPS = 120
+NAN_AT = range(4 * 96, 4 * 100)  # samples of steps 96-99 (batches of 4): their gradients are NaN
+
+
+def test_every_step_is_scored_and_recorded_on_a_fast_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # TinyBert's step takes a few ms: 3 % of it is less than a full step's fixed work (records, scoring of
+    # every metric, scalars), so most steps are light: every layer's Frobenius norm, a score, the record
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, action="skip", verbose=False)
+    with caplog.at_level(logging.INFO, logger="gradspectra"):
+        pl.Trainer(**trainer_kwargs(tmp_path, max_steps=STEPS, logger=logger), callbacks=[monitor]).fit(
+            TinyBert(), loader(n=4 * STEPS, nan_at=set(NAN_AT))
+        )
+    records = read_records(Path(logger.log_dir) / "gradspectra" / "batches.jsonl")
+    assert [r["step"] for r in records] == list(range(STEPS))  # a record for every step, light or not
+    light = [r for r in records if r.get("light")]
+    full = [r for r in records if not r.get("light")]
+    assert len(light) > STEPS // 2 and full  # mostly light steps, and full steps in between
+    layers = set(full[-1]["metrics"])
+    for r in light:
+        if r["step"] in range(96, 100):
+            continue
+        assert set(r["metrics"]) == layers  # every layer's Frobenius norm, nothing else
+        assert all(set(m) == {"frobenius_norm"} for m in r["metrics"].values())
+        assert all(math.isfinite(m["frobenius_norm"]) and m["frobenius_norm"] > 0 for m in r["metrics"].values())
+        assert "detection" not in r or not r["detection"]
+        assert "stability" in r or r["step"] < 60  # the stability detector sees every step
+    # after warm-up every step has a score, light ones from the light scorer
+    warm = [r for r in records if r["step"] >= 40 and r["step"] not in range(96, 100)]
+    assert all(r["score"] is not None and math.isfinite(r["score"]) for r in warm)
+    # the NaN steps are flagged and skipped, light or not, and the run goes on with finite gradients
+    bad = [r for r in records if r["step"] in range(96, 100)]
+    assert any(r.get("light") for r in bad)
+    assert all(r["flagged"] and r["skipped"] and r["nonfinite_layers"] for r in bad)
+    assert all(math.isfinite(m["frobenius_norm"]) for m in records[-1]["metrics"].values())
+    # the streaming statistics hold every step's Frobenius norm (the light steps' folded in together)
+    column = monitor.engine.metric_names.index("frobenius_norm")
+    counts = monitor.spectrum.compute()["count"][:, column] + monitor.spectrum.compute()["nonfinite"][:, column]
+    keys = [w.key for w in monitor.engine.watched]
+    measured = [keys.index(k) for k in layers]
+    assert counts[measured].tolist() == [float(STEPS)] * len(measured)
+    # the scalars of a light step only when it says something: here the flagged ones
+    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    flagged_steps = {e.step for e in acc.Scalars("gradspectra/flagged")}
+    assert {r["step"] for r in bad} <= flagged_steps
+    assert {r["step"] for r in full} <= flagged_steps
+    assert not {r["step"] for r in light if not r["flagged"]} & flagged_steps
+    # said once, in words
+    said = [m for m in caplog.messages if "light steps" in m]
+    assert len(said) == 1 and "scores every step" in said[0]
+    assert monitor.budget is not None and monitor.budget.period > 1
+
+
+def test_light_steps_resume_with_their_scorer(tmp_path: Path) -> None:
+    first = GradientSpectrumMonitor(figure_every_n_steps=0, verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=60, logger=False), callbacks=[first])
+    trainer.fit(TinyBert(), loader(n=240))
+    assert any(r.get("light") for r in first.batch_records)
+    state = first.state_dict()
+    assert state["light_scorers"][0]["steps"] == 60  # it saw every step
+    second = GradientSpectrumMonitor(figure_every_n_steps=0, verbose=False)
+    second.load_state_dict(state)
+    assert second.engine.light_scorers[0].state_dict() == first.engine.light_scorers[0].state_dict()
+
+
+def test_no_light_steps_under_ddp_or_other_modes() -> None:
+    for world, spectra in ((2, "auto"), (1, "exact"), (1, "estimate")):
+        monitor = GradientSpectrumMonitor(spectra=spectra)
+        monitor.engine.attach(TinyBert(), world=world)
+        assert monitor.engine.planner is not None and not monitor.engine.planner.light
+    monitor = GradientSpectrumMonitor()
+    monitor.engine.attach(TinyBert(), world=1)
+    assert monitor.engine.planner is not None and monitor.engine.planner.light
