@@ -90,3 +90,39 @@ def test_no_light_steps_under_ddp_or_other_modes() -> None:
     monitor = GradientSpectrumMonitor()
     monitor.engine.attach(TinyBert(), world=1)
     assert monitor.engine.planner is not None and monitor.engine.planner.light
+
+
+class Peek(pl.Callback):
+    """Reads the monitor while training runs: the records and the state are complete at every step."""
+
+    def __init__(self, monitor: GradientSpectrumMonitor) -> None:
+        self.monitor = monitor
+        self.seen: list[tuple[int, int, int]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        step = trainer.global_step - 1
+        if step in (30, 47, 61):
+            records = list(self.monitor.batch_records)
+            state = self.monitor.state_dict()
+            self.seen.append((step, records[-1]["step"], state["light_scorers"][0]["steps"]))
+
+
+def test_light_records_made_a_few_at_a_time_are_all_there_in_order(tmp_path: Path) -> None:
+    # under action="log" a light step's record waits for a few more light steps' (made together, cheaper):
+    # reading the records or the state, or the end of training, makes the waiting ones first
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, verbose=False)
+    peek = Peek(monitor)
+    steps = 80
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=steps, logger=logger), callbacks=[monitor, peek]).fit(
+        TinyBert(), loader(n=4 * steps)
+    )
+    assert peek.seen == [(30, 30, 31), (47, 47, 48), (61, 61, 62)]
+    on_file = read_records(Path(logger.log_dir) / "gradspectra" / "batches.jsonl")
+    assert [r["step"] for r in on_file] == list(range(steps))
+    assert [r["step"] for r in monitor.batch_records] == list(range(steps))
+    assert sum(bool(r.get("light")) for r in on_file) > steps // 2
+    assert all(r["score"] is not None for r in on_file[30:])
+    assert all(r["monitor_ms"] > 0 for r in on_file)
+    column = monitor.engine.metric_names.index("frobenius_norm")
+    assert set(monitor.spectrum.compute()["count"][:, column].tolist()) <= {0.0, float(steps)}

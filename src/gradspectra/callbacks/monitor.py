@@ -248,6 +248,7 @@ class GradientSpectrumMonitor(Callback):
             per_sample=per_sample,
         )
         self.engine = MonitorEngine(self.config)
+        self.engine.defer_light = True  # no step's record is returned: light steps' are made a few at a time
         self._loss_sum: Tensor | None = None
         self._sample_ids: list[Any] = []
         self._batch_idx: int | None = None

@@ -67,6 +67,7 @@ class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignor
                 stacklevel=2,
             )
         self.engine = MonitorEngine(self.config)
+        self.engine.defer_light = True  # no step's record is returned: light steps' are made a few at a time
         self.saved_state: str | None = None  # set by transformers when it rebuilds the callback from a checkpoint
         self._events: EventFiles | None = None
         self._procs = Processes()

@@ -76,6 +76,7 @@ _IMPLIED_LEARN = 20  # on a GPU, the formings timed (each waits for the device) 
 _IMPLIED_SHARE = 0.5  # under spectra="auto": the share of the budget that forming implied gradients may take
 _SAMPLES_SHARE = 0.5  # per_sample="always" under spectra="auto": the share of the budget it aims at
 _LIGHT_ROWS = 64  # light steps' rows kept before they are folded into the streaming statistics
+_LIGHT_BATCH = 16  # light steps whose records are made together (at most this many steps late)
 _SKIP_MESSAGE_SECONDS = 10.0  # a run skipping many steps says so, without a line per step
 _COUNTERS = (
     "steps_monitored",
@@ -153,6 +154,20 @@ class Collected:
     matrices: list[Tensor]
 
 
+@dataclass
+class _Pending:
+    """A light step measured, its record not made yet: what the record needs."""
+
+    inputs: StepInputs
+    procs: Processes
+    outputs: Outputs
+    present: list[int]
+    norms: Tensor | None
+    unmeasured: list[int]
+    error: str | None
+    seconds: float
+
+
 class MonitorEngine:
     """Measures, scores, records and reports gradient spectra of a model's watched layers, one optimizer
     step at a time. See :class:`gradspectra.GradientSpectrumMonitor` for the options (:class:`MonitorConfig`).
@@ -167,7 +182,10 @@ class MonitorEngine:
         self.optimizer_scorers: dict[int, BatchScorer] = {}  # optimizers after the first, each its own baseline
         # per optimizer (0: the first), the scorer of the light steps, fed every step (see _record)
         self.light_scorers: dict[int, BatchScorer] = {}
-        self.batch_records = RecordBuffer(config.max_records_in_memory)
+        self._records = RecordBuffer(config.max_records_in_memory)
+        self._pending: list[_Pending] = []  # light steps measured, their records not made yet (_flush_light)
+        # light steps may be recorded in small batches: set by the doors that return no record (see _defers)
+        self.defer_light = False
         self.selection: Selection | None = None
         self.watched: list[WatchedParameter] = []
         self._spectrum: LayerwiseSpectrum | None = None
@@ -439,6 +457,10 @@ class MonitorEngine:
             self._release_factors()
             return None
         light, self._light = self._light, False
+        if light and self._defers(procs):
+            self._measure_pending(inputs, procs, outputs or Outputs())
+            return None
+        self._flush_light()  # the records in step order
         started = time.perf_counter()
         if inputs.share_ids and procs.world > 1:
             inputs.sample_ids = gather_ids(inputs.sample_ids, procs.world)
@@ -628,6 +650,86 @@ class MonitorEngine:
             if procs.is_zero:
                 warnings.warn(f"gradspectra could not measure step {inputs.step}: {error}", stacklevel=2)
             return self._host_loss(HostTable.unmeasured(n, k, present), loss, inputs), result, error
+
+    @property
+    def batch_records(self) -> RecordBuffer:
+        """The newest records in memory, oldest first (every measured step's, the light ones included)."""
+        self._flush_light()
+        return self._records
+
+    def _defers(self, procs: Processes) -> bool:
+        """Whether a light step's record may wait for a few more light steps' (made together, :func:`_flush_light`):
+        only where nothing must be decided at the step itself (no skip or raise, no instability stop, no
+        per-sample stage) and the door returns no record."""
+        return (
+            self.defer_light
+            and procs.world == 1
+            and self.config.action == "log"
+            and self.config.instability_action == "log"
+            and self.samples is None
+        )
+
+    def _measure_pending(self, inputs: StepInputs, procs: Processes, outputs: Outputs) -> None:
+        """A light step whose record waits: every layer's Frobenius norm now (the gradients are gone after the
+        optimizer step), the rest of the record with the next few light steps' (on a step of milliseconds the
+        scorer, the record and the file cost several times less together than one by one)."""
+        started = time.perf_counter()
+        assert self.planner is not None
+        self.planner.step_started(started, inputs.step)
+        present: list[int] = []
+        norms: Tensor | None = None
+        error: str | None = None
+        try:
+            collected = self._collect(procs, 1, inputs.scope)
+            present = collected.present
+            if present:
+                with self.runner.threads(collected.matrices[0].device):
+                    norms = frobenius_norms(collected.matrices)
+        except Exception as err:  # a measurement failure must never stop the user's training
+            error = f"{type(err).__name__}: {err}"
+            self.error_total += 1
+            if procs.is_zero:
+                warnings.warn(f"gradspectra could not measure step {inputs.step}: {error}", stacklevel=3)
+        self._release_factors()
+        ended = time.perf_counter()
+        self._pending.append(
+            _Pending(inputs, procs, outputs, present, norms, list(self._unmeasured), error, ended - started)
+        )
+        self.monitor_seconds += ended - started
+        self.last_step = inputs.step
+        if len(self._pending) >= _LIGHT_BATCH:
+            self._flush_light()
+        self.planner.step_ended(time.perf_counter(), inputs.step, None, light=True)
+
+    def _flush_light(self) -> None:
+        """The records of the light steps waiting, in order: table, score, stability, record, file, scalars."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        n, k = len(self.watched), len(self.metric_names)
+        column = self.metric_names.index("frobenius_norm")
+        hosted = [None if p.norms is None else p.norms.cpu().numpy() for p in pending]  # one wait on a GPU
+        for p, norms in zip(pending, hosted):
+            t0 = time.perf_counter()
+            table = HostTable.unmeasured(n, k, p.present)
+            table.detection = np.full(n, np.nan)
+            if norms is not None:
+                table.values[p.present, column] = norms
+                table.valid[p.present, column] = True
+                self._light_rows.append((table.values, table.valid, p.norms.device))  # type: ignore[union-attr]
+            self._host_loss(table, p.inputs.loss, p.inputs)
+            self._unmeasured = p.unmeasured
+            record = self._record(p.inputs, table, self._no_result, p.error, light=True)
+            seconds = p.seconds + time.perf_counter() - t0
+            record["monitor_ms"] = 1000.0 * seconds
+            self._emit(record, table, p.procs, p.outputs, light=True)
+            seconds = p.seconds + time.perf_counter() - t0
+            self.monitor_seconds += seconds - p.seconds
+            assert self.planner is not None
+            self.planner.observe_light(seconds)
+            self._say_affordance(record, p.procs)
+        if len(self._light_rows) >= _LIGHT_ROWS:
+            self._fold_light_rows()
 
     def _measure_light(self, inputs: StepInputs, procs: Processes) -> tuple[HostTable, SpectraResult, str | None]:
         """A light step (one process): every layer's Frobenius norm, one read each and one host copy; nothing else.
@@ -866,7 +968,7 @@ class MonitorEngine:
 
         A light step's record goes out whole; its status scalars only when it is flagged or says something
         (a non-finite gradient, an event), and nothing else."""
-        self.batch_records.append(cast(dict[str, Any], record))
+        self._records.append(cast(dict[str, Any], record))
         if self._writer is not None:
             self._writer.write(record)
         if procs.is_zero and record["events"]:
@@ -989,6 +1091,7 @@ class MonitorEngine:
 
     def finish(self, step: int, outputs: Outputs | None, is_zero: bool) -> str | None:
         """At the end of training (rank 0 gets the summary table, also written to TensorBoard)."""
+        self._flush_light()
         if not is_zero:
             return None
         table = self.summary(self.config.summary_top_k)
@@ -999,6 +1102,11 @@ class MonitorEngine:
         return table
 
     def close(self) -> None:
+        try:
+            self._flush_light()  # no record is lost (an exception, a teardown)
+        except Exception as err:  # closing must not fail (it may run while an exception unwinds)
+            error = f"{type(err).__name__}: {err}"
+            warnings.warn(f"gradspectra could not record the last light steps: {error}", stacklevel=2)
         if self.samples is not None:
             self.samples.close()
             self.samples = None
@@ -1017,6 +1125,7 @@ class MonitorEngine:
             self._layer_runs = None
 
     def state_dict(self) -> dict[str, Any]:
+        self._flush_light()  # the scorers' state after every step measured
         state: dict[str, Any] = {
             "version": 1,
             "layer_keys": [w.key for w in self.watched],
@@ -1071,7 +1180,7 @@ class MonitorEngine:
         )
         if self.record_path is not None:
             head += f"\nrecords: {self.record_path}"
-        records = list(self.batch_records)
+        records = list(self.batch_records)  # (the light steps not recorded yet first)
         warnings_ = instability_lines(records)
         if warnings_:
             head += "\nstability warnings:\n" + "\n".join(f"  {line}" for line in warnings_)

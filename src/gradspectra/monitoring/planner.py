@@ -93,14 +93,20 @@ class Planner:
         if self.budget is not None and self._last_end is not None and step > self._last_end[1]:
             self.budget.observe_step((now - self._last_end[0]) / (step - self._last_end[1]))
 
-    def step_ended(self, now: float, step: int, fixed_seconds: float, light: bool = False) -> None:
-        """The monitor's work on a step is done: its fixed part (a light step's: all of it) teaches the budget."""
-        if self.budget is not None:
+    def step_ended(self, now: float, step: int, fixed_seconds: float | None, light: bool = False) -> None:
+        """The monitor's work on a step is done: its fixed part (a light step's: all of it) teaches the budget
+        (``None``: told later, :meth:`observe_light`)."""
+        if self.budget is not None and fixed_seconds is not None:
             if light:
                 self.budget.observe_light(max(0.0, fixed_seconds))
             else:
                 self.budget.observe_fixed(max(0.0, fixed_seconds))
         self._last_end = (now, step)
+
+    def observe_light(self, seconds: float) -> None:
+        """A light step's whole cost, told when its record was made."""
+        if self.budget is not None:
+            self.budget.observe_light(seconds)
 
     def figure_period(self, min_steps: int, figures: int) -> int:
         """Full steps between drawings: ``min_steps``, spaced further by the budget under ``"auto"``."""
