@@ -66,8 +66,9 @@ class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignor
                 "`sample_id_key` has no effect in the transformers callback: Trainer callbacks do not see the batch",
                 stacklevel=2,
             )
+        # (light steps' records made at once: a TrainerCallback hears of no exception, so records waiting would be
+        # lost when training raises)
         self.engine = MonitorEngine(self.config)
-        self.engine.defer_light = True  # no step's record is returned: light steps' are made a few at a time
         self.saved_state: str | None = None  # set by transformers when it rebuilds the callback from a checkpoint
         self._events: EventFiles | None = None
         self._procs = Processes()

@@ -460,11 +460,15 @@ class OverheadBudget:
         plan.cheap.sort()
         return earned - share
 
-    def plan(self) -> Plan:
-        """Which layers get the cheap tier, exact spectra, estimates, audits, or nothing on this step."""
+    def plan(self, count: bool = True) -> Plan:
+        """Which layers get the cheap tier, exact spectra, estimates, audits, or nothing on this step.
+
+        ``count=False``: a plan for a second measurement within the same step (another optimizer's), which
+        neither counts as a step toward the next full one nor is light.
+        """
         n = len(self.shapes)
         self._planned_audit = 0.0
-        if not self.full_step():
+        if count and not self.full_step():
             return Plan(deferred=list(range(n)), light=True)
         self._step += 1
         plan = Plan()

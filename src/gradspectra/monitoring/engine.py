@@ -214,6 +214,7 @@ class MonitorEngine:
         self.instability_total = 0
         self.full_steps = 0  # measured steps that were not light (the cadence of per-layer scalars and figures)
         self._light = False  # the step begun is a light one (begin_step)
+        self._steps_begun = 0  # measured steps begun (the implied layers' turns: oldest first)
         self.monitor_seconds = 0.0
         self.layers_computed_here = 0
         self.last_step: int | None = None  # the last step measured (kept in checkpoints)
@@ -422,7 +423,8 @@ class MonitorEngine:
         """At an optimizer step's first micro-batch: plan its work, tell the factor hooks what to keep."""
         measured = self.measures(step)
         plan = self.planner.begin() if measured and self.planner is not None else None
-        self._light = plan is not None and plan.light
+        self._light = plan is not None and plan.light  # for every optimizer that steps in this batch
+        self._steps_begun += measured
         if self.samples is not None:
             self.samples.capture.enabled = measured
         if self.implied is not None:
@@ -456,7 +458,7 @@ class MonitorEngine:
         if not self.measures(inputs.step):
             self._release_factors()
             return None
-        light, self._light = self._light, False
+        light = self._light  # (kept for the batch: with several optimizers each steps, light or full alike)
         if light and self._defers(procs):
             self._measure_pending(inputs, procs, outputs or Outputs())
             return None
@@ -586,7 +588,7 @@ class MonitorEngine:
         """Which layers were formed (their turn, their tokens), and what it cost (``None``: not timed)."""
         size = sum(implied.tokens(i) * self._shapes[i][0] * self._shapes[i][1] for i in rows)
         for i in rows:
-            self._implied_formed_at[i] = self.steps_monitored
+            self._implied_formed_at[i] = self._steps_begun
             self._implied_tokens[i] = implied.tokens(i)
         if size <= 0 or seconds is None:
             return
@@ -697,7 +699,9 @@ class MonitorEngine:
         )
         self.monitor_seconds += ended - started
         self.last_step = inputs.step
-        if len(self._pending) >= _LIGHT_BATCH:
+        # a step that went wrong is recorded at once (it may be the last before training fails)
+        wrong = error is not None or (norms is not None and not bool(torch.isfinite(norms).all()))
+        if wrong or len(self._pending) >= _LIGHT_BATCH:
             self._flush_light()
         self.planner.step_ended(time.perf_counter(), inputs.step, None, light=True)
 
@@ -705,11 +709,11 @@ class MonitorEngine:
         """The records of the light steps waiting, in order: table, score, stability, record, file, scalars."""
         if not self._pending:
             return
-        pending, self._pending = self._pending, []
         n, k = len(self.watched), len(self.metric_names)
         column = self.metric_names.index("frobenius_norm")
-        hosted = [None if p.norms is None else p.norms.cpu().numpy() for p in pending]  # one wait on a GPU
-        for p, norms in zip(pending, hosted):
+        while self._pending:  # one at a time: a failure leaves the later ones waiting, not lost
+            p = self._pending.pop(0)
+            norms = None if p.norms is None else p.norms.cpu().numpy()
             t0 = time.perf_counter()
             table = HostTable.unmeasured(n, k, p.present)
             table.detection = np.full(n, np.nan)
@@ -838,8 +842,15 @@ class MonitorEngine:
     @property
     def spectrum(self) -> LayerwiseSpectrum | None:
         """The streaming statistics of every layer's metrics (``None`` before the first measured step)."""
+        self._flush_light()
         self._fold_light_rows()
         return self._spectrum
+
+    def flushed(self) -> MonitorEngine:
+        """This engine with every measured step's record made (the light steps waiting included): for readers
+        of its totals while training runs."""
+        self._flush_light()
+        return self
 
     def _fold_light_rows(self) -> None:
         """The light steps' values so far into the streaming statistics, in one update (before the next step's)."""
@@ -849,7 +860,6 @@ class MonitorEngine:
         device = rows[0][2]
         values = torch.from_numpy(np.stack([r[0] for r in rows])).to(device)
         valid = torch.from_numpy(np.stack([r[1] for r in rows])).to(device)
-        self._fold_light_rows()  # in step order
         self._spectrum_on(device).update(values, mask=valid)
 
     def _spectrum_on(self, device: torch.device) -> LayerwiseSpectrum:

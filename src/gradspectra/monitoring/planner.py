@@ -77,7 +77,8 @@ class Planner:
             self.budget = OverheadBudget(
                 [self.shapes[r] for r in self.rows], self.max_overhead, cheap=self.cheap, light=self.light
             )
-        return self.budget.plan().mapped(self.rows, keep=wanted)
+        # no plan from begin() for this measurement (the first step, or another optimizer's within the step)
+        return self.budget.plan(count=False).mapped(self.rows, keep=wanted)
 
     def learn(self, result: SpectraResult, planned: bool) -> None:
         """Teach the budget what the work of a planned step cost, and charge it."""
@@ -176,12 +177,17 @@ class Planner:
             else ""
         )
         anchors = len(b.anchors)
-        detect = f"the detection value of {anchors} anchor layer{'s' if anchors != 1 else ''}, then " if anchors else ""
+        detect = f"the detection value of {anchors} anchor layer{'s' if anchors != 1 else ''}" if anchors else ""
+        spectra = (
+            "spectra in turn with what the light steps left"
+            if b.per_step > 0
+            else "no spectra (nothing is left of the budget; pass a larger max_overhead, or spectra='exact')"
+        )
+        full = f"{detect}, then {spectra}" if detect else spectra
         return (
             f"gradspectra: at {100 * b.max_overhead:g}% of a {step_ms:.0f} ms step the monitor scores every step "
-            f"from every layer's Frobenius norm and the loss (light steps, {light_ms:.1f} ms each); every "
-            f"{_ordinal(b.period)} step is full: {detect}spectra in turn with what the light steps left, and it "
-            f"{logging}{over}"
+            f"from the layers' Frobenius norms and the loss (light steps, {light_ms:.1f} ms each); every "
+            f"{_ordinal(b.period)} step is full: {full}; it {logging}{over}"
         )
 
 
