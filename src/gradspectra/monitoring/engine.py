@@ -888,7 +888,8 @@ class MonitorEngine:
         light_score = None
         if light_scorer is not None:
             j = self.metric_names.index("frobenius_norm")
-            norms = {keys[i]: {"frobenius_norm": float(table.values[i, j])} for i in table.present if table.valid[i, j]}
+            column, valid = table.values[:, j].tolist(), table.valid[:, j].tolist()
+            norms = {keys[i]: {"frobenius_norm": column[i]} for i in table.present if valid[i]}
             light_score = light_scorer.score(norms, table.loss)
         scorer = self._scorer_for(inputs.optimizer)
         if light:

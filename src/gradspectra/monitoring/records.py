@@ -99,8 +99,9 @@ class HostTable:
 
     def layer_metrics(self, keys: Sequence[str], metric_names: Sequence[str]) -> dict[str, dict[str, float]]:
         """``{layer key: {metric: value}}`` of the present layers' measured values."""
+        values, valid = self.values.tolist(), self.valid.tolist()  # plain lists: no numpy scalar per value
         return {
-            keys[i]: {name: float(self.values[i, j]) for j, name in enumerate(metric_names) if self.valid[i, j]}
+            keys[i]: {name: values[i][j] for j, name in enumerate(metric_names) if valid[i][j]}
             for i in sorted(self.present)
         }
 

@@ -267,12 +267,13 @@ class StabilityDetector:
         if values is None or len(recent) == 0 or len(reference) == 0:
             return None
         n = len(self._layers)
-        older = values[reference, :n]
-        ok = np.count_nonzero(~np.isnan(older), axis=0) >= max(2, self.reference // 3)
-        if np.count_nonzero(ok) < self.min_layers:  # a rotating value never builds a reference: done here
-            return None
         newer = values[recent, :n]
-        ok &= np.count_nonzero(~np.isnan(newer), axis=0) >= max(1, (self.recent + 1) // 2)
+        # the few recent rows first: a value absent from them (a light step's spectra) is done here, cheaply
+        ok = np.count_nonzero(~np.isnan(newer), axis=0) >= max(1, (self.recent + 1) // 2)
+        if np.count_nonzero(ok) < self.min_layers:
+            return None
+        older = values[reference, :n]
+        ok &= np.count_nonzero(~np.isnan(older), axis=0) >= max(2, self.reference // 3)
         columns = np.flatnonzero(ok)
         if len(columns) < self.min_layers:
             return None
