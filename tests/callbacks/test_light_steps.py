@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -178,3 +179,30 @@ def test_implied_layers_take_even_turns_on_light_steps(tmp_path: Path) -> None:
     assert len(light) > 60
     turns = {k: sum(k in r["metrics"] for r in light) for k in KEYS}
     assert max(turns.values()) - min(turns.values()) <= 2, turns  # oldest first, whatever the records wait for
+
+
+class Pause(pl.Callback):
+    """A pause of 2.1 s before step 25 (a data-loader stall); what is on file after step 25."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last_on_file: int | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == 25:
+            time.sleep(2.1)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step - 1 == 25:
+            self.last_on_file = read_records(self.path)[-1]["step"]
+
+
+def test_light_records_wait_two_seconds_at_most(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, verbose=False, max_overhead=1e-3)
+    pause = Pause(Path(logger.log_dir) / "gradspectra" / "batches.jsonl")
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=30, logger=logger), callbacks=[monitor, pause]).fit(
+        TinyBert(), loader(n=120)
+    )
+    # the steps waiting from before the pause went out with step 25 (the oldest had waited over 2 s)
+    assert pause.last_on_file == 25

@@ -76,7 +76,8 @@ _IMPLIED_LEARN = 20  # on a GPU, the formings timed (each waits for the device) 
 _IMPLIED_SHARE = 0.5  # under spectra="auto": the share of the budget that forming implied gradients may take
 _SAMPLES_SHARE = 0.5  # per_sample="always" under spectra="auto": the share of the budget it aims at
 _LIGHT_ROWS = 64  # light steps' rows kept before they are folded into the streaming statistics
-_LIGHT_BATCH = 16  # light steps whose records are made together (at most this many steps late)
+_LIGHT_BATCH = 16  # light steps whose records are made together (at most this many steps late) ...
+_LIGHT_WAIT_SECONDS = 2.0  # ... and at most this late
 _SKIP_MESSAGE_SECONDS = 10.0  # a run skipping many steps says so, without a line per step
 _COUNTERS = (
     "steps_monitored",
@@ -166,6 +167,7 @@ class _Pending:
     unmeasured: list[int]
     error: str | None
     seconds: float
+    at: float  # when it was measured (perf_counter)
 
 
 class MonitorEngine:
@@ -695,13 +697,14 @@ class MonitorEngine:
         self._release_factors()
         ended = time.perf_counter()
         self._pending.append(
-            _Pending(inputs, procs, outputs, present, norms, list(self._unmeasured), error, ended - started)
+            _Pending(inputs, procs, outputs, present, norms, list(self._unmeasured), error, ended - started, started)
         )
         self.monitor_seconds += ended - started
         self.last_step = inputs.step
         # a step that went wrong is recorded at once (it may be the last before training fails)
         wrong = error is not None or (norms is not None and not bool(torch.isfinite(norms).all()))
-        if wrong or len(self._pending) >= _LIGHT_BATCH:
+        late = ended - self._pending[0].at >= _LIGHT_WAIT_SECONDS  # a file tailed live lags by seconds at most
+        if wrong or late or len(self._pending) >= _LIGHT_BATCH:
             self._flush_light()
         self.planner.step_ended(time.perf_counter(), inputs.step, None, light=True)
 
