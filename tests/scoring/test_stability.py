@@ -186,3 +186,39 @@ def test_the_vectorised_median_is_numpys_nanmedian() -> None:
             __import__("warnings").simplefilter("ignore")
             expected = np.nanmedian(block, axis=0)
         assert np.allclose(median, expected, equal_nan=True, rtol=0, atol=1e-15)
+
+
+class _NeverSkip(dict):  # type: ignore[type-arg]
+    """A `_last_put` that says every value is recent: the detector then measures every series every step."""
+
+    def get(self, key: object, default: object = None) -> int:
+        return 10**9
+
+
+def test_series_absent_from_the_recent_steps_are_skipped_without_changing_a_verdict() -> None:
+    # light steps carry only the gradient norm; the effective rank comes on full steps (here 2 of every 5,
+    # then collapsing): skipping the series with no recent value must not change a score or a warning,
+    # also across a checkpoint taken at any step
+    rng = np.random.default_rng(8)
+    values = []
+    for t in range(160):
+        v = step_values(20.0 if t < 110 else 2.0, 1.0 * 1.01**t, rng)
+        if t % 5 not in (0, 1):
+            v = {k: {"frobenius_norm": m["frobenius_norm"]} for k, m in v.items()}
+        values.append(v)
+    skipping, measuring = StabilityDetector(), StabilityDetector()
+    measuring._last_put = _NeverSkip()
+    got = [skipping.update(v) for v in values]
+    want = [measuring.update(v) for v in values]
+    assert [r.events for r in got] == [r.events for r in want]
+    assert [r.score for r in got] == pytest.approx([r.score for r in want], nan_ok=True)
+    assert any(r.events for r in got)  # the collapse is warned
+    for cut in (111, 112, 113, 114):
+        first = StabilityDetector()
+        for v in values[:cut]:
+            first.update(v)
+        second = StabilityDetector()
+        second.load_state_dict(first.state_dict())
+        resumed = [second.update(v) for v in values[cut:]]
+        assert [r.events for r in resumed] == [r.events for r in got[cut:]]
+        assert [r.score for r in resumed] == pytest.approx([r.score for r in got[cut:]], nan_ok=True)

@@ -162,6 +162,7 @@ class StabilityDetector:
         self._row_step = np.full(self._span, -1, dtype=np.int64)  # which step each row holds
         self._bad_steps: deque[int] = deque()
         self._step = 0
+        self._last_put: dict[str, int] = {}  # the last step each watched value was stored (skip the absent)
         self._over = 0  # consecutive steps over a limit
         self._under = self.rearm  # consecutive steps under every limit (armed when >= rearm)
 
@@ -246,6 +247,7 @@ class StabilityDetector:
             if values is None:
                 values = self._values[name] = np.full((self._span, max(8, len(self._layers))), np.nan)
             values[row, column] = math.log(value)
+            self._last_put[name] = self._step - 1  # (the step being taken)
         return False
 
     def _has_reference(self, step: int) -> bool:
@@ -288,6 +290,8 @@ class StabilityDetector:
         for family, (names, sign) in FAMILIES.items():
             best: _Finding | None = None
             for name in names:
+                if self._last_put.get(name, -1) <= step - self.recent:
+                    continue  # no value in the recent window (a light step's spectra): no change to measure
                 changes = self._changes(name, recent, reference)
                 if changes is None:
                     continue
@@ -332,6 +336,7 @@ class StabilityDetector:
         row_step = np.asarray(state.get("row_step", []), dtype=np.int64)
         self._row_step = np.full(self._span, -1, dtype=np.int64)
         self._values = {}
+        self._last_put = {}
         if len(row_step) != self._span:  # another window: start the series afresh
             return
         self._row_step = row_step
@@ -339,6 +344,9 @@ class StabilityDetector:
             array = np.full((self._span, max(8, len(self._layers))), np.nan)
             array[:, : len(self._layers)] = np.asarray(values, dtype=float).reshape(self._span, len(self._layers))
             self._values[str(name)] = array
+            held = self._row_step[~np.isnan(array).all(axis=1)]
+            if held.size:
+                self._last_put[str(name)] = int(held.max())
 
 
 def _nanmedian(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
