@@ -105,9 +105,11 @@ class GradientSpectrumMonitor(Callback):
             Each record says which layers got which (``spectra``) and the estimates' errors.
         max_overhead: the cost target of ``spectra="auto"`` as a fraction of the step time.
         every_n_steps: measure every n-th optimizer step.
-        log_every_n_steps: send per-layer scalars to the loggers every n-th measured step.
+        log_every_n_steps: send per-layer scalars to the loggers every n-th measured step (with light steps,
+            every n-th full step).
         figure_every_n_steps: draw layer-profile figures and heatmaps (TensorBoard) every n-th
-            measured step, and once at the end of training; ``0`` disables figures. Under
+            measured step (with light steps, full step), and once at the end of training; ``0`` disables
+            figures. Under
             ``spectra="auto"`` this is the shortest spacing: the budget spaces drawings further
             apart when they would cost more than a quarter of it (figures take seconds to draw).
         heatmap_steps: how many recent measured steps the heatmaps show.

@@ -83,6 +83,11 @@ def _small_groups(matrices: Sequence[Tensor]) -> list[list[int]]:
     return [*groups.values(), *singles]
 
 
+def _trusted(norms: Tensor) -> Tensor:
+    """Which float32 fused norms are exact enough: well inside float32's range of squares (NaN passes: it is data)."""
+    return ((norms > 1e-10) & (norms < 1e15)) | torch.isnan(norms)
+
+
 def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
     """Frobenius norms of matrices of mixed shapes, ``(len,)`` float64 on the first one's device.
 
@@ -99,21 +104,18 @@ def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
         _check_matrix(m)
     device = matrices[0].device
     fused = hasattr(torch, "_foreach_norm")
-    if fused and all(m.dtype == torch.float32 and m.device == device for m in matrices):
-        # the common case, every matrix float32 on one device: one fused call, and done when every norm is
-        # well inside float32's range of squares (else the routes below)
-        norms = torch.stack(list(torch._foreach_norm(list(matrices)))).to(torch.float64)
-        if bool((((norms > 1e-10) & (norms < 1e15)) | torch.isnan(norms)).all()):
-            return norms
+    plain = [i for i, m in enumerate(matrices) if fused and m.dtype == torch.float32 and m.device == device]
     out = torch.empty(len(matrices), dtype=torch.float64, device=device)
     trusted = torch.empty(len(matrices), dtype=torch.bool, device=device)
-    plain = [i for i, m in enumerate(matrices) if fused and m.dtype == torch.float32 and m.device == device]
     if plain:
         # float32 matrices in one fused call (what torch's clip_grad_norm_ uses); trusted only well inside
         # float32's range of squares, the rest take the per-matrix routes below
         norms = torch.stack(list(torch._foreach_norm([matrices[i] for i in plain]))).to(torch.float64)
+        ok = _trusted(norms)
+        if len(plain) == len(matrices) and bool(ok.all()):
+            return norms  # the common case: every matrix float32 on one device, every norm trusted
         out[plain] = norms
-        trusted[plain] = ((norms > 1e-10) & (norms < 1e15)) | torch.isnan(norms)
+        trusted[plain] = ok
     done = set(plain)
     rest = [i for i in range(len(matrices)) if i not in done]
     for group in _small_groups([matrices[i] for i in rest]):

@@ -649,11 +649,16 @@ class MonitorEngine:
             table = self._combine(result, collected, procs, world, loss, failure)
             return self._host_loss(table, table.loss if loss is not None else None, inputs), result, None
         except Exception as err:  # a measurement failure must never stop the user's training
-            error = f"{type(err).__name__}: {err}"
-            self.error_total += 1
-            if procs.is_zero:
-                warnings.warn(f"gradspectra could not measure step {inputs.step}: {error}", stacklevel=2)
+            error = self._failed(err, inputs.step, procs)
             return self._host_loss(HostTable.unmeasured(n, k, present), loss, inputs), result, error
+
+    def _failed(self, err: Exception, step: int, procs: Processes) -> str:
+        """A step that could not be measured: counted, said on rank 0; the error for its record."""
+        error = f"{type(err).__name__}: {err}"
+        self.error_total += 1
+        if procs.is_zero:
+            warnings.warn(f"gradspectra could not measure step {step}: {error}", stacklevel=4)
+        return error
 
     @property
     def batch_records(self) -> RecordBuffer:
@@ -673,6 +678,34 @@ class MonitorEngine:
             and self.samples is None
         )
 
+    def _light_norms(self, inputs: StepInputs, procs: Processes) -> tuple[list[int], Tensor | None, str | None]:
+        """A light step's measurement (one process): the layers present and their Frobenius norms, one read each
+        (on the gradients' device); a failure is the error for the record and never stops the user's training."""
+        present: list[int] = []
+        try:
+            collected = self._collect(procs, 1, inputs.scope)
+            present = collected.present
+            if not present:
+                return present, None, None
+            with self.runner.threads(collected.matrices[0].device):
+                return present, frobenius_norms(collected.matrices), None
+        except Exception as err:
+            return present, None, self._failed(err, inputs.step, procs)
+
+    def _light_table(self, present: list[int], norms: Tensor | None) -> HostTable:
+        """A light step's host table (the norms copied to the host), its row kept for the streaming statistics."""
+        n, k = len(self.watched), len(self.metric_names)
+        table = HostTable.unmeasured(n, k, present)
+        table.detection = np.full(n, np.nan)
+        if norms is not None:
+            column = self.metric_names.index("frobenius_norm")
+            table.values[present, column] = norms.cpu().numpy()
+            table.valid[present, column] = True
+            self._light_rows.append((table.values, table.valid, norms.device))
+            if len(self._light_rows) >= _LIGHT_ROWS:
+                self._fold_light_rows()
+        return table
+
     def _measure_pending(self, inputs: StepInputs, procs: Processes, outputs: Outputs) -> None:
         """A light step whose record waits: every layer's Frobenius norm now (the gradients are gone after the
         optimizer step), the rest of the record with the next few light steps' (on a step of milliseconds the
@@ -680,20 +713,7 @@ class MonitorEngine:
         started = time.perf_counter()
         assert self.planner is not None
         self.planner.step_started(started, inputs.step)
-        present: list[int] = []
-        norms: Tensor | None = None
-        error: str | None = None
-        try:
-            collected = self._collect(procs, 1, inputs.scope)
-            present = collected.present
-            if present:
-                with self.runner.threads(collected.matrices[0].device):
-                    norms = frobenius_norms(collected.matrices)
-        except Exception as err:  # a measurement failure must never stop the user's training
-            error = f"{type(err).__name__}: {err}"
-            self.error_total += 1
-            if procs.is_zero:
-                warnings.warn(f"gradspectra could not measure step {inputs.step}: {error}", stacklevel=3)
+        present, norms, error = self._light_norms(inputs, procs)
         self._release_factors()
         ended = time.perf_counter()
         self._pending.append(
@@ -710,21 +730,10 @@ class MonitorEngine:
 
     def _flush_light(self) -> None:
         """The records of the light steps waiting, in order: table, score, stability, record, file, scalars."""
-        if not self._pending:
-            return
-        n, k = len(self.watched), len(self.metric_names)
-        column = self.metric_names.index("frobenius_norm")
         while self._pending:  # one at a time: a failure leaves the later ones waiting, not lost
             p = self._pending.pop(0)
-            norms = None if p.norms is None else p.norms.cpu().numpy()
             t0 = time.perf_counter()
-            table = HostTable.unmeasured(n, k, p.present)
-            table.detection = np.full(n, np.nan)
-            if norms is not None:
-                table.values[p.present, column] = norms
-                table.valid[p.present, column] = True
-                self._light_rows.append((table.values, table.valid, p.norms.device))  # type: ignore[union-attr]
-            self._host_loss(table, p.inputs.loss, p.inputs)
+            table = self._host_loss(self._light_table(p.present, p.norms), p.inputs.loss, p.inputs)
             self._unmeasured = p.unmeasured
             record = self._record(p.inputs, table, self._no_result, p.error, light=True)
             seconds = p.seconds + time.perf_counter() - t0
@@ -735,38 +744,11 @@ class MonitorEngine:
             assert self.planner is not None
             self.planner.observe_light(seconds)
             self._say_affordance(record, p.procs)
-        if len(self._light_rows) >= _LIGHT_ROWS:
-            self._fold_light_rows()
 
     def _measure_light(self, inputs: StepInputs, procs: Processes) -> tuple[HostTable, SpectraResult, str | None]:
-        """A light step (one process): every layer's Frobenius norm, one read each and one host copy; nothing else.
-
-        A failure is reported in the record and never stops the user's training.
-        """
-        n, k = len(self.watched), len(self.metric_names)
-        present: list[int] = []
-        try:
-            collected = self._collect(procs, 1, inputs.scope)
-            present = collected.present
-            table = HostTable.unmeasured(n, k, present)
-            table.detection = np.full(n, np.nan)
-            if present:
-                device = collected.matrices[0].device
-                with self.runner.threads(device):
-                    norms = frobenius_norms(collected.matrices)
-                column = self.metric_names.index("frobenius_norm")
-                table.values[present, column] = norms.cpu().numpy()
-                table.valid[present, column] = True
-                self._light_rows.append((table.values.copy(), table.valid.copy(), device))
-                if len(self._light_rows) >= _LIGHT_ROWS:
-                    self._fold_light_rows()
-            return self._host_loss(table, inputs.loss, inputs), self._no_result, None
-        except Exception as err:  # a measurement failure must never stop the user's training
-            error = f"{type(err).__name__}: {err}"
-            self.error_total += 1
-            if procs.is_zero:
-                warnings.warn(f"gradspectra could not measure step {inputs.step}: {error}", stacklevel=2)
-            return self._host_loss(HostTable.unmeasured(n, k, present), inputs.loss, inputs), self._no_result, error
+        """A light step measured and tabled at once (the doors that return each step's record)."""
+        present, norms, error = self._light_norms(inputs, procs)
+        return self._host_loss(self._light_table(present, norms), inputs.loss, inputs), self._no_result, error
 
     @staticmethod
     def _host_loss(table: HostTable, loss: Tensor | float | None, inputs: StepInputs) -> HostTable:
@@ -990,10 +972,7 @@ class MonitorEngine:
         if light:
             said = record["flagged"] or record["events"] or record["nonfinite_layers"] or record.get("skipped")
             if said and outputs.log_scalars is not None:
-                scalars = status_scalars(record, self.flagged_total, record.get("optimizer"))
-                if self.config.action == "skip":
-                    scalars.update(skip_scalars(record, self.skipped_total))
-                outputs.log_scalars(finite_only(scalars), record["step"])
+                outputs.log_scalars(finite_only(self._status_scalars(record)), record["step"])
             return 0.0
         self.full_steps += 1
         if self.views is None:
@@ -1006,9 +985,7 @@ class MonitorEngine:
         t0 = time.perf_counter()
         if outputs.log_scalars is not None:
             keys = self._keys
-            scalars = status_scalars(record, self.flagged_total, record.get("optimizer"))
-            if self.config.action == "skip":
-                scalars.update(skip_scalars(record, self.skipped_total))
+            scalars = self._status_scalars(record)
             scalars.update(
                 layer_scalars(table.values, table.present, self.metric_names, keys, self._component_rows, per_layer)
             )
@@ -1029,6 +1006,12 @@ class MonitorEngine:
         seconds = self.views.update(outputs.writers, record["step"], self.full_steps, period)
         self.planner.observe_figures(seconds)
         return logging_seconds + seconds
+
+    def _status_scalars(self, record: BatchRecord) -> dict[str, float]:
+        scalars = status_scalars(record, self.flagged_total, record.get("optimizer"))
+        if self.config.action == "skip":
+            scalars.update(skip_scalars(record, self.skipped_total))
+        return scalars
 
     def _say_events(self, record: BatchRecord, outputs: Outputs) -> None:
         """Each event of the step (a shift the scorer adopted, a stability warning) as TensorBoard text and one
