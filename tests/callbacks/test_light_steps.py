@@ -6,12 +6,14 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import Tensor
 
 from gradspectra import GradientSpectrumMonitor
 from gradspectra.reporting import read_records
@@ -206,3 +208,47 @@ def test_light_records_wait_two_seconds_at_most(tmp_path: Path) -> None:
     )
     # the steps waiting from before the pause went out with step 25 (the oldest had waited over 2 s)
     assert pause.last_on_file == 25
+
+
+class MixedLayers(pl.LightningModule):
+    """A conv kernel (4-D), GPT-2 ``Conv1D`` weights (stored ``in x out``) and a plain linear layer: a light step
+    reads each gradient's norm without reshaping it, which must equal the norm of its matrix form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.conv = torch.nn.Conv2d(3, 8, kernel_size=3)
+        self.blocks = torch.nn.ModuleList(Conv1D(16, 8) for _ in range(2))
+        self.head = torch.nn.Linear(16, 4)
+        self.norms: list[tuple[int, dict[str, float]]] = []
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        x = self.conv(batch).mean(dim=(2, 3))
+        for block in self.blocks:
+            x = torch.tanh(block(torch.cat([x, x], dim=-1)[..., :8]))
+        return self.head(x).pow(2).mean()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # (a LightningModule's hook runs after the callbacks': the gradients are those the monitor read)
+        named = {n: p.grad.double().norm().item() for n, p in self.named_parameters() if p.grad is not None}
+        self.norms.append((self.trainer.global_step, named))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+def test_light_norms_of_conv_and_transposed_weights_equal_a_float64_reference(tmp_path: Path) -> None:
+    model = MixedLayers()
+    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, verbose=False, max_overhead=1e-3)
+    data = torch.utils.data.DataLoader(torch.randn(40 * 4, 3, 6, 6), batch_size=4)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=40, logger=False), callbacks=[monitor]).fit(model, data)
+    by_key = {w.key: w.name for w in monitor.engine.watched}
+    assert {"conv", "blocks/layer_00", "blocks/layer_01", "head"} <= set(by_key)
+    reference = dict(model.norms)
+    light = [r for r in monitor.batch_records if r.get("light")]
+    assert len(light) > 10
+    for r in light:
+        for key, values in r["metrics"].items():
+            expected = reference[r["step"]][by_key[key]]
+            assert values["frobenius_norm"] == pytest.approx(expected, rel=1e-5), (r["step"], key)

@@ -256,6 +256,10 @@ class GradientSpectrumMonitor(Callback):
         self._batch_idx: int | None = None
         self._step_open = False
         self._scopes: dict[int, frozenset[int]] = {}  # each optimizer's watched layers (several optimizers)
+        # Lightning names every hook call by `state_key` and the loggers do not change during a fit: both are
+        # made once (a fast step pays for every microsecond)
+        self._state_key: str | None = None
+        self._fit_outputs: Outputs | None = None
 
     # ------------------------------------------------------------------ what the engine holds, by its public names
 
@@ -300,6 +304,11 @@ class GradientSpectrumMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
+        if self._state_key is None:
+            self._state_key = self._make_state_key()
+        return self._state_key
+
+    def _make_state_key(self) -> str:
         keys = {k: v for k, v in self.selection_kwargs.items() if isinstance(v, (str, bool, type(None)))}
         if keys.get("gradients") == "auto":
             del keys["gradients"]  # added later: the default keeps the key that earlier checkpoints were saved under
@@ -332,6 +341,8 @@ class GradientSpectrumMonitor(Callback):
             )
         self.engine.attach(pl_module, trainer.world_size)
         self._scopes.clear()
+        self._state_key = None
+        self._fit_outputs = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -406,7 +417,9 @@ class GradientSpectrumMonitor(Callback):
         reduce_sum = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
         procs = Processes(trainer.global_rank, trainer.world_size, reduce_sum)
         params = lambda: (p for group in optimizer.param_groups for p in group["params"])  # noqa: E731
-        self.engine.step(inputs, procs, self._outputs(trainer), params)
+        if self._fit_outputs is None:
+            self._fit_outputs = self._outputs(trainer)
+        self.engine.step(inputs, procs, self._fit_outputs, params)
         if self.engine.stop_requested:
             # instability_action="stop": this optimizer step completes; Lightning stops after it
             trainer.should_stop = True
@@ -438,6 +451,7 @@ class GradientSpectrumMonitor(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.engine.close()
+        self._fit_outputs = None  # (it refers to the trainer)
 
     def summary(self, top: int = 10) -> str:
         """A text report: counts, then the ``top`` highest-scoring batches (from the records in memory)."""

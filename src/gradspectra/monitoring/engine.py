@@ -683,7 +683,10 @@ class MonitorEngine:
         (on the gradients' device); a failure is the error for the record and never stops the user's training."""
         present: list[int] = []
         try:
-            collected = self._collect(procs, 1, inputs.scope)
+            if self.sharded is None and self.implied is None:
+                collected = self._plain_grads(inputs.scope)
+            else:
+                collected = self._collect(procs, 1, inputs.scope)
             present = collected.present
             if not present:
                 return present, None, None
@@ -691,6 +694,26 @@ class MonitorEngine:
                 return present, frobenius_norms(collected.matrices), None
         except Exception as err:
             return present, None, self._failed(err, inputs.step, procs)
+
+    def _plain_grads(self, scope: frozenset[int] | None) -> Collected:
+        """The watched gradients as they are, for their norms: a matrix's Frobenius norm is its gradient's,
+        whatever its orientation, so only a gradient that is not a plain matrix goes through
+        :meth:`WatchedParameter.grad_matrix` (on a fast step the per-layer reshaping is a cost of its own)."""
+        self._unmeasured = []
+        collected = Collected([], [])
+        for i, w in enumerate(self.watched):
+            if scope is not None and i not in scope:
+                continue
+            g = w.param.grad
+            if g is None:
+                continue
+            if g.ndim != 2 or g.layout != torch.strided:
+                g = w.grad_matrix()
+                if g is None:
+                    continue
+            collected.present.append(i)
+            collected.matrices.append(g)
+        return collected
 
     def _light_table(self, present: list[int], norms: Tensor | None) -> HostTable:
         """A light step's host table (the norms copied to the host), its row kept for the streaming statistics."""

@@ -99,9 +99,12 @@ class HostTable:
 
     def layer_metrics(self, keys: Sequence[str], metric_names: Sequence[str]) -> dict[str, dict[str, float]]:
         """``{layer key: {metric: value}}`` of the present layers' measured values."""
-        values, valid = self.values.tolist(), self.valid.tolist()  # plain lists: no numpy scalar per value
+        # only the columns measured in some layer (a light step: one), as plain lists: no numpy scalar per value
+        columns = np.flatnonzero(self.valid.any(axis=0)).tolist()
+        named = [(j, metric_names[j]) for j in columns]
+        values, valid = self.values[:, columns].tolist(), self.valid[:, columns].tolist()
         return {
-            keys[i]: {name: values[i][j] for j, name in enumerate(metric_names) if valid[i][j]}
+            keys[i]: {name: values[i][c] for c, (_, name) in enumerate(named) if valid[i][c]}
             for i in sorted(self.present)
         }
 
@@ -127,6 +130,8 @@ class HostTable:
             SpectrumSource.AUDIT: {},
         }
         for i, source in enumerate(self.sources):
+            if source is SpectrumSource.DEFERRED:
+                continue  # (every layer of a light step)
             # the cheap tier's values are estimates too: their errors go with the estimator's
             kind = SpectrumSource.ESTIMATE if source is SpectrumSource.CHEAP else source
             if kind in errors:
