@@ -259,6 +259,7 @@ class GradientSpectrumMonitor(Callback):
         # Lightning names every hook call by `state_key` and the loggers do not change during a fit: both are
         # made once (a fast step pays for every microsecond)
         self._state_key: str | None = None
+        self._late_attach = False
         self._fit_outputs: Outputs | None = None
 
     # ------------------------------------------------------------------ what the engine holds, by its public names
@@ -334,12 +335,17 @@ class GradientSpectrumMonitor(Callback):
         if stage != "fit":
             return
         strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in ("DeepSpeed", "ModelParallel")):
+        if "DeepSpeed" in strategy:
             raise ValueError(
-                f"`GradientSpectrumMonitor` cannot run under {strategy} yet: gradients are sharded there and "
-                "every rank would measure a shard, not the layer's matrix. Use DDP, FSDP or a single device."
+                f"`GradientSpectrumMonitor` cannot run under {strategy} yet: ZeRO partitions the gradients and "
+                "every rank would measure a partition, not the layer's matrix. Use ModelParallelStrategy (FSDP2, "
+                "tensor parallel), FSDP, DDP or a single device; docs/distributed.md says how."
             )
-        self.engine.attach(pl_module, trainer.world_size)
+        # under ModelParallelStrategy the model is sharded in `configure_model`, after this hook: the watched
+        # weights are chosen at `on_fit_start`, once they are the DTensors that train
+        self._late_attach = "ModelParallel" in strategy
+        if not self._late_attach:
+            self.engine.attach(pl_module, trainer.world_size)
         self._scopes.clear()
         self._state_key = None
         self._fit_outputs = None
@@ -356,6 +362,8 @@ class GradientSpectrumMonitor(Callback):
                 "`GradientSpectrumMonitor` with `Trainer(logger=False)`: no scalars or figures are logged; "
                 f"the batch records still go to {record_path}"
             )
+        if self._late_attach:
+            self.engine.attach(pl_module, trainer.world_size)
         # the model is wrapped by now: under FSDP the engine checks the watched weights survived flattening
         self.engine.open(record_path, trainer.is_global_zero, trainer.model if trainer.model is not None else pl_module)
 

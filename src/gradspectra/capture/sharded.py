@@ -1,9 +1,13 @@
-"""Full gradient matrices of watched weights under FSDP, gathered one FSDP unit at a time.
+"""Full gradient matrices of watched weights under FSDP (one FSDP unit at a time) and of DTensor gradients.
 
 Under ``FullyShardedDataParallel`` every rank holds a flat slice of each gradient; a slice has no
 spectrum. :func:`sharded_gradients` unshards one unit (its parameters and gradients) at a time with
 the public ``FullyShardedDataParallel.summon_full_params(..., with_grads=True)``, so the caller can
 measure that unit's full matrices and drop them before the next unit is gathered.
+
+Under FSDP2 (``fully_shard``) and tensor parallelism (Lightning's ``ModelParallelStrategy``) the weights
+and their gradients are ``DTensor``: each rank holds a block of rows (``Shard(0)``) or of columns
+(``Shard(1)``). :func:`full_gradient` gathers one layer's whole gradient (``full_tensor()``, a collective).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from gradspectra.capture.watched import WatchedParameter
+from gradspectra.functional.reshape import as_matrix
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -99,3 +104,42 @@ def sharded_gradients(
             continue
         with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False, with_grads=True):
             yield [(i, watched[i].grad_matrix()) for i in indices]
+
+
+# ---------------------------------------------------------------------------------------------- DTensor (FSDP2, TP)
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's ``fully_shard``, tensor parallel).
+
+    Example:
+        >>> is_dtensor(torch.zeros(2))
+        False
+    """
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def has_dtensors(watched: Sequence[WatchedParameter]) -> bool:
+    """Whether any watched weight is a DTensor: its gradient is sharded across ranks (or replicated as one)."""
+    return any(is_dtensor(w.param) for w in watched)
+
+
+def full_gradient(w: WatchedParameter) -> Tensor | None:
+    """The watched weight's whole gradient as an ``out x in`` matrix, ``None`` when it has none.
+
+    A DTensor gradient is gathered with ``full_tensor()``: a collective over its device mesh, so every rank
+    must call this for the same layers in the same order; the result is a plain tensor on every rank, held
+    until the caller drops it. A plain gradient (a module left out of the sharding) is read as it is.
+    """
+    grad = w.param.grad
+    if grad is None:
+        return None
+    if is_dtensor(grad):
+        grad = grad.full_tensor()  # type: ignore[attr-defined]
+    if grad.layout != torch.strided:
+        grad = grad.to_dense()
+    return as_matrix(grad, w.module, include_embeddings=True)

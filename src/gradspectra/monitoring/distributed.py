@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from gradspectra.capture import WatchedParameter
-from gradspectra.capture.sharded import sharded_gradients
+from gradspectra.capture.sharded import full_gradient, sharded_gradients
 from gradspectra.monitoring.budget import EXACT, work_flops
 
 ReduceSum = Callable[[Tensor], Tensor]
@@ -95,6 +95,26 @@ def gather_sharded(
                 found.append((i, g.clone() if world == 1 or owners[i] == rank else g.new_empty(0)))
     found.sort(key=lambda item: item[0])
     return [i for i, _ in found], [g for _, g in found]
+
+
+def gather_dtensors(
+    watched: Sequence[WatchedParameter], owners: Sequence[int], rank: int, world: int, rows: Sequence[int] | None = None
+) -> tuple[list[int], list[Tensor]]:
+    """Under FSDP2 / tensor parallelism: the watched layers that have a gradient, and their whole matrices where
+    this rank owns them (an empty placeholder elsewhere).
+
+    One layer at a time (``full_tensor()``, a collective: every rank walks the same ``rows`` in the same order),
+    so a rank holds its own layers' matrices plus one layer in transit, never every layer's.
+    """
+    present: list[int] = []
+    matrices: list[Tensor] = []
+    for i in range(len(watched)) if rows is None else rows:
+        g = full_gradient(watched[i])
+        if g is None:
+            continue
+        present.append(i)
+        matrices.append(g if world == 1 or owners[i] == rank else g.new_empty(0))
+    return present, matrices
 
 
 def gather_ids(ids: list[Any], world: int) -> list[Any]:

@@ -22,13 +22,21 @@ from torch import Tensor, nn
 from gradspectra.capture import Selection, WatchedParameter, group_by_component, select_parameters
 from gradspectra.capture.factors import FactorCapture
 from gradspectra.capture.implied import ImpliedGradients
-from gradspectra.capture.sharded import fsdp_groups, is_sharded
+from gradspectra.capture.sharded import fsdp_groups, has_dtensors, is_sharded
 from gradspectra.functional import frobenius_norms, needs_spectrum
 from gradspectra.functional.reshape import as_matrix
 from gradspectra.metrics import LayerwiseSpectrum
 from gradspectra.monitoring.budget import Plan
 from gradspectra.monitoring.config import MonitorConfig
-from gradspectra.monitoring.distributed import Processes, gather_ids, gather_sharded, layer_owners, pack, unpack
+from gradspectra.monitoring.distributed import (
+    Processes,
+    gather_dtensors,
+    gather_ids,
+    gather_sharded,
+    layer_owners,
+    pack,
+    unpack,
+)
 from gradspectra.monitoring.planner import Planner
 from gradspectra.monitoring.records import BatchRecord, HostTable, assemble_record
 from gradspectra.monitoring.samples import SampleStage
@@ -211,6 +219,7 @@ class MonitorEngine:
         self.views: TensorBoardViews | None = None
         self.record_path: Path | None = None
         self.sharded: nn.Module | None = None
+        self.dtensor = False  # FSDP2 / tensor parallel: the watched weights are DTensors (set by `open`)
         self.steps_monitored = self.flagged_total = self.skipped_total = 0
         self.missing_grad_total = self.nonfinite_total = self.error_total = self.shift_total = 0
         self.instability_total = 0
@@ -375,6 +384,13 @@ class MonitorEngine:
                     "pass gradients='parameters' to watch the trainable (adapter) weights instead"
                 )
             fsdp_groups(self.sharded, self.watched)
+        self.dtensor = has_dtensors(self.watched)
+        if self.dtensor and self._implied_layers:
+            raise ValueError(
+                f"gradspectra measures frozen weights by their implied gradient (here {len(self._implied_layers)}, "
+                f"e.g. {next(iter(self._implied_layers))}) in one process or under DDP, not under FSDP2 or tensor "
+                "parallelism yet; pass gradients='parameters' to watch the trainable (adapter) weights instead"
+            )
         self.views = TensorBoardViews(
             self.metric_names,
             [ViewLayer(w.key, w.component, w.index) for w in self.watched],
@@ -495,6 +511,10 @@ class MonitorEngine:
         return record
 
     def _collect(self, procs: Processes, world: int, scope: frozenset[int] | None) -> Collected:
+        if self.dtensor:
+            rows = [i for i in range(len(self.watched)) if scope is None or i in scope]
+            self._unmeasured = []
+            return Collected(*gather_dtensors(self.watched, self._layer_owners(world), procs.rank, world, rows))
         if self.sharded is not None:
             present, matrices = gather_sharded(self.sharded, self.watched, self._layer_owners(world), procs.rank, world)
             kept = [k for k, i in enumerate(present) if scope is None or i in scope]
@@ -628,7 +648,7 @@ class MonitorEngine:
         """
         n, k = len(self.watched), len(self.metric_names)
         # under FSDP the layers are always split: a rank measuring every layer would hold every full gradient
-        world = procs.world if self.config.distribute or self.sharded is not None else 1
+        world = procs.world if self.config.distribute or self.sharded is not None or self.dtensor else 1
         result = self.runner.empty(0, torch.device("cpu"))
         present: list[int] = []
         loss = inputs.loss
@@ -683,7 +703,7 @@ class MonitorEngine:
         (on the gradients' device); a failure is the error for the record and never stops the user's training."""
         present: list[int] = []
         try:
-            if self.sharded is None and self.implied is None:
+            if self.sharded is None and self.implied is None and not self.dtensor:
                 collected = self._plain_grads(inputs.scope)
             else:
                 collected = self._collect(procs, 1, inputs.scope)

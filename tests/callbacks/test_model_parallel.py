@@ -1,0 +1,192 @@
+"""Real 2-process ``ModelParallelStrategy`` on CPU (gloo): FSDP2 (``fully_shard``) and tensor parallelism.
+
+The weights and gradients are DTensors there: each rank holds a block of rows (``Shard(0)``) or of columns
+(``Shard(1)``). The records must be those of one process fed the same global batches, and the values
+those of each layer's whole gradient. The ranks are started with ``torch.multiprocessing.spawn`` and the
+environment Lightning reads (``LightningEnvironment`` then creates no processes itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from gradspectra import GradientSpectrumMonitor
+from gradspectra.capture.sharded import full_gradient, is_dtensor
+
+from .conftest import RandomTokens, TinyBert, trainer_kwargs
+
+STEPS = 5
+POISONED = 13  # a NaN sample (in the third global batch of the shuffled order): flagged and skipped
+
+
+class ShardedBert(TinyBert):
+    """TinyBert sharded in ``configure_model``: FSDP2 over every encoder layer and the head, or tensor
+    parallelism on each layer's MLP (``intermediate.dense`` column-wise, ``output.dense`` row-wise)."""
+
+    def __init__(self, mode: str = "none") -> None:
+        super().__init__(layers=2, hidden=32)
+        self.mode = mode
+
+    def configure_model(self) -> None:
+        if self.mode == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.bert.encoder.layer:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.head, mesh=mesh)
+            fully_shard(self.bert, mesh=mesh)  # the embeddings (the root of the BERT part)
+        elif self.mode == "tp":
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            plan = {}
+            for i in range(len(self.bert.encoder.layer)):
+                plan[f"bert.encoder.layer.{i}.intermediate.dense"] = ColwiseParallel()
+                plan[f"bert.encoder.layer.{i}.output.dense"] = RowwiseParallel()
+            parallelize_module(self, self.device_mesh["tensor_parallel"], plan)
+
+
+class WholeGradients(Callback):
+    """Before the monitor: every watched layer's whole gradient (gathered by every rank alike), its float64
+    singular values' metrics, and what this rank held of it."""
+
+    def __init__(self, monitor: GradientSpectrumMonitor) -> None:
+        self.monitor = monitor
+        self.steps: list[dict[str, Any]] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Optimizer) -> None:
+        step: dict[str, Any] = {}
+        for w in self.monitor.watched:
+            g = full_gradient(w)
+            if g is None:
+                continue
+            a = g.double().numpy()
+            s = np.linalg.svd(a, compute_uv=False) if np.isfinite(a).all() else np.full(1, np.nan)
+            local = w.param.grad.to_local() if is_dtensor(w.param.grad) else w.param.grad
+            placements = [str(p) for p in w.param.grad.placements] if is_dtensor(w.param.grad) else None
+            step[w.key] = {
+                "nuclear_norm": float(s.sum()),
+                "spectral_norm": float(s[0]),
+                "frobenius_norm": float(np.sqrt((s**2).sum())),
+                "local": list(local.shape),
+                "full": list(g.shape),
+                "placements": placements,
+            }
+        self.steps.append(step)
+
+
+def _fit(out: Path, data: DataLoader[Any], mode: str, **overrides: Any) -> tuple[GradientSpectrumMonitor, Any]:
+    pl.seed_everything(0, verbose=False)
+    monitor = GradientSpectrumMonitor(
+        figure_every_n_steps=0, warmup_steps=5, output_dir=out, spectra="exact", action="skip", verbose=False
+    )
+    tap = WholeGradients(monitor)
+    kwargs = trainer_kwargs(out, max_steps=STEPS, logger=False)
+    kwargs.update(overrides)
+    trainer = pl.Trainer(**kwargs, callbacks=[tap, monitor])
+    trainer.fit(ShardedBert(mode), data)
+    return monitor, tap
+
+
+def _worker(rank: int, port: int, out: str, mode: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    sizes = {"fsdp2": (2, 1), "tp": (1, 2)}[mode]
+    strategy = ModelParallelStrategy(
+        data_parallel_size=sizes[0], tensor_parallel_size=sizes[1], timeout=timedelta(seconds=60)
+    )
+    data = DataLoader(RandomTokens(64, nan_at={POISONED}), batch_size=4)
+    monitor, tap = _fit(Path(out), data, mode, strategy=strategy, devices=2)
+    report = {"records": list(monitor.batch_records), "whole": tap.steps, "computed": monitor.layers_computed_here}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _same(a: Any, b: Any, rel: float) -> bool:
+    return b == pytest.approx(a, rel=rel, abs=1e-9, nan_ok=True)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["fsdp2", "tp"])
+def test_model_parallel_two_processes_match_single_process(tmp_path: Path, mode: str) -> None:
+    out = tmp_path / mode
+    out.mkdir()
+    mp.spawn(_worker, args=(_free_port(), str(out), mode), nprocs=2, join=True)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # the reference: Lightning's DistributedSampler shuffles with seed 0; under FSDP2 (2 data-parallel ranks)
+    # rank r takes positions r, r+2, ... of randperm(64) and a global batch is 8 samples; under tensor
+    # parallelism both ranks take every position and a batch is 4
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
+    batch = 8 if mode == "fsdp2" else 4
+    torch.set_num_threads(1)
+    single, _ = _fit(tmp_path / "single", DataLoader(RandomTokens(64, nan_at={POISONED}), batch, sampler=order), "none")
+    reference = list(single.batch_records)
+    assert len(reference) == STEPS
+
+    for rank in ranks:
+        records = rank["records"]
+        assert [r["step"] for r in records] == list(range(STEPS))
+        for a, b, whole in zip(reference, records, rank["whole"]):
+            assert set(b["metrics"]) == set(a["metrics"]) and b["missing_layers"] == a["missing_layers"]
+            for key, values in a["metrics"].items():
+                for name, value in values.items():
+                    # the same global batch: equal up to float32 rounding of the gradient (summed across ranks
+                    # in another order)
+                    assert _same(value, b["metrics"][key][name], 1e-4), (b["step"], key, name)
+                if not b["nonfinite_layers"]:
+                    # and exactly the whole gradient's spectrum, whatever each rank held of it
+                    for name in ("nuclear_norm", "spectral_norm", "frobenius_norm"):
+                        assert _same(whole[key][name], b["metrics"][key][name], 1e-6), (b["step"], key, name)
+            assert b["flagged"] == a["flagged"] and bool(b.get("skipped")) == bool(a.get("skipped"))
+            assert _same(a["loss"], b["loss"], 1e-5)
+            assert len(b["layers_per_rank"]) == 2 and sum(b["layers_per_rank"]) == len(b["metrics"])
+    # the ranks decided alike: the same records but the timing
+    for a, b in zip(*(rank["records"] for rank in ranks)):
+        a, b = ({k: v for k, v in r.items() if k != "monitor_ms"} for r in (a, b))
+        assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    assert any(r.get("skipped") and r["nonfinite_layers"] for r in ranks[0]["records"])
+    assert sum(rank["computed"] for rank in ranks) == sum(len(r["metrics"]) for r in ranks[0]["records"])
+
+    # the gradients really were sharded: a rank held half of each sharded layer (rows or columns)
+    from torch.distributed.tensor import Shard
+
+    rows, columns = str(Shard(0)), str(Shard(1))
+    whole = ranks[0]["whole"][0]
+    sharded = {key: v for key, v in whole.items() if v["placements"]}
+    if mode == "fsdp2":
+        assert len(sharded) == len(whole)  # every watched layer: the encoder layers, the head, the embeddings'
+        assert all(v["placements"] == [rows] for v in sharded.values())
+        assert all(v["local"][0] < v["full"][0] for v in sharded.values() if v["full"][0] > 1)
+    else:
+        assert {v["placements"][0] for v in sharded.values()} == {rows, columns}
+        assert len(sharded) == 4  # two MLP layers of each of the two encoder layers; the rest are plain tensors
+        for v in sharded.values():
+            dim = 0 if v["placements"] == [rows] else 1
+            assert v["local"][dim] * 2 == v["full"][dim]
