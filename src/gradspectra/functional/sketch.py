@@ -38,9 +38,10 @@ each matrix, against ``2 m n d`` for the Gram route and ``~4 m n d`` for an SVD.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +171,144 @@ def cheap_spectral_metrics_many(
     return CheapSpectra(values, errors, exact, bases)
 
 
+@dataclass(frozen=True)
+class MatrixBlock:
+    """This process's block of a matrix held across processes (a sharded gradient).
+
+    Attributes:
+        local: the block: rows ``start .. start + local.shape[0]`` of the whole matrix (``axis=0``), or
+            its columns ``start .. start + local.shape[1]`` (``axis=1``); possibly empty.
+        shape: the whole matrix's ``(m, n)``.
+        axis: 0 for a block of rows, 1 for a block of columns.
+        start: the block's first row (or column) in the whole matrix.
+    """
+
+    local: Tensor
+    shape: tuple[int, int]
+    axis: int
+    start: int
+
+    def __post_init__(self) -> None:
+        if self.axis not in (0, 1):
+            raise ValueError(f"`axis` must be 0 (rows) or 1 (columns), got {self.axis!r}")
+        size, other = (self.local.shape[0], self.local.shape[1]) if self.axis == 0 else self.local.shape[::-1]
+        whole, across = self.shape if self.axis == 0 else self.shape[::-1]
+        if self.local.ndim != 2 or other != across or not 0 <= self.start <= self.start + size <= whole:
+            raise ValueError(
+                f"a block of shape {tuple(self.local.shape)} at {self.start} along axis {self.axis} does not fit "
+                f"in a matrix of shape {self.shape}"
+            )
+
+
+def sketchable(shape: tuple[int, int], frobenius: float, rank: int = 8, extra: int = 8, probes: int = 8) -> bool:
+    """Whether :func:`cheap_spectral_metrics_blocks` takes a matrix of this shape and Frobenius norm: its small
+    side above ``2 (rank + extra + probes)`` and its norm safe for float32 products (the others take the exact
+    route, which needs the whole matrix). A zero or non-finite matrix is taken (zeros or NaN, no products)."""
+    if not math.isfinite(frobenius) or frobenius == 0.0:
+        return True
+    return min(shape) > 2 * (rank + extra + probes) and _SAFE_LOW < frobenius < _SAFE_HIGH
+
+
+def cheap_spectral_metrics_blocks(
+    blocks: Sequence[MatrixBlock],
+    frobenius: Tensor,
+    reduce_sum: Callable[[Tensor], Tensor],
+    warm_start: Sequence[Tensor | None] | None = None,
+    rank: int = 8,
+    extra: int = 8,
+    probes: int = 8,
+    seed: int = 0,
+) -> CheapSpectra:
+    """The cheap tier (module docstring) of matrices held in blocks across processes, none of them gathered.
+
+    The sketch reads a matrix only through its three products ``rows @ G`` and ``rows @ G^T`` with thin
+    blocks ``rows``: each process multiplies its own block of rows or columns (the rest of the answer is
+    zero), and ``reduce_sum`` (a sum over the processes, e.g. an all-reduce) assembles the answer, for every
+    matrix at once: three calls in all, of ``(b1 + 2 b2) (m + n)`` numbers a matrix at most, against ``m n`` to
+    gather it. Every process calls this with the same shapes, norms, warm starts and seed, in the same order,
+    and gets the same values (the small linear algebra runs on each, on the summed products).
+
+    Args:
+        blocks: this process's block of each matrix (:class:`MatrixBlock`).
+        frobenius: the whole matrices' Frobenius norms ``(len,)`` (from the blocks' sums of squares, summed).
+        reduce_sum: a sum over the processes that hold the blocks, in place or returned.
+        warm_start, rank, extra, probes, seed: as in :func:`cheap_spectral_metrics_many`.
+
+    Raises:
+        ValueError: a matrix the sketch does not take (:func:`sketchable`): gather it and use
+            :func:`cheap_spectral_metrics_many`.
+    """
+    _positive(rank, "rank", 1)
+    _positive(extra, "extra", 0)
+    _positive(probes, "probes", 2)
+    n_mat = len(blocks)
+    if len(frobenius) != n_mat or (warm_start is not None and len(warm_start) != n_mat):
+        raise ValueError(f"`frobenius` and `warm_start` must have one entry per block ({n_mat})")
+    device = blocks[0].local.device if blocks else torch.device("cpu")
+    fro = frobenius.to(device=device, dtype=torch.float64)
+    values = torch.zeros((n_mat, len(CHEAP_METRICS)), dtype=torch.float64, device=device)
+    errors = torch.zeros_like(values)
+    exact = torch.zeros(n_mat, dtype=torch.bool, device=device)
+    bases: list[Tensor | None] = [None] * n_mat
+    groups: dict[tuple[int, int, torch.dtype, bool], list[int]] = defaultdict(list)
+    for i, (blk, f) in enumerate(zip(blocks, fro.tolist())):
+        if not sketchable(blk.shape, f, rank, extra, probes):
+            raise ValueError(
+                f"block {i} (a {blk.shape[0]} x {blk.shape[1]} matrix, Frobenius norm {f:.3g}) takes the exact "
+                "route: gather it"
+            )
+        if not math.isfinite(f) or f == 0.0:
+            values[i] = float("nan") if not math.isfinite(f) else 0.0
+            errors[i] = float("nan") if not math.isfinite(f) else 0.0
+            exact[i] = math.isfinite(f)
+            bases[i] = None if warm_start is None else warm_start[i]
+            continue
+        work = torch.float64 if blk.local.dtype == torch.float64 else torch.float32
+        d = min(blk.shape)
+        basis = None if warm_start is None else warm_start[i]
+        usable = basis is not None and tuple(basis.shape) == (min(rank, d), d) and basis.dtype == work
+        groups[(blk.shape[0], blk.shape[1], work, usable)].append(i)
+    runs = []
+    for (m, n, work, warm_ok), idx in groups.items():
+        local = [blocks[i] for i in idx]
+        local = [b if b.local.dtype == work else MatrixBlock(b.local.to(work), b.shape, b.axis, b.start) for b in local]
+        warm = warm_start if warm_ok else None
+        steps = _sketch_steps((m, n), device, idx, fro, warm, work, (rank, extra, probes, seed), values, errors, bases)
+        runs.append((steps, local, next(steps)))
+    while runs:
+        # every group's share of its next product, summed over the processes in one call
+        parts = [_block_product(local, *request) for _, local, request in runs]
+        summed = reduce_sum(torch.cat([part.reshape(-1) for part in parts]))
+        answers = torch.split(summed, [part.numel() for part in parts])
+        following = []
+        for (steps, local, _), answer, part in zip(runs, answers, parts):
+            with contextlib.suppress(StopIteration):  # (its three products are done: the values are written)
+                following.append((steps, local, steps.send(answer.view(part.shape))))
+        runs = following
+    return CheapSpectra(values, errors, exact, bases)
+
+
+def _block_product(blocks: Sequence[MatrixBlock], rows: Tensor, right: bool, out_side: int) -> Tensor:
+    """This process's share of :func:`_product` for each matrix of a group: its block's product, zeros elsewhere."""
+    out = torch.zeros((rows.shape[0], rows.shape[1], out_side), dtype=rows.dtype, device=rows.device)
+    for j, blk in enumerate(blocks):
+        local, r = blk.local, rows[j]
+        size = local.shape[blk.axis]
+        span = slice(blk.start, blk.start + size)
+        if size == 0:
+            continue
+        if right:  # rows (b, n) @ G^T (n, m)
+            if blk.axis == 0:
+                out[j][:, span] = r @ local.T
+            else:
+                out[j] = r[:, span] @ local.T
+        elif blk.axis == 0:  # rows (b, m) @ G (m, n)
+            out[j] = r[:, span] @ local
+        else:
+            out[j][:, span] = r @ local
+    return out
+
+
 def _gram_route(
     matrix: Tensor,
     fro: Tensor,
@@ -212,9 +351,7 @@ def _gram_route(
     return basis
 
 
-def _exact_route(
-    matrices: Sequence[Tensor], idx: list[int], fro: Tensor, values: Tensor, exact: Tensor
-) -> None:
+def _exact_route(matrices: Sequence[Tensor], idx: list[int], fro: Tensor, values: Tensor, exact: Tensor) -> None:
     """Small matrices (and extreme magnitudes): exact, from the singular values."""
     for i in idx:
         s = singular_values(matrices[i].detach())  # float64, rescaled for extreme magnitudes
@@ -257,16 +394,45 @@ def _sketch_group(
     bases: list[Tensor | None],
 ) -> None:
     """Matrices of one shape: three products each, the small linear algebra batched over the group."""
-    g0 = matrices[idx[0]]
-    m, n = g0.shape
+    grads = [matrices[i].detach() for i in idx]
+    grads = [g if g.dtype == work else g.to(work) for g in grads]
+    m, n = grads[0].shape
+    steps = _sketch_steps((m, n), grads[0].device, idx, fro, warm_start, work, sizes, values, errors, bases)
+    request = next(steps)
+    while True:
+        rows, right, out_side = request
+        try:
+            request = steps.send(_product(grads, rows, right, out_side))
+        except StopIteration:
+            return
+
+
+#: one product the sketch asks for: ``(rows, right, out_side)``, answered by ``rows @ G^T`` (``right``) or
+#: ``rows @ G`` for each matrix ``G`` of the group (``rows``: ``(L, b, .)``, the answer ``(L, b, out_side)``)
+Request = tuple[Tensor, bool, int]
+
+
+def _sketch_steps(
+    shape: tuple[int, int],
+    device: torch.device,
+    idx: list[int],
+    fro: Tensor,
+    warm_start: Sequence[Tensor | None] | None,
+    work: torch.dtype,
+    sizes: tuple[int, int, int, int],
+    values: Tensor,
+    errors: Tensor,
+    bases: list[Tensor | None],
+) -> Generator[Request, Tensor, None]:
+    """The sketch of a group of ``m x n`` matrices, reading them only through the three products it yields
+    (:data:`Request`): whoever answers them (one process, or processes holding blocks of each matrix) gets the
+    same values. Writes ``values``, ``errors`` and ``bases`` at the rows ``idx``."""
+    m, n = shape
     tall = m >= n
     d, e = (n, m) if tall else (m, n)  # the block's side (small) and the other
     rank, extra, p, seed = sizes
     k = min(rank, d)
-    device = g0.device
     count = len(idx)
-    grads = [matrices[i].detach() for i in idx]
-    grads = [g if g.dtype == work else g.to(work) for g in grads]
     gen = torch.Generator().manual_seed(seed)
     if warm_start is not None:
         v = torch.stack([warm_start[i] for i in idx])  # type: ignore[misc]
@@ -274,15 +440,15 @@ def _sketch_group(
         v = torch.randn((count, k, d), generator=gen, dtype=work).to(device)
     block = torch.cat([v, torch.randn((count, extra, d), generator=gen, dtype=work).to(device)], 1) if extra else v
     # product 1 (a range finder step from the warm start): the other side's top subspace Q
-    w1 = _product(grads, block, tall, out_side=e)
+    w1 = yield (block, tall, e)
     q = _orth_rows(w1)
     b1 = q.shape[1]
     w = _probes(e, p, device, work).expand(count, p, e)
     w = w - (w @ q.transpose(-2, -1)) @ q  # the probes off span Q
     x = torch.cat([q, w], 1)
     # products 2 and 3: Z = G^T X and A X = G Z on the other side (A = G G^T there)
-    z = _product(grads, x, not tall, out_side=d)
-    ax = _product(grads, z, tall, out_side=e)
+    z = yield (x, not tall, d)
+    ax = yield (z, tall, e)
     f2 = fro[idx].to(torch.float64).square()
     zq, axq, axw = z[:, :b1], ax[:, :b1], ax[:, b1:]
     # Rayleigh-Ritz on span Q: Q A Q^T = Z_Q Z_Q^T, Q A^2 Q^T = (A Q)(A Q)^T (b1 x b1, then float64)
