@@ -31,6 +31,7 @@ from gradspectra.capture.sharded import full_gradient, is_dtensor
 from .conftest import RandomTokens, TinyBert, trainer_kwargs
 
 STEPS = 5
+HIDDEN = 64  # the auto tests: layers large enough for the sketch (small side > 48)
 POISONED = 13  # a NaN sample (in the third global batch of the shuffled order): flagged and skipped
 
 
@@ -38,8 +39,8 @@ class ShardedBert(TinyBert):
     """TinyBert sharded in ``configure_model``: FSDP2 over every encoder layer and the head, or tensor
     parallelism on each layer's MLP (``intermediate.dense`` column-wise, ``output.dense`` row-wise)."""
 
-    def __init__(self, mode: str = "none") -> None:
-        super().__init__(layers=2, hidden=32)
+    def __init__(self, mode: str = "none", hidden: int = 32) -> None:
+        super().__init__(layers=2, hidden=hidden)
         self.mode = mode
 
     def configure_model(self) -> None:
@@ -83,6 +84,8 @@ class WholeGradients(Callback):
                 "nuclear_norm": float(s.sum()),
                 "spectral_norm": float(s[0]),
                 "frobenius_norm": float(np.sqrt((s**2).sum())),
+                "stable_rank": float((s**2).sum() / s[0] ** 2),
+                "participation_ratio": float((s**2).sum() ** 2 / (s**4).sum()),
                 "local": list(local.shape),
                 "full": list(g.shape),
                 "placements": placements,
@@ -101,6 +104,31 @@ def _fit(out: Path, data: DataLoader[Any], mode: str, **overrides: Any) -> tuple
     trainer = pl.Trainer(**kwargs, callbacks=[tap, monitor])
     trainer.fit(ShardedBert(mode), data)
     return monitor, tap
+
+
+def _auto_worker(rank: int, port: int, out: str, mode: str, overhead: float = 0.3) -> None:
+    """The default constructor (``spectra="auto"``) with room for the cheap tier on every layer."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    sizes = {"fsdp2": (2, 1), "tp": (1, 2)}[mode]
+    strategy = ModelParallelStrategy(
+        data_parallel_size=sizes[0], tensor_parallel_size=sizes[1], timeout=timedelta(seconds=60)
+    )
+    pl.seed_everything(0, verbose=False)
+    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, output_dir=out, max_overhead=overhead, verbose=False)
+    tap = WholeGradients(monitor)
+    kwargs = trainer_kwargs(out, max_steps=STEPS, logger=False, strategy=strategy, devices=2)
+    trainer = pl.Trainer(**kwargs, callbacks=[tap, monitor])
+    trainer.fit(ShardedBert(mode, hidden=HIDDEN), DataLoader(RandomTokens(64), batch_size=4))
+    report = {"records": list(monitor.batch_records), "whole": tap.steps}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
 
 
 def _worker(rank: int, port: int, out: str, mode: str) -> None:
@@ -190,3 +218,42 @@ def test_model_parallel_two_processes_match_single_process(tmp_path: Path, mode:
         for v in sharded.values():
             dim = 0 if v["placements"] == [rows] else 1
             assert v["local"][dim] * 2 == v["full"][dim]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["fsdp2", "tp"])
+def test_the_cheap_tier_runs_on_the_blocks_without_gathering_them(tmp_path: Path, mode: str) -> None:
+    mp.spawn(_auto_worker, args=(_free_port(), str(tmp_path), mode), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for a, b in zip(*(rank["records"] for rank in ranks)):  # the ranks decided alike
+        a, b = ({k: v for k, v in r.items() if k != "monitor_ms"} for r in (a, b))
+        assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    records, wholes = ranks[0]["records"], ranks[0]["whole"]
+    assert [r["step"] for r in records] == list(range(STEPS))
+    on_blocks = cheap_on_blocks = 0
+    for record, whole in zip(records, wholes):
+        sharded = record["sharded"]
+        gathered = set(sharded["gathered_layers"])
+        assert set(record["metrics"]) == set(whole)  # every layer with a gradient, gathered or not
+        assert gathered <= {k for k, v in whole.items() if v["placements"]}  # a plain layer is never sent
+        for key, values in record["metrics"].items():
+            # every layer's Frobenius norm from its blocks (or whole): the whole gradient's
+            assert _same(whole[key]["frobenius_norm"], values["frobenius_norm"], 1e-6), (record["step"], key)
+            blocked = whole[key]["placements"] and key not in gathered
+            on_blocks += bool(blocked)
+            if record["spectra"].get(key) != "cheap":
+                continue
+            # the cheap tier within its own error estimate of the whole gradient's float64 values
+            for name in ("spectral_norm", "stable_rank", "participation_ratio"):
+                err = abs(values[name] - whole[key][name]) / whole[key][name]
+                assert err <= 3 * record["estimate_error"][key][name] + 1e-4, (record["step"], key, name, err)
+            cheap_on_blocks += bool(blocked)
+        # never a whole gradient for the layers measured on their blocks: what was sent is a fraction of them
+        blocked_keys = [k for k, v in whole.items() if v["placements"] and k not in gathered]
+        entries = sum(whole[k]["full"][0] * whole[k]["full"][1] for k in blocked_keys)
+        assert sharded["gathered"] == sum(whole[k]["full"][0] * whole[k]["full"][1] for k in gathered)
+        if blocked_keys:
+            assert sharded["sent"] < entries, (record["step"], sharded, entries)
+    # on this small model the budget affords the cheap tier on the first steps only (then every layer's
+    # Frobenius norm, from its blocks): both happened, and most sharded layers were never gathered
+    assert cheap_on_blocks >= 2 and on_blocks >= 2 * STEPS, (cheap_on_blocks, on_blocks)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from gradspectra.capture.watched import WatchedParameter
-from gradspectra.functional.reshape import as_matrix
+from gradspectra.functional.reshape import as_matrix, is_conv1d
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -143,3 +143,38 @@ def full_gradient(w: WatchedParameter) -> Tensor | None:
     if grad.layout != torch.strided:
         grad = grad.to_dense()
     return as_matrix(grad, w.module, include_embeddings=True)
+
+
+def block_axis(w: WatchedParameter, world: int) -> int | None:
+    """The axis of the ``out x in`` matrix along which ranks hold blocks of ``w``'s gradient, or ``None`` when
+    the cheap tier cannot read it as blocks (it is then gathered).
+
+    Blocks are read where the weight is a DTensor on a one-dimensional device mesh of all ``world`` ranks with a
+    single ``Shard`` placement of a 2-D weight: ``nn.Linear`` (``Shard(0)``: rows, FSDP2 and column-wise tensor
+    parallelism; ``Shard(1)``: columns, row-wise) and GPT-2's ``Conv1D`` (stored ``in x out``: the other way).
+    A plain weight, a replicated one, two-dimensional meshes and convolution kernels are gathered.
+    """
+    param = w.param
+    if not is_dtensor(param) or param.ndim != 2:
+        return None
+    mesh, placements = param.device_mesh, param.placements  # type: ignore[attr-defined]
+    if mesh.ndim != 1 or mesh.size() != world or len(placements) != 1 or not placements[0].is_shard():
+        return None
+    dim = int(placements[0].dim) % 2
+    return 1 - dim if is_conv1d(w.module) else dim
+
+
+def local_block(w: WatchedParameter, axis: int) -> Tensor | None:
+    """This rank's block of ``w``'s gradient as rows (``axis=0``) or columns (``axis=1``) of the ``out x in``
+    matrix, ``None`` when it has no gradient (a view of the local shard: nothing is gathered)."""
+    grad = w.param.grad
+    if grad is None:
+        return None
+    local: Tensor = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
+    return local.mT if is_conv1d(w.module) else local
+
+
+def mesh_position(w: WatchedParameter) -> int:
+    """This rank's position on the device mesh of ``w`` (a DTensor on a one-dimensional mesh)."""
+    position: int = w.param.device_mesh.get_local_rank()  # type: ignore[attr-defined]
+    return position

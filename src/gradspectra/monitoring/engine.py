@@ -23,9 +23,10 @@ from gradspectra.capture import Selection, WatchedParameter, group_by_component,
 from gradspectra.capture.factors import FactorCapture
 from gradspectra.capture.implied import ImpliedGradients
 from gradspectra.capture.sharded import fsdp_groups, has_dtensors, is_sharded
-from gradspectra.functional import frobenius_norms, needs_spectrum
+from gradspectra.functional import CHEAP_METRICS, frobenius_norms, needs_spectrum
 from gradspectra.functional.reshape import as_matrix
 from gradspectra.metrics import LayerwiseSpectrum
+from gradspectra.monitoring.blocks import BlockStep, BlockTier
 from gradspectra.monitoring.budget import Plan
 from gradspectra.monitoring.config import MonitorConfig
 from gradspectra.monitoring.distributed import (
@@ -220,6 +221,9 @@ class MonitorEngine:
         self.record_path: Path | None = None
         self.sharded: nn.Module | None = None
         self.dtensor = False  # FSDP2 / tensor parallel: the watched weights are DTensors (set by `open`)
+        self.blocks: BlockTier | None = None  # their cheap tier on each rank's blocks (not under spectra="exact")
+        self._block_step: tuple[BlockStep, Plan | None, set[int]] | None = None
+        self._world = 1
         self.steps_monitored = self.flagged_total = self.skipped_total = 0
         self.missing_grad_total = self.nonfinite_total = self.error_total = self.shift_total = 0
         self.instability_total = 0
@@ -259,6 +263,7 @@ class MonitorEngine:
                 f"{ {k: v for k, v in kwargs.items() if v not in (None, False)} }. " + selection.describe_empty(model)
             )
         self.selection, self.watched = selection, selection.watched
+        self._world = world
         self._keys = [w.key for w in self.watched]  # formatted once: the record and the scalars use them every step
         # full (m, n) of each matrix, taken now: under FSDP `param.shape` becomes a flat shard's
         self._shapes = [(int(w.param.shape[0]), math.prod(w.param.shape[1:])) for w in self.watched]
@@ -385,6 +390,7 @@ class MonitorEngine:
                 )
             fsdp_groups(self.sharded, self.watched)
         self.dtensor = has_dtensors(self.watched)
+        self.blocks = BlockTier(self.watched, self._world) if self.dtensor and self.config.spectra != "exact" else None
         if self.dtensor and self._implied_layers:
             raise ValueError(
                 f"gradspectra measures frozen weights by their implied gradient (here {len(self._implied_layers)}, "
@@ -512,9 +518,7 @@ class MonitorEngine:
 
     def _collect(self, procs: Processes, world: int, scope: frozenset[int] | None) -> Collected:
         if self.dtensor:
-            rows = [i for i in range(len(self.watched)) if scope is None or i in scope]
-            self._unmeasured = []
-            return Collected(*gather_dtensors(self.watched, self._layer_owners(world), procs.rank, world, rows))
+            return self._collect_dtensors(procs, world, scope)
         if self.sharded is not None:
             present, matrices = gather_sharded(self.sharded, self.watched, self._layer_owners(world), procs.rank, world)
             kept = [k for k, i in enumerate(present) if scope is None or i in scope]
@@ -549,6 +553,70 @@ class MonitorEngine:
             collected.present = [collected.present[k] for k in order]
             collected.matrices = [collected.matrices[k] for k in order]
         return collected
+
+    def _collect_dtensors(self, procs: Processes, world: int, scope: frozenset[int] | None) -> Collected:
+        """FSDP2 / tensor parallel: every layer whole for its owner under ``spectra="exact"``; otherwise only the
+        layers whose owner plans a full spectrum, the others measured on their blocks (:mod:`.blocks`)."""
+        rows = [i for i in range(len(self.watched)) if scope is None or i in scope]
+        self._unmeasured = []
+        self._block_step = None
+        owners = self._layer_owners(world)
+        if self.blocks is None:
+            return Collected(*gather_dtensors(self.watched, owners, procs.rank, world, rows))
+        assert self.planner is not None
+        present = [i for i in rows if self.watched[i].param.grad is not None]
+        mine = [i for i in present if owners[i] == procs.rank]
+        plan = self.planner.plan(mine) if mine and needs_spectrum(self.metric_names) else None
+        step = self.blocks.agree(present, owners, plan, procs, self.metric_names)
+        gathered, matrices = gather_dtensors(self.watched, owners, procs.rank, world, step.gather)
+        self.blocks.measure(step, procs)
+        self.blocks.sent_total += step.sent
+        self.blocks.gathered_total += sum(
+            self._shapes[i][0] * self._shapes[i][1] for i in gathered if self.blocks.distributed[i]
+        )
+        self._block_step = (step, plan, set(gathered))
+        # every present layer is listed (its Frobenius norm at least); matrices only where gathered
+        by_row = dict(zip(gathered, matrices))
+        grad = self.watched[present[0]].param.grad if present else None
+        empty = torch.empty(0, device=grad.device) if grad is not None else torch.empty(0)
+        return Collected(present, [by_row.get(i, empty) for i in present])
+
+    def _compute_blocks(self, collected: Collected, procs: Processes, world: int) -> SpectraResult:
+        """This rank's layers under FSDP2 / tensor parallel: the gathered ones it owns by the runner, then the
+        Frobenius norms and the cheap tier of those measured on their blocks."""
+        assert self._block_step is not None and self.planner is not None
+        step, plan, gathered = self._block_step
+        owners = self._layer_owners(world)
+        n = len(self.watched)
+        device = collected.matrices[0].device
+        mine = [(i, g) for i, g in zip(collected.present, collected.matrices) if owners[i] == procs.rank]
+        whole = [(i, g) for i, g in mine if i in gathered]
+        if whole:
+            rows, todo = [i for i, _ in whole], [g for _, g in whole]
+            result = self.runner.run(todo, rows, n, device, plan, self.steps_monitored)
+        else:
+            result = self.runner.empty(n, device)
+        names = self.metric_names
+        rest = [i for i, _ in mine if i not in gathered]
+        if rest and "frobenius_norm" in names and step.frobenius is not None:
+            result.values[rest, names.index("frobenius_norm")] = step.frobenius[rest].to(device)
+        cheap = [(k, i) for k, i in enumerate(step.rows) if owners[i] == procs.rank]
+        if cheap and step.cheap is not None:
+            rows = [i for _, i in cheap]
+            cols = [j for j, name in enumerate(names) if name in CHEAP_METRICS]
+            src = [CHEAP_METRICS.index(names[j]) for j in cols]
+            at = [k for k, _ in cheap]
+            if cols:
+                cells = (torch.tensor(rows, device=device)[:, None], torch.tensor(cols, device=device))
+                result.values[cells] = step.cheap.values[at][:, src].to(device)
+                result.errors[cells] = step.cheap.rel_error[at][:, src].to(device)
+            result.codes[rows] = SpectrumSource.CHEAP.code
+            # every rank spends the time on every layer: each charges its share
+            result.work.append((SpectrumSource.CHEAP, rows, step.seconds * len(rows) / len(step.rows)))
+        result.cheap_seconds += step.seconds
+        self.planner.learn(result, planned=plan is not None and self.config.spectra == "auto")
+        self.layers_computed_here += result.computed
+        return result
 
     def _form_implied(self, rows: list[int], implied: ImpliedGradients) -> dict[int, Tensor]:
         """Each layer's ``D^T X``, timed to learn the cost (a layer that fails to form is left out of this step)."""
@@ -801,6 +869,8 @@ class MonitorEngine:
     def _compute(self, collected: Collected, procs: Processes, world: int) -> SpectraResult:
         """This rank's layers: every rank holds the same all-reduced gradients, each measures those it owns."""
         assert self.planner is not None
+        if self._block_step is not None:
+            return self._compute_blocks(collected, procs, world)
         present, matrices = collected.present, collected.matrices
         owners = self._layer_owners(world)
         mine = [j for j, i in enumerate(present) if world == 1 or owners[i] == procs.rank]
@@ -944,6 +1014,15 @@ class MonitorEngine:
         )
         if inputs.optimizer is not None:
             record["optimizer"] = inputs.optimizer
+        if self._block_step is not None:
+            # FSDP2 / tensor parallel: what this step moved between ranks (numbers, each rank alike)
+            step = self._block_step[0]
+            moved = [i for i in step.gather if self.blocks is not None and self.blocks.distributed[i]]
+            record["sharded"] = {
+                "gathered_layers": [keys[i] for i in moved],
+                "gathered": sum(self._shapes[i][0] * self._shapes[i][1] for i in moved),
+                "sent": step.sent,
+            }
         if light:
             record["light"] = True
         if self._implied_layers:

@@ -43,4 +43,3 @@ class EventFiles:
             self._writer.flush()
             self._writer.close()
             self._writer = None
-

@@ -1,0 +1,174 @@
+"""Sharded gradients (FSDP2, tensor parallel) measured where they lie: the cheap tier on each rank's blocks.
+
+Under ``ModelParallelStrategy`` each rank holds a block of rows or columns of a watched layer's gradient.
+Gathering a layer moves all of its ``m n`` entries; the Frobenius norm and the cheap tier need far less:
+
+- **the Frobenius norm** of every layer from each rank's block (the squares summed across ranks);
+- **the cheap tier** (spectral norm, stable rank, participation ratio) from three thin products per layer,
+  each rank multiplying its own block (:func:`gradspectra.functional.sketch.cheap_spectral_metrics_blocks`):
+  ``(b1 + 2 b2) (m + n)`` numbers a layer, for every layer in one sum per product.
+
+Only the layers whose owner plans a full spectrum this step (exact, estimated, audited, or an anchor's
+detection value) are gathered whole, one at a time, and kept by their owner. Which ones is agreed in the
+step's first sum: ``[whole?, cheap?, |block|_F^2]`` for every layer, from every rank, in one all-reduce.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gradspectra.capture import WatchedParameter
+from gradspectra.capture.sharded import block_axis, is_dtensor, local_block, mesh_position
+from gradspectra.functional import frobenius_norms, is_conv1d
+from gradspectra.functional.sketch import (
+    CHEAP_METRICS,
+    CheapSpectra,
+    MatrixBlock,
+    cheap_spectral_metrics_blocks,
+    sketchable,
+)
+from gradspectra.monitoring.budget import Plan
+from gradspectra.monitoring.distributed import Processes
+
+
+@dataclass
+class BlockStep:
+    """What the ranks agreed on this step and what the blocks gave.
+
+    Attributes:
+        gather: the layers gathered whole this step (kept by their owners), in layer order.
+        rows: the layers measured on their blocks (the cheap tier), in layer order.
+        frobenius: ``(layers,)`` float64 Frobenius norms of every present layer from its blocks (NaN where
+            the layer has no gradient or is gathered).
+        cheap: the cheap tier of ``rows`` (the same on every rank), ``None`` when there are none.
+        seconds: the time of the cheap tier on the blocks (every rank spends it on every such layer).
+        sent: numbers this rank put into the step's sums (the agreement and the three products).
+    """
+
+    gather: list[int]
+    rows: list[int] = field(default_factory=list)
+    frobenius: Tensor | None = None
+    cheap: CheapSpectra | None = None
+    seconds: float = 0.0
+    sent: int = 0
+
+
+class BlockTier:
+    """The engine's measurement of sharded gradients on their blocks (module docstring)."""
+
+    def __init__(self, watched: Sequence[WatchedParameter], world: int) -> None:
+        self.watched = list(watched)
+        self.world = world
+        self.axes = [block_axis(w, world) for w in self.watched]
+        self.distributed = [is_dtensor(w.param) for w in self.watched]  # the others are whole on every rank
+        self.starts: list[int] | None = None  # each layer's first row/column on this rank (learned at step 1)
+        self.bases: dict[int, Tensor | None] = {}  # the cheap tier's warm starts (the same on every rank)
+        self.calls = 0
+        self.sent_total = 0  # numbers this rank sent in the steps' sums, in all
+        self.gathered_total = 0  # entries of the sharded layers gathered whole, in all
+
+    @property
+    def blockable(self) -> list[int]:
+        return [i for i, axis in enumerate(self.axes) if axis is not None]
+
+    def _learn_starts(self, procs: Processes) -> list[int]:
+        """Each layer's block start on this rank: one sum of every rank's block sizes (the first step only)."""
+        sizes = torch.zeros((self.world, len(self.watched)), dtype=torch.float64)
+        for i, axis in enumerate(self.axes):
+            if axis is None:
+                continue
+            w = self.watched[i]
+            local = w.param.to_local()  # type: ignore[attr-defined]  # (the weight: sharded as its gradient)
+            block = local.mT if is_conv1d(w.module) else local
+            sizes[mesh_position(w), i] = float(block.shape[axis])
+        sizes = procs.reduce_sum(sizes)
+        starts = [0] * len(self.watched)
+        for i, axis in enumerate(self.axes):
+            if axis is not None:
+                position = mesh_position(self.watched[i])
+                starts[i] = int(sizes[:position, i].sum().item())
+        return starts
+
+    def agree(
+        self,
+        present: list[int],
+        owners: Sequence[int],
+        plan: Plan | None,
+        procs: Processes,
+        metric_names: Sequence[str],
+    ) -> BlockStep:
+        """Every rank's wishes for its own layers in one sum: which are gathered whole, which take the cheap
+        tier on their blocks, and every block's sum of squares (the Frobenius norms)."""
+        n = len(self.watched)
+        if self.starts is None:
+            self.starts = self._learn_starts(procs)
+        mine = {i for i in present if owners[i] == procs.rank}
+        whole: set[int] = set()
+        cheap: set[int] = set()
+        if plan is not None:
+            whole = (set(plan.exact) | set(plan.estimate) | set(plan.audit) | set(plan.detect)) & mine
+            cheap = (set(plan.cheap) & mine) - whole
+        wants_cheap = any(name in CHEAP_METRICS for name in metric_names)
+        table = torch.zeros((3, n), dtype=torch.float64)
+        table[0, sorted(whole)] = 1.0
+        if wants_cheap:
+            table[1, sorted(cheap)] = 1.0
+        blocks = [i for i in present if self.axes[i] is not None]
+        local = [local_block(self.watched[i], self.axes[i]) for i in blocks]  # type: ignore[arg-type]
+        if blocks:
+            norms = frobenius_norms([b for b in local if b is not None]).cpu()
+            table[2, blocks] = norms.square()
+        table = procs.reduce_sum(table)
+        frobenius = torch.full((n,), float("nan"), dtype=torch.float64)
+        frobenius[blocks] = table[2, blocks].sqrt()
+        # the same on every rank: the layers wanted whole, those that cannot be read as blocks, and cheap ones
+        # the sketch does not take (small, or extreme magnitudes: the exact route)
+        agreed_cheap = [i for i in blocks if table[1, i] > 0]
+        gather = {i for i in present if table[0, i] > 0 or self.axes[i] is None}
+        gather |= {i for i in agreed_cheap if not sketchable(self._shape(i), float(frobenius[i]))}
+        step = BlockStep(sorted(gather), [i for i in agreed_cheap if i not in gather], frobenius)
+        step.sent = 3 * n
+        return step
+
+    def measure(self, step: BlockStep, procs: Processes) -> BlockStep:
+        """The cheap tier of ``step.rows`` on the blocks (every rank takes part in every layer)."""
+        if not step.rows:
+            return step
+        assert self.starts is not None and step.frobenius is not None
+        t0 = time.perf_counter()
+        blocks = []
+        for i in step.rows:
+            axis = self.axes[i]
+            local = local_block(self.watched[i], axis)  # type: ignore[arg-type]
+            assert axis is not None and local is not None
+            blocks.append(MatrixBlock(local.detach(), self._shape(i), axis, self.starts[i]))
+        self.calls += 1
+        sent = [0]
+
+        def summed(t: Tensor) -> Tensor:
+            sent[0] += t.numel()
+            return procs.reduce_sum(t)
+
+        step.cheap = cheap_spectral_metrics_blocks(
+            blocks,
+            step.frobenius[step.rows],
+            summed,
+            warm_start=[self.bases.get(i) for i in step.rows],
+            seed=self.calls,
+        )
+        for k, i in enumerate(step.rows):
+            self.bases[i] = step.cheap.bases[k]
+        step.seconds = time.perf_counter() - t0
+        step.sent += sent[0]
+        return step
+
+    def _shape(self, i: int) -> tuple[int, int]:
+        """The whole ``out x in`` matrix's shape (GPT-2's ``Conv1D`` is stored ``in x out``)."""
+        w = self.watched[i]
+        m, n = int(w.param.shape[0]), int(w.param.shape[1])
+        return (n, m) if is_conv1d(w.module) else (m, n)
