@@ -257,3 +257,16 @@ def test_the_cheap_tier_runs_on_the_blocks_without_gathering_them(tmp_path: Path
     # on this small model the budget affords the cheap tier on the first steps only (then every layer's
     # Frobenius norm, from its blocks): both happened, and most sharded layers were never gathered
     assert cheap_on_blocks >= 2 and on_blocks >= 2 * STEPS, (cheap_on_blocks, on_blocks)
+
+
+def test_deepspeed_is_refused_with_what_to_use_instead(tmp_path: Path) -> None:
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class DeepSpeedStandIn(SingleDeviceStrategy):
+        """Named like Lightning's ``DeepSpeedStrategy``, which cannot be built here (deepspeed needs CUDA)."""
+
+    monitor = GradientSpectrumMonitor(verbose=False)
+    strategy = DeepSpeedStandIn(device=torch.device("cpu"))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False, strategy=strategy), callbacks=[monitor])
+    with pytest.raises(ValueError, match=r"DeepSpeedStandIn.*ModelParallelStrategy \(FSDP2, tensor parallel\)"):
+        trainer.fit(TinyBert(), DataLoader(RandomTokens(8), batch_size=4))

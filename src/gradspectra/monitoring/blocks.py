@@ -69,8 +69,6 @@ class BlockTier:
         self.starts: list[int] | None = None  # each layer's first row/column on this rank (learned at step 1)
         self.bases: dict[int, Tensor | None] = {}  # the cheap tier's warm starts (the same on every rank)
         self.calls = 0
-        self.sent_total = 0  # numbers this rank sent in the steps' sums, in all
-        self.gathered_total = 0  # entries of the sharded layers gathered whole, in all
 
     @property
     def blockable(self) -> list[int]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from gradspectra.capture import Selection, WatchedParameter, group_by_component, select_parameters
 from gradspectra.capture.factors import FactorCapture
 from gradspectra.capture.implied import ImpliedGradients
-from gradspectra.capture.sharded import fsdp_groups, has_dtensors, is_sharded
+from gradspectra.capture.sharded import fsdp_groups, has_dtensors, is_dtensor, is_sharded
 from gradspectra.functional import CHEAP_METRICS, frobenius_norms, needs_spectrum
 from gradspectra.functional.reshape import as_matrix
 from gradspectra.metrics import LayerwiseSpectrum
@@ -223,6 +223,8 @@ class MonitorEngine:
         self.dtensor = False  # FSDP2 / tensor parallel: the watched weights are DTensors (set by `open`)
         self.blocks: BlockTier | None = None  # their cheap tier on each rank's blocks (not under spectra="exact")
         self._block_step: tuple[BlockStep, Plan | None, set[int]] | None = None
+        self._moved: dict[str, Any] | None = None  # the step's record key `sharded`
+        self.moved_totals = {"gathered": 0, "sent": 0}  # over the run (FSDP2 / tensor parallel)
         self._world = 1
         self.steps_monitored = self.flagged_total = self.skipped_total = 0
         self.missing_grad_total = self.nonfinite_total = self.error_total = self.shift_total = 0
@@ -562,7 +564,9 @@ class MonitorEngine:
         self._block_step = None
         owners = self._layer_owners(world)
         if self.blocks is None:
-            return Collected(*gather_dtensors(self.watched, owners, procs.rank, world, rows))
+            present, matrices = gather_dtensors(self.watched, owners, procs.rank, world, rows)
+            self._moved = self._moved_by([i for i in present if is_dtensor(self.watched[i].param)], 0)
+            return Collected(present, matrices)
         assert self.planner is not None
         present = [i for i in rows if self.watched[i].param.grad is not None]
         mine = [i for i in present if owners[i] == procs.rank]
@@ -570,16 +574,20 @@ class MonitorEngine:
         step = self.blocks.agree(present, owners, plan, procs, self.metric_names)
         gathered, matrices = gather_dtensors(self.watched, owners, procs.rank, world, step.gather)
         self.blocks.measure(step, procs)
-        self.blocks.sent_total += step.sent
-        self.blocks.gathered_total += sum(
-            self._shapes[i][0] * self._shapes[i][1] for i in gathered if self.blocks.distributed[i]
-        )
+        self._moved = self._moved_by([i for i in gathered if self.blocks.distributed[i]], step.sent)
         self._block_step = (step, plan, set(gathered))
         # every present layer is listed (its Frobenius norm at least); matrices only where gathered
         by_row = dict(zip(gathered, matrices))
         grad = self.watched[present[0]].param.grad if present else None
         empty = torch.empty(0, device=grad.device) if grad is not None else torch.empty(0)
         return Collected(present, [by_row.get(i, empty) for i in present])
+
+    def _moved_by(self, gathered: list[int], sent: int) -> dict[str, Any]:
+        """The record's ``sharded``: the sharded layers gathered whole, their entries, the numbers summed."""
+        entries = sum(self._shapes[i][0] * self._shapes[i][1] for i in gathered)
+        self.moved_totals["gathered"] += entries
+        self.moved_totals["sent"] += sent
+        return {"gathered_layers": [self._keys[i] for i in gathered], "gathered": entries, "sent": sent}
 
     def _compute_blocks(self, collected: Collected, procs: Processes, world: int) -> SpectraResult:
         """This rank's layers under FSDP2 / tensor parallel: the gathered ones it owns by the runner, then the
@@ -1014,15 +1022,10 @@ class MonitorEngine:
         )
         if inputs.optimizer is not None:
             record["optimizer"] = inputs.optimizer
-        if self._block_step is not None:
-            # FSDP2 / tensor parallel: what this step moved between ranks (numbers, each rank alike)
-            step = self._block_step[0]
-            moved = [i for i in step.gather if self.blocks is not None and self.blocks.distributed[i]]
-            record["sharded"] = {
-                "gathered_layers": [keys[i] for i in moved],
-                "gathered": sum(self._shapes[i][0] * self._shapes[i][1] for i in moved),
-                "sent": step.sent,
-            }
+        if self._moved is not None:
+            # FSDP2 / tensor parallel: what this step moved between ranks (each rank alike)
+            record["sharded"] = self._moved
+            self._moved = None
         if light:
             record["light"] = True
         if self._implied_layers:

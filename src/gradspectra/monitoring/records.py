@@ -55,7 +55,7 @@ class BatchRecord(_Required, total=False):
     could be measured; ``samples_note``: why some or all layers were left out; ``samples_ms``: its cost.
     ``light``: a light step (``spectra="auto"`` on a step too fast for a full one: every layer's Frobenius norm,
     the light scorer's score and the stability detector, nothing else; see docs/cost.md); absent on full steps.
-    ``sharded`` (FSDP2 / tensor parallel, ``spectra`` other than ``"exact"``): what the step moved between
+    ``sharded`` (FSDP2 / tensor parallel): what the step moved between
     ranks, ``{"gathered_layers": [...], "gathered": entries of those layers, "sent": numbers each rank put into
     the sums of the Frobenius norms and of the cheap tier on the blocks}`` (docs/distributed.md).
     """
