@@ -106,28 +106,49 @@ def _fit(out: Path, data: DataLoader[Any], mode: str, **overrides: Any) -> tuple
     return monitor, tap
 
 
-def _auto_worker(rank: int, port: int, out: str, mode: str, overhead: float = 0.3) -> None:
+class FailOnce(Callback):
+    """On rank 1 only, the monitor's planning raises at step 2 (a failure one rank meets and the others do not)."""
+
+    def __init__(self, monitor: GradientSpectrumMonitor) -> None:
+        self.monitor = monitor
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        planner = self.monitor.engine.planner
+        if trainer.global_rank != 1 or trainer.global_step != 2 or planner is None:
+            return
+        plan = planner.plan
+
+        def failing(rows: Any) -> Any:
+            planner.plan = plan  # type: ignore[method-assign]
+            raise MemoryError("out of memory (a failure on rank 1 only)")
+
+        planner.plan = failing  # type: ignore[method-assign]
+
+
+def _auto_worker(rank: int, port: int, out: str, mode: str, world: int = 2, fail: bool = False) -> None:
     """The default constructor (``spectra="auto"``) with room for the cheap tier on every layer."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
-        WORLD_SIZE="2",
+        WORLD_SIZE=str(world),
         NODE_RANK="0",
         LOCAL_RANK=str(rank),
         RANK=str(rank),
     )
     torch.set_num_threads(1)
-    sizes = {"fsdp2": (2, 1), "tp": (1, 2)}[mode]
+    sizes = {"fsdp2": (world, 1), "tp": (1, world)}[mode]
     strategy = ModelParallelStrategy(
         data_parallel_size=sizes[0], tensor_parallel_size=sizes[1], timeout=timedelta(seconds=60)
     )
     pl.seed_everything(0, verbose=False)
-    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, output_dir=out, max_overhead=overhead, verbose=False)
-    tap = WholeGradients(monitor)
-    kwargs = trainer_kwargs(out, max_steps=STEPS, logger=False, strategy=strategy, devices=2)
-    trainer = pl.Trainer(**kwargs, callbacks=[tap, monitor])
-    trainer.fit(ShardedBert(mode, hidden=HIDDEN), DataLoader(RandomTokens(64), batch_size=4))
-    report = {"records": list(monitor.batch_records), "whole": tap.steps}
+    monitor = GradientSpectrumMonitor(figure_every_n_steps=0, output_dir=out, max_overhead=0.3, verbose=False)
+    callbacks: list[Callback] = [WholeGradients(monitor), monitor]
+    if fail:
+        callbacks.append(FailOnce(monitor))
+    kwargs = trainer_kwargs(out, max_steps=STEPS if world > 1 else 30, logger=False, strategy=strategy, devices=world)
+    trainer = pl.Trainer(**kwargs, callbacks=callbacks)
+    trainer.fit(ShardedBert(mode, hidden=HIDDEN), DataLoader(RandomTokens(128), batch_size=4))
+    report = {"records": list(monitor.batch_records), "whole": callbacks[0].steps}  # type: ignore[attr-defined]
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
 
 
@@ -270,3 +291,28 @@ def test_deepspeed_is_refused_with_what_to_use_instead(tmp_path: Path) -> None:
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False, strategy=strategy), callbacks=[monitor])
     with pytest.raises(ValueError, match=r"DeepSpeedStandIn.*ModelParallelStrategy \(FSDP2, tensor parallel\)"):
         trainer.fit(TinyBert(), DataLoader(RandomTokens(8), batch_size=4))
+
+
+@pytest.mark.timeout(240)
+def test_a_failure_on_one_rank_is_recorded_by_every_rank_and_training_goes_on(tmp_path: Path) -> None:
+    mp.spawn(_auto_worker, args=(_free_port(), str(tmp_path), "fsdp2", 2, True), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        records = rank["records"]
+        assert [r["step"] for r in records] == list(range(STEPS))  # no rank waited in a collective
+        assert "measurement failed on 1 of 2 ranks" in records[2]["error"]  # said alike by both ranks
+        assert all("error" not in r for r in records if r["step"] != 2)  # the next step measures again
+        assert all(r["metrics"] for r in records if r["step"] != 2)
+
+
+@pytest.mark.timeout(240)
+def test_one_process_model_parallel_measures_every_step(tmp_path: Path) -> None:
+    # one rank: DTensors on a one-rank mesh, no light steps (the sharded path), every layer every step
+    mp.spawn(_auto_worker, args=(_free_port(), str(tmp_path), "fsdp2", 1), nprocs=1, join=True)
+    records = json.loads((tmp_path / "rank0.json").read_text())["records"]
+    assert [r["step"] for r in records] == list(range(30))
+    for record, whole in zip(records, json.loads((tmp_path / "rank0.json").read_text())["whole"]):
+        assert "error" not in record and not record.get("light")
+        assert set(record["metrics"]) == set(whole)
+        for key, values in record["metrics"].items():
+            assert _same(whole[key]["frobenius_norm"], values["frobenius_norm"], 1e-6)

@@ -140,9 +140,17 @@ def full_gradient(w: WatchedParameter) -> Tensor | None:
         return None
     if is_dtensor(grad):
         grad = grad.full_tensor()  # type: ignore[attr-defined]
+    return matrix_of(grad, w)
+
+
+def matrix_of(grad: Tensor, w: WatchedParameter) -> Tensor:
+    """A whole (gathered or plain) gradient of ``w`` as its ``out x in`` matrix."""
     if grad.layout != torch.strided:
         grad = grad.to_dense()
-    return as_matrix(grad, w.module, include_embeddings=True)
+    matrix = as_matrix(grad, w.module, include_embeddings=True)
+    if matrix is None:
+        raise ValueError(f"the gradient of {w.name!r} (shape {tuple(grad.shape)}) has no matrix form")
+    return matrix
 
 
 def block_axis(w: WatchedParameter, world: int) -> int | None:

@@ -275,9 +275,21 @@ def cheap_spectral_metrics_blocks(
         warm = warm_start if warm_ok else None
         steps = _sketch_steps((m, n), device, idx, fro, warm, work, (rank, extra, probes, seed), values, errors, bases)
         runs.append((steps, local, next(steps)))
+    failure: Exception | None = None
     while runs:
-        # every group's share of its next product, summed over the processes in one call
-        parts = [_block_product(local, *request) for _, local, request in runs]
+        # every group's share of its next product, summed over the processes in one call; a process whose share
+        # fails (out of memory) still joins every sum, with zeros, and raises after them: the others never wait
+        parts: list[Tensor] = []
+        for _, local, (rows, right, out_side) in runs:
+            part = None
+            if failure is None:
+                try:
+                    part = _block_product(local, rows, right, out_side)
+                except Exception as err:
+                    failure = err
+            if part is None:
+                part = torch.zeros((rows.shape[0], rows.shape[1], out_side), dtype=rows.dtype, device=rows.device)
+            parts.append(part)
         summed = reduce_sum(torch.cat([part.reshape(-1) for part in parts]))
         answers = torch.split(summed, [part.numel() for part in parts])
         following = []
@@ -285,6 +297,8 @@ def cheap_spectral_metrics_blocks(
             with contextlib.suppress(StopIteration):  # (its three products are done: the values are written)
                 following.append((steps, local, steps.send(answer.view(part.shape))))
         runs = following
+    if failure is not None:
+        raise failure
     return CheapSpectra(values, errors, exact, bases)
 
 

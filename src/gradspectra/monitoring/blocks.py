@@ -48,10 +48,12 @@ class BlockStep:
         cheap: the cheap tier of ``rows`` (the same on every rank), ``None`` when there are none.
         seconds: the time of the cheap tier on the blocks (every rank spends it on every such layer).
         sent: numbers this rank put into the step's sums (the agreement and the three products).
+        failed_ranks: how many ranks' work failed before the agreement (then nothing else is done).
     """
 
     gather: list[int]
     rows: list[int] = field(default_factory=list)
+    failed_ranks: int = 0
     frobenius: Tensor | None = None
     cheap: CheapSpectra | None = None
     seconds: float = 0.0
@@ -74,6 +76,10 @@ class BlockTier:
     def blockable(self) -> list[int]:
         return [i for i, axis in enumerate(self.axes) if axis is not None]
 
+    def _device(self) -> torch.device:
+        """Where the sums run: the gradients' device (NCCL sums CUDA tensors only; gloo CPU ones)."""
+        return self.watched[0].param.device
+
     def _learn_starts(self, procs: Processes) -> list[int]:
         """Each layer's block start on this rank: one sum of every rank's block sizes (the first step only)."""
         sizes = torch.zeros((self.world, len(self.watched)), dtype=torch.float64)
@@ -84,7 +90,7 @@ class BlockTier:
             local = w.param.to_local()  # type: ignore[attr-defined]  # (the weight: sharded as its gradient)
             block = local.mT if is_conv1d(w.module) else local
             sizes[mesh_position(w), i] = float(block.shape[axis])
-        sizes = procs.reduce_sum(sizes)
+        sizes = procs.reduce_sum(sizes.to(self._device())).cpu()
         starts = [0] * len(self.watched)
         for i, axis in enumerate(self.axes):
             if axis is not None:
@@ -99,42 +105,51 @@ class BlockTier:
         plan: Plan | None,
         procs: Processes,
         metric_names: Sequence[str],
+        failed: bool = False,
     ) -> BlockStep:
         """Every rank's wishes for its own layers in one sum: which are gathered whole, which take the cheap
-        tier on their blocks, and every block's sum of squares (the Frobenius norms)."""
+        tier on their blocks, every block's sum of squares (the Frobenius norms), and whether its work failed
+        so far (``failed``, or reading its blocks here). A rank that failed still joins the sum; when any rank
+        did, every rank leaves the step's gathers and products alike (``failed_ranks``)."""
         n = len(self.watched)
         if self.starts is None:
             self.starts = self._learn_starts(procs)
-        mine = {i for i in present if owners[i] == procs.rank}
-        whole: set[int] = set()
-        cheap: set[int] = set()
-        if plan is not None:
-            whole = (set(plan.exact) | set(plan.estimate) | set(plan.audit) | set(plan.detect)) & mine
-            cheap = (set(plan.cheap) & mine) - whole
-        wants_cheap = any(name in CHEAP_METRICS for name in metric_names)
-        table = torch.zeros((3, n), dtype=torch.float64)
-        table[0, sorted(whole)] = 1.0
-        if wants_cheap:
-            table[1, sorted(cheap)] = 1.0
+        table = torch.zeros(3 * n + 1, dtype=torch.float64)
         blocks = [i for i in present if self.axes[i] is not None]
-        local = [local_block(self.watched[i], self.axes[i]) for i in blocks]  # type: ignore[arg-type]
-        if blocks:
-            norms = frobenius_norms([b for b in local if b is not None]).cpu()
-            table[2, blocks] = norms.square()
-        table = procs.reduce_sum(table)
+        try:
+            mine = {i for i in present if owners[i] == procs.rank}
+            whole: set[int] = set()
+            cheap: set[int] = set()
+            if plan is not None:
+                whole = (set(plan.exact) | set(plan.estimate) | set(plan.audit) | set(plan.detect)) & mine
+                cheap = (set(plan.cheap) & mine) - whole
+            table[sorted(whole)] = 1.0
+            if any(name in CHEAP_METRICS for name in metric_names):
+                table[[n + i for i in sorted(cheap)]] = 1.0
+            local = [local_block(self.watched[i], self.axes[i]) for i in blocks]  # type: ignore[arg-type]
+            if blocks:
+                norms = frobenius_norms([b for b in local if b is not None]).cpu()
+                table[[2 * n + i for i in blocks]] = norms.square()
+        except Exception:
+            failed = True
+        table[3 * n] = float(failed)
+        table = procs.reduce_sum(table.to(self._device())).cpu()
+        if table[3 * n] > 0:
+            return BlockStep([], failed_ranks=int(table[3 * n].item()))
         frobenius = torch.full((n,), float("nan"), dtype=torch.float64)
-        frobenius[blocks] = table[2, blocks].sqrt()
+        frobenius[blocks] = table[[2 * n + i for i in blocks]].sqrt()
         # the same on every rank: the layers wanted whole, those that cannot be read as blocks, and cheap ones
         # the sketch does not take (small, or extreme magnitudes: the exact route)
-        agreed_cheap = [i for i in blocks if table[1, i] > 0]
-        gather = {i for i in present if table[0, i] > 0 or self.axes[i] is None}
+        agreed_cheap = [i for i in blocks if table[n + i] > 0]
+        gather = {i for i in present if table[i] > 0 or self.axes[i] is None}
         gather |= {i for i in agreed_cheap if not sketchable(self._shape(i), float(frobenius[i]))}
-        step = BlockStep(sorted(gather), [i for i in agreed_cheap if i not in gather], frobenius)
-        step.sent = 3 * n
+        step = BlockStep(sorted(gather), [i for i in agreed_cheap if i not in gather], frobenius=frobenius)
+        step.sent = 3 * n + 1
         return step
 
     def measure(self, step: BlockStep, procs: Processes) -> BlockStep:
-        """The cheap tier of ``step.rows`` on the blocks (every rank takes part in every layer)."""
+        """The cheap tier of ``step.rows`` on the blocks (every rank takes part in every layer; a rank whose
+        share fails joins the sums with zeros and raises after them, so the others never wait)."""
         if not step.rows:
             return step
         assert self.starts is not None and step.frobenius is not None

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from gradspectra.capture import WatchedParameter
-from gradspectra.capture.sharded import full_gradient, sharded_gradients
+from gradspectra.capture.sharded import is_dtensor, matrix_of, sharded_gradients
 from gradspectra.monitoring.budget import EXACT, work_flops
 
 ReduceSum = Callable[[Tensor], Tensor]
@@ -99,22 +99,32 @@ def gather_sharded(
 
 def gather_dtensors(
     watched: Sequence[WatchedParameter], owners: Sequence[int], rank: int, world: int, rows: Sequence[int] | None = None
-) -> tuple[list[int], list[Tensor]]:
-    """Under FSDP2 / tensor parallelism: the watched layers that have a gradient, and their whole matrices where
-    this rank owns them (an empty placeholder elsewhere).
+) -> tuple[list[int], list[Tensor], list[str]]:
+    """Under FSDP2 / tensor parallelism: the watched layers that have a gradient, their whole matrices where this
+    rank owns them (an empty placeholder elsewhere), and what went wrong on this rank.
 
     One layer at a time (``full_tensor()``, a collective: every rank walks the same ``rows`` in the same order),
-    so a rank holds its own layers' matrices plus one layer in transit, never every layer's.
+    so a rank holds its own layers' matrices plus one layer in transit, never every layer's. A failure after a
+    layer's gather (its matrix could not be kept) leaves that layer out and goes on with the next, so the other
+    ranks never wait; the failures are returned.
     """
     present: list[int] = []
     matrices: list[Tensor] = []
+    errors: list[str] = []
     for i in range(len(watched)) if rows is None else rows:
-        g = full_gradient(watched[i])
-        if g is None:
+        w = watched[i]
+        grad = w.param.grad
+        if grad is None:
+            continue
+        whole = grad.full_tensor() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
+        try:
+            g = matrix_of(whole, w)
+        except Exception as err:  # e.g. out of memory on the owner
+            errors.append(f"{type(err).__name__}: {err}")
             continue
         present.append(i)
         matrices.append(g if world == 1 or owners[i] == rank else g.new_empty(0))
-    return present, matrices
+    return present, matrices, errors
 
 
 def gather_ids(ids: list[Any], world: int) -> list[Any]:

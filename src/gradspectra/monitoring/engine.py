@@ -224,6 +224,7 @@ class MonitorEngine:
         self.blocks: BlockTier | None = None  # their cheap tier on each rank's blocks (not under spectra="exact")
         self._block_step: tuple[BlockStep, Plan | None, set[int]] | None = None
         self._moved: dict[str, Any] | None = None  # the step's record key `sharded`
+        self._dtensor_failure: str | None = None  # this rank's failure in the step's sharded phases
         self.moved_totals = {"gathered": 0, "sent": 0}  # over the run (FSDP2 / tensor parallel)
         self._world = 1
         self.steps_monitored = self.flagged_total = self.skipped_total = 0
@@ -283,7 +284,10 @@ class MonitorEngine:
                 cheap=self.config.cheap_spectra,
                 # under DDP every rank must make the same steps (the scorer's flags, the stability stop); a light
                 # step's score rests on the Frobenius norms
-                light=world == 1 and self.config.spectra == "auto" and "frobenius_norm" in self.metric_names,
+                light=world == 1
+                and self.config.spectra == "auto"
+                and "frobenius_norm" in self.metric_names
+                and not has_dtensors(self.watched),  # (a sharded model: the engine's multi-process path)
             )
         else:
             # the same layers fitted again (another Trainer.fit, a resume): the budget keeps what it learned
@@ -562,24 +566,42 @@ class MonitorEngine:
         rows = [i for i in range(len(self.watched)) if scope is None or i in scope]
         self._unmeasured = []
         self._block_step = None
+        self._dtensor_failure = None
         owners = self._layer_owners(world)
         if self.blocks is None:
-            present, matrices = gather_dtensors(self.watched, owners, procs.rank, world, rows)
-            self._moved = self._moved_by([i for i in present if is_dtensor(self.watched[i].param)], 0)
-            return Collected(present, matrices)
+            kept, whole, errors = gather_dtensors(self.watched, owners, procs.rank, world, rows)
+            self._moved = self._moved_by([i for i in kept if is_dtensor(self.watched[i].param)], 0)
+            self._dtensor_failure = errors[0] if errors else None  # (said in the step's all-reduce)
+            return Collected(kept, whole)
         assert self.planner is not None
         present = [i for i in rows if self.watched[i].param.grad is not None]
+        grad = self.watched[present[0]].param.grad if present else None
+        empty = torch.empty(0, device=grad.device) if grad is not None else torch.empty(0)
         mine = [i for i in present if owners[i] == procs.rank]
-        plan = self.planner.plan(mine) if mine and needs_spectrum(self.metric_names) else None
-        step = self.blocks.agree(present, owners, plan, procs, self.metric_names)
-        gathered, matrices = gather_dtensors(self.watched, owners, procs.rank, world, step.gather)
-        self.blocks.measure(step, procs)
+        # a failure on one rank must not leave the others waiting in a collective: each phase is guarded, the
+        # agreement sum says whether any rank failed before it (then every rank leaves the step alike), and a
+        # later failure is said in the step's one all-reduce (`_compute_blocks` raises, `_measure` joins it)
+        failure: str | None = None
+        plan = None
+        try:
+            plan = self.planner.plan(mine) if mine and needs_spectrum(self.metric_names) else None
+        except Exception as err:
+            failure = f"{type(err).__name__}: {err}"
+        step = self.blocks.agree(present, owners, plan, procs, self.metric_names, failed=failure is not None)
+        gathered: list[int] = []
+        matrices: list[Tensor] = []
+        if not step.failed_ranks:
+            gathered, matrices, errors = gather_dtensors(self.watched, owners, procs.rank, world, step.gather)
+            failure = failure or (errors[0] if errors else None)
+            try:
+                self.blocks.measure(step, procs)
+            except Exception as err:
+                failure = failure or f"{type(err).__name__}: {err}"
+        self._dtensor_failure = failure
         self._moved = self._moved_by([i for i in gathered if self.blocks.distributed[i]], step.sent)
         self._block_step = (step, plan, set(gathered))
         # every present layer is listed (its Frobenius norm at least); matrices only where gathered
         by_row = dict(zip(gathered, matrices))
-        grad = self.watched[present[0]].param.grad if present else None
-        empty = torch.empty(0, device=grad.device) if grad is not None else torch.empty(0)
         return Collected(present, [by_row.get(i, empty) for i in present])
 
     def _moved_by(self, gathered: list[int], sent: int) -> dict[str, Any]:
@@ -619,8 +641,9 @@ class MonitorEngine:
                 result.values[cells] = step.cheap.values[at][:, src].to(device)
                 result.errors[cells] = step.cheap.rel_error[at][:, src].to(device)
             result.codes[rows] = SpectrumSource.CHEAP.code
-            # every rank spends the time on every layer: each charges its share
-            result.work.append((SpectrumSource.CHEAP, rows, step.seconds * len(rows) / len(step.rows)))
+            # every rank spends the time on every rank's layers: each charges all of it to its own, so that the
+            # budgets, planning their own layers, keep the whole within max_overhead
+            result.work.append((SpectrumSource.CHEAP, rows, step.seconds))
         result.cheap_seconds += step.seconds
         self.planner.learn(result, planned=plan is not None and self.config.spectra == "auto")
         self.layers_computed_here += result.computed
@@ -877,6 +900,11 @@ class MonitorEngine:
     def _compute(self, collected: Collected, procs: Processes, world: int) -> SpectraResult:
         """This rank's layers: every rank holds the same all-reduced gradients, each measures those it owns."""
         assert self.planner is not None
+        if self._dtensor_failure is not None:
+            # this rank failed in the sharded phases, which every rank finished alike: `_measure` joins the
+            # step's all-reduce saying so, and every rank records the step's error
+            failure, self._dtensor_failure = self._dtensor_failure, None
+            raise RuntimeError(failure)
         if self._block_step is not None:
             return self._compute_blocks(collected, procs, world)
         present, matrices = collected.present, collected.matrices
