@@ -1,12 +1,14 @@
 """One rank of a real 2-process CPU (gloo) run of a front door, launched by ``torch.distributed.run``.
 
-Usage: ``python -m torch.distributed.run --nproc_per_node 2 _ddp_worker.py {tracker|lora|trainer} OUT STEPS``.
+Usage: ``python -m torch.distributed.run --nproc_per_node 2 _ddp_worker.py {tracker|lora|trainer|trainer-fsdp2} OUT
+STEPS``.
 
 ``tracker``: the tiny Llama in ``DistributedDataParallel``, each rank trained on its half of every global
 batch of :func:`conftest.batches`, a ``GradientSpectrumTracker`` between backward and the SGD step.
 ``lora``: the same with :func:`conftest.lora_llama`, watching the papers' q/k/v/o pattern (implied gradients).
 ``trainer``: a transformers ``Trainer`` (per-device batch 2) over :class:`conftest.Samples` with a
-``GradientSpectrumCallback``. Each rank writes ``OUT/rank<r>.json``: its rank and world, the layers it
+``GradientSpectrumCallback``; ``trainer-fsdp2``: the same under accelerate's FSDP2 (``fully_shard`` of each decoder
+layer and of the model: DTensor gradients). Each rank writes ``OUT/rank<r>.json``: its rank and world, the layers it
 measured, the records its door returned, the token rows it trained on.
 
 Imported (not run) by pytest's doctest collection: nothing happens at import.
@@ -79,7 +81,24 @@ def run_tracker(out: Path, steps: int, lora: bool = False) -> None:
     dist.destroy_process_group()
 
 
-def run_trainer(out: Path, steps: int) -> None:
+def _fsdp_on_cpu() -> None:
+    """accelerate (1.16) keeps its FSDP plugin only on accelerators: on CPU it drops it without a word and wraps
+    the model in DDP. The test harness lets it through (FSDP2's ``fully_shard`` itself runs on CPU, gloo)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init  # type: ignore[method-assign]
+
+
+def run_trainer(out: Path, steps: int, fsdp2: bool = False) -> None:
     import torch
     from transformers import Trainer, TrainerCallback
 
@@ -99,15 +118,23 @@ def run_trainer(out: Path, steps: int) -> None:
             returned.append(callback.engine.batch_records[-1] if callback.engine.batch_records else None)
 
     per_device = c.BATCH // int(os.environ["WORLD_SIZE"])
-    args = c.hf_args(out / "trainer", steps, per_device_train_batch_size=per_device, ddp_backend="gloo")
+    extra: dict[str, Any] = {}
+    optimizers: Any = (torch.optim.SGD(model.parameters(), lr=0.1), None)
+    if fsdp2:
+        _fsdp_on_cpu()
+        extra = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+        extra["optim"] = "sgd"  # (the Trainer's own SGD, lr 0.1: made after the model is sharded)
+        optimizers = (None, None)
+    args = c.hf_args(out / "trainer", steps, per_device_train_batch_size=per_device, ddp_backend="gloo", **extra)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=c.Samples(c.batches(steps)),
         callbacks=[callback, Tap()],
-        optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        optimizers=optimizers,
     )
     trainer.train()
+    dtensors = sum(type(p).__name__ == "DTensor" for p in trainer.model.parameters())
     _dump(
         out,
         args.process_index,
@@ -117,6 +144,7 @@ def run_trainer(out: Path, steps: int) -> None:
             "layers_computed_here": callback.engine.layers_computed_here,
             "records": returned,
             "rows": rows,
+            "dtensors": dtensors,
         },
     )
     # accelerate leaves the gloo group up; torn down by the interpreter at exit, gloo's threads can abort
@@ -172,5 +200,7 @@ if __name__ == "__main__":
         run_tracker(folder, n, lora=True)
     elif mode == "branch":
         run_branch(folder, n)
+    elif mode == "trainer-fsdp2":
+        run_trainer(folder, n, fsdp2=True)
     else:
         {"tracker": run_tracker, "trainer": run_trainer}[mode](folder, n)

@@ -188,3 +188,33 @@ def test_trainer_callback_under_torchrun_matches_one_process(tmp_path: Path) -> 
         assert_same_metrics(b["metrics"], a["metrics"], f"step {a['step']}")
         assert b["flagged"] == a["flagged"]
         assert b["loss"] is None and b["loss_seen"] is False
+
+
+@pytest.mark.timeout(240)
+def test_trainer_callback_under_accelerate_fsdp2_matches_one_process(tmp_path: Path) -> None:
+    from transformers import Trainer
+
+    steps = 4
+    data = batches(steps)
+    model = tiny_llama()
+    trainer = Trainer(
+        model=model,
+        args=hf_args(tmp_path / "single", steps),
+        train_dataset=Samples(data),
+        callbacks=[GradientSpectrumCallback(**OPTIONS)],
+        optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+    )
+    trainer.train()
+    single = read_records(tmp_path / "single" / "gradspectra" / "batches.jsonl")
+
+    # two processes under FSDP2 (fully_shard by accelerate): every weight and gradient a DTensor, each rank
+    # holding half the rows; the callback attaches at on_train_begin, after accelerate sharded the model
+    ranks = torchrun("trainer-fsdp2", tmp_path / "fsdp2", steps)
+    assert all(r["dtensors"] > 0 for r in ranks)
+    records = written_once(tmp_path / "fsdp2" / "trainer" / "gradspectra" / "batches.jsonl", steps)
+    for a, b in zip(single, records):
+        assert_same_metrics(b["metrics"], a["metrics"], f"step {a['step']}")
+        assert b["flagged"] == a["flagged"] and "error" not in b
+        assert set(b["sharded"]["gathered_layers"]) == set(a["metrics"])  # spectra="exact": each gathered whole
+    for mine, ref in zip(ranks[1]["records"], ranks[0]["records"]):
+        assert_same_metrics(mine["metrics"], ref["metrics"], "rank 1 vs rank 0")
