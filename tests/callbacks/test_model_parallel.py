@@ -152,22 +152,24 @@ def _auto_worker(rank: int, port: int, out: str, mode: str, world: int = 2, fail
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
 
 
-def _worker(rank: int, port: int, out: str, mode: str) -> None:
+def _worker(rank: int, port: int, out: str, mode: str, world: int = 2) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
-        WORLD_SIZE="2",
+        WORLD_SIZE=str(world),
         NODE_RANK="0",
         LOCAL_RANK=str(rank),
         RANK=str(rank),
     )
     torch.set_num_threads(1)
-    sizes = {"fsdp2": (2, 1), "tp": (1, 2)}[mode]
+    sizes = {"fsdp2": (world, 1), "tp": (1, world)}[mode]
     strategy = ModelParallelStrategy(
         data_parallel_size=sizes[0], tensor_parallel_size=sizes[1], timeout=timedelta(seconds=60)
     )
-    data = DataLoader(RandomTokens(64, nan_at={POISONED}), batch_size=4)
-    monitor, tap = _fit(Path(out), data, mode, strategy=strategy, devices=2)
+    # a global batch of 8 under FSDP2 (whatever the ranks), of 4 under tensor parallelism (one data rank)
+    per_rank = 8 // world if mode == "fsdp2" else 4
+    data = DataLoader(RandomTokens(64, nan_at={POISONED}), batch_size=per_rank)
+    monitor, tap = _fit(Path(out), data, mode, strategy=strategy, devices=world)
     report = {"records": list(monitor.batch_records), "whole": tap.steps, "computed": monitor.layers_computed_here}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
 
@@ -183,15 +185,16 @@ def _same(a: Any, b: Any, rel: float) -> bool:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("mode", ["fsdp2", "tp"])
-def test_model_parallel_two_processes_match_single_process(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "world"), [("fsdp2", 2), ("tp", 2), ("fsdp2", 4)])
+def test_model_parallel_processes_match_single_process(tmp_path: Path, mode: str, world: int) -> None:
+    # 4 processes on 2 cores: for correctness only (uneven and empty shards: the 2-row head on 4 ranks)
     out = tmp_path / mode
     out.mkdir()
-    mp.spawn(_worker, args=(_free_port(), str(out), mode), nprocs=2, join=True)
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    # the reference: Lightning's DistributedSampler shuffles with seed 0; under FSDP2 (2 data-parallel ranks)
-    # rank r takes positions r, r+2, ... of randperm(64) and a global batch is 8 samples; under tensor
-    # parallelism both ranks take every position and a batch is 4
+    mp.spawn(_worker, args=(_free_port(), str(out), mode, world), nprocs=world, join=True)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    # the reference: Lightning's DistributedSampler shuffles with seed 0; under FSDP2 (data-parallel ranks)
+    # rank r takes positions r, r+world, ... of randperm(64) and a global batch is 8 samples; under tensor
+    # parallelism every rank takes every position and a batch is 4
     order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
     batch = 8 if mode == "fsdp2" else 4
     torch.set_num_threads(1)
@@ -215,11 +218,12 @@ def test_model_parallel_two_processes_match_single_process(tmp_path: Path, mode:
                         assert _same(whole[key][name], b["metrics"][key][name], 1e-6), (b["step"], key, name)
             assert b["flagged"] == a["flagged"] and bool(b.get("skipped")) == bool(a.get("skipped"))
             assert _same(a["loss"], b["loss"], 1e-5)
-            assert len(b["layers_per_rank"]) == 2 and sum(b["layers_per_rank"]) == len(b["metrics"])
+            assert len(b["layers_per_rank"]) == world and sum(b["layers_per_rank"]) == len(b["metrics"])
     # the ranks decided alike: the same records but the timing
-    for a, b in zip(*(rank["records"] for rank in ranks)):
-        a, b = ({k: v for k, v in r.items() if k != "monitor_ms"} for r in (a, b))
-        assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    for other in ranks[1:]:
+        for a, b in zip(ranks[0]["records"], other["records"]):
+            a, b = ({k: v for k, v in r.items() if k != "monitor_ms"} for r in (a, b))
+            assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
     assert any(r.get("skipped") and r["nonfinite_layers"] for r in ranks[0]["records"])
     assert sum(rank["computed"] for rank in ranks) == sum(len(r["metrics"]) for r in ranks[0]["records"])
 
@@ -238,17 +242,18 @@ def test_model_parallel_two_processes_match_single_process(tmp_path: Path, mode:
         assert len(sharded) == 4  # two MLP layers of each of the two encoder layers; the rest are plain tensors
         for v in sharded.values():
             dim = 0 if v["placements"] == [rows] else 1
-            assert v["local"][dim] * 2 == v["full"][dim]
+            assert v["local"][dim] * world == v["full"][dim]
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("mode", ["fsdp2", "tp"])
-def test_the_cheap_tier_runs_on_the_blocks_without_gathering_them(tmp_path: Path, mode: str) -> None:
-    mp.spawn(_auto_worker, args=(_free_port(), str(tmp_path), mode), nprocs=2, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for a, b in zip(*(rank["records"] for rank in ranks)):  # the ranks decided alike
-        a, b = ({k: v for k, v in r.items() if k != "monitor_ms"} for r in (a, b))
-        assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+@pytest.mark.parametrize(("mode", "world"), [("fsdp2", 2), ("tp", 2), ("fsdp2", 4)])
+def test_the_cheap_tier_runs_on_the_blocks_without_gathering_them(tmp_path: Path, mode: str, world: int) -> None:
+    mp.spawn(_auto_worker, args=(_free_port(), str(tmp_path), mode, world), nprocs=world, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for other in ranks[1:]:  # the ranks decided alike
+        for a, b in zip(ranks[0]["records"], other["records"]):
+            a, b = ({k: v for k, v in r.items() if k != "monitor_ms"} for r in (a, b))
+            assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
     records, wholes = ranks[0]["records"], ranks[0]["whole"]
     assert [r["step"] for r in records] == list(range(STEPS))
     on_blocks = cheap_on_blocks = 0
@@ -277,7 +282,9 @@ def test_the_cheap_tier_runs_on_the_blocks_without_gathering_them(tmp_path: Path
             assert sharded["sent"] < entries, (record["step"], sharded, entries)
     # on this small model the budget affords the cheap tier on the first steps only (then every layer's
     # Frobenius norm, from its blocks): both happened, and most sharded layers were never gathered
-    assert cheap_on_blocks >= 2 and on_blocks >= 2 * STEPS, (cheap_on_blocks, on_blocks)
+    # (with 4 ranks each owns 3-4 layers, which its budget gives full spectra or anchors on these steps: the
+    # blocks give their Frobenius norms; the cheap tier on uneven blocks is tested in test_sketch_blocks.py)
+    assert on_blocks >= 2 * STEPS and (cheap_on_blocks >= 2 or world > 2), (cheap_on_blocks, on_blocks)
 
 
 def test_deepspeed_is_refused_with_what_to_use_instead(tmp_path: Path) -> None:
