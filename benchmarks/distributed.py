@@ -102,7 +102,8 @@ class GatherAll(Callback):
         self.monitor = monitor
 
     def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.monitor.engine.blocks = None
+        assert self.monitor.engine.blocks is not None
+        self.monitor.engine.blocks.on_blocks = False  # each layer to its owner only, every step
 
 
 class StepTimer(Callback):

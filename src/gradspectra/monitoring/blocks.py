@@ -69,6 +69,8 @@ class BlockTier:
         self.axes = [block_axis(w, world) for w in self.watched]
         self.distributed = [is_dtensor(w.param) for w in self.watched]  # the others are whole on every rank
         self.starts: list[int] | None = None  # each layer's first row/column on this rank (learned at step 1)
+        self.sizes: Tensor | None = None  # (mesh positions, layers): every rank's block size along its axis
+        self.on_blocks = True  # False: every layer gathered whole for its owner (spectra="exact")
         self.bases: dict[int, Tensor | None] = {}  # the cheap tier's warm starts (the same on every rank)
         self.calls = 0
 
@@ -91,12 +93,58 @@ class BlockTier:
             block = local.mT if is_conv1d(w.module) else local
             sizes[mesh_position(w), i] = float(block.shape[axis])
         sizes = procs.reduce_sum(sizes.to(self._device())).cpu()
+        self.sizes = sizes.long()
         starts = [0] * len(self.watched)
         for i, axis in enumerate(self.axes):
             if axis is not None:
                 position = mesh_position(self.watched[i])
                 starts[i] = int(sizes[:position, i].sum().item())
         return starts
+
+    def prepare(self, procs: Processes) -> None:
+        """Learn every rank's block sizes and this rank's starts (a collective, the first step only)."""
+        if self.starts is None:
+            self.starts = self._learn_starts(procs)
+
+    def to_owner(self, i: int, owner: int, rank: int) -> Tensor | None:
+        """Layer ``i``'s whole gradient matrix on its ``owner`` rank (``None`` on the others), or ``NotImplemented``
+        when the layer is not read as blocks (then it is gathered by ``full_tensor()``).
+
+        One gather over the mesh's process group to the owner alone (each block padded to the largest along its
+        axis): ``m n`` entries reach the owner, and no other rank holds the whole matrix, where ``full_tensor()``
+        sends it to every rank. Every rank calls this for the same layers in the same order."""
+        axis = self.axes[i]
+        if axis is None or self.sizes is None:
+            return NotImplemented  # type: ignore[no-any-return]
+        import torch.distributed as dist
+
+        w = self.watched[i]
+        local = local_block(w, axis)
+        assert local is not None
+        sizes = self.sizes[:, i].tolist()
+        big = max(sizes)
+        failure: Exception | None = None
+        shape = (big, local.shape[1]) if axis == 0 else (local.shape[0], big)
+        try:
+            padded = torch.zeros(shape, dtype=local.dtype, device=local.device)
+            (padded[: local.shape[0]] if axis == 0 else padded[:, : local.shape[1]]).copy_(local)
+        except Exception as err:  # still joins the gather (zeros), raises after it
+            failure = err
+            padded = torch.zeros(shape, dtype=local.dtype, device=local.device)
+        mesh = w.param.device_mesh  # type: ignore[attr-defined]
+        group = mesh.get_group()
+        ranks = [int(r) for r in mesh.mesh.flatten().tolist()]  # global ranks by mesh position
+        pieces = [torch.empty_like(padded) for _ in ranks] if rank == owner else None
+        if pieces is not None:
+            by_group = sorted(range(len(ranks)), key=lambda p: dist.get_group_rank(group, ranks[p]))
+            gather_list = [pieces[p] for p in by_group]
+        dist.gather(padded, gather_list if pieces is not None else None, dst=owner, group=group)
+        if failure is not None:
+            raise failure
+        if pieces is None:
+            return None
+        trimmed = [piece[:size] if axis == 0 else piece[:, :size] for piece, size in zip(pieces, sizes)]
+        return torch.cat(trimmed, dim=axis)
 
     def agree(
         self,
@@ -112,8 +160,7 @@ class BlockTier:
         so far (``failed``, or reading its blocks here). A rank that failed still joins the sum; when any rank
         did, every rank leaves the step's gathers and products alike (``failed_ranks``)."""
         n = len(self.watched)
-        if self.starts is None:
-            self.starts = self._learn_starts(procs)
+        self.prepare(procs)
         table = torch.zeros(3 * n + 1, dtype=torch.float64)
         blocks = [i for i in present if self.axes[i] is not None]
         try:

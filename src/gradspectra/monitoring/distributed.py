@@ -98,7 +98,12 @@ def gather_sharded(
 
 
 def gather_dtensors(
-    watched: Sequence[WatchedParameter], owners: Sequence[int], rank: int, world: int, rows: Sequence[int] | None = None
+    watched: Sequence[WatchedParameter],
+    owners: Sequence[int],
+    rank: int,
+    world: int,
+    rows: Sequence[int] | None = None,
+    to_owner: Callable[[int, int, int], Tensor | None] | None = None,
 ) -> tuple[list[int], list[Tensor], list[str]]:
     """Under FSDP2 / tensor parallelism: the watched layers that have a gradient, their whole matrices where this
     rank owns them (an empty placeholder elsewhere), and what went wrong on this rank.
@@ -106,7 +111,8 @@ def gather_dtensors(
     One layer at a time (``full_tensor()``, a collective: every rank walks the same ``rows`` in the same order),
     so a rank holds its own layers' matrices plus one layer in transit, never every layer's. A failure after a
     layer's gather (its matrix could not be kept) leaves that layer out and goes on with the next, so the other
-    ranks never wait; the failures are returned.
+    ranks never wait; the failures are returned. ``to_owner(i, owner, rank)``, when given, gathers a layer to its
+    owner alone (``None`` elsewhere; ``NotImplemented``: not for this layer, ``full_tensor()`` then).
     """
     present: list[int] = []
     matrices: list[Tensor] = []
@@ -116,14 +122,19 @@ def gather_dtensors(
         grad = w.param.grad
         if grad is None:
             continue
-        whole = grad.full_tensor() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
         try:
-            g = matrix_of(whole, w)
-        except Exception as err:  # e.g. out of memory on the owner
+            g = NotImplemented if to_owner is None or not is_dtensor(grad) else to_owner(i, owners[i], rank)
+            if g is NotImplemented:
+                whole = grad.full_tensor() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
+                g = matrix_of(whole, w)
+        except Exception as err:  # e.g. out of memory on the owner, after the collective
             errors.append(f"{type(err).__name__}: {err}")
             continue
         present.append(i)
-        matrices.append(g if world == 1 or owners[i] == rank else g.new_empty(0))
+        if isinstance(g, Tensor) and (world == 1 or owners[i] == rank):
+            matrices.append(g)
+        else:
+            matrices.append(torch.empty(0, dtype=grad.dtype, device=grad.device))
     return present, matrices, errors
 
 

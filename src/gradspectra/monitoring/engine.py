@@ -396,7 +396,9 @@ class MonitorEngine:
                 )
             fsdp_groups(self.sharded, self.watched)
         self.dtensor = has_dtensors(self.watched)
-        self.blocks = BlockTier(self.watched, self._world) if self.dtensor and self.config.spectra != "exact" else None
+        self.blocks = BlockTier(self.watched, self._world) if self.dtensor else None
+        if self.blocks is not None:
+            self.blocks.on_blocks = self.config.spectra != "exact"
         if self.dtensor and self._implied_layers:
             raise ValueError(
                 f"gradspectra measures frozen weights by their implied gradient (here {len(self._implied_layers)}, "
@@ -568,8 +570,12 @@ class MonitorEngine:
         self._block_step = None
         self._dtensor_failure = None
         owners = self._layer_owners(world)
-        if self.blocks is None:
-            kept, whole, errors = gather_dtensors(self.watched, owners, procs.rank, world, rows)
+        to_owner = None if self.blocks is None else self.blocks.to_owner
+        if self.blocks is None or not self.blocks.on_blocks:
+            # every layer gathered whole for its owner (spectra="exact")
+            if self.blocks is not None:
+                self.blocks.prepare(procs)
+            kept, whole, errors = gather_dtensors(self.watched, owners, procs.rank, world, rows, to_owner)
             self._moved = self._moved_by([i for i in kept if is_dtensor(self.watched[i].param)], 0)
             self._dtensor_failure = errors[0] if errors else None  # (said in the step's all-reduce)
             return Collected(kept, whole)
@@ -591,7 +597,7 @@ class MonitorEngine:
         gathered: list[int] = []
         matrices: list[Tensor] = []
         if not step.failed_ranks:
-            gathered, matrices, errors = gather_dtensors(self.watched, owners, procs.rank, world, step.gather)
+            gathered, matrices, errors = gather_dtensors(self.watched, owners, procs.rank, world, step.gather, to_owner)
             failure = failure or (errors[0] if errors else None)
             try:
                 self.blocks.measure(step, procs)
