@@ -22,6 +22,7 @@ import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
@@ -93,7 +94,32 @@ class WholeGradients(Callback):
         self.steps.append(step)
 
 
-def _fit(out: Path, data: DataLoader[Any], mode: str, **overrides: Any) -> tuple[GradientSpectrumMonitor, Any]:
+class NoRoomOnce(Callback):
+    """On rank 1, at step 3, the monitor cannot allocate the buffer that receives a layer's blocks (out of memory
+    on the owner, inside the gather's guard): the callbacks around the monitor open and close the window."""
+
+    def __init__(self, opening: bool, state: dict[str, bool]) -> None:
+        self.opening, self.state = opening, state
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.state["on"] = self.opening and trainer.global_rank == 1 and trainer.global_step == 3
+
+
+def _no_room(state: dict[str, bool], world: int) -> None:
+    empty = torch.empty
+
+    def guarded(*size: Any, **kwargs: Any) -> Tensor:
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
+        if state.get("on") and len(shape) == 3 and shape[0] == world:  # (the receive buffer: world x block)
+            raise MemoryError("out of memory (the owner's receive buffer, rank 1)")
+        return empty(*size, **kwargs)
+
+    torch.empty = guarded  # type: ignore[assignment]
+
+
+def _fit(
+    out: Path, data: DataLoader[Any], mode: str, fail: bool = False, **overrides: Any
+) -> tuple[GradientSpectrumMonitor, Any]:
     pl.seed_everything(0, verbose=False)
     monitor = GradientSpectrumMonitor(
         figure_every_n_steps=0, warmup_steps=5, output_dir=out, spectra="exact", action="skip", verbose=False
@@ -101,7 +127,12 @@ def _fit(out: Path, data: DataLoader[Any], mode: str, **overrides: Any) -> tuple
     tap = WholeGradients(monitor)
     kwargs = trainer_kwargs(out, max_steps=STEPS, logger=False)
     kwargs.update(overrides)
-    trainer = pl.Trainer(**kwargs, callbacks=[tap, monitor])
+    callbacks: list[Callback] = [tap, monitor]
+    if fail:
+        state: dict[str, bool] = {}
+        _no_room(state, int(overrides.get("devices", 1)))
+        callbacks = [tap, NoRoomOnce(True, state), monitor, NoRoomOnce(False, state)]
+    trainer = pl.Trainer(**kwargs, callbacks=callbacks)
     trainer.fit(ShardedBert(mode), data)
     return monitor, tap
 
@@ -152,7 +183,7 @@ def _auto_worker(rank: int, port: int, out: str, mode: str, world: int = 2, fail
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
 
 
-def _worker(rank: int, port: int, out: str, mode: str, world: int = 2) -> None:
+def _worker(rank: int, port: int, out: str, mode: str, world: int = 2, fail: bool = False) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -169,8 +200,24 @@ def _worker(rank: int, port: int, out: str, mode: str, world: int = 2) -> None:
     # a global batch of 8 under FSDP2 (whatever the ranks), of 4 under tensor parallelism (one data rank)
     per_rank = 8 // world if mode == "fsdp2" else 4
     data = DataLoader(RandomTokens(64, nan_at={POISONED}), batch_size=per_rank)
-    monitor, tap = _fit(Path(out), data, mode, strategy=strategy, devices=world)
-    report = {"records": list(monitor.batch_records), "whole": tap.steps, "computed": monitor.layers_computed_here}
+    # every whole gradient gathered by full_tensor() (sent to every rank), counted: the test's own (the tap's)
+    # and any the monitor would make
+    from torch.distributed.tensor import DTensor
+
+    full_tensor, counted = DTensor.full_tensor, [0]
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Tensor:
+        counted[0] += 1
+        return full_tensor(self, *args, **kwargs)
+
+    DTensor.full_tensor = counting  # type: ignore[method-assign]
+    monitor, tap = _fit(Path(out), data, mode, fail, strategy=strategy, devices=world)
+    report = {
+        "records": list(monitor.batch_records),
+        "whole": tap.steps,
+        "computed": monitor.layers_computed_here,
+        "full_tensor": counted[0],
+    }
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
 
 
@@ -226,6 +273,12 @@ def test_model_parallel_processes_match_single_process(tmp_path: Path, mode: str
             assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
     assert any(r.get("skipped") and r["nonfinite_layers"] for r in ranks[0]["records"])
     assert sum(rank["computed"] for rank in ranks) == sum(len(r["metrics"]) for r in ranks[0]["records"])
+    # the monitor gathered each sharded layer to its owner alone: every full_tensor() call was the test's own
+    # (one per layer with a gradient per step, in WholeGradients), none the monitor's
+    for rank in ranks:
+        assert rank["full_tensor"] == sum(1 for step in rank["whole"] for v in step.values() if v["placements"]), rank[
+            "full_tensor"
+        ]
 
     # the gradients really were sharded: a rank held half of each sharded layer (rows or columns)
     from torch.distributed.tensor import Shard
@@ -323,3 +376,15 @@ def test_one_process_model_parallel_measures_every_step(tmp_path: Path) -> None:
         assert set(record["metrics"]) == set(whole)
         for key, values in record["metrics"].items():
             assert _same(whole[key]["frobenius_norm"], values["frobenius_norm"], 1e-6)
+
+
+@pytest.mark.timeout(240)
+def test_a_failure_inside_a_gather_is_recorded_by_every_rank_and_training_goes_on(tmp_path: Path) -> None:
+    # spectra="exact": rank 1 cannot allocate a receive buffer at step 3; every rank leaves that gather alike
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), "fsdp2", 2, True), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        records = rank["records"]
+        assert [r["step"] for r in records] == list(range(STEPS))
+        assert "measurement failed on" in records[3]["error"], records[3].get("error")
+        assert all("error" not in r for r in records if r["step"] != 3)

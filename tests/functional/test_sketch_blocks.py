@@ -177,3 +177,41 @@ def test_what_the_sketch_does_not_take_is_refused_by_name() -> None:
         MatrixBlock(torch.zeros(10, 8), (20, 8), 0, 15)
     with pytest.raises(ValueError, match="`axis` must be 0"):
         MatrixBlock(torch.zeros(10, 8), (20, 8), 2, 0)
+
+
+def test_a_process_whose_share_fails_joins_every_sum_then_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gradspectra.functional.sketch as sketch
+
+    product = sketch._block_product
+    calls = {"rank1": 0}
+
+    def failing(*args: object) -> Tensor:
+        name = threading.current_thread().name
+        if name == "rank1":
+            calls[name] += 1
+            if calls[name] == 2:  # the second product, on one process only
+                raise MemoryError("out of memory (one process)")
+        return product(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sketch, "_block_product", failing)
+    mats = [_known(200, 80, [2.0 * 0.8**i for i in range(60)], 9).float(), torch.randn(120, 300, dtype=torch.float64)]
+    fro = torch.stack([m.double().norm() for m in mats])
+    per_rank = [[_split(m, 0, [m.shape[0] // 2, m.shape[0] - m.shape[0] // 2])[r] for m in mats] for r in range(2)]
+    reducer = Sum(2)
+    out: list[object] = [None, None]
+
+    def work(rank: int) -> None:
+        try:
+            out[rank] = cheap_spectral_metrics_blocks(per_rank[rank], fro, lambda t: reducer(rank, t), seed=1)
+        except MemoryError as err:
+            out[rank] = err
+
+    threads = [threading.Thread(target=work, args=(r,), name=f"rank{r}") for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)  # nobody left waiting in a sum
+    assert isinstance(out[1], MemoryError) and isinstance(out[0], CheapSpectra)
+    # float32 and float64 matrices: one sum per dtype and product, the same count on both processes
+    assert reducer.calls == [6, 6]

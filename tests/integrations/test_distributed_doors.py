@@ -206,6 +206,7 @@ def test_trainer_callback_under_accelerate_fsdp2_matches_one_process(tmp_path: P
     )
     trainer.train()
     single = read_records(tmp_path / "single" / "gradspectra" / "batches.jsonl")
+    assert len(single) == steps
 
     # two processes under FSDP2 (fully_shard by accelerate): every weight and gradient a DTensor, each rank
     # holding half the rows; the callback attaches at on_train_begin, after accelerate sharded the model

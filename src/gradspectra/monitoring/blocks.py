@@ -110,9 +110,12 @@ class BlockTier:
         """Layer ``i``'s whole gradient matrix on its ``owner`` rank (``None`` on the others), or ``NotImplemented``
         when the layer is not read as blocks (then it is gathered by ``full_tensor()``).
 
-        One gather over the mesh's process group to the owner alone (each block padded to the largest along its
-        axis): ``m n`` entries reach the owner, and no other rank holds the whole matrix, where ``full_tensor()``
-        sends it to every rank. Every rank calls this for the same layers in the same order."""
+        One gather over the mesh's process group to the owner alone (blocks padded to the largest along their
+        axis where they differ): ``m n`` entries reach the owner, and no other rank holds the whole matrix, where
+        ``full_tensor()`` sends it to every rank. Every rank calls this for the same layers in the same order.
+        What may fail on one rank (the buffers: out of memory) is done first, and a one-number sum over the group
+        tells every rank whether any failed: then none gathers, and each raises (the layer's error is the step's).
+        """
         axis = self.axes[i]
         if axis is None or self.sizes is None:
             return NotImplemented  # type: ignore[no-any-return]
@@ -123,27 +126,36 @@ class BlockTier:
         assert local is not None
         sizes = self.sizes[:, i].tolist()
         big = max(sizes)
-        failure: Exception | None = None
-        shape = (big, local.shape[1]) if axis == 0 else (local.shape[0], big)
-        try:
-            padded = torch.zeros(shape, dtype=local.dtype, device=local.device)
-            (padded[: local.shape[0]] if axis == 0 else padded[:, : local.shape[1]]).copy_(local)
-        except Exception as err:  # still joins the gather (zeros), raises after it
-            failure = err
-            padded = torch.zeros(shape, dtype=local.dtype, device=local.device)
         mesh = w.param.device_mesh  # type: ignore[attr-defined]
         group = mesh.get_group()
         ranks = [int(r) for r in mesh.mesh.flatten().tolist()]  # global ranks by mesh position
-        pieces = [torch.empty_like(padded) for _ in ranks] if rank == owner else None
-        if pieces is not None:
+        shape = (big, local.shape[1]) if axis == 0 else (local.shape[0], big)
+        failure: Exception | None = None
+        received: Tensor | None = None
+        try:
+            if tuple(local.shape) == shape and local.is_contiguous():
+                padded = local  # (even blocks of rows: sent as they are)
+            else:
+                padded = torch.zeros(shape, dtype=local.dtype, device=local.device)
+                (padded[: local.shape[0]] if axis == 0 else padded[:, : local.shape[1]]).copy_(local)
+            if rank == owner:
+                received = torch.empty((len(ranks), *shape), dtype=local.dtype, device=local.device)
+        except Exception as err:
+            failure = err
+        flag = torch.tensor([0.0 if failure is None else 1.0], device=local.device)
+        dist.all_reduce(flag, group=group)
+        if flag.item() > 0:
+            raise failure or RuntimeError(f"gathering {w.name} failed on another rank")
+        gather_list = None
+        if received is not None:
             by_group = sorted(range(len(ranks)), key=lambda p: dist.get_group_rank(group, ranks[p]))
-            gather_list = [pieces[p] for p in by_group]
-        dist.gather(padded, gather_list if pieces is not None else None, dst=owner, group=group)
-        if failure is not None:
-            raise failure
-        if pieces is None:
+            gather_list = [received[p] for p in by_group]
+        dist.gather(padded, gather_list, dst=owner, group=group)
+        if received is None:
             return None
-        trimmed = [piece[:size] if axis == 0 else piece[:, :size] for piece, size in zip(pieces, sizes)]
+        if axis == 0 and all(size == big for size in sizes):
+            return received.view(len(ranks) * big, shape[1])  # (in position order: the matrix itself)
+        trimmed = [piece[:size] if axis == 0 else piece[:, :size] for piece, size in zip(received, sizes)]
         return torch.cat(trimmed, dim=axis)
 
     def agree(

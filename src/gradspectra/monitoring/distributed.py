@@ -110,9 +110,10 @@ def gather_dtensors(
 
     One layer at a time (``full_tensor()``, a collective: every rank walks the same ``rows`` in the same order),
     so a rank holds its own layers' matrices plus one layer in transit, never every layer's. A failure after a
-    layer's gather (its matrix could not be kept) leaves that layer out and goes on with the next, so the other
-    ranks never wait; the failures are returned. ``to_owner(i, owner, rank)``, when given, gathers a layer to its
-    owner alone (``None`` elsewhere; ``NotImplemented``: not for this layer, ``full_tensor()`` then).
+    layer's gather (its matrix could not be kept) leaves an empty placeholder and goes on with the next, so the
+    other ranks never wait; the failures are returned (the caller fails the step in its all-reduce).
+    ``to_owner(i, owner, rank)``, when given, gathers a layer to its owner alone (``None`` elsewhere;
+    ``NotImplemented``: not for this layer, ``full_tensor()`` then).
     """
     present: list[int] = []
     matrices: list[Tensor] = []
@@ -128,8 +129,9 @@ def gather_dtensors(
                 whole = grad.full_tensor() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
                 g = matrix_of(whole, w)
         except Exception as err:  # e.g. out of memory on the owner, after the collective
+            # still present (an empty placeholder): the step goes on to its all-reduce, which says it failed
             errors.append(f"{type(err).__name__}: {err}")
-            continue
+            g = None
         present.append(i)
         if isinstance(g, Tensor) and (world == 1 or owners[i] == rank):
             matrices.append(g)
