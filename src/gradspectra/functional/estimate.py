@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +111,24 @@ def _check_positive(value: object, name: str, minimum: int) -> int:
     return value
 
 
-def _range_finder(a: Tensor, omega: Tensor, power_iters: int) -> tuple[Tensor, Tensor]:
+#: One product the estimator asks for, ``(kind, x)``: ``kind`` is ``"a@x"``, ``"aT@x"``, ``"x@a"`` or ``"x@aT"``
+#: for the stacked (scaled) matrices ``a`` (``(b, m, n)``); whoever answers it (the matrices themselves, or
+#: processes holding blocks of them) gives the same values.
+Product = tuple[str, Tensor]
+
+
+def _answer(a: Tensor, kind: str, x: Tensor) -> Tensor:
+    """A :data:`Product` computed with the whole stack ``a``."""
+    if kind == "a@x":
+        return a @ x
+    if kind == "aT@x":
+        return a.mT @ x
+    if kind == "x@a":
+        return x @ a
+    return x @ a.mT
+
+
+def _range_finder(omega: Tensor, power_iters: int) -> Generator[Product, Tensor, tuple[Tensor, Tensor]]:
     r"""Orthonormal bases ``V`` (``(b, n, k)``) of the estimated top right singular subspace and ``Q`` (``(b, m, k)``).
 
     Subspace iteration :math:`V \leftarrow \operatorname{orth}(a^\top a V)`, one QR per iteration
@@ -121,9 +138,10 @@ def _range_finder(a: Tensor, omega: Tensor, power_iters: int) -> tuple[Tensor, T
     """
     v = omega
     for _ in range(power_iters - 1):
-        v = _orth(a.mT @ (a @ v))
-    q = _orth(a @ v)
-    return _orth(a.mT @ q), q
+        av = yield ("a@x", v)
+        v = _orth((yield ("aT@x", av)))
+    q = _orth((yield ("a@x", v)))
+    return _orth((yield ("aT@x", q))), q
 
 
 @dataclass
@@ -156,7 +174,9 @@ def _reorth(x: Tensor, basis: Tensor, history: Tensor) -> Tensor:
     return x
 
 
-def _tail_quadrature(a: Tensor, v: Tensor, q_left: Tensor, z: Tensor, steps: int) -> _Tail:
+def _tail_quadrature(
+    shape: tuple[int, int, int], v: Tensor, q_left: Tensor, z: Tensor, steps: int
+) -> Generator[Product, Tensor, _Tail]:
     r"""Stochastic Lanczos quadrature of :math:`z^\top f(Y^\top Y) z` for every probe ``z`` (rows of ``(b, p, d)``).
 
     The tail is :math:`Y = (I - Q Q^\top) a (I - V V^\top)`, taken from its smaller side ``d``
@@ -169,7 +189,7 @@ def _tail_quadrature(a: Tensor, v: Tensor, q_left: Tensor, z: Tensor, steps: int
     arithmetic, but a tail far below ``s_1`` needs both projections, or rounding along the top
     directions, amplified by ``s_1`` at each product, swamps it.
     """
-    b, m, n = a.shape
+    b, m, n = shape
     p = z.shape[1]
     f64 = torch.float64
     tall = m >= n
@@ -178,12 +198,8 @@ def _tail_quadrature(a: Tensor, v: Tensor, q_left: Tensor, z: Tensor, steps: int
     side, other = (v, q_left) if tall else (q_left, v)
     big = m if tall else n
 
-    def out(x: Tensor) -> Tensor:  # small side -> other side
-        return x @ a.mT if tall else x @ a
-
-    def back(y: Tensor) -> Tensor:  # other side -> small side
-        return y @ a if tall else y @ a.mT
-
+    out = "x@aT" if tall else "x@a"  # small side -> other side
+    back = "x@a" if tall else "x@aT"  # other side -> small side
     x = z - (z @ side) @ side.mT
     norm2 = x.to(f64).pow(2).sum(-1)
     x, _ = _unit(x)
@@ -195,9 +211,9 @@ def _tail_quadrature(a: Tensor, v: Tensor, q_left: Tensor, z: Tensor, steps: int
     beta_prev = x.new_zeros((b, p, 1))
     for j in range(steps):
         xs[:, :, j] = x
-        y, a_j = _unit(_reorth(out(x) - beta_prev * y_prev, other, ys[:, :, :j]))
+        y, a_j = _unit(_reorth((yield (out, x)) - beta_prev * y_prev, other, ys[:, :, :j]))
         ys[:, :, j] = y
-        x, b_j = _unit(_reorth(back(y) - a_j * x, side, xs[:, :, : j + 1]))
+        x, b_j = _unit(_reorth((yield (back, y)) - a_j * x, side, xs[:, :, : j + 1]))
         alpha[..., j] = a_j[..., 0].to(f64)
         beta[..., j] = b_j[..., 0].to(f64)
         y_prev, beta_prev = y, b_j
@@ -241,8 +257,6 @@ def _estimate_chunk(
     f64 = torch.float64
     wd, dev = raw.dtype, raw.device
     b, m, n = raw.shape
-    d = min(m, n)
-    k = min(opts.rank, d)
     # max |entry| (NaN if any entry is NaN, inf if any is inf): amax and amin, far faster than an
     # inf-norm on CPU. Non-finite matrices are zeroed (their values become NaN at the end), the rest
     # scaled to max |entry| = 1 (at most finfo.max / 4 as the factor: a subnormal max stays finite)
@@ -257,17 +271,52 @@ def _estimate_chunk(
     # matters, with max |entry| <= 1), combined in float64; inf or NaN as the entries say
     fro_scaled = torch.linalg.vector_norm(a, dim=-1).to(f64).square().sum(-1).sqrt()
     fro = torch.where(finite, fro_scaled * scale64, peak.to(f64))
+    steps = _estimate_steps((b, m, n), wd, dev, warm, opts, generator, _Scaled(finite, scale64, fro_scaled, fro))
+    request = next(steps)
+    while True:
+        try:
+            request = steps.send(_answer(a, *request))
+        except StopIteration as done:
+            result: tuple[dict[str, Tensor], dict[str, Tensor], Tensor] = done.value
+            return result
 
+
+@dataclass(frozen=True)
+class _Scaled:
+    """How a stack of matrices was scaled: per matrix whether it is finite, the factor back, its Frobenius norm
+    scaled and not."""
+
+    finite: Tensor
+    scale64: Tensor
+    fro_scaled: Tensor
+    fro: Tensor
+
+
+def _estimate_steps(
+    shape: tuple[int, int, int],
+    wd: torch.dtype,
+    dev: torch.device,
+    warm: Sequence[Tensor | None],
+    opts: _Options,
+    generator: torch.Generator | None,
+    scaled: _Scaled,
+) -> Generator[Product, Tensor, tuple[dict[str, Tensor], dict[str, Tensor], Tensor]]:
+    """The estimator on a stack of scaled matrices, reading them only through the products it yields."""
+    f64 = torch.float64
+    b, m, n = shape
+    d = min(m, n)
+    k = min(opts.rank, d)
+    finite, scale64, fro_scaled, fro = scaled.finite, scaled.scale64, scaled.fro_scaled, scaled.fro
     omega = torch.randn((b, n, k), generator=generator, device=dev, dtype=wd)
     for i, w in enumerate(warm):
         if w is not None and tuple(w.shape) == (n, k):
             w = w.detach().to(device=dev, dtype=wd)
             omega[i] = torch.where(torch.isfinite(w).all(), w, omega[i])
-    v, q = _range_finder(a, omega, opts.power_iters)
+    v, q = yield from _range_finder(omega, opts.power_iters)
 
     # Rayleigh-Ritz: singular values sigma_i of B = a V from its float64 Gram matrix (k x k), with
     # the right Ritz vectors W, so that the left ones are u_i = B w_i / sigma_i
-    ritz = a @ v
+    ritz = yield ("a@x", v)
     ritz64 = ritz.to(f64)
     lam, w_ritz = torch.linalg.eigh(ritz64.mT @ ritz64)
     top = lam.flip(-1).clamp_min(0.0).sqrt()  # (b, k), descending
@@ -286,7 +335,7 @@ def _estimate_chunk(
     p = opts.probes
     if steps > 0:
         signs = torch.randint(0, 2, (b, p, d), generator=generator, device=dev)
-        tail = _tail_quadrature(a, v, q, (signs * 2 - 1).to(wd), steps)
+        tail = yield from _tail_quadrature((b, m, n), v, q, (signs * 2 - 1).to(wd), steps)
         t1 = (tail.gauss1 + tail.radau1) / 2
         t2 = (tail.gauss2 + tail.radau2) / 2
         gap1 = (tail.gauss1 - tail.radau1).mean(-1)
