@@ -30,11 +30,15 @@ each more of the same shape in the same call; small matrices (``min(m, n) <= ran
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from gradspectra.functional.estimate import estimate_spectral_metrics_many
+from gradspectra.functional.estimate import estimate_spectral_metrics_blocks, estimate_spectral_metrics_many
+
+if TYPE_CHECKING:
+    from gradspectra.functional.sketch import MatrixBlock
 
 #: The name under which the detection value reaches the scorer and the record (not a metric of the table).
 DETECTION_METRIC = "effective_rank_coarse"
@@ -65,6 +69,33 @@ def coarse_effective_rank_many(
     """
     est = estimate_spectral_metrics_many(
         matrices, ["effective_rank"], rank=rank, power_iters=1, probes=probes, lanczos_steps=lanczos_steps, seed=0
+    )
+    out: Tensor = est.values[:, 0]
+    return out
+
+
+def coarse_effective_rank_blocks(
+    blocks: Sequence[MatrixBlock],
+    frobenius: Tensor,
+    reduce_sum: Callable[[Tensor], Tensor],
+    rank: int = 8,
+    probes: int = 4,
+    lanczos_steps: int = 8,
+) -> Tensor:
+    """The detection value of matrices held in blocks across processes (FSDP2, tensor parallel), none gathered:
+    :func:`~gradspectra.functional.estimate.estimate_spectral_metrics_blocks` at this module's low order. The
+    same value as :func:`coarse_effective_rank_many` of the whole matrices up to float32 rounding and its random
+    start (a coarse estimate: several percent); steady from call to call like it (fixed seed, probes, start)."""
+    est = estimate_spectral_metrics_blocks(
+        blocks,
+        frobenius,
+        reduce_sum,
+        ["effective_rank"],
+        rank=rank,
+        power_iters=1,
+        probes=probes,
+        lanczos_steps=lanczos_steps,
+        seed=0,
     )
     out: Tensor = est.values[:, 0]
     return out

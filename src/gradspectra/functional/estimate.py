@@ -53,14 +53,18 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from gradspectra.functional.spectral import _safe_div, check_metric_names
 from gradspectra.functional.svd import _check_matrix
+
+if TYPE_CHECKING:
+    from gradspectra.functional.sketch import MatrixBlock
 
 # Matrices of one shape are stacked this many at a time, and at most _MAX_STACK_BYTES of them (one
 # matrix at least): a bounded extra copy, and batched matmuls.
@@ -533,3 +537,169 @@ def estimate_spectral_metrics_many(
             values[rows] = torch.stack([chunk_values[name] for name in names], -1).to(device)
             errors[rows] = torch.stack([chunk_errors[name] for name in names], -1).to(device)
     return SpectralEstimate(values, errors, [basis for basis in bases if basis is not None])
+
+
+def estimate_spectral_metrics_blocks(
+    blocks: Sequence[MatrixBlock],
+    frobenius: Tensor,
+    reduce_sum: Callable[[Tensor], Tensor],
+    metrics: Sequence[str] | None = None,
+    *,
+    rank: int = 96,
+    power_iters: int = 2,
+    probes: int = 8,
+    lanczos_steps: int = 12,
+    seed: int = 0,
+) -> SpectralEstimate:
+    """:func:`estimate_spectral_metrics_many` of matrices held in blocks across processes, none of them gathered.
+
+    The estimator reads its matrices only through products with thin blocks (``a @ x``, ``a^T @ x``, ``x @ a``,
+    ``x @ a^T``): each process computes its block's share (zeros elsewhere) and ``reduce_sum`` (a sum over the
+    processes) assembles the answer, one call per product (per dtype) for every matrix at once. Every process
+    calls this with the same shapes, norms and seed, in the same order, and gets the same values. The matrices
+    are scaled by their Frobenius norm (not their largest entry, which no process sees whole): the values equal
+    :func:`estimate_spectral_metrics_many`'s up to float32 rounding and the random start (drawn per group of
+    matrices of one shape and block axis). A process whose work fails (out of memory) joins every sum with zeros
+    and raises after the last, so the others never wait. No warm starts: ``bases`` is empty.
+
+    Args:
+        blocks: this process's block of each matrix (:class:`~gradspectra.functional.sketch.MatrixBlock`);
+            the matrices of one shape and axis must have their blocks at the same rows (columns) on a process,
+            as DTensor shards do.
+        frobenius: the whole matrices' Frobenius norms ``(len,)``.
+        reduce_sum: a sum over the processes.
+        metrics, rank, power_iters, probes, lanczos_steps, seed: as in :func:`estimate_spectral_metrics_many`.
+    """
+    names = check_metric_names(metrics)
+    opts = _Options(
+        rank=_check_positive(rank, "rank", 1),
+        power_iters=_check_positive(power_iters, "power_iters", 1),
+        probes=_check_positive(probes, "probes", 2),
+        lanczos_steps=_check_positive(lanczos_steps, "lanczos_steps", 1),
+    )
+    if len(frobenius) != len(blocks):
+        raise ValueError(f"`frobenius` must have one entry per block ({len(blocks)}), got {len(frobenius)}")
+    device = blocks[0].local.device if blocks else torch.device("cpu")
+    values = torch.zeros((len(blocks), len(names)), dtype=torch.float64, device=device)
+    errors = torch.zeros_like(values)
+    fro_all = frobenius.to(device=device, dtype=torch.float64)
+    groups: dict[tuple[int, int, torch.dtype, int], list[int]] = defaultdict(list)
+    for i, blk in enumerate(blocks):
+        groups[(blk.shape[0], blk.shape[1], _work_dtype(blk.local.dtype), blk.axis)].append(i)
+    # every product's size, known before anything that may fail here (the same on every process)
+    schedules = {key: _schedule(key[0], key[1], len(idx), opts) for key, idx in groups.items()}
+    failure: Exception | None = None
+    runs: list[tuple[tuple[int, int, torch.dtype, int], Generator[Product, Tensor, Any], Tensor, Product]] = []
+    generator = torch.Generator(device=device).manual_seed(seed)
+    try:
+        for key, idx in groups.items():
+            m, n, wd, _ = key
+            first = blocks[idx[0]]
+            if any(blocks[i].start != first.start or blocks[i].local.shape != first.local.shape for i in idx):
+                raise ValueError(f"the {m} x {n} blocks of this process do not all hold the same rows or columns")
+            fro = fro_all[idx]
+            finite = torch.isfinite(fro)
+            usable = finite & (fro > 0)
+            inv = torch.where(usable, 1 / torch.where(usable, fro, torch.ones_like(fro)), torch.zeros_like(fro))
+            local = torch.stack([blocks[i].local.detach().to(wd) for i in idx]).nan_to_num_(0.0, 0.0, 0.0)
+            local.mul_(inv.to(wd)[:, None, None])
+            one = torch.where(usable, torch.ones_like(fro), torch.zeros_like(fro))
+            scaled = _Scaled(finite, torch.where(usable, fro, torch.ones_like(fro)), one, fro)
+            steps = _estimate_steps((len(idx), m, n), wd, device, [None] * len(idx), opts, generator, scaled)
+            runs.append((key, steps, local, next(steps)))
+    except Exception as err:
+        failure = err
+    dtypes = sorted({key[2] for key in groups}, key=str)
+    results: dict[tuple[int, int, torch.dtype, int], tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
+    for r in range(max((len(sched) for sched in schedules.values()), default=0)):
+        active = [run for run in runs if len(schedules[run[0]]) > r] if failure is None else []
+        flats: dict[torch.dtype, Tensor] = {}
+        parts: list[Tensor] = []
+        if failure is None:
+            try:
+                for key, _, local, (kind, x) in active:
+                    blk = blocks[groups[key][0]]
+                    parts.append(_block_answer(local, kind, x, blk.axis, blk.start, key[0], key[1]))
+                for dtype in dtypes:
+                    chosen = [p.reshape(-1) for (key, *_), p in zip(active, parts) if key[2] == dtype]
+                    flats[dtype] = torch.cat(chosen) if chosen else torch.zeros(0, dtype=dtype, device=device)
+            except Exception as err:
+                failure = err
+        summed = {}
+        for dtype in dtypes:
+            size = sum(sched[r] for key, sched in schedules.items() if key[2] == dtype and len(sched) > r)
+            flat = flats.get(dtype) if failure is None else None
+            if flat is not None and flat.numel() != size:  # (the same on every process that gets here)
+                failure = RuntimeError(f"product {r} of the block estimator: {flat.numel()} != {size}")
+            summed[dtype] = reduce_sum(
+                flat if flat is not None and failure is None else torch.zeros(size, dtype=dtype, device=device)
+            )
+        if failure is not None:
+            continue
+        try:
+            offsets = dict.fromkeys(dtypes, 0)
+            following = []
+            for (key, steps, local, _), part in zip(active, parts):
+                start = offsets[key[2]]
+                offsets[key[2]] = start + part.numel()
+                answer = summed[key[2]][start : start + part.numel()].view(part.shape)
+                try:
+                    following.append((key, steps, local, steps.send(answer)))
+                except StopIteration as done:
+                    chunk_values, chunk_errors, _ = done.value
+                    results[key] = (chunk_values, chunk_errors)
+            runs = following
+        except Exception as err:
+            failure = err
+    if failure is not None:
+        raise failure
+    for key, idx in groups.items():
+        chunk_values, chunk_errors = results[key]
+        rows = torch.tensor(idx, device=device)
+        values[rows] = torch.stack([chunk_values[name] for name in names], -1).to(device)
+        errors[rows] = torch.stack([chunk_errors[name] for name in names], -1).to(device)
+    return SpectralEstimate(values, errors, [])
+
+
+def _schedule(m: int, n: int, count: int, opts: _Options) -> list[int]:
+    """The sizes of the answers :func:`_estimate_steps` asks for, in order, for ``count`` ``m x n`` matrices."""
+    d = min(m, n)
+    k = min(opts.rank, d)
+    sizes = [count * m * k, count * n * k] * (opts.power_iters - 1)
+    sizes += [count * m * k, count * n * k, count * m * k]  # Q = orth(a V), V = orth(a^T Q), the Ritz block a V
+    steps = min(opts.lanczos_steps, d - k)
+    big, small = (m, n) if m >= n else (n, m)
+    sizes += [count * opts.probes * big, count * opts.probes * small] * max(steps, 0)
+    return sizes
+
+
+def _block_answer(local: Tensor, kind: str, x: Tensor, axis: int, start: int, m: int, n: int) -> Tensor:
+    """This process's share of a :data:`Product` from its blocks ``local`` (rows ``start..`` of each ``m x n``
+    matrix for ``axis=0``, columns for ``axis=1``): its part of the answer, zeros elsewhere."""
+    size = local.shape[1 + axis]
+    span = slice(start, start + size)
+    b = local.shape[0]
+    if kind == "a@x":  # (b, n, k) -> (b, m, k)
+        if axis == 0:
+            out = x.new_zeros((b, m, x.shape[-1]))
+            out[:, span] = local @ x
+            return out
+        return local @ x[:, span]
+    if kind == "aT@x":  # (b, m, k) -> (b, n, k)
+        if axis == 0:
+            return local.mT @ x[:, span]
+        out = x.new_zeros((b, n, x.shape[-1]))
+        out[:, span] = local.mT @ x
+        return out
+    if kind == "x@a":  # (b, p, m) -> (b, p, n)
+        if axis == 0:
+            return x[..., span] @ local
+        out = x.new_zeros((b, x.shape[1], n))
+        out[..., span] = x @ local
+        return out
+    # x@aT: (b, p, n) -> (b, p, m)
+    if axis == 0:
+        out = x.new_zeros((b, x.shape[1], m))
+        out[..., span] = x @ local.mT
+        return out
+    return x[..., span] @ local.mT
