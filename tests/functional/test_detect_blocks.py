@@ -14,21 +14,23 @@ import torch
 from torch import Tensor
 
 from gradspectra.functional import coarse_effective_rank_many
-from gradspectra.functional.detect import coarse_effective_rank_blocks
+from gradspectra.functional.detect import coarse_effective_rank_blocks, detection_block_numbers
 from gradspectra.functional.estimate import estimate_spectral_metrics_blocks, estimate_spectral_metrics_many
 from gradspectra.functional.sketch import MatrixBlock
 
 from .test_sketch_blocks import Sum, _known, _split
 
 
-def _threads(per_rank: list[list[MatrixBlock]], fn: object) -> tuple[list[object], Sum]:
+def _threads(per_rank: list[list[MatrixBlock]], fn: object, expected: type = ()) -> tuple[list[object], Sum]:  # type: ignore[assignment]
     reducer = Sum(len(per_rank))
     out: list[object] = [None] * len(per_rank)
 
     def work(rank: int) -> None:
         try:
             out[rank] = fn(per_rank[rank], lambda t: reducer(rank, t))  # type: ignore[operator]
-        except BaseException as err:
+        except expected as err:  # raised after every sum was joined: the others finish
+            out[rank] = err
+        except BaseException as err:  # anything else: nobody is left waiting in the barrier
             out[rank] = err
             reducer.barrier.abort()
 
@@ -62,7 +64,7 @@ def test_one_group_of_blocks_gives_the_whole_matrices_detection_value() -> None:
     assert reducer.calls == [3 + 2 * 8] * 2
     # what one process sends: (2 m + n) k for the top (k = 8) and 4 probes x (m + n) per step, a matrix:
     # 14,400 of its 24,000 entries here; for a 4096 x 4096 layer, 2.1 % of them
-    assert reducer.numbers == 3 * ((2 * 200 + 120) * 8 + 8 * 4 * (200 + 120))
+    assert reducer.numbers == 3 * ((2 * 200 + 120) * 8 + 8 * 4 * (200 + 120)) == 3 * detection_block_numbers((200, 120))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -121,6 +123,24 @@ def test_a_process_whose_share_fails_joins_every_sum_then_raises(monkeypatch: py
     mats = [_known(150, 100, [1.0 * 0.9**i for i in range(100)], 5).float()]
     fro = torch.stack([m.double().norm() for m in mats])
     per_rank = [[_split(m, 1, [50, 50])[r] for m in mats] for r in range(2)]
-    out, reducer = _threads(per_rank, lambda blocks, summed: coarse_effective_rank_blocks(blocks, fro, summed))
+    out, reducer = _threads(
+        per_rank, lambda blocks, summed: coarse_effective_rank_blocks(blocks, fro, summed), expected=MemoryError
+    )
     assert isinstance(out[1], MemoryError) and isinstance(out[0], Tensor)
     assert reducer.calls[0] == reducer.calls[1] == 3 + 2 * 8  # every sum joined
+
+
+@pytest.mark.parametrize(("axis", "sizes"), [(0, [64, 64, 64, 64]), (1, [64, 64, 64, 64]), (0, [70, 70, 70, 46])])
+def test_four_processes_and_gradient_like_spectra(axis: int, sizes: list[int]) -> None:
+    # sums of token outer products with decaying output gradients: long-tailed, rank 192 of 256, as a linear
+    # layer's gradient of 192 tokens
+    g = torch.Generator().manual_seed(0)
+    mats = [
+        (torch.randn(192, 256, generator=g) * torch.logspace(0, -3, 192)[:, None]).T
+        @ torch.randn(192, 256, generator=g)
+        for _ in range(6)
+    ]
+    fro = torch.stack([m.double().norm() for m in mats])
+    per_rank = [[_split(m, axis, sizes)[r] for m in mats] for r in range(4)]
+    out, _ = _threads(per_rank, lambda blocks, summed: coarse_effective_rank_blocks(blocks, fro, summed))
+    np.testing.assert_allclose(out[0].numpy(), coarse_effective_rank_many(mats).numpy(), rtol=1e-5)  # type: ignore[union-attr]

@@ -209,6 +209,16 @@ def sketchable(shape: tuple[int, int], frobenius: float, rank: int = 8, extra: i
     return min(shape) > 2 * (rank + extra + probes) and _SAFE_LOW < frobenius < _SAFE_HIGH
 
 
+def cheap_block_numbers(shape: tuple[int, int], rank: int = 8, extra: int = 8, probes: int = 8) -> int:
+    """Numbers one process puts into the sums of :func:`cheap_spectral_metrics_blocks` for an ``m x n`` matrix:
+    ``b0 e + b2 (d + e)`` (``d``, ``e`` its small and large side, ``b0 = min(rank, d) + extra``, ``b2`` the
+    rows of ``Q`` plus the probes). Against ``m n`` to gather it: the blocks pay once ``d`` is above about 64."""
+    d, e = min(shape), max(shape)
+    b0 = min(rank, d) + extra
+    b2 = min(b0, e) + probes
+    return b0 * e + b2 * (d + e)
+
+
 def cheap_spectral_metrics_blocks(
     blocks: Sequence[MatrixBlock],
     frobenius: Tensor,

@@ -25,10 +25,12 @@ from torch import Tensor
 from gradspectra.capture import WatchedParameter
 from gradspectra.capture.sharded import block_axis, is_dtensor, local_block, mesh_position
 from gradspectra.functional import frobenius_norms, is_conv1d
+from gradspectra.functional.detect import coarse_effective_rank_blocks, detection_block_numbers
 from gradspectra.functional.sketch import (
     CHEAP_METRICS,
     CheapSpectra,
     MatrixBlock,
+    cheap_block_numbers,
     cheap_spectral_metrics_blocks,
     sketchable,
 )
@@ -49,6 +51,8 @@ class BlockStep:
         seconds: the time of the cheap tier on the blocks (every rank spends it on every such layer).
         sent: numbers this rank put into the step's sums (the agreement and the three products).
         failed_ranks: how many ranks' work failed before the agreement (then nothing else is done).
+        detect: the anchor layers whose detection value comes from their blocks; ``detection`` their values
+            (the same on every rank), ``detect_seconds`` its time.
     """
 
     gather: list[int]
@@ -58,6 +62,9 @@ class BlockStep:
     cheap: CheapSpectra | None = None
     seconds: float = 0.0
     sent: int = 0
+    detect: list[int] = field(default_factory=list)
+    detection: Tensor | None = None
+    detect_seconds: float = 0.0
 
 
 class BlockTier:
@@ -173,37 +180,51 @@ class BlockTier:
         did, every rank leaves the step's gathers and products alike (``failed_ranks``)."""
         n = len(self.watched)
         self.prepare(procs)
-        table = torch.zeros(3 * n + 1, dtype=torch.float64)
+        table = torch.zeros(4 * n + 1, dtype=torch.float64)
         blocks = [i for i in present if self.axes[i] is not None]
         try:
             mine = {i for i in present if owners[i] == procs.rank}
             whole: set[int] = set()
             cheap: set[int] = set()
+            detect: set[int] = set()
             if plan is not None:
-                whole = (set(plan.exact) | set(plan.estimate) | set(plan.audit) | set(plan.detect)) & mine
+                whole = (set(plan.exact) | set(plan.estimate) | set(plan.audit)) & mine
                 cheap = (set(plan.cheap) & mine) - whole
+                detect = (set(plan.detect) & mine) - whole
             table[sorted(whole)] = 1.0
             if any(name in CHEAP_METRICS for name in metric_names):
                 table[[n + i for i in sorted(cheap)]] = 1.0
+            table[[3 * n + i for i in sorted(detect)]] = 1.0
             local = [local_block(self.watched[i], self.axes[i]) for i in blocks]  # type: ignore[arg-type]
             if blocks:
                 norms = frobenius_norms([b for b in local if b is not None]).cpu()
                 table[[2 * n + i for i in blocks]] = norms.square()
         except Exception:
             failed = True
-        table[3 * n] = float(failed)
+        table[4 * n] = float(failed)
         table = procs.reduce_sum(table.to(self._device())).cpu()
-        if table[3 * n] > 0:
-            return BlockStep([], failed_ranks=int(table[3 * n].item()))
+        if table[4 * n] > 0:
+            return BlockStep([], failed_ranks=int(table[4 * n].item()))
         frobenius = torch.full((n,), float("nan"), dtype=torch.float64)
         frobenius[blocks] = table[[2 * n + i for i in blocks]].sqrt()
         # the same on every rank: the layers wanted whole, those that cannot be read as blocks, and cheap ones
-        # the sketch does not take (small, or extreme magnitudes: the exact route)
+        # the sketch does not take (small, or extreme magnitudes: the exact route); the anchors' detection value
+        # on their blocks too (a layer also wanted whole gets it from its matrix)
+        # where its products would send more numbers than the layer has entries (small layers), a layer is
+        # gathered to its owner instead: the blocks pay only where they move less
         agreed_cheap = [i for i in blocks if table[n + i] > 0]
+        wanted = {i for i in present if table[3 * n + i] > 0}
         gather = {i for i in present if table[i] > 0 or self.axes[i] is None}
         gather |= {i for i in agreed_cheap if not sketchable(self._shape(i), float(frobenius[i]))}
+        for i in set(agreed_cheap) | wanted:
+            numbers = (cheap_block_numbers(self._shape(i)) if i in agreed_cheap else 0) + (
+                detection_block_numbers(self._shape(i)) if i in wanted else 0
+            )
+            if numbers >= self._entries(i):
+                gather.add(i)
         step = BlockStep(sorted(gather), [i for i in agreed_cheap if i not in gather], frobenius=frobenius)
-        step.sent = 3 * n + 1
+        step.detect = [i for i in blocks if table[3 * n + i] > 0 and i not in gather]
+        step.sent = 4 * n + 1
         return step
 
     def measure(self, step: BlockStep, procs: Processes) -> BlockStep:
@@ -238,6 +259,33 @@ class BlockTier:
         step.seconds = time.perf_counter() - t0
         step.sent += sent[0]
         return step
+
+    def detect(self, step: BlockStep, procs: Processes) -> BlockStep:
+        """The detection value of the anchors ``step.detect`` on their blocks (every rank takes part)."""
+        if not step.detect:
+            return step
+        assert self.starts is not None and step.frobenius is not None
+        t0 = time.perf_counter()
+        blocks = []
+        for i in step.detect:
+            axis = self.axes[i]
+            local = local_block(self.watched[i], axis)  # type: ignore[arg-type]
+            assert axis is not None and local is not None
+            blocks.append(MatrixBlock(local.detach(), self._shape(i), axis, self.starts[i]))
+        sent = [0]
+
+        def summed(t: Tensor) -> Tensor:
+            sent[0] += t.numel()
+            return procs.reduce_sum(t)
+
+        step.detection = coarse_effective_rank_blocks(blocks, step.frobenius[step.detect], summed)
+        step.detect_seconds = time.perf_counter() - t0
+        step.sent += sent[0]
+        return step
+
+    def _entries(self, i: int) -> int:
+        m, n = self._shape(i)
+        return m * n
 
     def _shape(self, i: int) -> tuple[int, int]:
         """The whole ``out x in`` matrix's shape (GPT-2's ``Conv1D`` is stored ``in x out``)."""

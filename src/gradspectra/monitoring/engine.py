@@ -27,7 +27,7 @@ from gradspectra.functional import CHEAP_METRICS, frobenius_norms, needs_spectru
 from gradspectra.functional.reshape import as_matrix
 from gradspectra.metrics import LayerwiseSpectrum
 from gradspectra.monitoring.blocks import BlockStep, BlockTier
-from gradspectra.monitoring.budget import Plan
+from gradspectra.monitoring.budget import DETECT, Plan
 from gradspectra.monitoring.config import MonitorConfig
 from gradspectra.monitoring.distributed import (
     Processes,
@@ -603,6 +603,10 @@ class MonitorEngine:
                 self.blocks.measure(step, procs)
             except Exception as err:
                 failure = failure or f"{type(err).__name__}: {err}"
+            try:
+                self.blocks.detect(step, procs)
+            except Exception as err:
+                failure = failure or f"{type(err).__name__}: {err}"
         self._dtensor_failure = failure
         self._moved = self._moved_by([i for i in gathered if self.blocks.distributed[i]], step.sent)
         self._block_step = (step, plan, set(gathered))
@@ -651,6 +655,13 @@ class MonitorEngine:
             # budgets, planning their own layers, keep the whole within max_overhead
             result.work.append((SpectrumSource.CHEAP, rows, step.seconds))
         result.cheap_seconds += step.seconds
+        detected = [(k, i) for k, i in enumerate(step.detect) if owners[i] == procs.rank]
+        if detected and step.detection is not None:
+            rows = [i for _, i in detected]
+            result.detection[rows] = step.detection[[k for k, _ in detected]].to(device)
+            result.detected[rows] = 1.0
+            result.work.append((DETECT, rows, step.detect_seconds))  # (each rank charges all of it, as above)
+        result.cheap_seconds += step.detect_seconds
         self.planner.learn(result, planned=plan is not None and self.config.spectra == "auto")
         self.layers_computed_here += result.computed
         return result

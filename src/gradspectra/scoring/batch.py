@@ -530,9 +530,7 @@ class BatchScorer:
             return None
         steps = list(run)
         common = [k for k in steps[-1] if all(k in s and s[k][0] == steps[-1][k][0] for s in steps)]
-        common = [
-            k for k in common if all(_alike(a[k][1], b[k][1], self.shift_agreement) for a, b in pairwise(steps))
-        ]
+        common = [k for k in common if all(_alike(a[k][1], b[k][1], self.shift_agreement) for a, b in pairwise(steps))]
         if not common:
             return None
         k = max(common, key=lambda j: float(strength[j]))
