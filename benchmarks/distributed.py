@@ -171,8 +171,9 @@ def run(ranks: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         n = len(monitor.watched)
         row["gathered"] = statistics.median(m["gathered"] for m in moved)
         row["sent"] = statistics.median(m["sent"] for m in moved)
-        # gathered entries and product sums in float32, the agreement (3 per layer) in float64
-        row["bytes"] = statistics.median(4 * m["gathered"] + 8 * 3 * n + 4 * (m["sent"] - 3 * n) for m in moved)
+        # gathered entries and product sums in float32, the agreement in float64
+        agreement = 4 * n + 1  # (whole?, cheap?, |block|^2, anchor? for each layer, and a failure flag)
+        row["bytes"] = statistics.median(4 * m["gathered"] + 8 * agreement + 4 * (m["sent"] - agreement) for m in moved)
         row["kinds"] = dict(sorted(_count(r["spectra"].values() for r in records).items()))
     return row
 
