@@ -600,11 +600,13 @@ def estimate_spectral_metrics_blocks(
             fro = fro_all[idx]
             finite = torch.isfinite(fro)
             usable = finite & (fro > 0)
+            # scaled by the Frobenius norm, the factor capped as for whole matrices (a tiny norm stays finite)
             inv = torch.where(usable, 1 / torch.where(usable, fro, torch.ones_like(fro)), torch.zeros_like(fro))
+            inv = inv.clamp_max(torch.finfo(wd).max / 4)
             local = torch.stack([blocks[i].local.detach().to(wd) for i in idx]).nan_to_num_(0.0, 0.0, 0.0)
             local.mul_(inv.to(wd)[:, None, None])
-            one = torch.where(usable, torch.ones_like(fro), torch.zeros_like(fro))
-            scaled = _Scaled(finite, torch.where(usable, fro, torch.ones_like(fro)), one, fro)
+            scale64 = torch.where(usable, 1 / torch.where(usable, inv, torch.ones_like(inv)), torch.ones_like(fro))
+            scaled = _Scaled(finite, scale64, torch.where(usable, fro * inv, torch.zeros_like(fro)), fro)
             steps = _estimate_steps((len(idx), m, n), wd, device, [None] * len(idx), opts, generator, scaled)
             runs.append((key, steps, local, next(steps)))
     except Exception as err:

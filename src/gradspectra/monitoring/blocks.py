@@ -6,11 +6,16 @@ Gathering a layer moves all of its ``m n`` entries; the Frobenius norm and the c
 - **the Frobenius norm** of every layer from each rank's block (the squares summed across ranks);
 - **the cheap tier** (spectral norm, stable rank, participation ratio) from three thin products per layer,
   each rank multiplying its own block (:func:`gradspectra.functional.sketch.cheap_spectral_metrics_blocks`):
-  ``(b1 + 2 b2) (m + n)`` numbers a layer, for every layer in one sum per product.
+  ``(b1 + 2 b2) (m + n)`` numbers a layer, for every layer in one sum per product;
+- **the anchors' detection value** (the scorer's coarse effective rank) likewise, from 19 products
+  (:func:`gradspectra.functional.detect.coarse_effective_rank_blocks`).
 
-Only the layers whose owner plans a full spectrum this step (exact, estimated, audited, or an anchor's
-detection value) are gathered whole, one at a time, and kept by their owner. Which ones is agreed in the
-step's first sum: ``[whole?, cheap?, |block|_F^2]`` for every layer, from every rank, in one all-reduce.
+Only the layers whose owner plans a full spectrum this step (exact, estimated, audited) are gathered whole,
+one at a time, to their owner alone, and the layers too small for the blocks to move less than a gather.
+Which ones is agreed in the step's first sum: ``[whole?, cheap?, |block|_F^2, anchor?]`` for every layer and
+a failure flag, from every rank, in one all-reduce. An anchor takes one route whatever the plan: on its
+blocks where that moves less than gathering it (by its shape), else whole on its owner, so that its detection
+value, a coarse estimate whose random start depends on the matrices it is computed with, stays steady.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ class BlockStep:
             the layer has no gradient or is gathered).
         cheap: the cheap tier of ``rows`` (the same on every rank), ``None`` when there are none.
         seconds: the time of the cheap tier on the blocks (every rank spends it on every such layer).
-        sent: numbers this rank put into the step's sums (the agreement and the three products).
+        sent: numbers this rank put into the step's sums (the agreement, the cheap tier's three products and the
+            detection value's).
         failed_ranks: how many ranks' work failed before the agreement (then nothing else is done).
         detect: the anchor layers whose detection value comes from their blocks; ``detection`` their values
             (the same on every rank), ``detect_seconds`` its time.
@@ -213,17 +219,20 @@ class BlockTier:
         # where its products would send more numbers than the layer has entries (small layers), a layer is
         # gathered to its owner instead: the blocks pay only where they move less
         agreed_cheap = [i for i in blocks if table[n + i] > 0]
-        wanted = {i for i in present if table[3 * n + i] > 0}
+        anchors = [i for i in present if table[3 * n + i] > 0]
+        # an anchor's route depends on its shape only (steady values): its blocks where they move less
+        on_blocks = [i for i in anchors if self.axes[i] is not None and self._detect_on_blocks(i)]
         gather = {i for i in present if table[i] > 0 or self.axes[i] is None}
+        gather |= {i for i in anchors if i not in on_blocks}
         gather |= {i for i in agreed_cheap if not sketchable(self._shape(i), float(frobenius[i]))}
-        for i in set(agreed_cheap) | wanted:
-            numbers = (cheap_block_numbers(self._shape(i)) if i in agreed_cheap else 0) + (
-                detection_block_numbers(self._shape(i)) if i in wanted else 0
+        for i in agreed_cheap:
+            numbers = cheap_block_numbers(self._shape(i)) + (
+                detection_block_numbers(self._shape(i)) if i in on_blocks else 0
             )
             if numbers >= self._entries(i):
                 gather.add(i)
         step = BlockStep(sorted(gather), [i for i in agreed_cheap if i not in gather], frobenius=frobenius)
-        step.detect = [i for i in blocks if table[3 * n + i] > 0 and i not in gather]
+        step.detect = on_blocks  # (even if the layer is gathered for another reason: one route for an anchor)
         step.sent = 4 * n + 1
         return step
 
@@ -282,6 +291,9 @@ class BlockTier:
         step.detect_seconds = time.perf_counter() - t0
         step.sent += sent[0]
         return step
+
+    def _detect_on_blocks(self, i: int) -> bool:
+        return detection_block_numbers(self._shape(i)) < self._entries(i)
 
     def _entries(self, i: int) -> int:
         m, n = self._shape(i)

@@ -11,7 +11,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -633,7 +633,11 @@ class MonitorEngine:
         whole = [(i, g) for i, g in mine if i in gathered]
         if whole:
             rows, todo = [i for i, _ in whole], [g for _, g in whole]
-            result = self.runner.run(todo, rows, n, device, plan, self.steps_monitored)
+            # the anchors valued on their blocks are not valued again from a gathered matrix (one route each)
+            by_runner = plan
+            if plan is not None and step.detect:
+                by_runner = replace(plan, detect=[i for i in plan.detect if i not in set(step.detect)])
+            result = self.runner.run(todo, rows, n, device, by_runner, self.steps_monitored)
         else:
             result = self.runner.empty(n, device)
         names = self.metric_names
@@ -660,7 +664,13 @@ class MonitorEngine:
             rows = [i for _, i in detected]
             result.detection[rows] = step.detection[[k for k, _ in detected]].to(device)
             result.detected[rows] = 1.0
-            result.work.append((DETECT, rows, step.detect_seconds))  # (each rank charges all of it, as above)
+            # one DETECT entry a step (the budget averages each entry as a step's whole detection time): with the
+            # runner's, for anchors it valued whole; each rank charges all of the blocks' time, as above
+            earlier = [(k, r, sec) for k, (kind, r, sec) in enumerate(result.work) if kind == DETECT]
+            for k, _, _ in reversed(earlier):
+                del result.work[k]
+            rows = sorted({*rows, *(i for _, r, _ in earlier for i in r)})
+            result.work.append((DETECT, rows, step.detect_seconds + sum(sec for _, _, sec in earlier)))
         result.cheap_seconds += step.detect_seconds
         self.planner.learn(result, planned=plan is not None and self.config.spectra == "auto")
         self.layers_computed_here += result.computed
