@@ -159,10 +159,9 @@ class FailOnce(Callback):
         planner.plan = failing  # type: ignore[method-assign]
 
 
-def _auto_worker(
-    rank: int, port: int, out: str, mode: str, world: int = 2, fail: bool = False, hidden: int = HIDDEN
-) -> None:
-    """The default constructor (``spectra="auto"``) with room for the cheap tier on every layer."""
+def _rank(rank: int, port: int, world: int, mode: str) -> ModelParallelStrategy:
+    """This process as rank ``rank`` of ``world`` (the environment Lightning reads), and the strategy: FSDP2 over
+    every rank, or tensor parallelism over every rank (one data-parallel rank)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -173,9 +172,16 @@ def _auto_worker(
     )
     torch.set_num_threads(1)
     sizes = {"fsdp2": (world, 1), "tp": (1, world)}[mode]
-    strategy = ModelParallelStrategy(
+    return ModelParallelStrategy(
         data_parallel_size=sizes[0], tensor_parallel_size=sizes[1], timeout=timedelta(seconds=60)
     )
+
+
+def _auto_worker(
+    rank: int, port: int, out: str, mode: str, world: int = 2, fail: bool = False, hidden: int = HIDDEN
+) -> None:
+    """The default constructor (``spectra="auto"``) with room for the cheap tier on every layer."""
+    strategy = _rank(rank, port, world, mode)
     pl.seed_everything(0, verbose=False)
     monitor = GradientSpectrumMonitor(figure_every_n_steps=0, output_dir=out, max_overhead=0.3, verbose=False)
     callbacks: list[Callback] = [WholeGradients(monitor), monitor]
@@ -193,19 +199,7 @@ def _auto_worker(
 
 
 def _worker(rank: int, port: int, out: str, mode: str, world: int = 2, fail: bool = False) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        NODE_RANK="0",
-        LOCAL_RANK=str(rank),
-        RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    sizes = {"fsdp2": (world, 1), "tp": (1, world)}[mode]
-    strategy = ModelParallelStrategy(
-        data_parallel_size=sizes[0], tensor_parallel_size=sizes[1], timeout=timedelta(seconds=60)
-    )
+    strategy = _rank(rank, port, world, mode)
     # a global batch of 8 under FSDP2 (whatever the ranks), of 4 under tensor parallelism (one data rank)
     per_rank = 8 // world if mode == "fsdp2" else 4
     data = DataLoader(RandomTokens(64, nan_at={POISONED}), batch_size=per_rank)

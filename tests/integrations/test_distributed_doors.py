@@ -153,23 +153,29 @@ def test_a_frozen_layer_only_one_rank_reaches_does_not_desynchronise_the_ranks(t
     assert ranks[0]["records"][0]["metrics"]["b"]["frobenius_norm"] > 0
 
 
-@pytest.mark.timeout(240)
-def test_trainer_callback_under_torchrun_matches_one_process(tmp_path: Path) -> None:
+def one_process_trainer(out: Path, data: Any, steps: int) -> list[dict[str, Any]]:
+    """The records of a one-process Trainer fit (per-device batch 4, SGD lr 0.1) of the tiny Llama on ``data``."""
     from transformers import Trainer
 
-    steps = 4
-    data = batches(steps)
-    # one process, per-device batch 4: the same global batches
     model = tiny_llama()
     trainer = Trainer(
         model=model,
-        args=hf_args(tmp_path / "single", steps),
+        args=hf_args(out, steps),
         train_dataset=Samples(data),
         callbacks=[GradientSpectrumCallback(**OPTIONS)],
         optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
     )
     trainer.train()
-    single = read_records(tmp_path / "single" / "gradspectra" / "batches.jsonl")
+    return read_records(out / "gradspectra" / "batches.jsonl")
+
+
+@pytest.mark.timeout(240)
+def test_trainer_callback_under_torchrun_matches_one_process(tmp_path: Path) -> None:
+
+    steps = 4
+    data = batches(steps)
+    # one process, per-device batch 4: the same global batches
+    single = one_process_trainer(tmp_path / "single", data, steps)
     n_layers = len(single[0]["metrics"])
 
     # two processes, per-device batch 2. An IterableDataset is dispatched by accelerate: rank 0 reads
@@ -192,20 +198,10 @@ def test_trainer_callback_under_torchrun_matches_one_process(tmp_path: Path) -> 
 
 @pytest.mark.timeout(240)
 def test_trainer_callback_under_accelerate_fsdp2_matches_one_process(tmp_path: Path) -> None:
-    from transformers import Trainer
 
     steps = 4
     data = batches(steps)
-    model = tiny_llama()
-    trainer = Trainer(
-        model=model,
-        args=hf_args(tmp_path / "single", steps),
-        train_dataset=Samples(data),
-        callbacks=[GradientSpectrumCallback(**OPTIONS)],
-        optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
-    )
-    trainer.train()
-    single = read_records(tmp_path / "single" / "gradspectra" / "batches.jsonl")
+    single = one_process_trainer(tmp_path / "single", data, steps)
     assert len(single) == steps
 
     # two processes under FSDP2 (fully_shard by accelerate): every weight and gradient a DTensor, each rank

@@ -99,6 +99,15 @@ class _Options:
     lanczos_steps: int
 
 
+def _options(rank: int, power_iters: int, probes: int, lanczos_steps: int) -> _Options:
+    return _Options(
+        rank=_check_positive(rank, "rank", 1),
+        power_iters=_check_positive(power_iters, "power_iters", 1),
+        probes=_check_positive(probes, "probes", 2),
+        lanczos_steps=_check_positive(lanczos_steps, "lanczos_steps", 1),
+    )
+
+
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     # half precision is never computed in: bf16/fp16 (and fp32) work in fp32, fp64 stays fp64
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -481,12 +490,7 @@ def estimate_spectral_metrics_many(
         torch.Size([300, 96])
     """
     names = check_metric_names(metrics)
-    opts = _Options(
-        rank=_check_positive(rank, "rank", 1),
-        power_iters=_check_positive(power_iters, "power_iters", 1),
-        probes=_check_positive(probes, "probes", 2),
-        lanczos_steps=_check_positive(lanczos_steps, "lanczos_steps", 1),
-    )
+    opts = _options(rank, power_iters, probes, lanczos_steps)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"`seed` must be an integer or None, got {seed!r}")
     for i, matrix in enumerate(matrices):
@@ -571,12 +575,7 @@ def estimate_spectral_metrics_blocks(
         metrics, rank, power_iters, probes, lanczos_steps, seed: as in :func:`estimate_spectral_metrics_many`.
     """
     names = check_metric_names(metrics)
-    opts = _Options(
-        rank=_check_positive(rank, "rank", 1),
-        power_iters=_check_positive(power_iters, "power_iters", 1),
-        probes=_check_positive(probes, "probes", 2),
-        lanczos_steps=_check_positive(lanczos_steps, "lanczos_steps", 1),
-    )
+    opts = _options(rank, power_iters, probes, lanczos_steps)
     if len(frobenius) != len(blocks):
         raise ValueError(f"`frobenius` must have one entry per block ({len(blocks)}), got {len(frobenius)}")
     device = blocks[0].local.device if blocks else torch.device("cpu")

@@ -21,7 +21,7 @@ value, a coarse estimate whose random start depends on the matrices it is comput
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -241,21 +241,12 @@ class BlockTier:
         share fails joins the sums with zeros and raises after them, so the others never wait)."""
         if not step.rows:
             return step
-        assert self.starts is not None and step.frobenius is not None
+        assert step.frobenius is not None
         t0 = time.perf_counter()
-        blocks = []
-        for i in step.rows:
-            axis = self.axes[i]
-            local = local_block(self.watched[i], axis)  # type: ignore[arg-type]
-            assert axis is not None and local is not None
-            blocks.append(MatrixBlock(local.detach(), self._shape(i), axis, self.starts[i]))
+        blocks = self._blocks(step.rows)
         self.calls += 1
         sent = [0]
-
-        def summed(t: Tensor) -> Tensor:
-            sent[0] += t.numel()
-            return procs.reduce_sum(t)
-
+        summed = _counting(procs, sent)
         step.cheap = cheap_spectral_metrics_blocks(
             blocks,
             step.frobenius[step.rows],
@@ -273,24 +264,26 @@ class BlockTier:
         """The detection value of the anchors ``step.detect`` on their blocks (every rank takes part)."""
         if not step.detect:
             return step
-        assert self.starts is not None and step.frobenius is not None
+        assert step.frobenius is not None
         t0 = time.perf_counter()
-        blocks = []
-        for i in step.detect:
-            axis = self.axes[i]
-            local = local_block(self.watched[i], axis)  # type: ignore[arg-type]
-            assert axis is not None and local is not None
-            blocks.append(MatrixBlock(local.detach(), self._shape(i), axis, self.starts[i]))
+        blocks = self._blocks(step.detect)
         sent = [0]
-
-        def summed(t: Tensor) -> Tensor:
-            sent[0] += t.numel()
-            return procs.reduce_sum(t)
-
+        summed = _counting(procs, sent)
         step.detection = coarse_effective_rank_blocks(blocks, step.frobenius[step.detect], summed)
         step.detect_seconds = time.perf_counter() - t0
         step.sent += sent[0]
         return step
+
+    def _blocks(self, rows: Sequence[int]) -> list[MatrixBlock]:
+        """This rank's block of each layer of ``rows`` (views of the local shards)."""
+        assert self.starts is not None
+        blocks = []
+        for i in rows:
+            axis = self.axes[i]
+            local = local_block(self.watched[i], axis)  # type: ignore[arg-type]
+            assert axis is not None and local is not None
+            blocks.append(MatrixBlock(local.detach(), self._shape(i), axis, self.starts[i]))
+        return blocks
 
     def _detect_on_blocks(self, i: int) -> bool:
         return detection_block_numbers(self._shape(i)) < self._entries(i)
@@ -304,3 +297,13 @@ class BlockTier:
         w = self.watched[i]
         m, n = int(w.param.shape[0]), int(w.param.shape[1])
         return (n, m) if is_conv1d(w.module) else (m, n)
+
+
+def _counting(procs: Processes, sent: list[int]) -> Callable[[Tensor], Tensor]:
+    """``procs.reduce_sum`` that adds the numbers it sends to ``sent[0]``."""
+
+    def summed(t: Tensor) -> Tensor:
+        sent[0] += t.numel()
+        return procs.reduce_sum(t)
+
+    return summed
