@@ -125,7 +125,13 @@ def _fit(
 ) -> tuple[GradientSpectrumMonitor, Any]:
     pl.seed_everything(0, verbose=False)
     monitor = GradientSpectrumMonitor(
-        figure_every_n_steps=0, warmup_steps=5, output_dir=out, spectra="exact", action="skip", verbose=False
+        figure_every_n_steps=0,
+        warmup_steps=5,
+        output_dir=out,
+        spectra="exact",
+        action="skip",
+        verbose=False,
+        sample_id_key="sample_id",
     )
     tap = WholeGradients(monitor)
     kwargs = trainer_kwargs(out, max_steps=STEPS, logger=False)
@@ -267,6 +273,8 @@ def test_model_parallel_processes_match_single_process(tmp_path: Path, mode: str
                     for name in ("nuclear_norm", "spectral_norm", "frobenius_norm"):
                         assert _same(whole[key][name], b["metrics"][key][name], 1e-6), (b["step"], key, name)
             assert b["flagged"] == a["flagged"] and bool(b.get("skipped")) == bool(a.get("skipped"))
+            # every sample of the global batch listed once (tensor-parallel peers train on the same samples)
+            assert sorted(b["sample_ids"]) == sorted(a["sample_ids"]), (b["step"], b["sample_ids"])
             assert _same(a["loss"], b["loss"], 1e-5)
             assert len(b["layers_per_rank"]) == world and sum(b["layers_per_rank"]) == len(b["metrics"])
     # the ranks decided alike: the same records but the timing

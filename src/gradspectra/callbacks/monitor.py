@@ -403,6 +403,8 @@ class GradientSpectrumMonitor(Callback):
     ) -> None:
         loss_sum, self._loss_sum = self._loss_sum, None
         sample_ids, self._sample_ids = self._sample_ids, []
+        if sample_ids and self._tensor_parallel_follower(pl_module):
+            sample_ids = []  # (the same samples as its tensor-parallel peer at position 0: listed once, by that one)
         self._step_open = False
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         inputs = StepInputs(
@@ -431,6 +433,18 @@ class GradientSpectrumMonitor(Callback):
         if self.engine.stop_requested:
             # instability_action="stop": this optimizer step completes; Lightning stops after it
             trainer.should_stop = True
+
+    def _tensor_parallel_follower(self, pl_module: pl.LightningModule) -> bool:
+        """Under ``ModelParallelStrategy`` with tensor parallelism, whether this rank is not the first of its
+        tensor-parallel group: the ranks of a group train on the same samples."""
+        if not self._late_attach:
+            return False
+        mesh = getattr(pl_module, "device_mesh", None)
+        names = getattr(mesh, "mesh_dim_names", None) or ()
+        if mesh is None or "tensor_parallel" not in names:
+            return False
+        group = mesh["tensor_parallel"]
+        return bool(group.size() > 1 and group.get_local_rank() != 0)
 
     @staticmethod
     def _outputs(trainer: pl.Trainer) -> Outputs:
