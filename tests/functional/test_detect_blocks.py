@@ -115,12 +115,12 @@ def test_a_process_whose_share_fails_joins_every_sum_then_raises(
     answer = estimate._block_answer
     calls = [0]
 
-    def failing(*args: object) -> Tensor:
+    def failing(*args: object, **kwargs: object) -> Tensor:
         if threading.current_thread().name == "rank1":
             calls[0] += 1
             if calls[0] == failing_call:  # (the first product, or the fourth)
                 raise MemoryError("out of memory (one process)")
-        return answer(*args)  # type: ignore[arg-type]
+        return answer(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(estimate, "_block_answer", failing)
     mats = [_known(150, 100, [1.0 * 0.9**i for i in range(100)], 5).float()]

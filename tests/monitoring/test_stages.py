@@ -284,6 +284,19 @@ def test_planner_learn_feeds_the_budget() -> None:
     assert budget.cost(budget_module.ESTIMATE, 0) != pytest.approx(0.25)
 
 
+def test_planner_learns_one_observation_per_kind_and_step() -> None:
+    # under sharding a kind's work comes in two parts (the gathered layers', the blocks'): the budget sees their
+    # sum once, as a step's whole detection time, not each part as if it were the step's
+    planner = Planner("auto", 0.03, SHAPES)
+    planner.plan([0, 1, 3])
+    budget = planner.budget
+    assert budget is not None
+    planner.learn(_result([(budget_module.DETECT, [0], 0.005), (budget_module.DETECT, [1], 0.020)]), planned=True)
+    assert budget.detect_seconds == pytest.approx(0.025)
+    planner.learn(_result([(SpectrumSource.EXACT, [0], 0.5), (SpectrumSource.EXACT, [1], 0.5)]), planned=True)
+    assert budget.cost(budget_module.EXACT, 0) == pytest.approx(0.5)  # one second for two layers of one shape
+
+
 def test_planner_step_times() -> None:
     planner = Planner("auto", 0.03, SHAPES)
     planner.step_ended(1.0, 0, 0.0)  # no budget yet: remembered, nothing learned

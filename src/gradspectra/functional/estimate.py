@@ -55,11 +55,13 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from gradspectra.functional.rounds import Started, sum_in_rounds
 from gradspectra.functional.spectral import _safe_div, check_metric_names
 from gradspectra.functional.svd import _check_matrix
 
@@ -586,13 +588,12 @@ def estimate_spectral_metrics_blocks(
     for i, blk in enumerate(blocks):
         groups[(blk.shape[0], blk.shape[1], _work_dtype(blk.local.dtype), blk.axis)].append(i)
     # every product's size, known before anything that may fail here (the same on every process)
-    schedules = {key: _schedule(key[0], key[1], len(idx), opts) for key, idx in groups.items()}
-    failure: Exception | None = None
-    runs: list[tuple[tuple[int, int, torch.dtype, int], Generator[Product, Tensor, Any], Tensor, Product]] = []
+    plans = [(key[2], _schedule(key[0], key[1], len(idx), opts)) for key, idx in groups.items()]
     generator = torch.Generator(device=device).manual_seed(seed)
-    try:
-        for key, idx in groups.items():
-            m, n, wd, _ = key
+
+    def start() -> list[Started]:
+        started: list[Started] = []
+        for (m, n, wd, axis), idx in groups.items():
             first = blocks[idx[0]]
             if any(blocks[i].start != first.start or blocks[i].local.shape != first.local.shape for i in idx):
                 raise ValueError(f"the {m} x {n} blocks of this process do not all hold the same rows or columns")
@@ -607,55 +608,12 @@ def estimate_spectral_metrics_blocks(
             scale64 = torch.where(usable, 1 / torch.where(usable, inv, torch.ones_like(inv)), torch.ones_like(fro))
             scaled = _Scaled(finite, scale64, torch.where(usable, fro * inv, torch.zeros_like(fro)), fro)
             steps = _estimate_steps((len(idx), m, n), wd, device, [None] * len(idx), opts, generator, scaled)
-            runs.append((key, steps, local, next(steps)))
-    except Exception as err:
-        failure = err
-    dtypes = sorted({key[2] for key in groups}, key=str)
-    results: dict[tuple[int, int, torch.dtype, int], tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
-    for r in range(max((len(sched) for sched in schedules.values()), default=0)):
-        active = [run for run in runs if len(schedules[run[0]]) > r] if failure is None else []
-        flats: dict[torch.dtype, Tensor] = {}
-        parts: list[Tensor] = []
-        if failure is None:
-            try:
-                for key, _, local, (kind, x) in active:
-                    blk = blocks[groups[key][0]]
-                    parts.append(_block_answer(local, kind, x, blk.axis, blk.start, key[0], key[1]))
-                for dtype in dtypes:
-                    chosen = [p.reshape(-1) for (key, *_), p in zip(active, parts) if key[2] == dtype]
-                    flats[dtype] = torch.cat(chosen) if chosen else torch.zeros(0, dtype=dtype, device=device)
-            except Exception as err:
-                failure = err
-        summed = {}
-        for dtype in dtypes:
-            size = sum(sched[r] for key, sched in schedules.items() if key[2] == dtype and len(sched) > r)
-            flat = flats.get(dtype) if failure is None else None
-            if flat is not None and flat.numel() != size:  # (the same on every process that gets here)
-                failure = RuntimeError(f"product {r} of the block estimator: {flat.numel()} != {size}")
-            summed[dtype] = reduce_sum(
-                flat if flat is not None and failure is None else torch.zeros(size, dtype=dtype, device=device)
-            )
-        if failure is not None:
-            continue
-        try:
-            offsets = dict.fromkeys(dtypes, 0)
-            following = []
-            for (key, steps, local, _), part in zip(active, parts):
-                start = offsets[key[2]]
-                offsets[key[2]] = start + part.numel()
-                answer = summed[key[2]][start : start + part.numel()].view(part.shape)
-                try:
-                    following.append((key, steps, local, steps.send(answer)))
-                except StopIteration as done:
-                    chunk_values, chunk_errors, _ = done.value
-                    results[key] = (chunk_values, chunk_errors)
-            runs = following
-        except Exception as err:
-            failure = err
-    if failure is not None:
-        raise failure
+            started.append((steps, partial(_block_answer, local, axis=axis, start=first.start, m=m, n=n)))
+        return started
+
+    results = dict(zip(groups, sum_in_rounds(plans, start, reduce_sum, device)))
     for key, idx in groups.items():
-        chunk_values, chunk_errors = results[key]
+        chunk_values, chunk_errors, _ = results[key]
         rows = torch.tensor(idx, device=device)
         values[rows] = torch.stack([chunk_values[name] for name in names], -1).to(device)
         errors[rows] = torch.stack([chunk_errors[name] for name in names], -1).to(device)
@@ -674,9 +632,10 @@ def _schedule(m: int, n: int, count: int, opts: _Options) -> list[int]:
     return sizes
 
 
-def _block_answer(local: Tensor, kind: str, x: Tensor, axis: int, start: int, m: int, n: int) -> Tensor:
+def _block_answer(local: Tensor, request: Product, *, axis: int, start: int, m: int, n: int) -> Tensor:
     """This process's share of a :data:`Product` from its blocks ``local`` (rows ``start..`` of each ``m x n``
     matrix for ``axis=0``, columns for ``axis=1``): its part of the answer, zeros elsewhere."""
+    kind, x = request
     size = local.shape[1 + axis]
     span = slice(start, start + size)
     b = local.shape[0]

@@ -38,15 +38,16 @@ each matrix, against ``2 m n d`` for the Gram route and ``~4 m n d`` for an SVD.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
+from gradspectra.functional.rounds import Started, sum_in_rounds
 from gradspectra.functional.spectral import _safe_div, frobenius_norms
 from gradspectra.functional.svd import _check_matrix, singular_values
 
@@ -278,19 +279,16 @@ def cheap_spectral_metrics_blocks(
         basis = None if warm_start is None else warm_start[i]
         usable = basis is not None and tuple(basis.shape) == (min(rank, d), d) and basis.dtype == work
         groups[(blk.shape[0], blk.shape[1], work, usable)].append(i)
-    # The three sums' sizes, per work dtype, known before anything that may fail here: a process whose work
-    # fails (out of memory) joins every sum with zeros and raises after the last, so the others never wait.
-    sizes: list[dict[torch.dtype, int]] = [defaultdict(int) for _ in range(3)]
+    # each group's three answers' sizes, known before anything that may fail (the same on every process)
+    plans: list[tuple[torch.dtype, list[int]]] = []
     for (m, n, work, _), idx in groups.items():
         d, e = min(m, n), max(m, n)
         b0 = min(rank, d) + extra
         b1 = min(b0, e)  # the rows of Q (the range finder's answer, orthonormalised)
-        for r, count in enumerate((b0 * e, (b1 + probes) * d, (b1 + probes) * e)):
-            sizes[r][work] += len(idx) * count
-    dtypes = sorted({work for (_, _, work, _) in groups}, key=str)
-    failure: Exception | None = None
-    runs = []
-    try:
+        plans.append((work, [len(idx) * count for count in (b0 * e, (b1 + probes) * d, (b1 + probes) * e)]))
+
+    def start() -> list[Started]:
+        started: list[Started] = []
         for (m, n, work, warm_ok), idx in groups.items():
             local = [blocks[i] for i in idx]
             local = [
@@ -300,49 +298,15 @@ def cheap_spectral_metrics_blocks(
             steps = _sketch_steps(
                 (m, n), device, idx, fro, warm, work, (rank, extra, probes, seed), values, errors, bases
             )
-            runs.append((steps, local, next(steps), work))
-    except Exception as err:
-        failure = err
-    for r in range(3 if groups else 0):
-        # every group's share of its next product, summed over the processes in one call per dtype
-        flats: dict[torch.dtype, Tensor] = {}
-        shapes: list[torch.Size] = []
-        if failure is None:
-            try:
-                parts = [(work, _block_product(local, *request)) for _, local, request, work in runs]
-                shapes = [part.shape for _, part in parts]
-                for dtype in dtypes:
-                    flats[dtype] = torch.cat([part.reshape(-1) for work, part in parts if work == dtype])
-                    if flats[dtype].numel() != sizes[r][dtype]:  # (the same on every process that gets here)
-                        raise RuntimeError(f"sum {r} of the block sketch: {flats[dtype].numel()} != {sizes[r][dtype]}")
-            except Exception as err:
-                failure = err
-        summed = {}
-        for dtype in dtypes:
-            flat = flats.get(dtype) if failure is None else None
-            summed[dtype] = reduce_sum(
-                flat if flat is not None else torch.zeros(sizes[r][dtype], dtype=dtype, device=device)
-            )
-        if failure is not None:
-            continue
-        try:
-            answers: dict[torch.dtype, list[Tensor]] = {
-                dtype: list(
-                    torch.split(summed[dtype], [s.numel() for (_, _, _, w), s in zip(runs, shapes) if w == dtype])
-                )
-                for dtype in dtypes
-            }
-            following = []
-            for (steps, local, _, work), shape in zip(runs, shapes):
-                answer = answers[work].pop(0).view(shape)
-                with contextlib.suppress(StopIteration):  # (its three products are done: the values are written)
-                    following.append((steps, local, steps.send(answer), work))
-            runs = following
-        except Exception as err:
-            failure = err
-    if failure is not None:
-        raise failure
+            started.append((steps, partial(_share, local)))
+        return started
+
+    sum_in_rounds(plans, start, reduce_sum, device)  # (the sketches write values, errors and bases)
     return CheapSpectra(values, errors, exact, bases)
+
+
+def _share(blocks: Sequence[MatrixBlock], request: Request) -> Tensor:
+    return _block_product(blocks, *request)
 
 
 def _block_product(blocks: Sequence[MatrixBlock], rows: Tensor, right: bool, out_side: int) -> Tensor:

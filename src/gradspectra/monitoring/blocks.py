@@ -87,10 +87,6 @@ class BlockTier:
         self.bases: dict[int, Tensor | None] = {}  # the cheap tier's warm starts (the same on every rank)
         self.calls = 0
 
-    @property
-    def blockable(self) -> list[int]:
-        return [i for i, axis in enumerate(self.axes) if axis is not None]
-
     def _device(self) -> torch.device:
         """Where the sums run: the gradients' device (NCCL sums CUDA tensors only; gloo CPU ones)."""
         return self.watched[0].param.device

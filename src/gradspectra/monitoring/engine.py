@@ -225,7 +225,6 @@ class MonitorEngine:
         self._block_step: tuple[BlockStep, Plan | None, set[int]] | None = None
         self._moved: dict[str, Any] | None = None  # the step's record key `sharded`
         self._dtensor_failure: str | None = None  # this rank's failure in the step's sharded phases
-        self.moved_totals = {"gathered": 0, "sent": 0}  # over the run (FSDP2 / tensor parallel)
         self._world = 1
         self.steps_monitored = self.flagged_total = self.skipped_total = 0
         self.missing_grad_total = self.nonfinite_total = self.error_total = self.shift_total = 0
@@ -617,8 +616,6 @@ class MonitorEngine:
     def _moved_by(self, gathered: list[int], sent: int) -> dict[str, Any]:
         """The record's ``sharded``: the sharded layers gathered whole, their entries, the numbers summed."""
         entries = sum(self._shapes[i][0] * self._shapes[i][1] for i in gathered)
-        self.moved_totals["gathered"] += entries
-        self.moved_totals["sent"] += sent
         return {"gathered_layers": [self._keys[i] for i in gathered], "gathered": entries, "sent": sent}
 
     def _compute_blocks(self, collected: Collected, procs: Processes, world: int) -> SpectraResult:
@@ -664,13 +661,7 @@ class MonitorEngine:
             rows = [i for _, i in detected]
             result.detection[rows] = step.detection[[k for k, _ in detected]].to(device)
             result.detected[rows] = 1.0
-            # one DETECT entry a step (the budget averages each entry as a step's whole detection time): with the
-            # runner's, for anchors it valued whole; each rank charges all of the blocks' time, as above
-            earlier = [(k, r, sec) for k, (kind, r, sec) in enumerate(result.work) if kind == DETECT]
-            for k, _, _ in reversed(earlier):
-                del result.work[k]
-            rows = sorted({*rows, *(i for _, r, _ in earlier for i in r)})
-            result.work.append((DETECT, rows, step.detect_seconds + sum(sec for _, _, sec in earlier)))
+            result.work.append((DETECT, rows, step.detect_seconds))  # (each rank charges all of it, as above)
         result.cheap_seconds += step.detect_seconds
         self.planner.learn(result, planned=plan is not None and self.config.spectra == "auto")
         self.layers_computed_here += result.computed

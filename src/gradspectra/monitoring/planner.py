@@ -85,7 +85,13 @@ class Planner:
         if self.budget is None or not planned:
             return
         index = {row: k for k, row in enumerate(self.rows)}
+        # one observation per kind and step (the budget averages each as a step's whole work of that kind): under
+        # sharding a kind's work comes in two parts (the gathered layers', the blocks')
+        merged: dict[str, tuple[list[int], float]] = {}
         for kind, rows, seconds in result.work:
+            done, spent = merged.get(kind, ([], 0.0))
+            merged[kind] = (done + list(rows), spent + seconds)
+        for kind, (rows, seconds) in merged.items():
             self.budget.observe_work(kind, [index[r] for r in rows], seconds)
         self.budget.spend(result.seconds)
 
