@@ -274,18 +274,36 @@ def peer_scores(records: Sequence[dict[str, Any]], name: str) -> tuple[list[floa
 
 
 def rescore(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records with ``score``/``flagged`` recomputed by a fresh scorer with the monitor's settings."""
+    """The records with ``score``/``flagged`` recomputed by fresh scorers with the monitor's settings. As in the
+    monitor: where the run had light steps (``"light": true``), a light scorer sees every step's Frobenius norms
+    and the loss and scores the light steps, and its score stands on a full step while the main scorer, fed the
+    full steps only, still warms up."""
     from gradspectra.functional import DETECTION_METRIC
-    from gradspectra.scoring import BatchScorer
+    from gradspectra.monitoring.config import MonitorConfig
 
-    scorer = BatchScorer(warmup_steps=WARMUP, false_flag_rate=0.01)
+    config = MonitorConfig(warmup_steps=WARMUP, false_flag_rate=0.01)
+    scorer = config.make_scorer()
+    light = config.make_light_scorer() if any(r.get("light") for r in records) else None
+    assert scorer is not None
     out = []
     for r in records:
-        # what the monitor scored: the metrics and each layer's detection value (the cheap tier's)
-        seen = {layer: dict(values) for layer, values in r["metrics"].items()}
-        for layer, value in (r.get("detection") or {}).items():
-            seen.setdefault(layer, {})[DETECTION_METRIC] = value
-        result = scorer.score(seen, r["loss"])
+        light_result = None
+        if light is not None:
+            norms = {
+                k: {"frobenius_norm": v["frobenius_norm"]} for k, v in r["metrics"].items() if "frobenius_norm" in v
+            }
+            light_result = light.score(norms, r["loss"])
+        if r.get("light"):
+            result = light_result
+        else:
+            # what the monitor scored: the metrics and each layer's detection value
+            seen = {layer: dict(values) for layer, values in r["metrics"].items()}
+            for layer, value in (r.get("detection") or {}).items():
+                seen.setdefault(layer, {})[DETECTION_METRIC] = value
+            result = scorer.score(seen, r["loss"])
+            if result.in_warmup and light_result is not None and not light_result.in_warmup:
+                result = light_result
+        assert result is not None
         out.append(
             {**r, "score": result.score, "flagged": result.flagged, "reasons": result.reasons, "events": result.events}
         )
@@ -476,12 +494,18 @@ def grid_run(name: str, spectra: str, out: Path) -> None:
             from gradspectra.demo.data import TEXT_TASKS
 
             planned = text_batches(
-                task, GRID_STEPS, corrupt_fraction=fraction, corruptions=GRID_TEXT_KINDS, clean_prefix=CLEAN_PREFIX,
+                task,
+                GRID_STEPS,
+                corrupt_fraction=fraction,
+                corruptions=GRID_TEXT_KINDS,
+                clean_prefix=CLEAN_PREFIX,
                 seed=seed,
             )
             data = TokenizedBatches(planned, load_tokenizer(), max_length=GRID_MAX_LENGTH)
             model = ReviewClassifier(
-                lr=GRID_LR["minilm"] * boost, num_labels=TEXT_TASKS[task], schedule=lr_schedule,
+                lr=GRID_LR["minilm"] * boost,
+                num_labels=TEXT_TASKS[task],
+                schedule=lr_schedule,
                 total_steps=GRID_STEPS,
             )
         _trainer(GRID_STEPS, monitor).fit(model, DataLoader(data, batch_size=None, shuffle=False))
@@ -626,8 +650,10 @@ def grid_report(directory: Path, rescore_records: bool) -> str:
         summaries.append(summarize_run(path.stem, records))
     held = [s for s in summaries if s.task in HELD_OUT_TASKS]
     tuned = [s for s in summaries if s.task in TUNING_TASKS]
-    return grid_table(held, "Held-out tasks: " + ", ".join(HELD_OUT_TASKS)) + "\n" + grid_table(
-        tuned, "Tuning tasks: " + ", ".join(TUNING_TASKS)
+    return (
+        grid_table(held, "Held-out tasks: " + ", ".join(HELD_OUT_TASKS))
+        + "\n"
+        + grid_table(tuned, "Tuning tasks: " + ", ".join(TUNING_TASKS))
     )
 
 

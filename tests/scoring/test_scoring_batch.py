@@ -199,6 +199,102 @@ def test_spikes_of_alternating_kinds_in_a_row_stay_flagged() -> None:
     assert not any(r.events for r in results)
 
 
+def test_a_level_that_moved_for_good_is_adopted_though_noise_carries_a_step_under_the_threshold() -> None:
+    # the norms jump by 10 sigma and stay; one step of the new regime happens to land just under the threshold
+    # (a lower draw): the change goes on in it, so it does not end the run, and the fourth flag is the shift
+    run = SyntheticRun(seed=31)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer)
+    results = [scorer.score(run.step({"frobenius_norm": k}), loss=run.loss()) for k in (10, 10, 1, 10, 10, 10)]
+    under = results[2]
+    assert not under.flagged and 1.0 <= under.z["frobenius_norm"] < under.threshold  # the premise of the test
+    assert [r.flagged for r in results] == [True, True, False, True, False, False]
+    assert [(i, e["kind"]) for i, r in enumerate(results) for e in r.events] == [(4, "shift")]
+    assert "for 4 of the last 5 steps" in results[4].events[0]["message"]
+
+
+def test_bad_batches_of_one_kind_between_clean_steps_stay_flagged() -> None:
+    # the same kind of bad batch every other step is not a level that moved: the clean steps between them are
+    # back at the old level, so they end each run of flags and no shift is ever confirmed
+    run = SyntheticRun(seed=31)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer)
+    pattern = [10, 0, 10, 0, 10, 0, 10, 10, 0, 10, 0, 10]
+    results = [scorer.score(run.step({"frobenius_norm": k}), loss=run.loss()) for k in pattern]
+    assert [r.flagged for r in results] == [k > 0 for k in pattern]
+    assert not any(r.events for r in results)
+
+
+def _profile_noise_step(run: SyntheticRun, rng: np.random.Generator, k: float = 6.0) -> dict[str, dict[str, float]]:
+    """A clean step whose nuclear norm is ``k`` sigma up or down in 3 random layers of 12 (other layers each step)."""
+    layers = np.zeros(run.n_layers, dtype=bool)
+    layers[rng.choice(run.n_layers, 3, replace=False)] = True
+    step = run.step()
+    moved = run.step({"nuclear_norm": float(rng.choice([-k, k]))}, layers=layers)
+    for i in np.flatnonzero(layers):
+        step[run.layer_names[i]]["nuclear_norm"] = moved[run.layer_names[i]]["nuclear_norm"]
+    return step
+
+
+def test_a_noisier_layer_profile_is_adopted_once_and_bad_batches_are_still_flagged() -> None:
+    # from some step on, the nuclear-norm profile is unusual in other layers each step (layers drifting at
+    # their own pace): no two steps share a pattern, so only persistence can confirm the change; after one
+    # shift the noisier profile is the new normal, and a bad batch (effective rank down) still stands out
+    run = SyntheticRun(seed=7)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer)
+    rng = np.random.default_rng(1)
+    bad_steps = (30, 45)
+    results = []
+    for t in range(60):
+        step = _profile_noise_step(run, rng)
+        if t in bad_steps:
+            step = {
+                layer: {**values, "effective_rank": values["effective_rank"] * 0.3} for layer, values in step.items()
+            }
+        results.append(scorer.score(step, loss=run.loss()))
+    events = [(t, e) for t, r in enumerate(results) for e in r.events]
+    assert len(events) == 1 and events[0][0] < 8
+    assert "nuclear_norm layer profile unusual in other layers each step" in events[0][1]["message"]
+    assert all(results[t].flagged for t in bad_steps)
+    clean_after = [r.flagged for t, r in enumerate(results) if t > events[0][0] and t not in bad_steps]
+    assert np.mean(clean_after) <= 0.05
+    assert longest_run([r.flagged for r in results]) <= 3
+
+
+def test_without_the_profile_rule_the_same_stream_is_flagged_step_after_step() -> None:
+    # the premise of the test above: the change is real for the scorer (shifts off, most steps are flagged)
+    run = SyntheticRun(seed=7)
+    scorer = BatchScorer(warmup_steps=WARMUP, shift_after=None)
+    warmed_up(run, scorer)
+    rng = np.random.default_rng(1)
+    results = [scorer.score(_profile_noise_step(run, rng), loss=run.loss()) for _ in range(20)]
+    assert np.mean([r.flagged for r in results]) >= 0.5
+
+
+def test_a_run_of_flags_survives_a_checkpoint_and_an_older_checkpoint_starts_a_new_run() -> None:
+    run = SyntheticRun(seed=31)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer)
+    steps = [(run.step({"frobenius_norm": k}), run.loss()) for k in (10, 10, 1, 10, 10, 10)]
+    for values, loss in steps[:3]:
+        scorer.score(values, loss=loss)
+    state = scorer.state_dict()
+    assert len(state["flag_run"]) == len(state["flag_times"]) >= 2
+    restored = BatchScorer(warmup_steps=WARMUP)
+    restored.load_state_dict(state)
+    went_on = [scorer.score(values, loss=loss) for values, loss in steps[3:]]
+    again = [restored.score(values, loss=loss) for values, loss in steps[3:]]
+    assert [(r.flagged, r.events) for r in again] == [(r.flagged, r.events) for r in went_on]
+    assert [bool(r.events) for r in again] == [False, True, False]
+    # a checkpoint written before runs had times and values: the run starts over, nothing fails
+    older = {**state, "flag_run": [{k: v[:2] for k, v in sig.items()} for sig in state["flag_run"]]}
+    del older["flag_times"]
+    old = BatchScorer(warmup_steps=WARMUP)
+    old.load_state_dict(older)
+    assert [r.flagged for r in (old.score(values, loss=loss) for values, loss in steps[3:])] == [True, True, True]
+
+
 def test_a_shift_needs_the_same_layers() -> None:
     # the same metric up four times in a row, but in disjoint halves of the layers: not one change
     run = SyntheticRun(seed=24)

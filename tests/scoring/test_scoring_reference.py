@@ -161,7 +161,7 @@ class Reference:
 
     def threshold(self) -> float:
         q50, q90 = np.quantile(self.scores[-self.threshold_window :], [0.5, 0.9])
-        return max(3.0, float(q90 + (q90 - q50) * math.log(0.1 / self.alpha) / math.log(5.0)))
+        return max(3.5, float(q90 + (q90 - q50) * math.log(0.1 / self.alpha) / math.log(5.0)))  # min_threshold
 
     def z_of_loss(self, r: np.ndarray, pred_loss: float) -> np.ndarray:
         """Like z_of, with the linear-scale floor ``1e-3 * |prediction|`` for a linear loss."""

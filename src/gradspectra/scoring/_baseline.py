@@ -7,7 +7,7 @@ scores and counters. A reset, a new layer or metric, a checkpoint and a restore 
 of them, or the windows fall out of step; so each of those is written once here, as a loop over the
 declared blocks. The checkpoint keys and layout are
 those of state version 2 and must stay so: old checkpoints have to load (``young_scores`` and
-``flag_run``, added since, are optional).
+``flag_run`` and ``flag_times``, added since, are optional).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from gradspectra.scoring._window import FloatArray, ScalarWindow, SortedWindow
 
 Block = Literal["values", "profile", "loss"]
 Series = Mapping[Block, FloatArray]
+#: What a flagged step moved: level-2 row -> (direction, per-layer pattern or None, the term's value).
+Signature = dict[int, tuple[float, FloatArray | None, float]]
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,10 @@ class Baseline:
         scores: accepted steps' scores, for the threshold; ``None`` during warm-up.
         accepted: steps that taught the residual windows (the warm-up counts these).
         consecutive_flags: flagged steps in a row (a regime change after ``rebaseline_after``).
-        flag_run: the signatures of the latest flagged steps in a row (what moved, which way, in which
-            layers), for telling a shift from a spike; emptied by an accepted or a non-finite step.
+        flag_run: the signatures of the latest flagged steps (what moved, which way, in which layers),
+            for telling a shift from a spike; ``flag_times`` their steps. A signature leaves the run when
+            it is older than the span a shift is confirmed in (see :meth:`extend_run`); a non-finite step
+            or a shift empties it.
         young_scores: scores accepted while the windows are young that did not teach them (above the
             guard); the in-sample rebuilds of the score window keep them. Empty once the windows are grown.
         levels: the latest prediction of the values and the magnitude of the loss's, which linear-scale
@@ -143,7 +147,8 @@ class Baseline:
         self.scores: ScalarWindow | None = None
         self.accepted = 0
         self.consecutive_flags = 0
-        self.flag_run: list[dict[int, tuple[float, FloatArray | None]]] = []
+        self.flag_run: list[Signature] = []
+        self.flag_times: list[float] = []
         self.young_scores: list[float] = []
         self.levels: tuple[FloatArray, float] = (np.ones((n_layers, n_metrics)), 1.0)
         self._no_terms = np.full(self.layout.n_terms, np.nan)
@@ -186,6 +191,28 @@ class Baseline:
         """Every measured step teaches the trends; a flagged one (``for_slope=False``) not their slopes."""
         for b, values in series.items():
             self.trends[b].push(values, step, for_slope)
+
+    def extend_run(self, signature: Signature, t: float, span: int) -> None:
+        """A flagged step's signature joins the run; those of steps ``span`` or more steps before ``t`` leave it."""
+        self.flag_run.append(signature)
+        self.flag_times.append(t)
+        keep = [i for i, old in enumerate(self.flag_times) if t - old < span]
+        self.flag_run = [self.flag_run[i] for i in keep]
+        self.flag_times = [self.flag_times[i] for i in keep]
+
+    def clear_run(self) -> None:
+        self.flag_run = []
+        self.flag_times = []
+
+    def recentre_term(self, k: int, level: float) -> None:
+        """Level-2 term ``k``'s clean values moved so that their median is ``level`` (its spread stays)."""
+        row = slice(self.layout.terms.start + k, self.layout.terms.start + k + 1)
+        history = self.window.history()[row].astype(np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an empty row stays as it is
+            median = float(np.nanmedian(history))
+        if math.isfinite(median) and math.isfinite(level):
+            self.window.set_rows(row, history - median + level)
 
     def adopt(self, rows: int) -> None:
         """A regime shift: the trends keep only their last ``rows`` rows, so they predict the new level.
@@ -248,9 +275,13 @@ class Baseline:
         out["scores"] = None if self.scores is None else self.scores.history()[0].tolist()
         out["young_scores"] = list(self.young_scores)
         out["flag_run"] = [
-            {str(k): [sign, None if pattern is None else pattern.tolist()] for k, (sign, pattern) in sig.items()}
+            {
+                str(k): [sign, None if pattern is None else pattern.tolist(), value]
+                for k, (sign, pattern, value) in sig.items()
+            }
             for sig in self.flag_run
         ]
+        out["flag_times"] = list(self.flag_times)
         return out
 
     @classmethod
@@ -289,11 +320,18 @@ class Baseline:
         base.young_scores = [float(v) for v in state.get("young_scores") or []]
         base.flag_run = [
             {
-                int(k): (float(sign), None if pattern is None else np.asarray(pattern, dtype=np.float64))
-                for k, (sign, pattern) in sig.items()
+                int(k): (
+                    float(mark[0]),
+                    None if mark[1] is None else np.asarray(mark[1], dtype=np.float64),
+                    float(mark[2]) if len(mark) > 2 and mark[2] is not None else math.nan,  # older: no value
+                )
+                for k, mark in sig.items()
             }
             for sig in state.get("flag_run") or []
         ]
+        base.flag_times = [float(t) for t in state.get("flag_times") or []]
+        if len(base.flag_times) != len(base.flag_run):  # a checkpoint from before the span: start a new run
+            base.clear_run()
         return base
 
     def _load_residuals(self, block: Block, state: Mapping[str, Any], columns: Columns, n_layers: int) -> FloatArray:

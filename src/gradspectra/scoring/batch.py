@@ -84,16 +84,24 @@ scales, and especially the profile directions, that its kind of change is normal
 (not flagged) update the threshold window. After ``rebaseline_after`` consecutive flagged steps the
 scorer concludes that the regime has changed, forgets its baseline and warms up again.
 
-**Spikes and shifts.** A flagged step leaves a signature: each term over the threshold, its sign, and
-its per-layer pattern (the layers' :math:`z` of a level term, the remainders of a profile term). When
-``shift_after`` flagged steps in a row are followed by one more, and some term is over the threshold
+**Spikes and shifts.** A flagged step leaves a signature: each term over the threshold, its sign, its
+per-layer pattern (the layers' :math:`z` of a level term, the remainders of a profile term) and its
+value. Flagged steps form a run; an accepted step keeps the run going only when a term of the run's
+latest flag is still at least 1 (level-2 units) out the same way (a level that moved for good sits
+there, noise carries some of its steps just under the threshold), else it ends the run, as the
+clean steps between bad batches of one kind do. When ``shift_after`` flagged steps of a run within
+the last ``2 (shift_after + 1)`` steps are followed by one more, and some term is over the threshold
 with the same sign in all of them and with patterns alike from step to step (cosine over the layers
 both measured at least ``shift_agreement``), the change has persisted: that step is a regime shift,
 not flagged, reported as an event (``ScoreResult.events``), and the trends keep only their last rows
-(the run's, at least 5) so that they predict the new level at once; the clean residuals are re-centred
+(the run's span, at least 5) so that they predict the new level at once; the clean residuals are re-centred
 on 0 (a short trend does not lag as a long one does) and, when the loss took part, on linear scale its
 residuals are scaled by the change of its level. Spreads, level 2, profile directions and threshold
-stay: a shift moves levels, not the noise. Bad steps in a row that move different things stay flagged.
+stay: a shift moves levels, not the noise. The one exception is a layer profile: a profile unusual
+step after step in other layers each time shares no pattern, so persistence alone confirms it (a
+change of the profile's noise: layers drifting each at its own pace), and its level-2 window is
+re-centred on the lowest value the run gave it. Bad steps in a row that move different things stay
+flagged.
 
 **Warm-up.** The first ``warmup_steps`` steps only fill the windows (score ``None``, not flagged);
 the first few of them only start the trends. When warm-up ends, the warm-up steps' terms are computed
@@ -145,7 +153,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from gradspectra.scoring._baseline import Baseline, Block, Columns, Series, Sizes
+from gradspectra.scoring._baseline import Baseline, Block, Columns, Series, Signature, Sizes
 from gradspectra.scoring._checks import check_bool, check_float, check_int, check_names
 from gradspectra.scoring._window import FloatArray, ScalarWindow
 from gradspectra.scoring.result import ScoreResult
@@ -170,6 +178,7 @@ _IQR_PER_SIGMA = 1.3489795003921634  # 2 * Phi^{-1}(3/4)
 _LOG_FLOOR = 1e-30  # log(0) for a zero gradient becomes log(1e-30): a huge "low", not a NaN
 _MIN_AGGREGATE_SCALE = 0.05  # level 2: below this, a steady term would amplify rounding noise
 _TAIL_QUANTILE = 0.9  # the threshold extrapolates from the median and this quantile of accepted scores
+_CONTINUES = 1.0  # an accepted step this many robust deviations out keeps a run of flags going
 _GUARD = 0.75  # steps scoring above this fraction of the threshold do not update the baseline windows
 _Q_FLOOR = 1e-12  # log Q of a profile that matches its basis exactly
 _PRIOR_UNTIL = 30  # windows with fewer clean values than this lean on a prior (see _robust_z)
@@ -197,7 +206,9 @@ class BatchScorer:
         trend_window: how many recent steps the robust local trend of every series is fitted to,
             in ``[4, 10000]``; shorter follows faster drift, longer is less noisy.
         false_flag_rate: target fraction of clean steps flagged, in ``(0, 0.05]``.
-        min_threshold: the threshold never falls below this many robust standard deviations.
+        min_threshold: the threshold never falls below this many robust standard deviations. 3.5: on the
+            tuning half of the detection grid (docs/scoring.md), 3.0 flagged 1.9 % of the steps of clean
+            runs with exact spectra, up to 7.7 % in one run, where the threshold sat on its floor.
         layer_threshold: a layer counts as "high"/"low" in the reasons when its own ``|z|`` exceeds this.
         layer_trim: fraction of layers cut from each end before averaging ``z`` across layers, in
             ``[0, 0.5)``; 0.25 averages the middle half.
@@ -224,7 +235,7 @@ class BatchScorer:
         rebaseline_after: after this many consecutive flagged steps, forget the baseline and warm up
             again (a regime change); ``None`` never does. With ``shift_after`` a consistent change is
             adopted long before; this is the last resort for one that is not consistent.
-        shift_after: how many consecutive flagged steps with the same signature (see **Spikes and
+        shift_after: how many flagged steps with the same signature in one run (see **Spikes and
             shifts** above) may be flagged before the next such step is taken as a regime shift
             (an event, not a flag; the trends adopt the new level). In ``[2, 1000]`` (the adopted trends
             keep at least 5 rows, of which the run must be the majority); ``None`` never.
@@ -248,7 +259,7 @@ class BatchScorer:
         window: int = 100,
         trend_window: int = 32,
         false_flag_rate: float = 0.01,
-        min_threshold: float = 3.0,
+        min_threshold: float = 3.5,
         layer_threshold: float = 3.0,
         layer_trim: float = 0.25,
         log_metrics: Sequence[str] | None = None,
@@ -473,7 +484,7 @@ class BatchScorer:
         if nonfinite or over:
             reasons.extend(self._term_reasons(step, z["values"], remainders, z_terms, strength, threshold))
         if nonfinite:  # kept out of every window; it breaks a run of like flags (it says nothing of their change)
-            self._base.flag_run = []
+            self._base.clear_run()
             return ScoreResult(math.inf, True, reasons, z_dict, in_warmup=False, threshold=threshold)
         if score is None:  # nothing measured: keep the windows as they are rather than evict for nothing
             return ScoreResult(None, False, [], z_dict, in_warmup=False, threshold=threshold)
@@ -481,66 +492,82 @@ class BatchScorer:
         if over:
             shift = None
             if self.shift_after is not None:
-                signature = self._signature(z["values"], remainders, z_terms, strength, threshold)
+                signature = self._signature(z["values"], remainders, terms, z_terms, strength, threshold)
                 shift = self._shift(signature, z["values"], z_terms, strength, step.t)
             if shift is not None:
                 return ScoreResult(score, False, [], z_dict, in_warmup=False, threshold=threshold, events=[shift])
             reasons.extend(self._count_flag())
         else:
+            self._continue_run(z_terms, strength)
             self._accept(score, threshold, residuals, terms, z["profile"])
         return ScoreResult(score, over, reasons, z_dict, in_warmup=False, threshold=threshold)
 
     def _signature(
-        self, z_values: FloatArray, remainders: FloatArray, z_terms: FloatArray, strength: FloatArray, threshold: float
-    ) -> dict[int, tuple[float, FloatArray | None]]:
-        """What a flagged step moved: each term over the threshold, its direction and its per-layer pattern.
+        self,
+        z_values: FloatArray,
+        remainders: FloatArray,
+        terms: FloatArray,
+        z_terms: FloatArray,
+        strength: FloatArray,
+        threshold: float,
+    ) -> Signature:
+        """What a flagged step moved: each term over the threshold, its direction, its per-layer pattern and its
+        value (the level-2 input).
 
         The pattern of a metric's level is its layers' z, of a profile its remainders, of the loss none.
         """
         n_profile = len(self.profile_metrics)
-        out: dict[int, tuple[float, FloatArray | None]] = {}
+        out: Signature = {}
         for k in np.flatnonzero(np.nan_to_num(strength, nan=-1.0) > threshold).tolist():
             pattern = None
             if 1 <= k <= n_profile:
                 pattern = remainders[:, k - 1].copy()
             elif k > n_profile:
                 pattern = z_values[:, k - 1 - n_profile].copy()
-            out[k] = (math.copysign(1.0, float(z_terms[k])), pattern)
+            out[k] = (math.copysign(1.0, float(z_terms[k])), pattern, float(terms[k]))
         return out
 
     def _shift(
         self,
-        signature: dict[int, tuple[float, FloatArray | None]],
+        signature: Signature,
         z_values: FloatArray,
         z_terms: FloatArray,
         strength: FloatArray,
         t: float,
     ) -> dict[str, str] | None:
-        """A flagged step that continues a run of ``shift_after`` flags with the same signature is a shift.
+        """A flagged step that ends ``shift_after + 1`` flags with the same signature within a span is a shift.
 
         Returns the event (and adopts the new level) or ``None`` (the step stays flagged; its signature
-        joins the run). Same signature: a term over the threshold in every step of the run, the same
-        way, with per-layer patterns alike from step to step (cosine at least ``shift_agreement``).
+        joins the run). The span is ``2 (shift_after + 1)`` steps: steps just under the threshold between
+        the flags (a change persists but noise carries some steps below) do not hide it. Same signature:
+        a term over the threshold in each of those steps, the same way, with per-layer patterns alike from
+        step to step (cosine at least ``shift_agreement``). A layer profile's term needs persistence
+        only: a profile unusual step after step, in other layers each time, is a change of the profile's
+        noise (layers drifting each at its own pace), not a bad batch repeated; its level-2 window is then
+        re-centred on the lowest value the run gave it, so that the noisier profile is the new normal.
         """
         assert self.shift_after is not None
-        run = self._base.flag_run
-        run.append(signature)
-        del run[: -(self.shift_after + 1)]  # only the latest steps of the run are compared
-        if len(run) <= self.shift_after:
+        base = self._base
+        base.extend_run(signature, t, 2 * (self.shift_after + 1))
+        if len(base.flag_run) <= self.shift_after:
             return None
-        steps = list(run)
+        steps = base.flag_run[-(self.shift_after + 1) :]  # the latest steps of the run are compared
+        n_profile = len(self.profile_metrics)
         common = [k for k in steps[-1] if all(k in s and s[k][0] == steps[-1][k][0] for s in steps)]
-        common = [k for k in common if all(_alike(a[k][1], b[k][1], self.shift_agreement) for a, b in pairwise(steps))]
+        alike = {k for k in common if all(_alike(a[k][1], b[k][1], self.shift_agreement) for a, b in pairwise(steps))}
+        common = [k for k in common if k in alike or 1 <= k <= n_profile]
         if not common:
             return None
         k = max(common, key=lambda j: float(strength[j]))
         names = self._term_names()
-        n_profile = len(self.profile_metrics)
         direction = "high" if z_terms[k] > 0 else "low"
         if k == 0:
             what = f"{LOSS_KEY} {direction}"
         elif k <= n_profile:
-            what = f"{self.profile_metrics[k - 1]} layer profile changed"
+            changed = "changed" if k in alike else "unusual in other layers each step"
+            what = f"{self.profile_metrics[k - 1]} layer profile {changed}"
+            if k not in alike:
+                base.recentre_term(k, min(s[k][2] for s in steps))
         else:
             col = z_values[:, k - 1 - n_profile]
             with np.errstate(invalid="ignore"):
@@ -548,20 +575,35 @@ class BatchScorer:
             count, measured = int(np.count_nonzero(beyond)), int(np.count_nonzero(~np.isnan(col)))
             what = f"{names[k]} {direction} in {count}/{measured} layers"
         rows = len(steps)
-        old_loss = self._base.levels[1]
-        self._base.adopt(max(rows, self._trend_start))
+        first = base.flag_times[-rows]
+        old_loss = base.levels[1]
+        base.adopt(max(int(t - first) + 1, self._trend_start))
         if 0 in common and self.use_loss and not self.log_loss:
             # the loss moved with the shift: on linear scale its spread follows its level
             new_loss = abs(float(self._base.trends["loss"].predict(t, slope=self.loss_trend)[0]))
             if math.isfinite(new_loss) and new_loss > 0 and math.isfinite(old_loss) and old_loss > 0:
                 self._base.scale_loss_residuals(min(max(new_loss / old_loss, 1e-3), 1e3))
-        self._base.flag_run = []
-        self._base.consecutive_flags = 0
+        base.clear_run()
+        base.consecutive_flags = 0
+        span = int(t - first) + 1
+        when = f"{rows} steps in a row" if span == rows else f"{rows} of the last {span} steps"
         message = (
-            f"shift: {what} for {rows} steps in a row (z={float(z_terms[k]):.1f}); "
+            f"shift: {what} for {when} (z={float(z_terms[k]):.1f}); "
             f"taken as the new normal from here (not flagged), the baseline follows the new level"
         )
         return {"kind": "shift", "message": message}
+
+    def _continue_run(self, z_terms: FloatArray, strength: FloatArray) -> None:
+        """An accepted step keeps a run of flags going only where the change goes on in it, under the threshold:
+        a term of the run's latest flag at least ``_CONTINUES`` robust deviations out, the same way. A level
+        that moved for good sits there at every step, while the clean steps between bad batches of one
+        kind do not: these end the run (and the bad batches stay flagged)."""
+        base = self._base
+        if not base.flag_run:
+            return
+        latest = base.flag_run[-1]
+        if not any(strength[k] >= _CONTINUES and sign * z_terms[k] > 0 for k, (sign, *_) in latest.items()):
+            base.clear_run()
 
     def _count_flag(self) -> list[str]:
         """A flagged step in a row; after ``rebaseline_after`` of them the regime has changed: start over."""
@@ -578,7 +620,6 @@ class BatchScorer:
         """An accepted step sets the threshold; only a clean-looking one also teaches the scales and directions."""
         base = self._base
         base.consecutive_flags = 0
-        base.flag_run = []
         assert base.scores is not None
         base.scores.push(score)
         young = self._young()
