@@ -7,7 +7,7 @@ scores and counters. A reset, a new layer or metric, a checkpoint and a restore 
 of them, or the windows fall out of step; so each of those is written once here, as a loop over the
 declared blocks. The checkpoint keys and layout are
 those of state version 2 and must stay so: old checkpoints have to load (``young_scores`` and
-``flag_run`` and ``flag_times``, added since, are optional).
+``flag_run`` and ``flag_times``, added since, are optional; a run without its steps starts over).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from gradspectra.scoring._window import FloatArray, ScalarWindow, SortedWindow
 
 Block = Literal["values", "profile", "loss"]
 Series = Mapping[Block, FloatArray]
-#: What a flagged step moved: level-2 row -> (direction, per-layer pattern or None, the term's value).
-Signature = dict[int, tuple[float, FloatArray | None, float]]
+#: What a flagged step moved: level-2 row -> (direction, per-layer pattern or None).
+Signature = dict[int, tuple[float, FloatArray | None]]
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,8 @@ class Baseline:
         consecutive_flags: flagged steps in a row (a regime change after ``rebaseline_after``).
         flag_run: the signatures of the latest flagged steps (what moved, which way, in which layers),
             for telling a shift from a spike; ``flag_times`` their steps. A signature leaves the run when
-            it is older than the span a shift is confirmed in (see :meth:`extend_run`); a non-finite step
-            or a shift empties it.
+            it is older than the span a shift is confirmed in (see :meth:`extend_run`); an accepted step
+            where the change does not go on, a non-finite step, a shift or a new baseline empty it.
         young_scores: scores accepted while the windows are young that did not teach them (above the
             guard); the in-sample rebuilds of the score window keep them. Empty once the windows are grown.
         levels: the latest prediction of the values and the magnitude of the loss's, which linear-scale
@@ -149,6 +149,8 @@ class Baseline:
         self.consecutive_flags = 0
         self.flag_run: list[Signature] = []
         self.flag_times: list[float] = []
+        self.flag_values: list[dict[int, float]] = []  # per flag: each marked term's value (the level-2 input)
+        self.noise_shifts: dict[int, float] = {}  # profile term -> step of its latest shift by persistence alone
         self.young_scores: list[float] = []
         self.levels: tuple[FloatArray, float] = (np.ones((n_layers, n_metrics)), 1.0)
         self._no_terms = np.full(self.layout.n_terms, np.nan)
@@ -192,37 +194,42 @@ class Baseline:
         for b, values in series.items():
             self.trends[b].push(values, step, for_slope)
 
-    def extend_run(self, signature: Signature, t: float, span: int) -> None:
-        """A flagged step's signature joins the run; those of steps ``span`` or more steps before ``t`` leave it."""
+    def extend_run(self, signature: Signature, values: dict[int, float], t: float, span: int) -> None:
+        """A flagged step's signature (and its terms' ``values``) joins the run; those of steps ``span`` or more
+        steps before ``t`` leave it."""
         self.flag_run.append(signature)
+        self.flag_values.append(values)
         self.flag_times.append(t)
         keep = [i for i, old in enumerate(self.flag_times) if t - old < span]
         self.flag_run = [self.flag_run[i] for i in keep]
+        self.flag_values = [self.flag_values[i] for i in keep]
         self.flag_times = [self.flag_times[i] for i in keep]
 
     def clear_run(self) -> None:
         self.flag_run = []
+        self.flag_values = []
         self.flag_times = []
 
     def recentre_term(self, k: int, level: float) -> None:
-        """Level-2 term ``k``'s clean values moved so that their median is ``level`` (its spread stays)."""
+        """Level-2 term ``k``'s clean values moved so that their median is ``level`` (their spread stays)."""
         row = slice(self.layout.terms.start + k, self.layout.terms.start + k + 1)
         history = self.window.history()[row].astype(np.float64)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # an empty row stays as it is
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row stays as it is
             median = float(np.nanmedian(history))
         if math.isfinite(median) and math.isfinite(level):
             self.window.set_rows(row, history - median + level)
 
-    def adopt(self, rows: int) -> None:
-        """A regime shift: the trends keep only their last ``rows`` rows, so they predict the new level.
+    def adopt(self, since: float, minimum: int) -> None:
+        """A regime shift: the trends keep only their rows from step ``since`` on (at least ``minimum``), so they
+        predict the new level.
 
         A trend of a few rows does not lag as a full one does (a falling loss sits below the median of
         its last 100 values; a new, short trend sits on it): the clean residuals of every block are
         re-centred on 0 so that their offset matches, and they relearn the lag as the trends refill.
         """
         for trend in self.trends.values():
-            trend.keep_last(rows)
+            trend.keep_last(max(trend.rows_since(since), minimum))
         history = self.window.history().astype(np.float64)
         for b in BLOCKS:
             rows_b = history[self.layout.slices[b]]
@@ -275,13 +282,12 @@ class Baseline:
         out["scores"] = None if self.scores is None else self.scores.history()[0].tolist()
         out["young_scores"] = list(self.young_scores)
         out["flag_run"] = [
-            {
-                str(k): [sign, None if pattern is None else pattern.tolist(), value]
-                for k, (sign, pattern, value) in sig.items()
-            }
+            {str(k): [sign, None if pattern is None else pattern.tolist()] for k, (sign, pattern) in sig.items()}
             for sig in self.flag_run
         ]
         out["flag_times"] = list(self.flag_times)
+        out["flag_values"] = [{str(k): v for k, v in values.items()} for values in self.flag_values]
+        out["noise_shifts"] = {str(k): t for k, t in self.noise_shifts.items()}
         return out
 
     @classmethod
@@ -320,18 +326,19 @@ class Baseline:
         base.young_scores = [float(v) for v in state.get("young_scores") or []]
         base.flag_run = [
             {
-                int(k): (
-                    float(mark[0]),
-                    None if mark[1] is None else np.asarray(mark[1], dtype=np.float64),
-                    float(mark[2]) if len(mark) > 2 and mark[2] is not None else math.nan,  # older: no value
-                )
-                for k, mark in sig.items()
+                int(k): (float(sign), None if pattern is None else np.asarray(pattern, dtype=np.float64))
+                for k, (sign, pattern) in sig.items()
             }
             for sig in state.get("flag_run") or []
         ]
         base.flag_times = [float(t) for t in state.get("flag_times") or []]
-        if len(base.flag_times) != len(base.flag_run):  # a checkpoint from before the span: start a new run
+        base.flag_values = [
+            {int(k): math.nan if v is None else float(v) for k, v in values.items()}
+            for values in state.get("flag_values") or []
+        ]
+        if not len(base.flag_times) == len(base.flag_values) == len(base.flag_run):  # an older checkpoint
             base.clear_run()
+        base.noise_shifts = {int(k): float(t) for k, t in (state.get("noise_shifts") or {}).items()}
         return base
 
     def _load_residuals(self, block: Block, state: Mapping[str, Any], columns: Columns, n_layers: int) -> FloatArray:

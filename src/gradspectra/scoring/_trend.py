@@ -217,6 +217,10 @@ class TrendWindow:
         if self._since >= SLOPE_EVERY or self._end - self._start < self.capacity:
             self._slope = None
 
+    def rows_since(self, step: float) -> int:
+        """How many of the rows held were pushed at ``step`` or later."""
+        return int(np.count_nonzero(self._times[self._start : self._end] >= step))
+
     def keep_last(self, rows: int) -> None:
         """Forget all but the last ``rows`` rows (a regime shift); they count for the slopes from now on."""
         self._start = self._end - min(rows, len(self))

@@ -85,8 +85,8 @@ scales, and especially the profile directions, that its kind of change is normal
 scorer concludes that the regime has changed, forgets its baseline and warms up again.
 
 **Spikes and shifts.** A flagged step leaves a signature: each term over the threshold, its sign, its
-per-layer pattern (the layers' :math:`z` of a level term, the remainders of a profile term) and its
-value. Flagged steps form a run; an accepted step keeps the run going only when a term of the run's
+per-layer pattern (the layers' :math:`z` of a level term, the remainders of a profile term).
+Flagged steps form a run; an accepted step keeps the run going only when a term of the run's
 latest flag is still at least 1 (level-2 units) out the same way (a level that moved for good sits
 there, noise carries some of its steps just under the threshold), else it ends the run, as the
 clean steps between bad batches of one kind do. When ``shift_after`` flagged steps of a run within
@@ -97,11 +97,11 @@ not flagged, reported as an event (``ScoreResult.events``), and the trends keep 
 (the run's span, at least 5) so that they predict the new level at once; the clean residuals are re-centred
 on 0 (a short trend does not lag as a long one does) and, when the loss took part, on linear scale its
 residuals are scaled by the change of its level. Spreads, level 2, profile directions and threshold
-stay: a shift moves levels, not the noise. The one exception is a layer profile: a profile unusual
-step after step in other layers each time shares no pattern, so persistence alone confirms it (a
-change of the profile's noise: layers drifting each at its own pace), and its level-2 window is
-re-centred on the lowest value the run gave it. Bad steps in a row that move different things stay
-flagged.
+stay: a shift moves levels, not the noise. A layer profile unusual step after step in other layers
+each time shares no pattern from step to step, so for a profile term persistence alone confirms the
+shift (layers drifting each at its own pace, which the shortened trends then follow); a second such
+shift within ``4 (shift_after + 1)`` steps says the profile's noise grew, and that term's level-2 window
+is re-centred on the lowest value of the run. Bad steps in a row that move different things stay flagged.
 
 **Warm-up.** The first ``warmup_steps`` steps only fill the windows (score ``None``, not flagged);
 the first few of them only start the trends. When warm-up ends, the warm-up steps' terms are computed
@@ -425,6 +425,9 @@ class BatchScorer:
         stored_profile = tuple(str(n) for n in state.get("profile_metrics", []))
         profile = Columns(stored_profile, self.profile_metrics)
         self._base = Baseline.load(self._sizes, state, len(layers), metrics, profile)
+        if metrics.stored != metrics.current or profile.stored != profile.current:
+            self._base.clear_run()  # the run's marks name level-2 rows of the stored terms
+            self._base.noise_shifts = {}
         if not self.in_warmup and not self._base.load_level2(state, self._term_names()):
             self._start_scoring()  # a state without level 2: rebuild it as at the end of warm-up
 
@@ -492,8 +495,9 @@ class BatchScorer:
         if over:
             shift = None
             if self.shift_after is not None:
-                signature = self._signature(z["values"], remainders, terms, z_terms, strength, threshold)
-                shift = self._shift(signature, z["values"], z_terms, strength, step.t)
+                signature = self._signature(z["values"], remainders, z_terms, strength, threshold)
+                values = {k: float(terms[k]) for k in signature}
+                shift = self._shift(signature, values, z["values"], z_terms, strength, step.t)
             if shift is not None:
                 return ScoreResult(score, False, [], z_dict, in_warmup=False, threshold=threshold, events=[shift])
             reasons.extend(self._count_flag())
@@ -506,13 +510,11 @@ class BatchScorer:
         self,
         z_values: FloatArray,
         remainders: FloatArray,
-        terms: FloatArray,
         z_terms: FloatArray,
         strength: FloatArray,
         threshold: float,
     ) -> Signature:
-        """What a flagged step moved: each term over the threshold, its direction, its per-layer pattern and its
-        value (the level-2 input).
+        """What a flagged step moved: each term over the threshold, its direction and its per-layer pattern.
 
         The pattern of a metric's level is its layers' z, of a profile its remainders, of the loss none.
         """
@@ -524,12 +526,13 @@ class BatchScorer:
                 pattern = remainders[:, k - 1].copy()
             elif k > n_profile:
                 pattern = z_values[:, k - 1 - n_profile].copy()
-            out[k] = (math.copysign(1.0, float(z_terms[k])), pattern, float(terms[k]))
+            out[k] = (math.copysign(1.0, float(z_terms[k])), pattern)
         return out
 
     def _shift(
         self,
         signature: Signature,
+        values: dict[int, float],
         z_values: FloatArray,
         z_terms: FloatArray,
         strength: FloatArray,
@@ -543,12 +546,12 @@ class BatchScorer:
         a term over the threshold in each of those steps, the same way, with per-layer patterns alike from
         step to step (cosine at least ``shift_agreement``). A layer profile's term needs persistence
         only: a profile unusual step after step, in other layers each time, is a change of the profile's
-        noise (layers drifting each at its own pace), not a bad batch repeated; its level-2 window is then
-        re-centred on the lowest value the run gave it, so that the noisier profile is the new normal.
+        noise (layers drifting each at its own pace, which shorter trends follow), not a bad batch repeated;
+        a second such shift soon after says the noise itself changed (see :meth:`_noise_shift`).
         """
         assert self.shift_after is not None
         base = self._base
-        base.extend_run(signature, t, 2 * (self.shift_after + 1))
+        base.extend_run(signature, values, t, 2 * (self.shift_after + 1))
         if len(base.flag_run) <= self.shift_after:
             return None
         steps = base.flag_run[-(self.shift_after + 1) :]  # the latest steps of the run are compared
@@ -566,8 +569,6 @@ class BatchScorer:
         elif k <= n_profile:
             changed = "changed" if k in alike else "unusual in other layers each step"
             what = f"{self.profile_metrics[k - 1]} layer profile {changed}"
-            if k not in alike:
-                base.recentre_term(k, min(s[k][2] for s in steps))
         else:
             col = z_values[:, k - 1 - n_profile]
             with np.errstate(invalid="ignore"):
@@ -577,7 +578,8 @@ class BatchScorer:
         rows = len(steps)
         first = base.flag_times[-rows]
         old_loss = base.levels[1]
-        base.adopt(max(int(t - first) + 1, self._trend_start))
+        base.adopt(since=first, minimum=self._trend_start)
+        noise = self._noise_shift(k, t, rows) if 1 <= k <= n_profile and k not in alike else ""
         if 0 in common and self.use_loss and not self.log_loss:
             # the loss moved with the shift: on linear scale its spread follows its level
             new_loss = abs(float(self._base.trends["loss"].predict(t, slope=self.loss_trend)[0]))
@@ -588,10 +590,29 @@ class BatchScorer:
         span = int(t - first) + 1
         when = f"{rows} steps in a row" if span == rows else f"{rows} of the last {span} steps"
         message = (
-            f"shift: {what} for {when} (z={float(z_terms[k]):.1f}); "
+            f"shift: {what} for {when} (z={float(z_terms[k]):.1f}){noise}; "
             f"taken as the new normal from here (not flagged), the baseline follows the new level"
         )
         return {"kind": "shift", "message": message}
+
+    def _noise_shift(self, k: int, t: float, rows: int) -> str:
+        """A profile term's shift by persistence alone, at step ``t`` (the run's latest ``rows`` flags): when its
+        previous one was at most ``4 (shift_after + 1)`` steps before, the shorter trends did not quiet it and
+        the profile's noise has changed; its level-2 window is re-centred on the lowest value of the run (all
+        of them over the threshold: a cautious guess of the new level). A single burst of bad batches with
+        unusual profiles is one shift only, so it cannot make the term blind to the next ones. Returns what
+        the message adds."""
+        assert self.shift_after is not None
+        base = self._base
+        last = base.noise_shifts.get(k)
+        base.noise_shifts[k] = t
+        if last is None or t - last > 4 * (self.shift_after + 1):
+            return ""
+        values = [v[k] for v in base.flag_values[-rows:] if k in v and math.isfinite(v[k])]
+        if not values:
+            return ""
+        base.recentre_term(k, min(values))
+        return f"; the second in {int(t - last)} steps: its noise changed, its baseline moves up to the run's lowest"
 
     def _continue_run(self, z_terms: FloatArray, strength: FloatArray) -> None:
         """An accepted step keeps a run of flags going only where the change goes on in it, under the threshold:
