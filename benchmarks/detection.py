@@ -277,7 +277,7 @@ def rescore(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The records with ``score``/``flagged`` recomputed by fresh scorers with the monitor's settings. As in the
     monitor: where the run had light steps (``"light": true``), a light scorer sees every step's Frobenius norms
     and the loss and scores the light steps, and its score stands on a full step while the main scorer, fed the
-    full steps only, still warms up."""
+    full steps only, still warms up. One optimizer's records (the grid's runs have one)."""
     from gradspectra.functional import DETECTION_METRIC
     from gradspectra.monitoring.config import MonitorConfig
 
@@ -290,14 +290,16 @@ def rescore(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         light_result = None
         if light is not None:
             norms = {
-                k: {"frobenius_norm": v["frobenius_norm"]} for k, v in r["metrics"].items() if "frobenius_norm" in v
+                k: {"frobenius_norm": _value(v["frobenius_norm"])}
+                for k, v in r["metrics"].items()
+                if "frobenius_norm" in v
             }
             light_result = light.score(norms, r["loss"])
         if r.get("light"):
             result = light_result
         else:
             # what the monitor scored: the metrics and each layer's detection value
-            seen = {layer: dict(values) for layer, values in r["metrics"].items()}
+            seen = {layer: {m: _value(v) for m, v in values.items()} for layer, values in r["metrics"].items()}
             for layer, value in (r.get("detection") or {}).items():
                 seen.setdefault(layer, {})[DETECTION_METRIC] = value
             result = scorer.score(seen, r["loss"])
@@ -308,6 +310,11 @@ def rescore(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             {**r, "score": result.score, "flagged": result.flagged, "reasons": result.reasons, "events": result.events}
         )
     return out
+
+
+def _value(v: float | None) -> float:
+    """A record's metric value as the monitor scored it: ``null`` is a non-finite value (an absent one has no key)."""
+    return math.nan if v is None else v
 
 
 def _auroc(scores: Sequence[float | None], labels: Sequence[bool]) -> float:

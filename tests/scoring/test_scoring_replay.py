@@ -60,10 +60,7 @@ def share_of_layers(reason: str) -> float:
 
 def test_a_long_trend_window_lags_behind_the_drift() -> None:
     # the same stream with the trend fitted to the last 100 steps instead of 32: it follows the early
-    # drift late, and the ranking suffers (by 0.035 before shifts were confirmed by persistence alone for a
-    # layer profile: a lagging trend is now cut short sooner, 0.968 against 0.982) and more clean steps are flagged
-    slow_scores, labels, slow_flags, _ = replay(BatchScorer(warmup_steps=20, trend_window=100))
-    fast_scores, _, fast_flags, _ = replay(BatchScorer(warmup_steps=20))
-    assert auroc(fast_scores, labels) > auroc(slow_scores, labels) + 0.01
-    clean = [not bad for bad in labels]
-    assert sum(f and c for f, c in zip(fast_flags, clean)) < sum(f and c for f, c in zip(slow_flags, clean))
+    # drift late, and the ranking suffers
+    slow_scores, labels, _, _ = replay(BatchScorer(warmup_steps=20, trend_window=100))
+    fast_scores, _, _, _ = replay(BatchScorer(warmup_steps=20))
+    assert auroc(fast_scores, labels) > auroc(slow_scores, labels) + 0.03
