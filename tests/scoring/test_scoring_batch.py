@@ -317,7 +317,38 @@ def test_a_run_of_flags_survives_a_checkpoint_and_an_older_checkpoint_starts_a_n
     fewer = BatchScorer(warmup_steps=WARMUP, metrics=("frobenius_norm",), profile_metrics=())
     fewer.load_state_dict(state)
     assert fewer.state_dict()["flag_run"] == []
+    assert not fewer.score(run.step(), loss=run.loss()).flagged  # an accepted step reads the run: no IndexError
     assert [r.flagged for r in (fewer.score(values, loss=loss) for values, loss in steps[3:])] == [True, True, True]
+
+
+def test_a_shift_keeps_the_trends_from_the_first_flag_of_its_run_on_steps_with_nothing_measured_between() -> None:
+    # two steps with nothing measured inside a run push no trend row: the trends keep the rows from the run's
+    # first flag on (by step), not as many rows as the run spans (which would reach back before it)
+    run = SyntheticRun(seed=31)
+    scorer = BatchScorer(warmup_steps=WARMUP, shift_after=5)  # a run of 6 flags: more rows than the 5 kept at least
+    warmed_up(run, scorer)
+    first = scorer.steps
+    results = []
+    for k in (10, 10, None, None, 10, 10, 10, 10):
+        step = {} if k is None else run.step({"frobenius_norm": k})
+        results.append(scorer.score(step, loss=None if k is None else run.loss()))
+    assert [bool(r.events) for r in results] == [False] * 7 + [True]
+    assert "for 6 of the last 8 steps" in results[7].events[0]["message"]
+    kept = scorer.state_dict()["trend_values"]["steps"]
+    assert kept == [first, first + 1, first + 4, first + 5, first + 6, first + 7]
+
+
+def test_a_noisier_profile_early_in_a_run_stays_adopted_while_young_windows_are_rebuilt() -> None:
+    # right after warm-up the windows are young and every clean step rebuilds level 2 in-sample; the level a
+    # noise shift moved the profile term to must survive those rebuilds, or the shifts repeat every few steps
+    run = SyntheticRun(seed=7)
+    scorer = BatchScorer(warmup_steps=WARMUP)
+    warmed_up(run, scorer, steps=25)
+    rng = np.random.default_rng(1)
+    results = [scorer.score(_profile_noise_step(run, rng, k=15.0), loss=run.loss()) for _ in range(80)]
+    assert sum(bool(r.events) for r in results) == 2
+    assert np.mean([r.flagged for r in results]) <= 0.1
+    assert not any(r.flagged for r in results[40:])
 
 
 def test_a_shift_needs_the_same_layers() -> None:

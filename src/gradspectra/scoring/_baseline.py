@@ -151,6 +151,7 @@ class Baseline:
         self.flag_times: list[float] = []
         self.flag_values: list[dict[int, float]] = []  # per flag: each marked term's value (the level-2 input)
         self.noise_shifts: dict[int, float] = {}  # profile term -> step of its latest shift by persistence alone
+        self.noise_levels: dict[int, float] = {}  # profile term -> the level its window was re-centred on
         self.young_scores: list[float] = []
         self.levels: tuple[FloatArray, float] = (np.ones((n_layers, n_metrics)), 1.0)
         self._no_terms = np.full(self.layout.n_terms, np.nan)
@@ -219,6 +220,7 @@ class Baseline:
             median = float(np.nanmedian(history))
         if math.isfinite(median) and math.isfinite(level):
             self.window.set_rows(row, history - median + level)
+            self.noise_levels[k] = level
 
     def adopt(self, since: float, minimum: int) -> None:
         """A regime shift: the trends keep only their rows from step ``since`` on (at least ``minimum``), so they
@@ -288,6 +290,7 @@ class Baseline:
         out["flag_times"] = list(self.flag_times)
         out["flag_values"] = [{str(k): v for k, v in values.items()} for values in self.flag_values]
         out["noise_shifts"] = {str(k): t for k, t in self.noise_shifts.items()}
+        out["noise_levels"] = {str(k): v for k, v in self.noise_levels.items()}
         return out
 
     @classmethod
@@ -339,6 +342,7 @@ class Baseline:
         if not len(base.flag_times) == len(base.flag_values) == len(base.flag_run):  # an older checkpoint
             base.clear_run()
         base.noise_shifts = {int(k): float(t) for k, t in (state.get("noise_shifts") or {}).items()}
+        base.noise_levels = {int(k): float(v) for k, v in (state.get("noise_levels") or {}).items()}
         return base
 
     def _load_residuals(self, block: Block, state: Mapping[str, Any], columns: Columns, n_layers: int) -> FloatArray:

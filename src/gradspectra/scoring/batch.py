@@ -427,7 +427,7 @@ class BatchScorer:
         self._base = Baseline.load(self._sizes, state, len(layers), metrics, profile)
         if metrics.stored != metrics.current or profile.stored != profile.current:
             self._base.clear_run()  # the run's marks name level-2 rows of the stored terms
-            self._base.noise_shifts = {}
+            self._base.noise_shifts, self._base.noise_levels = {}, {}
         if not self.in_warmup and not self._base.load_level2(state, self._term_names()):
             self._start_scoring()  # a state without level 2: rebuild it as at the end of warm-up
 
@@ -1000,6 +1000,8 @@ class BatchScorer:
                 basis.push(z_profile[:, j, k])
         terms, _ = self._terms(z, history["profile"])
         base.set_terms(terms)
+        for k, level in list(base.noise_levels.items()):  # a rebuild of young windows keeps a noise shift's level
+            base.recentre_term(k, level)
         strength = self._strength(self._level2(terms, base.window.quantiles(_QUARTILES)))
         finite = np.isfinite(strength)
         scores = np.where(finite.any(axis=0), np.max(np.where(finite, strength, -np.inf), axis=0), np.nan)
