@@ -282,7 +282,7 @@ def test_one_burst_of_unusual_profiles_does_not_blind_the_profile_term() -> None
     assert np.mean([r.flagged for t, r in enumerate(results) if t >= 4 and t % 10]) <= 0.03
 
 
-def test_without_the_profile_rule_the_same_stream_is_flagged_step_after_step() -> None:
+def test_without_shifts_the_same_noisier_profile_is_flagged_step_after_step() -> None:
     # the premise of the test above: the change is real for the scorer (shifts off, most steps are flagged)
     run = SyntheticRun(seed=7)
     scorer = BatchScorer(warmup_steps=WARMUP, shift_after=None)

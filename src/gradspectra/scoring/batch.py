@@ -623,7 +623,7 @@ class BatchScorer:
         if not base.flag_run:
             return
         latest = base.flag_run[-1]
-        if not any(strength[k] >= _CONTINUES and sign * z_terms[k] > 0 for k, (sign, *_) in latest.items()):
+        if not any(strength[k] >= _CONTINUES and sign * z_terms[k] > 0 for k, (sign, _) in latest.items()):
             base.clear_run()
 
     def _count_flag(self) -> list[str]:
