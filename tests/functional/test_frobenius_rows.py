@@ -83,3 +83,28 @@ def test_fused_float32_norms_match_numpy_at_every_magnitude(scale: float) -> Non
     for value, m in zip(got, mats, strict=True):
         want = float(np.linalg.norm(m.to(torch.float64).numpy()))
         assert abs(value - want) <= 1e-6 * want, (scale, m.shape, value, want)
+
+
+def test_the_common_case_one_fused_read_matches_numpy() -> None:
+    """Every matrix a float32 2-D gradient on one device, every norm in range: the fused route alone, float64 out;
+    NaN entries give NaN there, and an infinite entry or a matrix of another kind takes the checked routes."""
+    from gradspectra.functional import frobenius_norms
+
+    g = torch.Generator().manual_seed(2)
+    mats = [torch.randn(*s, generator=g) for s in [(128, 128), (256, 128), (1000, 128), (7, 3)]]
+    mats.append(torch.randn(5, 5, generator=g).requires_grad_())  # a gradient made with create_graph=True
+    want = [float(np.linalg.norm(m.detach().to(torch.float64).numpy())) for m in mats]
+    got = frobenius_norms(mats)
+    assert got.dtype == torch.float64 and got.device == mats[0].device and not got.requires_grad
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    with_nan = [m.detach().clone() for m in mats]
+    with_nan[1][3, 4] = float("nan")
+    got = frobenius_norms(with_nan).numpy()
+    assert np.isnan(got[1]) and np.allclose(np.delete(got, 1), np.delete(want, 1), rtol=1e-6)
+    with_inf = [m.detach().clone() for m in mats]
+    with_inf[2][0, 0] = float("inf")
+    got = frobenius_norms(with_inf).numpy()
+    assert got[2] == float("inf") and np.allclose(np.delete(got, 2), np.delete(want, 2), rtol=1e-6)
+    # a 3-D float32 block among them and a float64 matrix: the general routes, the same values
+    mixed = [*mats[:2], mats[2].reshape(10, 100, 128), mats[3].double()]
+    np.testing.assert_allclose(frobenius_norms(mixed).numpy(), want[:4], rtol=1e-6)

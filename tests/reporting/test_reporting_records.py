@@ -53,6 +53,21 @@ def test_writer_appends_strict_json(tmp_path: Path) -> None:
     assert records[2]["loss"] == 0.25
 
 
+def test_lines_written_together_are_on_file_once_flushed(tmp_path: Path) -> None:
+    # the light steps' records are written a few at a time, flushed once: a reader of the file (another
+    # process tailing it) sees each line whole, the batch once it is flushed
+    path = tmp_path / "batches.jsonl"
+    writer = RecordWriter(path)
+    writer.write(_record(0, 1.0))  # flushed at once
+    assert len(read_records(path)) == 1
+    for step in (1, 2, 3):
+        writer.write(_record(step, 1.0), flush=False)
+    writer.flush()
+    assert [r["step"] for r in read_records(path)] == [0, 1, 2, 3]
+    writer.close()
+    writer.flush()  # nothing open: nothing to do
+
+
 def test_read_records_torn_last_line_and_damage(tmp_path: Path) -> None:
     path = tmp_path / "b.jsonl"
     path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "sco')

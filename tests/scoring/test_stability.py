@@ -176,10 +176,11 @@ def test_the_vectorised_median_is_numpys_nanmedian() -> None:
     from gradspectra.scoring.stability import _nanmedian
 
     rng = np.random.default_rng(8)
-    for rows in (1, 2, 3, 7, 30):
+    for rows, holes in [(r, h) for r in (1, 2, 3, 7, 30) for h in (True, False)]:
         block = rng.standard_normal((rows, 40))
-        block[rng.random(block.shape) < 0.4] = np.nan
-        block[:, 0] = np.nan  # a column with no value
+        if holes:
+            block[rng.random(block.shape) < 0.4] = np.nan
+            block[:, 0] = np.nan  # a column with no value
         median, count = _nanmedian(block)
         assert np.array_equal(count, np.count_nonzero(~np.isnan(block), axis=0))
         with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
@@ -222,3 +223,24 @@ def test_series_absent_from_the_recent_steps_are_skipped_without_changing_a_verd
         resumed = [second.update(v) for v in values[cut:]]
         assert [r.events for r in resumed] == [r.events for r in got[cut:]]
         assert [r.score for r in resumed] == pytest.approx([r.score for r in got[cut:]], nan_ok=True)
+
+
+def test_zero_or_negative_values_are_left_out_and_are_not_non_finite() -> None:
+    # a dead layer's gradient norm is 0: no log to store and nothing wrong with the step; other layers go on
+    rng = np.random.default_rng(9)
+    detector = StabilityDetector(nonfinite=1, persist=1)
+    for t in range(45):
+        values = step_values(20.0, 1.0, rng)
+        values[LAYERS[0]]["frobenius_norm"] = 0.0
+        values[LAYERS[1]]["frobenius_norm"] = -1.0 if t % 2 else 0.0
+        result = detector.update(values)
+        assert not result.events
+    stored = detector.state_dict()["values"]["frobenius_norm"]
+    column = detector.state_dict()["layers"].index
+    assert all(math.isnan(row[column(LAYERS[0])]) and math.isnan(row[column(LAYERS[1])]) for row in stored)
+    assert all(math.isfinite(row[column(LAYERS[2])]) for row in stored)
+    # an infinite value in one layer of one step is a non-finite step (and is not stored either)
+    values = step_values(20.0, 1.0, rng)
+    values[LAYERS[3]]["frobenius_norm"] = math.inf
+    result = detector.update(values)
+    assert result.events and "non-finite" in result.events[0]["message"]

@@ -261,6 +261,7 @@ class GradientSpectrumMonitor(Callback):
         self._state_key: str | None = None
         self._late_attach = False
         self._fit_outputs: Outputs | None = None
+        self._fit_procs: Processes | None = None  # (made once a fit: rank and world do not change within one)
 
     # ------------------------------------------------------------------ what the engine holds, by its public names
 
@@ -349,6 +350,7 @@ class GradientSpectrumMonitor(Callback):
         self._scopes.clear()
         self._state_key = None
         self._fit_outputs = None
+        self._fit_procs = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -424,8 +426,10 @@ class GradientSpectrumMonitor(Callback):
                 stepped = (p for group in optimizer.param_groups for p in group["params"])
                 self._scopes[id(optimizer)] = self.engine.rows_of(stepped)
             inputs.scope = self._scopes[id(optimizer)]
-        reduce_sum = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
-        procs = Processes(trainer.global_rank, trainer.world_size, reduce_sum)
+        if self._fit_procs is None:
+            reduce_sum = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+            self._fit_procs = Processes(trainer.global_rank, trainer.world_size, reduce_sum)
+        procs = self._fit_procs
         params = lambda: (p for group in optimizer.param_groups for p in group["params"])  # noqa: E731
         if self._fit_outputs is None:
             self._fit_outputs = self._outputs(trainer)
@@ -473,7 +477,7 @@ class GradientSpectrumMonitor(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.engine.close()
-        self._fit_outputs = None  # (it refers to the trainer)
+        self._fit_outputs = self._fit_procs = None  # (they refer to the trainer)
 
     def summary(self, top: int = 10) -> str:
         """A text report: counts, then the ``top`` highest-scoring batches (from the records in memory)."""

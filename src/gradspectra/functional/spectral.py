@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -83,9 +84,21 @@ def _small_groups(matrices: Sequence[Tensor]) -> list[list[int]]:
     return [*groups.values(), *singles]
 
 
-def _trusted(norms: Tensor) -> Tensor:
-    """Which float32 fused norms are exact enough: well inside float32's range of squares (NaN passes: it is data)."""
-    return ((norms > 1e-10) & (norms < 1e15)) | torch.isnan(norms)
+def _untrusted(norms: Tensor) -> Tensor:
+    """Which float32 fused norms may be inexact: outside float32's safe range of squares (NaN passes: it is data,
+    and compares false)."""
+    return (norms <= 1e-10) | (norms >= 1e15)
+
+
+def _plain_float32(matrix: object, device: torch.device) -> bool:
+    """A strided float32 matrix on ``device``: the fused norm's case (anything else takes the checked routes)."""
+    return (
+        isinstance(matrix, Tensor)
+        and matrix.dtype == torch.float32
+        and matrix.ndim == 2
+        and matrix.layout == torch.strided
+        and matrix.device == device
+    )
 
 
 def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
@@ -100,10 +113,22 @@ def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
     """
     if not matrices:
         return torch.zeros(0, dtype=torch.float64)
-    for m in matrices:
-        _check_matrix(m)
     device = matrices[0].device
     fused = hasattr(torch, "_foreach_norm")
+    if fused and all(_plain_float32(m, device) for m in matrices):
+        # the common case (a model's float32 gradients on one device): one fused call, one range check, one
+        # host sync; on a step of milliseconds every torch call here is a share of the monitor's cost
+        norms = torch.stack(torch._foreach_norm(list(matrices)))
+        if device.type == "cpu":  # the range check in numpy: a few microseconds less per torch call saved
+            host = norms.detach().numpy().astype(np.float64)
+            if not ((host <= 1e-10) | (host >= 1e15)).any():
+                return torch.from_numpy(host)
+        else:
+            norms = norms.to(torch.float64)
+            if not bool(_untrusted(norms).any()):
+                return norms
+    for m in matrices:
+        _check_matrix(m)
     plain = [i for i, m in enumerate(matrices) if fused and m.dtype == torch.float32 and m.device == device]
     out = torch.empty(len(matrices), dtype=torch.float64, device=device)
     trusted = torch.empty(len(matrices), dtype=torch.bool, device=device)
@@ -111,7 +136,7 @@ def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
         # float32 matrices in one fused call (what torch's clip_grad_norm_ uses); trusted only well inside
         # float32's range of squares, the rest take the per-matrix routes below
         norms = torch.stack(list(torch._foreach_norm([matrices[i] for i in plain]))).to(torch.float64)
-        ok = _trusted(norms)
+        ok = ~_untrusted(norms)
         if len(plain) == len(matrices) and bool(ok.all()):
             return norms  # the common case: every matrix float32 on one device, every norm trusted
         out[plain] = norms

@@ -172,7 +172,8 @@ class _Pending:
     procs: Processes
     outputs: Outputs
     present: list[int]
-    norms: Tensor | None
+    norms: np.ndarray | None  # float64, on the host
+    device: torch.device | None  # where the gradients were (the streaming statistics' device)
     unmeasured: list[int]
     error: str | None
     seconds: float
@@ -238,6 +239,7 @@ class MonitorEngine:
         self.affordance: str | None = None  # what the budget affords, in words, once learned
         self.resume_after: int | None = None  # the restored checkpoint's last measured step
         self._writer: RecordWriter | None = None
+        self._writing_batch = False  # records made together (light steps): their lines flushed once
         self._pending_state: dict[str, Any] | None = None
         self._shapes: list[tuple[int, int]] = []
         self._keys: list[str] = []
@@ -815,9 +817,12 @@ class MonitorEngine:
             and self.samples is None
         )
 
-    def _light_norms(self, inputs: StepInputs, procs: Processes) -> tuple[list[int], Tensor | None, str | None]:
-        """A light step's measurement (one process): the layers present and their Frobenius norms, one read each
-        (on the gradients' device); a failure is the error for the record and never stops the user's training."""
+    def _light_norms(
+        self, inputs: StepInputs, procs: Processes
+    ) -> tuple[list[int], np.ndarray | None, torch.device | None, str | None]:
+        """A light step's measurement (one process): the layers present, their Frobenius norms (one read each on
+        the gradients' device, then on the host) and that device; a failure is the error for the record and never
+        stops the user's training."""
         present: list[int] = []
         try:
             if self.sharded is None and self.implied is None and not self.dtensor:
@@ -826,17 +831,22 @@ class MonitorEngine:
                 collected = self._collect(procs, 1, inputs.scope)
             present = collected.present
             if not present:
-                return present, None, None
-            with self.runner.threads(collected.matrices[0].device):
-                return present, frobenius_norms(collected.matrices), None
+                return present, None, None, None
+            # one fused read on the training's own threads: switching torch's thread count costs more than it saves
+            norms = frobenius_norms(collected.matrices)
+            return present, norms.cpu().numpy(), collected.matrices[0].device, None
         except Exception as err:
-            return present, None, self._failed(err, inputs.step, procs)
+            return present, None, None, self._failed(err, inputs.step, procs)
 
     def _plain_grads(self, scope: frozenset[int] | None) -> Collected:
         """The watched gradients as they are, for their norms: a matrix's Frobenius norm is its gradient's,
         whatever its orientation, so only a gradient that is not a plain matrix goes through
         :meth:`WatchedParameter.grad_matrix` (on a fast step the per-layer reshaping is a cost of its own)."""
         self._unmeasured = []
+        if scope is None:
+            grads = [w.param.grad for w in self.watched]
+            if all(g is not None and g.ndim == 2 and g.layout == torch.strided for g in grads):
+                return Collected(list(range(len(grads))), cast(list[Tensor], grads))  # the common case
         collected = Collected([], [])
         for i, w in enumerate(self.watched):
             if scope is not None and i not in scope:
@@ -852,16 +862,16 @@ class MonitorEngine:
             collected.matrices.append(g)
         return collected
 
-    def _light_table(self, present: list[int], norms: Tensor | None) -> HostTable:
-        """A light step's host table (the norms copied to the host), its row kept for the streaming statistics."""
+    def _light_table(self, present: list[int], norms: np.ndarray | None, device: torch.device | None) -> HostTable:
+        """A light step's host table, its row kept for the streaming statistics (on ``device``)."""
         n, k = len(self.watched), len(self.metric_names)
         table = HostTable.unmeasured(n, k, present)
-        table.detection = np.full(n, np.nan)
         if norms is not None:
             column = self.metric_names.index("frobenius_norm")
-            table.values[present, column] = norms.cpu().numpy()
+            table.values[present, column] = norms
             table.valid[present, column] = True
-            self._light_rows.append((table.values, table.valid, norms.device))
+            assert device is not None
+            self._light_rows.append((table.values, table.valid, device))
             if len(self._light_rows) >= _LIGHT_ROWS:
                 self._fold_light_rows()
         return table
@@ -873,16 +883,17 @@ class MonitorEngine:
         started = time.perf_counter()
         assert self.planner is not None
         self.planner.step_started(started, inputs.step)
-        present, norms, error = self._light_norms(inputs, procs)
+        present, norms, device, error = self._light_norms(inputs, procs)
         self._release_factors()
         ended = time.perf_counter()
+        unmeasured = list(self._unmeasured)
         self._pending.append(
-            _Pending(inputs, procs, outputs, present, norms, list(self._unmeasured), error, ended - started, started)
+            _Pending(inputs, procs, outputs, present, norms, device, unmeasured, error, ended - started, started)
         )
         self.monitor_seconds += ended - started
         self.last_step = inputs.step
         # a step that went wrong is recorded at once (it may be the last before training fails)
-        wrong = error is not None or (norms is not None and not bool(torch.isfinite(norms).all()))
+        wrong = error is not None or (norms is not None and not bool(np.isfinite(norms).all()))
         late = ended - self._pending[0].at >= _LIGHT_WAIT_SECONDS  # a file tailed live lags by seconds at most
         if wrong or late or len(self._pending) >= _LIGHT_BATCH:
             self._flush_light()
@@ -890,10 +901,23 @@ class MonitorEngine:
 
     def _flush_light(self) -> None:
         """The records of the light steps waiting, in order: table, score, stability, record, file, scalars."""
+        if not self._pending:
+            return
+        self._writing_batch = True  # the file lines flushed together, once
+        try:
+            self._flush_pending()
+        finally:
+            self._writing_batch = False
+            if self._writer is not None:
+                t0 = time.perf_counter()
+                self._writer.flush()
+                self.monitor_seconds += time.perf_counter() - t0
+
+    def _flush_pending(self) -> None:
         while self._pending:  # one at a time: a failure leaves the later ones waiting, not lost
             p = self._pending.pop(0)
             t0 = time.perf_counter()
-            table = self._host_loss(self._light_table(p.present, p.norms), p.inputs.loss, p.inputs)
+            table = self._host_loss(self._light_table(p.present, p.norms, p.device), p.inputs.loss, p.inputs)
             self._unmeasured = p.unmeasured
             record = self._record(p.inputs, table, self._no_result, p.error, light=True)
             seconds = p.seconds + time.perf_counter() - t0
@@ -907,8 +931,9 @@ class MonitorEngine:
 
     def _measure_light(self, inputs: StepInputs, procs: Processes) -> tuple[HostTable, SpectraResult, str | None]:
         """A light step measured and tabled at once (the doors that return each step's record)."""
-        present, norms, error = self._light_norms(inputs, procs)
-        return self._host_loss(self._light_table(present, norms), inputs.loss, inputs), self._no_result, error
+        present, norms, device, error = self._light_norms(inputs, procs)
+        table = self._host_loss(self._light_table(present, norms, device), inputs.loss, inputs)
+        return table, self._no_result, error
 
     @staticmethod
     def _host_loss(table: HostTable, loss: Tensor | float | None, inputs: StepInputs) -> HostTable:
@@ -1038,7 +1063,11 @@ class MonitorEngine:
         # and scores the light ones; the scorer sees the full steps only
         light_scorer = self._light_scorer_for(inputs.optimizer)
         light_score = None
-        if light_scorer is not None:
+        layer_metrics = table.layer_metrics(keys, self.metric_names) if light else None
+        if light_scorer is not None and layer_metrics is not None:
+            # a light step's values are its Frobenius norms: the record's metrics, as the light scorer reads them
+            light_score = light_scorer.score({k: v for k, v in layer_metrics.items() if v}, table.loss)
+        elif light_scorer is not None:
             j = self.metric_names.index("frobenius_norm")
             column, valid = table.values[:, j].tolist(), table.valid[:, j].tolist()
             norms = {keys[i]: {"frobenius_norm": column[i]} for i in table.present if valid[i]}
@@ -1065,6 +1094,7 @@ class MonitorEngine:
             error=error,
             loss_seen=inputs.loss_seen,
             scope=self._record_scope(inputs.scope),
+            layer_metrics=layer_metrics,
         )
         if inputs.optimizer is not None:
             record["optimizer"] = inputs.optimizer
@@ -1137,7 +1167,7 @@ class MonitorEngine:
         (a non-finite gradient, an event), and nothing else."""
         self._records.append(cast(dict[str, Any], record))
         if self._writer is not None:
-            self._writer.write(record)
+            self._writer.write(record, flush=not self._writing_batch)
         if procs.is_zero and record["events"]:
             self._say_events(record, outputs)
         if light:

@@ -128,6 +128,8 @@ class HostTable:
 
     def source_fields(self, keys: Sequence[str], metric_names: Sequence[str]) -> dict[str, Any]:
         """``spectra``, ``deferred_layers``, ``estimate_error`` and (when any) ``audit_error``."""
+        if all(source is SpectrumSource.DEFERRED for source in self.sources):  # a light step: no spectrum
+            return {"spectra": {}, "deferred_layers": [keys[i] for i in sorted(self.present)], "estimate_error": {}}
         spectra = {keys[i]: s.value for i, s in enumerate(self.sources) if s is not SpectrumSource.DEFERRED}
         errors: dict[SpectrumSource, dict[str, dict[str, float]]] = {
             SpectrumSource.ESTIMATE: {},
@@ -169,10 +171,15 @@ def assemble_record(
     error: str | None = None,
     loss_seen: bool = True,
     scope: Collection[int] | None = None,
+    layer_metrics: dict[str, dict[str, float]] | None = None,
 ) -> BatchRecord:
-    """The record of a measured step (``monitor_ms`` is added by the caller, once everything before it is done)."""
-    layer_metrics = table.layer_metrics(keys, metric_names)
+    """The record of a measured step (``monitor_ms`` is added by the caller, once everything before it is done).
+
+    ``layer_metrics``: ``table.layer_metrics(keys, metric_names)`` where the caller has made it already."""
+    if layer_metrics is None:
+        layer_metrics = table.layer_metrics(keys, metric_names)
     present = set(table.present)
+    finite = all(math.isfinite(v) for values in layer_metrics.values() for v in values.values())
     record: BatchRecord = {
         "step": step,
         "epoch": epoch,
@@ -185,7 +192,9 @@ def assemble_record(
         "sample_ids": sample_ids or None,
         "z": {} if result is None else dict(result.z),
         "threshold": None if result is None else getattr(result, "threshold", None),
-        "nonfinite_layers": [k for k, mv in layer_metrics.items() if not all(math.isfinite(v) for v in mv.values())],
+        "nonfinite_layers": []
+        if finite
+        else [k for k, mv in layer_metrics.items() if not all(math.isfinite(v) for v in mv.values())],
         "missing_layers": [keys[i] for i in range(len(keys)) if i not in present and (scope is None or i in scope)],
         "events": [] if result is None else [dict(e) for e in getattr(result, "events", [])],
     }

@@ -35,7 +35,8 @@ def record_to_json(record: Mapping[str, Any]) -> str:
 
 
 class RecordWriter:
-    """Appends records to a JSONL file, one flushed line each, so the file can be tailed live.
+    """Appends records to a JSONL file, each line flushed as it is written (or with the few records made together),
+    so the file can be tailed live.
 
     The file is opened in append mode: a resumed run continues the same file (see
     :func:`set_aside_records_after` for the records of steps the resume runs again).
@@ -45,12 +46,18 @@ class RecordWriter:
         self.path = Path(path)
         self._fh: IO[str] | None = None
 
-    def write(self, record: Mapping[str, Any]) -> None:
+    def write(self, record: Mapping[str, Any], flush: bool = True) -> None:
+        """One line; ``flush=False`` leaves it buffered until :meth:`flush` (records written together)."""
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across steps
         self._fh.write(record_to_json(record) + "\n")
-        self._fh.flush()
+        if flush:
+            self._fh.flush()
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
 
     def close(self) -> None:
         if self._fh is not None:

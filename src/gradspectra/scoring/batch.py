@@ -728,9 +728,14 @@ class BatchScorer:
             # a layer whose dict holds all the known metrics and no more keys brings no new metric
             look = not self._fixed_metrics
             known = self._metric_index.keys()
-            rows = []
+            rows: list[tuple[Any, ...]] = []
             absent = [0] * len(layer_metrics)  # per given layer: how many of the metrics it lacks
-            for i, values in enumerate(layer_metrics.values()):
+            if n_metrics == 1 and not look:  # one fixed metric (the light scorer): every layer has it, usually
+                try:
+                    rows = [(values[metrics[0]],) for values in layer_metrics.values()]
+                except KeyError:
+                    rows = []
+            for i, values in enumerate(layer_metrics.values() if not rows else ()):
                 try:
                     rows.append(get_all(values))
                 except KeyError:  # some metric absent on this layer

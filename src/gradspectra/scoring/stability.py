@@ -181,13 +181,15 @@ class StabilityDetector:
         for values in self._values.values():
             values[row] = np.nan
         bad = loss is not None and not math.isfinite(float(loss))
-        for layer, layer_values in metrics.items():
-            column = self._column(layer)
-            for name in _WATCHED:
-                if name in layer_values:
-                    bad = self._put(name, row, column, float(layer_values[name])) or bad
-        for layer, value in (detection or {}).items():
-            bad = self._put("effective_rank_coarse", row, self._column(layer), float(value)) or bad
+        columns = [self._column(layer) for layer in metrics]
+        names = set().union(*metrics.values())
+        for name in (n for n in _WATCHED if n in names):
+            given = [(c, values[name]) for c, values in zip(columns, metrics.values()) if name in values]
+            if given:
+                bad = self._put(name, row, given) or bad
+        if detection:
+            given = [(self._column(layer), value) for layer, value in detection.items()]
+            bad = self._put("effective_rank_coarse", row, given) or bad
         while self._bad_steps and self._bad_steps[0] <= step - self.recent:
             self._bad_steps.popleft()
         if bad:
@@ -238,17 +240,19 @@ class StabilityDetector:
                     self._values[name] = grown
         return column
 
-    def _put(self, name: str, row: int, column: int, value: float) -> bool:
-        """Store ``log(value)``; whether the value was non-finite."""
-        if not math.isfinite(value):
-            return True
-        if value > 0:
-            values = self._values.get(name)
-            if values is None:
-                values = self._values[name] = np.full((self._span, max(8, len(self._layers))), np.nan)
-            values[row, column] = math.log(value)
+    def _put(self, name: str, row: int, given: list[tuple[int, Any]]) -> bool:
+        """Store ``log(value)`` of each ``(column, value)`` of the step; whether a value was non-finite."""
+        values = [float(v) for _, v in given]
+        bad = not all(map(math.isfinite, values))
+        kept = [(c, math.log(v)) for (c, _), v in zip(given, values) if 0 < v < math.inf]  # finite and positive
+        if kept:
+            columns, logs = zip(*kept)
+            block = self._values.get(name)
+            if block is None:
+                block = self._values[name] = np.full((self._span, max(8, len(self._layers))), np.nan)
+            block[row, list(columns)] = logs
             self._last_put[name] = self._step - 1  # (the step being taken)
-        return False
+        return bad
 
     def _has_reference(self, step: int) -> bool:
         return step + 1 >= self._span - self.reference + max(2, self.reference // 3)
@@ -279,8 +283,10 @@ class StabilityDetector:
         columns = np.flatnonzero(ok)
         if len(columns) < self.min_layers:
             return None
-        now, _ = _nanmedian(newer[:, columns])
-        before, _ = _nanmedian(older[:, columns])
+        if len(columns) < n:
+            newer, older = newer[:, columns], older[:, columns]
+        now, _ = _nanmedian(newer)
+        before, _ = _nanmedian(older)
         return _Changes(name, columns, now - before, before, now)
 
     def _findings(self, step: int) -> list[_Finding]:
@@ -295,13 +301,15 @@ class StabilityDetector:
                 changes = self._changes(name, recent, reference)
                 if changes is None:
                     continue
-                severity = max(float(np.median(changes.log)) * sign, 0.0) / math.log(self.limits[family])
+                ordered = np.sort(changes.log)
+                k = len(ordered)
+                median = float(ordered[k // 2]) if k % 2 else 0.5 * float(ordered[k // 2 - 1] + ordered[k // 2])
+                severity = max(median * sign, 0.0) / math.log(self.limits[family])
                 if best is None or severity > best.severity:
                     text = partial(_describe, family, sign, changes, self._layers, steps)
                     best = _Finding(family, severity, text)
-                if family == "growth" and len(changes.columns) >= 4:
-                    ordered = np.sort(changes.log)
-                    k = len(ordered)  # nearest-rank 90th and 10th percentiles
+                if family == "growth" and k >= 4:
+                    # nearest-rank 90th and 10th percentiles
                     spread = float(ordered[math.ceil(0.9 * k) - 1] - ordered[math.ceil(0.1 * k) - 1])
                     sev = spread / math.log(self.limits["divergence"])
                     findings.append(
@@ -351,8 +359,11 @@ class StabilityDetector:
 
 def _nanmedian(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each column's median over its non-NaN entries (NaN where none) and their count; vectorised."""
-    count = np.count_nonzero(~np.isnan(block), axis=0)
     ordered = np.sort(block, axis=0)  # NaN last
+    rows = block.shape[0]
+    if rows and not np.isnan(ordered[-1]).any():  # every entry present (NaN sorts last): the plain median
+        return 0.5 * (ordered[(rows - 1) // 2] + ordered[rows // 2]), np.full(block.shape[1], rows)
+    count = np.count_nonzero(~np.isnan(block), axis=0)
     columns = np.arange(block.shape[1])
     low = ordered[np.maximum(count - 1, 0) // 2, columns]
     high = ordered[np.maximum(count, 1) // 2 - (count == 0), columns]
