@@ -140,6 +140,10 @@ def test_light_records_made_a_few_at_a_time_are_all_there_in_order(tmp_path: Pat
     assert [r["step"] for r in on_file] == list(range(steps))
     assert [r["step"] for r in monitor.batch_records] == list(range(steps))
     assert sum(bool(r.get("light")) for r in on_file) > steps // 2
+    # the records made together: no spectrum, every present layer deferred, finite norms before the NaN step
+    waited = [r for r in on_file[:40] if r.get("light")]
+    assert waited and all(r["spectra"] == {} and r["deferred_layers"] == list(r["metrics"]) for r in waited)
+    assert all(r["nonfinite_layers"] == [] for r in waited)
     # (from step 40 on the weights are NaN: every score is inf, null in JSON)
     assert all(r["score"] is not None for r in on_file[30:40])
     assert all(r["monitor_ms"] > 0 for r in on_file)

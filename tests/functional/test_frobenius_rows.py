@@ -92,10 +92,10 @@ def test_the_common_case_one_fused_read_matches_numpy() -> None:
 
     g = torch.Generator().manual_seed(2)
     mats = [torch.randn(*s, generator=g) for s in [(128, 128), (256, 128), (1000, 128), (7, 3)]]
-    mats.append(torch.randn(5, 5, generator=g).requires_grad_())  # a gradient made with create_graph=True
-    want = [float(np.linalg.norm(m.detach().to(torch.float64).numpy())) for m in mats]
+    mats.append(torch.randn(5, 9, generator=g)[:, ::2])  # a strided view
+    want = [float(np.linalg.norm(m.to(torch.float64).numpy())) for m in mats]
     got = frobenius_norms(mats)
-    assert got.dtype == torch.float64 and got.device == mats[0].device and not got.requires_grad
+    assert got.dtype == torch.float64 and got.device == mats[0].device
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
     with_nan = [m.detach().clone() for m in mats]
     with_nan[1][3, 4] = float("nan")
@@ -108,3 +108,24 @@ def test_the_common_case_one_fused_read_matches_numpy() -> None:
     # a 3-D float32 block among them and a float64 matrix: the general routes, the same values
     mixed = [*mats[:2], mats[2].reshape(10, 100, 128), mats[3].double()]
     np.testing.assert_allclose(frobenius_norms(mixed).numpy(), want[:4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e-12, 1e-6, 1.0, 1e6, 1e14, 1e18, 1e25])
+def test_fused_route_alone_is_exact_or_redone_at_every_magnitude(scale: float) -> None:
+    """The same magnitudes with nothing out of range by itself (no zero matrix): where the fused float32 norm
+    loses digits or overflows, its range check sends the list to the checked routes."""
+    from gradspectra.functional import frobenius_norms
+
+    g = torch.Generator().manual_seed(3)
+    mats = [(torch.randn(*s, generator=g, dtype=torch.float64) * scale).float() for s in [(16, 16), (64, 32), (3, 5)]]
+    got = frobenius_norms(mats).tolist()
+    for value, m in zip(got, mats, strict=True):
+        want = float(np.linalg.norm(m.to(torch.float64).numpy()))
+        assert abs(value - want) <= 1e-6 * want, (scale, m.shape, value, want)
+
+
+def test_not_a_tensor_is_a_type_error() -> None:
+    from gradspectra.functional import frobenius_norms
+
+    with pytest.raises(TypeError, match=r"`matrix` must be a torch\.Tensor, got list"):
+        frobenius_norms([[1.0, 2.0]])  # type: ignore[list-item]

@@ -94,6 +94,7 @@ def _plain_float32(matrix: object, device: torch.device) -> bool:
     """A strided float32 matrix on ``device``: the fused norm's case (anything else takes the checked routes)."""
     return (
         isinstance(matrix, Tensor)
+        and not matrix.requires_grad  # (as before: such a norm keeps its graph, on the checked routes)
         and matrix.dtype == torch.float32
         and matrix.ndim == 2
         and matrix.layout == torch.strided
@@ -113,29 +114,35 @@ def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
     """
     if not matrices:
         return torch.zeros(0, dtype=torch.float64)
-    device = matrices[0].device
+    device = matrices[0].device if isinstance(matrices[0], Tensor) else None
     fused = hasattr(torch, "_foreach_norm")
-    if fused and all(_plain_float32(m, device) for m in matrices):
+    fused_norms: Tensor | None = None
+    if fused and device is not None and all(_plain_float32(m, device) for m in matrices):
         # the common case (a model's float32 gradients on one device): one fused call, one range check, one
         # host sync; on a step of milliseconds every torch call here is a share of the monitor's cost
         norms = torch.stack(torch._foreach_norm(list(matrices)))
         if device.type == "cpu":  # the range check in numpy: a few microseconds less per torch call saved
-            host = norms.detach().numpy().astype(np.float64)
+            host = norms.numpy().astype(np.float64)
+            fused_norms = torch.from_numpy(host)
             if not ((host <= 1e-10) | (host >= 1e15)).any():
-                return torch.from_numpy(host)
+                return fused_norms
         else:
-            norms = norms.to(torch.float64)
-            if not bool(_untrusted(norms).any()):
-                return norms
+            fused_norms = norms.to(torch.float64)
+            if not bool(_untrusted(fused_norms).any()):
+                return fused_norms
     for m in matrices:
         _check_matrix(m)
+    assert device is not None
     plain = [i for i, m in enumerate(matrices) if fused and m.dtype == torch.float32 and m.device == device]
     out = torch.empty(len(matrices), dtype=torch.float64, device=device)
     trusted = torch.empty(len(matrices), dtype=torch.bool, device=device)
     if plain:
         # float32 matrices in one fused call (what torch's clip_grad_norm_ uses); trusted only well inside
         # float32's range of squares, the rest take the per-matrix routes below
-        norms = torch.stack(list(torch._foreach_norm([matrices[i] for i in plain]))).to(torch.float64)
+        if fused_norms is not None:  # (every matrix was plain: the fused norms read above, in order)
+            norms = fused_norms
+        else:
+            norms = torch.stack(list(torch._foreach_norm([matrices[i] for i in plain]))).to(torch.float64)
         ok = ~_untrusted(norms)
         if len(plain) == len(matrices) and bool(ok.all()):
             return norms  # the common case: every matrix float32 on one device, every norm trusted

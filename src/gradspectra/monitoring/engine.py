@@ -832,9 +832,10 @@ class MonitorEngine:
             present = collected.present
             if not present:
                 return present, None, None, None
-            # one fused read on the training's own threads: switching torch's thread count costs more than it saves
-            norms = frobenius_norms(collected.matrices)
-            return present, norms.cpu().numpy(), collected.matrices[0].device, None
+            device = collected.matrices[0].device
+            with self.runner.threads(device):  # (as a full step reads them: the same sums, the same values)
+                norms = frobenius_norms(collected.matrices)
+            return present, norms.cpu().numpy(), device, None
         except Exception as err:
             return present, None, None, self._failed(err, inputs.step, procs)
 
