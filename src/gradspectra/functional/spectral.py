@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -121,10 +120,10 @@ def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
         # the common case (a model's float32 gradients on one device): one fused call, one range check, one
         # host sync; on a step of milliseconds every torch call here is a share of the monitor's cost
         norms = torch.stack(torch._foreach_norm(list(matrices)))
-        if device.type == "cpu":  # the range check in numpy: a few microseconds less per torch call saved
-            host = norms.numpy().astype(np.float64)
-            fused_norms = torch.from_numpy(host)
-            if not ((host <= 1e-10) | (host >= 1e15)).any():
+        if device.type == "cpu":  # the range check on the host's floats (exact): measured cheapest on a fast step
+            values = norms.tolist()
+            fused_norms = torch.tensor(values, dtype=torch.float64)
+            if all(1e-10 < v < 1e15 or v != v for v in values):  # (NaN passes: it is data)
                 return fused_norms
         else:
             fused_norms = norms.to(torch.float64)

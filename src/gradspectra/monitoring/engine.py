@@ -172,7 +172,7 @@ class _Pending:
     procs: Processes
     outputs: Outputs
     present: list[int]
-    norms: np.ndarray | None  # float64, on the host
+    norms: list[float] | None  # on the host
     device: torch.device | None  # where the gradients were (the streaming statistics' device)
     unmeasured: list[int]
     error: str | None
@@ -819,7 +819,7 @@ class MonitorEngine:
 
     def _light_norms(
         self, inputs: StepInputs, procs: Processes
-    ) -> tuple[list[int], np.ndarray | None, torch.device | None, str | None]:
+    ) -> tuple[list[int], list[float] | None, torch.device | None, str | None]:
         """A light step's measurement (one process): the layers present, their Frobenius norms (one read each on
         the gradients' device, then on the host) and that device; a failure is the error for the record and never
         stops the user's training."""
@@ -835,7 +835,7 @@ class MonitorEngine:
             device = collected.matrices[0].device
             with self.runner.threads(device):  # (as a full step reads them: the same sums, the same values)
                 norms = frobenius_norms(collected.matrices)
-            return present, norms.cpu().numpy(), device, None
+            return present, norms.tolist(), device, None
         except Exception as err:
             return present, None, None, self._failed(err, inputs.step, procs)
 
@@ -863,7 +863,7 @@ class MonitorEngine:
             collected.matrices.append(g)
         return collected
 
-    def _light_table(self, present: list[int], norms: np.ndarray | None, device: torch.device | None) -> HostTable:
+    def _light_table(self, present: list[int], norms: list[float] | None, device: torch.device | None) -> HostTable:
         """A light step's host table, its row kept for the streaming statistics (on ``device``)."""
         n, k = len(self.watched), len(self.metric_names)
         table = HostTable.unmeasured(n, k, present)
@@ -894,7 +894,7 @@ class MonitorEngine:
         self.monitor_seconds += ended - started
         self.last_step = inputs.step
         # a step that went wrong is recorded at once (it may be the last before training fails)
-        wrong = error is not None or (norms is not None and not bool(np.isfinite(norms).all()))
+        wrong = error is not None or (norms is not None and not all(map(math.isfinite, norms)))
         late = ended - self._pending[0].at >= _LIGHT_WAIT_SECONDS  # a file tailed live lags by seconds at most
         if wrong or late or len(self._pending) >= _LIGHT_BATCH:
             self._flush_light()
