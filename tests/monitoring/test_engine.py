@@ -474,3 +474,24 @@ def test_a_failure_on_one_rank_does_not_hang_the_others(tmp_path: Path, monkeypa
         assert engines[rank].error_total == 1
         assert all(not values for values in records[rank]["metrics"].values())
     assert "planted" in records[1]["error"]
+
+
+def test_a_fit_under_ddp_after_a_one_process_fit_of_the_same_layers_has_no_light_steps() -> None:
+    # the planner (and what its budget learned) is kept across fits of the same layers; whether light steps may
+    # happen is this fit's: under DDP every rank must make the same steps
+    engine = MonitorEngine(MonitorConfig(**QUIET, max_overhead=1e-3))
+    model = mlp(seed=0)
+    engine.attach(model, world=1)
+    planner = engine.planner
+    assert planner is not None and planner.light
+    planner.plan(list(range(len(engine.watched))))  # the budget, as the first step makes it
+    budget = planner.budget
+    assert budget is not None and budget.light
+    budget.observe_step(0.01)
+    budget.period = 8  # as learned on a fast step: one full step in 8
+    engine.attach(model, world=2)
+    assert engine.planner is planner and planner.budget is budget  # kept
+    assert not planner.light and not budget.light and budget.period == 1
+    assert all(budget.full_step() for _ in range(20))
+    engine.attach(model, world=1)  # one process again: light steps allowed again
+    assert planner.light and budget.light

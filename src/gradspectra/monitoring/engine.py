@@ -277,23 +277,22 @@ class MonitorEngine:
             for component, params in group_by_component(self.watched).items()
             if len(params) >= 2 and params[0].index is not None
         }
+        # under DDP every rank must make the same steps (the scorer's flags, the stability stop); a light step's
+        # score rests on the Frobenius norms
+        light = (
+            world == 1
+            and self.config.spectra == "auto"
+            and "frobenius_norm" in self.metric_names
+            and not has_dtensors(self.watched)  # (a sharded model: the engine's multi-process path)
+        )
         if self.planner is None or self.planner.shapes != self._shapes:
             self.planner = Planner(
-                self.config.spectra,
-                self.config.max_overhead,
-                self._shapes,
-                cheap=self.config.cheap_spectra,
-                # under DDP every rank must make the same steps (the scorer's flags, the stability stop); a light
-                # step's score rests on the Frobenius norms
-                light=world == 1
-                and self.config.spectra == "auto"
-                and "frobenius_norm" in self.metric_names
-                and not has_dtensors(self.watched),  # (a sharded model: the engine's multi-process path)
+                self.config.spectra, self.config.max_overhead, self._shapes, cheap=self.config.cheap_spectra, light=light
             )
         else:
             # the same layers fitted again (another Trainer.fit, a resume): the budget keeps what it learned
-            # about the step and the work; the step count starts over
-            self.planner.restart()
+            # about the step and the work; the step count starts over, and light steps follow this fit's world
+            self.planner.restart(light)
         self._owners = None
         self.stop_requested = False  # a stop asked in an earlier fit is not this fit's
         if self.factors is not None:

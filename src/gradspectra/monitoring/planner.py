@@ -43,10 +43,17 @@ class Planner:
         self.pending: Plan | None = None
         self._last_end: tuple[float, int] | None = None
 
-    def restart(self) -> None:
-        """A new fit of the same layers: forget the last step's end (its step count and time are another run's)."""
+    def restart(self, light: bool | None = None) -> None:
+        """A new fit of the same layers: forget the last step's end (its step count and time are another run's);
+        ``light``: whether this fit may have light steps (e.g. not a fit under DDP after a one-process one)."""
         self._last_end = None
         self.pending = None
+        if light is not None:
+            self.light = light
+            if self.budget is not None:
+                self.budget.light = light
+                if not light:
+                    self.budget.period = 1
 
     def begin(self) -> Plan | None:
         """A measured step starts: its plan under the budget (``None`` before the budget exists)."""
