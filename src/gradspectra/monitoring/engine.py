@@ -287,7 +287,11 @@ class MonitorEngine:
         )
         if self.planner is None or self.planner.shapes != self._shapes:
             self.planner = Planner(
-                self.config.spectra, self.config.max_overhead, self._shapes, cheap=self.config.cheap_spectra, light=light
+                self.config.spectra,
+                self.config.max_overhead,
+                self._shapes,
+                cheap=self.config.cheap_spectra,
+                light=light,
             )
         else:
             # the same layers fitted again (another Trainer.fit, a resume): the budget keeps what it learned
