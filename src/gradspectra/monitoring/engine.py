@@ -847,10 +847,6 @@ class MonitorEngine:
         whatever its orientation, so only a gradient that is not a plain matrix goes through
         :meth:`WatchedParameter.grad_matrix` (on a fast step the per-layer reshaping is a cost of its own)."""
         self._unmeasured = []
-        if scope is None:
-            grads = [w.param.grad for w in self.watched]
-            if all(g is not None and g.ndim == 2 and g.layout == torch.strided for g in grads):
-                return Collected(list(range(len(grads))), cast(list[Tensor], grads))  # the common case
         collected = Collected([], [])
         for i, w in enumerate(self.watched):
             if scope is not None and i not in scope:
