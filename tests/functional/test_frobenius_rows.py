@@ -129,3 +129,57 @@ def test_not_a_tensor_is_a_type_error() -> None:
 
     with pytest.raises(TypeError, match=r"`matrix` must be a torch\.Tensor, got list"):
         frobenius_norms([[1.0, 2.0]])  # type: ignore[list-item]
+
+
+def _same_floats(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(x == y or (x != x and y != y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e-12, 1e-6, 1.0, 1e6, 1e14, 1e18, 1e25])
+def test_host_values_are_the_norms_at_every_magnitude(scale: float) -> None:
+    """frobenius_norm_values gives frobenius_norms's values as host floats, bit for bit, on the fused CPU read and
+    on every route it falls through to (out of float32's safe range, a zero matrix, NaN and Inf entries)."""
+    from gradspectra.functional import frobenius_norm_values, frobenius_norms
+
+    g = torch.Generator().manual_seed(4)
+    shapes = [(128, 128), (256, 128), (1000, 128), (3, 5)]
+    mats = [(torch.randn(*s, generator=g, dtype=torch.float64) * scale).float() for s in shapes]
+    mats.append(torch.randn(8, 8, generator=g).T * scale)  # a non-contiguous view
+    got = frobenius_norm_values(mats)
+    assert isinstance(got, list) and all(type(v) is float for v in got)
+    assert _same_floats(got, frobenius_norms(mats).tolist())
+    for value, m in zip(got, mats, strict=True):
+        want = float(np.linalg.norm(m.to(torch.float64).numpy()))
+        assert abs(value - want) <= 1e-6 * want, (scale, m.shape, value, want)
+    for entry in (float("nan"), float("inf")):
+        odd = [m.clone() for m in mats]
+        odd[1][2, 3] = entry
+        got = frobenius_norm_values(odd)
+        assert _same_floats(got, frobenius_norms(odd).tolist())
+        assert got[1] != got[1] if entry != entry else got[1] == float("inf")
+    with_zero = [*mats, torch.zeros(4, 4)]
+    assert _same_floats(frobenius_norm_values(with_zero), frobenius_norms(with_zero).tolist())
+    assert frobenius_norm_values(with_zero)[-1] == 0.0
+
+
+def test_host_values_of_other_kinds_empty_and_not_a_tensor() -> None:
+    """Matrices the fused read does not take (bf16, float64, 3-D, requiring grad) give the checked routes' values;
+    an empty list gives an empty list; a non-tensor is a TypeError."""
+    from gradspectra.functional import frobenius_norm_values, frobenius_norms
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(64, 32, generator=g)
+    for mats in (
+        [base, base.bfloat16()],
+        [base.double(), base],
+        [base, base.reshape(4, 16, 32)],
+        [base.clone().requires_grad_(), base],
+    ):
+        got = frobenius_norm_values(mats)
+        assert _same_floats(got, frobenius_norms(mats).tolist())
+        for value, m in zip(got, mats, strict=True):
+            want = float(np.linalg.norm(m.detach().to(torch.float64).numpy()))
+            assert abs(value - want) <= 1e-2 * want if m.dtype == torch.bfloat16 else abs(value - want) <= 1e-6 * want
+    assert frobenius_norm_values([]) == []
+    with pytest.raises(TypeError, match=r"`matrix` must be a torch\.Tensor, got list"):
+        frobenius_norm_values([[1.0, 2.0]])  # type: ignore[list-item]

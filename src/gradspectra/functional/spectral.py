@@ -101,6 +101,25 @@ def _plain_float32(matrix: object, device: torch.device) -> bool:
     )
 
 
+def frobenius_norm_values(matrices: Sequence[Tensor]) -> list[float]:
+    """:func:`frobenius_norms` as the host's floats (the same values), for a caller that needs them there.
+
+    On a fast CPU step the common case (float32 matrices on the CPU) reads each norm straight to a float: no
+    stacked tensor, no copy of it; elsewhere it is :func:`frobenius_norms` copied to the host once.
+
+    Example:
+        >>> frobenius_norm_values([torch.eye(4), torch.diag(torch.tensor([3.0, 4.0]))])
+        [2.0, 5.0]
+    """
+    if matrices and hasattr(torch, "_foreach_norm"):
+        device = matrices[0].device if isinstance(matrices[0], Tensor) else None
+        if device is not None and device.type == "cpu" and all(_plain_float32(m, device) for m in matrices):
+            values = [t.item() for t in torch._foreach_norm(list(matrices))]
+            if all(1e-10 < v < 1e15 or v != v for v in values):  # (NaN passes: it is data)
+                return values
+    return frobenius_norms(matrices).tolist()  # type: ignore[no-any-return]
+
+
 def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
     """Frobenius norms of matrices of mixed shapes, ``(len,)`` float64 on the first one's device.
 

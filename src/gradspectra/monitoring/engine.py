@@ -23,7 +23,7 @@ from gradspectra.capture import Selection, WatchedParameter, group_by_component,
 from gradspectra.capture.factors import FactorCapture
 from gradspectra.capture.implied import ImpliedGradients
 from gradspectra.capture.sharded import fsdp_groups, has_dtensors, is_dtensor, is_sharded
-from gradspectra.functional import CHEAP_METRICS, frobenius_norms, needs_spectrum
+from gradspectra.functional import CHEAP_METRICS, frobenius_norm_values, needs_spectrum
 from gradspectra.functional.reshape import as_matrix
 from gradspectra.metrics import LayerwiseSpectrum
 from gradspectra.monitoring.blocks import BlockStep, BlockTier
@@ -837,8 +837,8 @@ class MonitorEngine:
                 return present, None, None, None
             device = collected.matrices[0].device
             with self.runner.threads(device):  # (as a full step reads them: the same sums, the same values)
-                norms = frobenius_norms(collected.matrices)
-            return present, norms.tolist(), device, None
+                norms = frobenius_norm_values(collected.matrices)
+            return present, norms, device, None
         except Exception as err:
             return present, None, None, self._failed(err, inputs.step, procs)
 
