@@ -95,6 +95,50 @@ def test_values_equal_a_backward_per_sample_through_the_plain_loop_door(tmp_path
             assert entry["metrics"][name] == pytest.approx(want, rel=1e-9), (i, name)
 
 
+def test_output_gradient_is_the_heads_p_minus_y_whatever_the_module_order(tmp_path: Path) -> None:
+    """Each sample's ``output_gradient`` is the norm of its output gradient at the layer closest to the loss:
+    for a cross-entropy head, ``|softmax - onehot|`` (float64, relative 1e-9). The head is found from the
+    backward's order, not the modules': a linear layer registered after it (``unused``) is never closest."""
+    model = TinyBert().double()
+    data = RandomTokens(BATCH)
+    ids, labels = data.ids[:BATCH], data.labels[:BATCH]
+    with GradientSpectrumTracker(model, log_dir=tmp_path, per_sample="always", spectra="exact", verbose=False) as t:
+        logits = model.head(model.bert(input_ids=ids).last_hidden_state.mean(1))
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        loss.backward()
+        record = t.step(loss=loss)
+    assert record is not None
+    want = (torch.softmax(logits.detach(), -1) - nn.functional.one_hot(labels, 2)).norm(dim=1).numpy()
+    got = np.array([e["metrics"]["output_gradient"] for e in record["samples"]])
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_output_gradient_of_a_token_level_head_over_micro_batches_and_padding(tmp_path: Path) -> None:
+    """A token-level head (a small LM, padding labelled -100) over two micro-batches: each sample's value is the
+    root mean square of its output-gradient rows over the tokens that carry gradient, from its own micro-batch's
+    backward (float64, relative 1e-9); a padded token does not dilute it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 50)).double()
+    ids = torch.randint(0, 50, (6, 10))
+    labels = torch.randint(0, 50, (6, 10))
+    for i, length in enumerate([10, 3, 7, 1, 10, 5]):
+        labels[i, length:] = -100  # padding: no loss, no output gradient
+    rows: list[Tensor] = []
+    with GradientSpectrumTracker(model, log_dir=tmp_path, per_sample="always", spectra="exact", verbose=False) as t:
+        for part in (slice(0, 3), slice(3, 6)):  # two micro-batches of one optimizer step
+            logits = model(ids[part])
+            logits.register_hook(rows.append)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, 50), labels[part].reshape(-1), ignore_index=-100)
+            loss.backward()
+        record = t.step(loss=loss)
+    assert record is not None and "samples_note" not in record, record.get("samples_note")
+    delta = torch.cat(rows)  # (6, 10, 50)
+    carried = (labels != -100).sum(1).double()
+    want = (delta.square().sum((1, 2)) / carried).sqrt().numpy()
+    got = np.array([e["metrics"]["output_gradient"] for e in record["samples"]])
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
 def test_flagged_measures_only_the_flagged_steps(tmp_path: Path) -> None:
     monitor = GradientSpectrumMonitor(
         per_sample="flagged", spectra="exact", warmup_steps=10, figure_every_n_steps=0, verbose=False
@@ -186,7 +230,8 @@ def test_bf16_autocast_a_loss_scaler_and_a_nan_sample(tmp_path: Path) -> None:
                 hidden = model.bert(input_ids=data.ids).last_hidden_state.mean(1)
                 if poison:
                     hidden = hidden * torch.tensor([1.0] * 3 + [float("nan")] + [1.0] * (BATCH - 4))[:, None]
-                loss = nn.functional.cross_entropy(model.head(hidden).float(), data.labels)
+                logits = model.head(hidden).float()
+                loss = nn.functional.cross_entropy(logits, data.labels)
             scaler.scale(loss).backward()  # output gradients scaled by 1024; .grad unscaled below
             scaler.unscale_(optimizer)
             record = tr.step(loss=loss)  # the loss scale is not passed: the check finds the multiple
@@ -197,6 +242,11 @@ def test_bf16_autocast_a_loss_scaler_and_a_nan_sample(tmp_path: Path) -> None:
             if not poison:
                 assert "samples_note" not in record, record["samples_note"]
                 assert all(np.isfinite(e["score"]) for e in record["samples"])
+                # the head's output gradient, (p - y) / B, with the loss scale divided out (bf16 rows: 1 %)
+                p_minus_y = torch.softmax(logits.detach(), -1) - nn.functional.one_hot(data.labels, 2)
+                want = (p_minus_y.norm(dim=1) / BATCH).numpy()
+                got = np.array([e["metrics"]["output_gradient"] for e in record["samples"]])
+                np.testing.assert_allclose(got, want, rtol=2e-2)
             else:
                 scores = [e["score"] for e in record["samples"]]
                 assert scores[3] == float("inf") and record["samples"][3]["reasons"][0].startswith("non-finite")

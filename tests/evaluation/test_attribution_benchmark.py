@@ -144,6 +144,20 @@ def test_the_table_compares_each_kind_with_the_better_peer(bench: Any) -> None:
     assert "bad samples 100 % of 5" in held and "samples of clean batches 0 % of 16" in held
 
 
+def test_the_fresh_held_out_half_is_reported_first_and_apart(bench: Any) -> None:
+    """Seeds 3 and 4 (held out from the output-gradient term on) get their own section, before seeds 1 and 2."""
+    top = [1.0 if i == 3 else 0.0 for i in range(bench.BATCH)]
+    rows = [
+        _row(bench, seed, 10, "label_noise", 1, [3], ours=top if seed != 4 else top[::-1], loss=top)
+        for seed in (0, 1, 3, 4)
+    ]
+    text = bench.report(rows)
+    fresh, rest = text.split("### Held-out seeds (1)")
+    assert fresh.startswith("### Held-out seeds, fresh (3, 4)") and "Other seeds" not in text
+    assert "0.50" in fresh  # seed 4's batch missed, seed 3's found: both and only they are in this section
+    assert "### Tuning seed (0)" in rest
+
+
 def test_overhead_report_states_the_target(bench: Any) -> None:
     result = {
         "rounds": 10,

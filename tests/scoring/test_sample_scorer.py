@@ -130,3 +130,73 @@ def test_bad_arguments_are_named(kwargs: dict[str, float], message: str) -> None
 def test_mismatched_metrics_are_an_error() -> None:
     with pytest.raises(ValueError, match="`metrics` must give 3 values of 'nuclear_norm' in every layer"):
         SampleScorer().score({"a": {"nuclear_norm": np.ones(3)}, "b": {"nuclear_norm": np.ones(4)}})
+
+
+def test_a_sample_the_loss_pulls_on_hardest_ranks_first_with_a_true_reason() -> None:
+    """The output gradient's norm (a classifier head's ``p - y``) is scored upwards against the batch, on a log
+    scale: the sample it pulls on five times as hard as the median ranks first, its reason gives the ratio."""
+    rng = np.random.default_rng(6)
+    metrics = batch(rng)
+    pull = rng.lognormal(-3.0, 0.1, 16)
+    pull[11] = 5.0 * np.median(np.delete(pull, 11))
+    out = SampleScorer().score(metrics, output_gradient=pull)
+    ranked = sorted(out, key=lambda e: -e["score"])
+    assert ranked[0]["index"] == 11 and ranked[1]["score"] < 3.5
+    reason = out[11]["reasons"][0]
+    ratio = re.fullmatch(r"output gradient ([\d.]+)x the batch median: the loss pulls hard on it \(z=[\d.]+\)", reason)
+    assert ratio is not None and float(ratio.group(1)) == pytest.approx(pull[11] / np.median(pull), rel=0.05)
+    assert out[11]["metrics"]["output_gradient"] == pull[11]
+    assert all(e["reasons"] == [] for e in out if e["index"] != 11)
+    # without it, the same layers say nothing about sample 11
+    assert max(SampleScorer().score(metrics), key=lambda e: e["score"])["score"] < 3.5
+    # a small pull is a sample the model fits: not scored
+    low = pull.copy()
+    low[11] = np.median(pull) / 5.0
+    assert max(e["score"] for e in SampleScorer().score(metrics, output_gradient=low)) < 3.5
+
+
+def test_output_gradient_zero_nan_and_wrong_shape() -> None:
+    """A zero or non-finite pull is left out of the term (a NaN sample still scores inf from its layers); a
+    wrong number of values is an error that names the argument."""
+    rng = np.random.default_rng(7)
+    metrics = batch(rng, b=8)
+    next(iter(metrics.values()))["frobenius_norm"][2] = np.nan
+    pull = rng.lognormal(-3.0, 0.1, 8)
+    pull[2], pull[4], pull[6] = np.nan, 0.0, np.inf
+    out = SampleScorer().score(metrics, output_gradient=pull)
+    assert out[2]["score"] == np.inf
+    assert out[6]["score"] < 3.5 and not any(r.startswith("output gradient") for r in out[6]["reasons"])
+    assert out[4]["score"] < 3.5 and np.isnan(out[2]["metrics"]["output_gradient"])
+    with pytest.raises(ValueError, match=r"`output_gradient` must give 8 values, got shape \(3,\)"):
+        SampleScorer().score(metrics, output_gradient=np.ones(3))
+
+
+def test_with_the_output_gradient_a_large_gradient_at_an_ordinary_pull_is_not_a_reason() -> None:
+    """Where the output gradient is given, the whole gradient's norm is not scored: it is the pull times what the
+    layers below make of it (a short clean text: a large gradient at an ordinary loss). Without it, it is."""
+    rng = np.random.default_rng(8)
+    metrics = batch(rng)
+    for layer in metrics.values():
+        layer["frobenius_norm"][5] *= 12.0
+    pull = rng.lognormal(-3.0, 0.1, 16)
+    with_pull = SampleScorer().score(metrics, output_gradient=pull)
+    assert max(e["score"] for e in with_pull) < 3.5 and all(e["reasons"] == [] for e in with_pull)
+    without = SampleScorer().score(metrics)
+    assert max(without, key=lambda e: e["score"])["index"] == 5 and without[5]["score"] > 3.5
+
+
+def test_a_batch_the_loss_pulls_on_as_a_whole_is_seen_against_recent_samples() -> None:
+    """Every sample pulled on 10x as hard as the samples of earlier batches: nobody stands out in the batch, the
+    running baseline of output gradients names them all; it is kept in the state."""
+    rng = np.random.default_rng(9)
+    scorer = SampleScorer(min_history=32)
+    for _ in range(4):
+        scorer.score(batch(rng), output_gradient=rng.lognormal(-3.0, 0.1, 16))
+    probe = batch(rng)
+    pull = 10.0 * rng.lognormal(-3.0, 0.1, 16)
+    copy = SampleScorer(min_history=32)
+    copy.load_state_dict(scorer.state_dict())
+    out = copy.score(probe, output_gradient=pull)
+    assert all(e["score"] > 10 for e in out)
+    assert all(any(r.startswith("output gradient") and "recent samples" in r for r in e["reasons"]) for e in out)
+    assert max(e["score"] for e in SampleScorer(min_history=32).score(probe, output_gradient=pull)) < 3.5

@@ -55,6 +55,7 @@ class SampleCapture:
         self._rows: dict[int, dict[int, list[tuple[Tensor, Tensor]]]] = {}
         self._pending: dict[int, int] = {}
         self._got: set[int] = set()  # layers whose output gradient arrived in the current micro-batch
+        self._first: int | None = None  # the layer whose output gradient arrived first this step
         self._generation = 0  # bumped by clear(): gradients of graphs built before it are ignored
         self._layers: list[int] = []
         for i, w in enumerate(watched):
@@ -70,6 +71,16 @@ class SampleCapture:
     def layers(self) -> list[int]:
         """Indices (into ``watched``) of the layers with hooks."""
         return list(self._layers)
+
+    @property
+    def output_layer(self) -> int | None:
+        """The hooked layer closest to the loss this step (its output gradient arrived first in the backward,
+        whatever the modules' order), or ``None`` before any arrived."""
+        return self._first
+
+    def delivered(self, i: int) -> bool:
+        """Whether every forward of layer ``i`` this step got its output gradient (none is still waiting)."""
+        return not self._pending.get(i, 0)
 
     def next_batch(self) -> None:
         """Start a new micro-batch: the samples of the next forward are new samples.
@@ -113,6 +124,8 @@ class SampleCapture:
         b = x.shape[0]
         d3 = d.reshape(b, -1, d.shape[-1]) if d.ndim > 2 else d[:, None, :]
         x3 = x.reshape(b, -1, x.shape[-1]) if x.ndim > 2 else x[:, None, :]
+        if self._first is None:
+            self._first = i
         self._rows.setdefault(i, {}).setdefault(batch, []).append((d3, x3))
 
     def factors(self, i: int) -> list[tuple[Tensor, Tensor]]:
@@ -188,6 +201,7 @@ class SampleCapture:
         self._rows.clear()
         self._pending.clear()
         self._got.clear()
+        self._first = None
         self._batch = 0
         self._generation += 1
 

@@ -149,15 +149,51 @@ class SampleStage:
         note = _note(unexplained, other_scale, other_size, batch)
         if not per_layer:
             return SampleResult(None, note or "no watched linear layer kept its factors", time.perf_counter() - started)
+        pull, output_key = self._output_pull(batch, common)
+        if pull is None:
+            # the score falls back on the whole gradient's norm: say so, the step's scores mean something else
+            missing = "no output gradient of the layer closest to the loss: the whole gradient's norm is scored"
+            note = f"{note}; {missing}" if note else missing
         cos = _mean_cosines(sketches)
         sample_ids = list(ids) if ids and len(ids) == batch else None
         entries = self.scorer.score(
-            per_layer, cos, sample_ids, None if tokens is None else tokens.tolist(), input_similarity=similar
+            per_layer,
+            cos,
+            sample_ids,
+            None if tokens is None else tokens.tolist(),
+            input_similarity=similar,
+            output_gradient=pull,
+            output_layer=output_key,
         )
         seconds = time.perf_counter() - started
         each = seconds / len(per_layer)
         self._layer_seconds = each if self._layer_seconds is None else 0.8 * self._layer_seconds + 0.2 * each
         return SampleResult(entries, note, seconds)
+
+    def _output_pull(self, batch: int | None, common: float) -> tuple[np.ndarray | None, str | None]:
+        """Each sample's output gradient at the hooked layer closest to the loss (the first whose output gradient
+        arrived in the backward; a cross-entropy head's is ``p - y``), as the root mean square over the tokens
+        that carry gradient (a token-level head's sum would grow with the text's length), times the step's
+        common multiple like every per-sample value (an AMP loss scale divided out, the clipping factor in);
+        read from the kept rows whether or not the layer's spectra are measured this step (no
+        spectrum, no copy of the rows). ``(None, None)`` when that layer's rows are incomplete."""
+        row = self.capture.output_layer
+        if row is None or not self.capture.delivered(row):
+            return None, None
+        parts = self.capture.factors(row)
+        if not parts or batch is None or sum(int(d.shape[0]) for d, _ in parts) != batch:
+            return None, None
+        pulls = []
+        for d, _ in parts:
+            # per token in float32 (a scaled fp16 gradient's squares overflow fp16), then per sample
+            wide = torch.float32 if d.dtype in _LOW else None
+            tokens = torch.linalg.vector_norm(d.detach(), dim=-1, dtype=wide).double()
+            carried = (tokens != 0).sum(1).clamp_min(1)  # (NaN counts as carrying: the sample's pull is NaN)
+            pulls.append((tokens.square().sum(1) / carried).sqrt())
+        pull = torch.cat(pulls).cpu().numpy()
+        if math.isfinite(common) and common != 0.0:
+            pull = pull * abs(common)
+        return pull, self.watched[row].key
 
     def clear(self) -> None:
         self.capture.clear()

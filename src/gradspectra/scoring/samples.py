@@ -7,8 +7,11 @@ upwards; the effective rank, downwards, as the median over layers of per-layer z
 layer does not make a sample and a change in most layers does; and the closeness of a sample to its most
 similar one, from the cosines of the samples' gradients and the token-wise similarity of their inputs
 (a sample repeated in the batch). Against the recent samples of earlier steps (those not scored as
-outliers) the first two count only over the threshold: a batch bad as a whole. The score is the largest
-term; a non-finite gradient scores ``inf``.
+outliers) the norm and the effective rank count only over the threshold: a batch bad as a whole. Where the
+caller gives each sample's output gradient at the model's output (how hard the loss pulls on it: a classifier
+head's ``p - y``), that is a term of its own, upwards, against the batch and recent samples, and replaces the
+whole gradient's norm, which is that pull times what the layers below make of it (the input's length and
+wording, not its quality). The score is the largest term; a non-finite gradient scores ``inf``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ _SIMILARITY_FLOOR = 0.1  # smallest spread of the samples' best token-wise input
 _MAX_LAYER_SETS = 64  # baselines of the whole gradient's norm kept (one per set of layers measured)
 _SIMILAR = 0.5  # a cosine (batch mean removed) below this is not called similar, whatever the batch
 _READABLE = {"frobenius_norm": "gradient norm", "effective_rank": "effective rank"}
+_PULL_KEY = ("output_gradient", "")  # the running baseline of the samples' output-gradient norms
 
 
 def _layer_set(layers: Sequence[str]) -> str:
@@ -114,6 +118,8 @@ class SampleScorer:
         ids: Sequence[Any] | None = None,
         tokens: Sequence[int] | None = None,
         input_similarity: np.ndarray | None = None,
+        output_gradient: Sequence[float] | np.ndarray | None = None,
+        output_layer: str | None = None,
     ) -> list[dict[str, Any]]:
         """One entry per sample: ``{"index", "id", "score", "reasons", "metrics"}``.
 
@@ -125,6 +131,12 @@ class SampleScorer:
                 repeated sample under dropout has a gradient no closer to its twin's than to others'.
             ids: the samples' ids (``None`` entries where unknown).
             tokens: tokens that carried gradient per sample (reported, not scored).
+            output_gradient: ``(B,)`` sizes of the samples' output gradients at the model's output (the watched
+                layer closest to the loss), or ``None``: how hard the loss pulls on each sample (a cross-entropy
+                head's ``|p - y|``, in the order of the per-sample loss for two classes and roughly beyond), scored
+                upwards against the batch and, over the threshold, recent samples. With it, the whole gradient's
+                norm is not scored.
+            output_layer: the name of the layer ``output_gradient`` was read at (for the reasons).
 
         Returns:
             entries in batch order; ``metrics`` of each is the mean over layers of every metric given
@@ -150,10 +162,22 @@ class SampleScorer:
 
         scores = np.zeros(b)
         reasons: list[list[tuple[float, str]]] = [[] for _ in range(b)]
+        pull: np.ndarray | None = None
+        if output_gradient is not None:
+            pull = np.asarray(output_gradient, dtype=np.float64)
+            if pull.shape != (b,):
+                raise ValueError(f"`output_gradient` must give {b} values, got shape {pull.shape}")
         for name, sign in SAMPLE_TERMS.items():
+            if name == "frobenius_norm" and pull is not None:
+                # the whole gradient is the loss's pull times what the layers below make of it: with the pull
+                # scored itself, the rest is the input's length and wording (a short clean text's gradient is
+                # 10-15x the batch median at an ordinary loss), not its quality
+                continue
             if name in table:
                 self._metric_terms(name, sign, table[name], layers, nonfinite | zero[None, :], scores, reasons)
         skip = zero | (bad_layers > 0)
+        if pull is not None:
+            self._pull_term(pull, skip, scores, reasons, output_layer)
         for kind, sim in (("gradient", cosines), ("input", input_similarity)):
             if sim is not None:
                 self._duplicate_terms(kind, np.asarray(sim, dtype=np.float64), skip, scores, reasons)
@@ -163,6 +187,8 @@ class SampleScorer:
         for i in np.flatnonzero(zero & (bad_layers == 0)).tolist():
             reasons[i].insert(0, (0.0, "no gradient: the sample's loss does not reach these layers (zero)"))
         self._remember(table, layers, scores, nonfinite | zero[None, :])
+        if pull is not None:
+            self._remember_pull(pull, scores, skip)
 
         out: list[dict[str, Any]] = []
         for i in range(int(b)):
@@ -172,6 +198,8 @@ class SampleScorer:
                     for name, v in table.items()
                 }
             summary["layers"] = float(len(layers))
+            if pull is not None:
+                summary["output_gradient"] = float(pull[i])
             entry: dict[str, Any] = {
                 "index": i,
                 "id": None if ids is None or i >= len(ids) else ids[i],
@@ -273,6 +301,42 @@ class SampleScorer:
                         f"at z >= {self.threshold:g} against the batch)",
                     )
                 )
+
+    def _pull_term(
+        self,
+        pull: np.ndarray,
+        skip: np.ndarray,
+        scores: np.ndarray,
+        reasons: list[list[tuple[float, str]]],
+        layer: str | None,
+    ) -> None:
+        """The output gradient's norm, upwards (log scale), against the batch and (over the threshold only) recent
+        samples: the samples the loss pulls on hardest (a wrong label, a text the model cannot read), before the
+        layers below mix the pull with the inputs' sizes."""
+        usable = ~skip & np.isfinite(pull) & (pull > 0)
+        if usable.sum() < 3:
+            return
+        logs = np.log(np.where(usable, pull, 1.0))
+        med, spread = _robust(logs[usable], _LOG_FLOOR)
+        terms = [((logs - med) / spread, med, "the batch median")]
+        row = self._seen.get(_PULL_KEY)
+        if row is not None and len(row) >= self.min_history:
+            base_med, base_spread = _robust(np.fromiter(row, dtype=np.float64), _LOG_FLOOR)
+            base = (logs - base_med) / base_spread
+            terms.append((np.where(base >= self.threshold, base, 0.0), base_med, "recent samples"))
+        for term, centre, against in terms:
+            term = np.where(usable, term, 0.0)
+            for i in np.flatnonzero(term > scores):
+                scores[i] = term[i]
+            for i in np.flatnonzero(term >= self.threshold):
+                ratio = float(np.exp(logs[i] - centre))
+                at = f" at {layer}" if layer else ""
+                text = f"output gradient{at} {ratio:.2g}x {against}: the loss pulls hard on it (z={term[i]:.1f})"
+                reasons[i].append((float(term[i]), text))
+
+    def _remember_pull(self, pull: np.ndarray, scores: np.ndarray, skip: np.ndarray) -> None:
+        ok = (scores < self.threshold) & ~skip & np.isfinite(pull) & (pull > 0)
+        self._seen.setdefault(_PULL_KEY, deque(maxlen=self.history)).extend(np.log(pull[ok]).tolist())
 
     def _duplicate_terms(
         self,
