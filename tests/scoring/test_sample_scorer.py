@@ -200,3 +200,11 @@ def test_a_batch_the_loss_pulls_on_as_a_whole_is_seen_against_recent_samples() -
     assert all(e["score"] > 10 for e in out)
     assert all(any(r.startswith("output gradient") and "recent samples" in r for r in e["reasons"]) for e in out)
     assert max(e["score"] for e in SampleScorer(min_history=32).score(probe, output_gradient=pull)) < 3.5
+    # one baseline per layer read at: pulls read at another layer are not compared with these
+    other = copy.score(probe, output_gradient=pull, output_layer="classifier")
+    assert max(e["score"] for e in other) < 3.5
+    named = SampleScorer(min_history=32)
+    for _ in range(4):
+        named.score(batch(rng), output_gradient=rng.lognormal(-3.0, 0.1, 16), output_layer="classifier")
+    out = named.score(probe, output_gradient=pull, output_layer="classifier")
+    assert all(any(r.startswith("output gradient at classifier") for r in e["reasons"]) for e in out)

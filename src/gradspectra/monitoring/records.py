@@ -52,7 +52,8 @@ class BatchRecord(_Required, total=False):
     takes turns within the budget; not missing, no values this step).
     ``samples`` (with ``per_sample=``): one entry per sample of the batch, ``{"index", "id", "score",
     "reasons", "metrics", "tokens"}`` (:class:`gradspectra.scoring.SampleScorer`), ``None`` when no layer
-    could be measured; ``samples_note``: why some or all layers were left out; ``samples_ms``: its cost.
+    could be measured; ``samples_note``: why some or all layers were left out (or that no output gradient was
+    read, so the whole gradient's norm is scored); ``samples_ms``: its cost.
     ``light``: a light step (``spectra="auto"`` on a step too fast for a full one: every layer's Frobenius norm,
     the light scorer's score and the stability detector, nothing else; see docs/cost.md); absent on full steps.
     ``sharded`` (FSDP2 / tensor parallel): what the step moved between

@@ -175,8 +175,13 @@ class SampleStage:
         arrived in the backward; a cross-entropy head's is ``p - y``), as the root mean square over the tokens
         that carry gradient (a token-level head's sum would grow with the text's length), times the step's
         common multiple like every per-sample value (an AMP loss scale divided out, the clipping factor in);
-        read from the kept rows whether or not the layer's spectra are measured this step (no
-        spectrum, no copy of the rows). ``(None, None)`` when that layer's rows are incomplete."""
+        read from the kept rows whether or not the layer's spectra are measured this step (no spectrum; low
+        precision rows are summed in float32). ``(None, None)`` when that layer's rows are incomplete.
+
+        Under a mean-reduced loss each row carries the loss's ``1 / N`` (its micro-batch's samples or tokens): the
+        samples of one micro-batch compare as they are; across micro-batches, and against recent samples, pulls
+        differ by the ratio of those counts where they differ (a token-level head's micro-batches of other
+        lengths)."""
         row = self.capture.output_layer
         if row is None or not self.capture.delivered(row):
             return None, None

@@ -39,7 +39,7 @@ _SIMILARITY_FLOOR = 0.1  # smallest spread of the samples' best token-wise input
 _MAX_LAYER_SETS = 64  # baselines of the whole gradient's norm kept (one per set of layers measured)
 _SIMILAR = 0.5  # a cosine (batch mean removed) below this is not called similar, whatever the batch
 _READABLE = {"frobenius_norm": "gradient norm", "effective_rank": "effective rank"}
-_PULL_KEY = ("output_gradient", "")  # the running baseline of the samples' output-gradient norms
+_PULL = "output_gradient"  # the running baselines of the samples' output-gradient norms, one per layer read at
 
 
 def _layer_set(layers: Sequence[str]) -> str:
@@ -188,7 +188,7 @@ class SampleScorer:
             reasons[i].insert(0, (0.0, "no gradient: the sample's loss does not reach these layers (zero)"))
         self._remember(table, layers, scores, nonfinite | zero[None, :])
         if pull is not None:
-            self._remember_pull(pull, scores, skip)
+            self._remember_pull(pull, scores, skip, output_layer)
 
         out: list[dict[str, Any]] = []
         for i in range(int(b)):
@@ -319,7 +319,7 @@ class SampleScorer:
         logs = np.log(np.where(usable, pull, 1.0))
         med, spread = _robust(logs[usable], _LOG_FLOOR)
         terms = [((logs - med) / spread, med, "the batch median")]
-        row = self._seen.get(_PULL_KEY)
+        row = self._seen.get((_PULL, layer or ""))
         if row is not None and len(row) >= self.min_history:
             base_med, base_spread = _robust(np.fromiter(row, dtype=np.float64), _LOG_FLOOR)
             base = (logs - base_med) / base_spread
@@ -334,9 +334,9 @@ class SampleScorer:
                 text = f"output gradient{at} {ratio:.2g}x {against}: the loss pulls hard on it (z={term[i]:.1f})"
                 reasons[i].append((float(term[i]), text))
 
-    def _remember_pull(self, pull: np.ndarray, scores: np.ndarray, skip: np.ndarray) -> None:
+    def _remember_pull(self, pull: np.ndarray, scores: np.ndarray, skip: np.ndarray, layer: str | None) -> None:
         ok = (scores < self.threshold) & ~skip & np.isfinite(pull) & (pull > 0)
-        self._seen.setdefault(_PULL_KEY, deque(maxlen=self.history)).extend(np.log(pull[ok]).tolist())
+        self._seen.setdefault((_PULL, layer or ""), deque(maxlen=self.history)).extend(np.log(pull[ok]).tolist())
 
     def _duplicate_terms(
         self,
