@@ -111,13 +111,27 @@ def frobenius_norm_values(matrices: Sequence[Tensor]) -> list[float]:
         >>> frobenius_norm_values([torch.eye(4), torch.diag(torch.tensor([3.0, 4.0]))])
         [2.0, 5.0]
     """
-    if matrices and hasattr(torch, "_foreach_norm"):
-        device = matrices[0].device if isinstance(matrices[0], Tensor) else None
-        if device is not None and device.type == "cpu" and all(_plain_float32(m, device) for m in matrices):
-            values = [t.item() for t in torch._foreach_norm(list(matrices))]
-            if all(1e-10 < v < 1e15 or v != v for v in values):  # (NaN passes: it is data)
-                return values
+    values = _fused_cpu_values(matrices)
+    if values is not None and _in_range(values):
+        return values
     return frobenius_norms(matrices).tolist()  # type: ignore[no-any-return]
+
+
+def _fused_cpu_values(matrices: Sequence[Tensor]) -> list[float] | None:
+    """The fused norms as floats when every matrix is a plain float32 one on the CPU (else ``None``): one call,
+    each norm read straight to a float (on a step of milliseconds a stacked tensor and its copy cost more)."""
+    if not matrices or not hasattr(torch, "_foreach_norm") or not isinstance(matrices[0], Tensor):
+        return None
+    device = matrices[0].device
+    if device.type != "cpu" or not all(_plain_float32(m, device) for m in matrices):
+        return None
+    return [t.item() for t in torch._foreach_norm(list(matrices))]
+
+
+def _in_range(values: list[float]) -> bool:
+    """Whether every fused float32 norm is trusted: inside float32's safe range of squares (NaN passes: it is
+    data; see :func:`_untrusted`)."""
+    return all(1e-10 < v < 1e15 or v != v for v in values)
 
 
 def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
@@ -135,19 +149,17 @@ def frobenius_norms(matrices: Sequence[Tensor]) -> Tensor:
     device = matrices[0].device if isinstance(matrices[0], Tensor) else None
     fused = hasattr(torch, "_foreach_norm")
     fused_norms: Tensor | None = None
-    if fused and device is not None and all(_plain_float32(m, device) for m in matrices):
-        # the common case (a model's float32 gradients on one device): one fused call, one range check, one
-        # host sync; on a step of milliseconds every torch call here is a share of the monitor's cost
-        norms = torch.stack(torch._foreach_norm(list(matrices)))
-        if device.type == "cpu":  # the range check on the host's floats (exact): measured cheapest on a fast step
-            values = norms.tolist()
-            fused_norms = torch.tensor(values, dtype=torch.float64)
-            if all(1e-10 < v < 1e15 or v != v for v in values):  # (NaN passes: it is data)
-                return fused_norms
-        else:
-            fused_norms = norms.to(torch.float64)
-            if not bool(_untrusted(fused_norms).any()):
-                return fused_norms
+    values = _fused_cpu_values(matrices)
+    if values is not None:
+        # the common case on the CPU: one fused call, the range check on the host's floats (exact)
+        fused_norms = torch.tensor(values, dtype=torch.float64)
+        if _in_range(values):
+            return fused_norms
+    elif fused and device is not None and device.type != "cpu" and all(_plain_float32(m, device) for m in matrices):
+        # the same on another device: one fused call, one range check, one host sync
+        fused_norms = torch.stack(torch._foreach_norm(list(matrices))).to(torch.float64)
+        if not bool(_untrusted(fused_norms).any()):
+            return fused_norms
     for m in matrices:
         _check_matrix(m)
     assert device is not None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -131,7 +131,7 @@ class SampleScorer:
                 repeated sample under dropout has a gradient no closer to its twin's than to others'.
             ids: the samples' ids (``None`` entries where unknown).
             tokens: tokens that carried gradient per sample (reported, not scored).
-            output_gradient: ``(B,)`` sizes of the samples' output gradients at the model's output (the watched
+            output_gradient: ``(B,)`` sizes of the samples' output gradients at the model's output (the hooked
                 layer closest to the loss), or ``None``: how hard the loss pulls on each sample (a cross-entropy
                 head's ``|p - y|``, in the order of the per-sample loss for two classes and roughly beyond), scored
                 upwards against the batch and, over the threshold, recent samples. With it, the whole gradient's
@@ -276,31 +276,17 @@ class SampleScorer:
         reasons: list[list[tuple[float, str]]],
     ) -> None:
         """The whole gradient's norm, upwards, against the batch and (over the threshold only) recent samples."""
-        usable = ~np.isnan(total)
-        if usable.sum() < 3:
-            return
-        med, spread = _robust(total[usable], _LOG_FLOOR)
-        terms = [((total - med) / spread, med, "the batch median")]
-        row = self._seen.get(("total_norm", _layer_set(layers)))
-        if row is not None and len(row) >= self.min_history:
-            base_med, base_spread = _robust(np.fromiter(row, dtype=np.float64), _LOG_FLOOR)
-            base = (total - base_med) / base_spread
-            terms.append((np.where(base >= self.threshold, base, 0.0), base_med, "recent samples"))
-        for term, centre, against in terms:
-            term = np.nan_to_num(term, nan=0.0)
-            for i in np.flatnonzero(term > scores):
-                scores[i] = term[i]
-            for i in np.flatnonzero(term >= self.threshold):
-                count = int(np.sum(layer_z[:, i] >= self.threshold))
-                measured = int(np.sum(~np.isnan(layer_z[:, i])))
-                ratio = float(np.exp(total[i] - centre))
-                reasons[i].append(
-                    (
-                        float(term[i]),
-                        f"{readable} {ratio:.2g}x {against} (z={term[i]:.1f}; {count}/{measured} layers "
-                        f"at z >= {self.threshold:g} against the batch)",
-                    )
-                )
+
+        def describe(i: int, ratio: float, against: str, z: float) -> str:
+            count = int(np.sum(layer_z[:, i] >= self.threshold))
+            measured = int(np.sum(~np.isnan(layer_z[:, i])))
+            return (
+                f"{readable} {ratio:.2g}x {against} (z={z:.1f}; {count}/{measured} layers "
+                f"at z >= {self.threshold:g} against the batch)"
+            )
+
+        key = ("total_norm", _layer_set(layers))
+        self._upward_terms(total, ~np.isnan(total), key, scores, reasons, describe)
 
     def _pull_term(
         self,
@@ -314,25 +300,42 @@ class SampleScorer:
         samples: the samples the loss pulls on hardest (a wrong label, a text the model cannot read), before the
         layers below mix the pull with the inputs' sizes."""
         usable = ~skip & np.isfinite(pull) & (pull > 0)
+        at = f" at {layer}" if layer else ""
+
+        def describe(i: int, ratio: float, against: str, z: float) -> str:
+            return f"output gradient{at} {ratio:.2g}x {against}: the loss pulls hard on it (z={z:.1f})"
+
+        logs = np.log(np.where(usable, pull, 1.0))
+        self._upward_terms(logs, usable, (_PULL, layer or ""), scores, reasons, describe)
+
+    def _upward_terms(
+        self,
+        logs: np.ndarray,
+        usable: np.ndarray,
+        key: tuple[str, str],
+        scores: np.ndarray,
+        reasons: list[list[tuple[float, str]]],
+        describe: Callable[[int, float, str, float], str],
+    ) -> None:
+        """A log-scale value per sample, upwards, as a robust z against the batch and, counted only over the
+        threshold, against the recent samples kept under ``key`` (a batch bad as a whole); ``describe(i, ratio,
+        against, z)`` words a reason."""
         if usable.sum() < 3:
             return
-        logs = np.log(np.where(usable, pull, 1.0))
         med, spread = _robust(logs[usable], _LOG_FLOOR)
         terms = [((logs - med) / spread, med, "the batch median")]
-        row = self._seen.get((_PULL, layer or ""))
+        row = self._seen.get(key)
         if row is not None and len(row) >= self.min_history:
             base_med, base_spread = _robust(np.fromiter(row, dtype=np.float64), _LOG_FLOOR)
             base = (logs - base_med) / base_spread
             terms.append((np.where(base >= self.threshold, base, 0.0), base_med, "recent samples"))
         for term, centre, against in terms:
-            term = np.where(usable, term, 0.0)
+            term = np.nan_to_num(np.where(usable, term, 0.0), nan=0.0)
             for i in np.flatnonzero(term > scores):
                 scores[i] = term[i]
             for i in np.flatnonzero(term >= self.threshold):
-                ratio = float(np.exp(logs[i] - centre))
-                at = f" at {layer}" if layer else ""
-                text = f"output gradient{at} {ratio:.2g}x {against}: the loss pulls hard on it (z={term[i]:.1f})"
-                reasons[i].append((float(term[i]), text))
+                z = float(term[i])
+                reasons[i].append((z, describe(int(i), float(np.exp(logs[i] - centre)), against, z)))
 
     def _remember_pull(self, pull: np.ndarray, scores: np.ndarray, skip: np.ndarray, layer: str | None) -> None:
         ok = (scores < self.threshold) & ~skip & np.isfinite(pull) & (pull > 0)
