@@ -1,10 +1,14 @@
 """Fine-tuning stability: does the monitor warn before a run breaks, and stay quiet on runs that do not?
 
 Real Lightning fine-tunes on CPU with the default ``GradientSpectrumMonitor()`` (``spectra="auto"``,
-every linear layer, the 3 % budget), of two models:
+every linear layer, the 3 % budget), of three models:
 
 - ``minilm``: the pretrained MiniLM-L6 ``ReviewClassifier`` on templated reviews (16 x 24 tokens), AdamW
   at 3e-5;
+- ``minilmhf``: the same encoder as transformers' ``AutoModelForSequenceClassification`` builds it for a
+  new task (a new [CLS] pooler and head at std 0.02: the gradients start small and grow while the head
+  learns), the same data and rate; added after a false warning on such a run, so none of its runs were read
+  while the detector was tuned;
 - ``llama``: a tiny Llama (``TinyCausalLM``, 4 layers, hidden 64) on chain-of-thought arithmetic, after
   300 unmonitored clean steps at 1e-3, then monitored at 1e-3.
 
@@ -57,11 +61,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-MODELS = ("minilm", "llama")
-BASE_LR = {"minilm": 3e-5, "llama": 1e-3}
+MODELS = ("minilm", "llama", "minilmhf")
+BASE_LR = {"minilm": 3e-5, "llama": 1e-3, "minilmhf": 3e-5}
 RAMPS = {"ramp1.1": 1.1, "ramp1.2": 1.2, "ramp1.35": 1.35}
 RAMP_START = 40
-HOT = {"minilm": 40.0, "llama": 5.0}  # x the base rate after the warm-up: breaks the run
+HOT = {"minilm": 40.0, "llama": 5.0, "minilmhf": 40.0}  # x the base rate after the warm-up: breaks the run
 HIGH = 4.0  # x the base rate: noisy, does not break
 WARMUP = 20
 SETTINGS = (*RAMPS, "hot", "stable", "high")
@@ -148,7 +152,7 @@ def run_one(name: str, out: Path, spectra: str = "auto") -> None:
     else:
         planned = review_batches(MAX_STEPS, batch_size=16, corrupt_fraction=0.0, seed=seed)
         data = TokenizedBatches(planned, load_tokenizer(), max_length=MAX_LENGTH)
-        module = ReviewClassifier(lr=BASE_LR["minilm"])
+        module = ReviewClassifier(lr=BASE_LR["minilm"]) if model_name == "minilm" else hf_classifier()
 
     def configure_optimizers() -> Any:
         optimizer = torch.optim.AdamW(module.parameters(), lr=BASE_LR[model_name])
@@ -187,6 +191,33 @@ def run_one(name: str, out: Path, spectra: str = "auto") -> None:
     with open(out, "w", encoding="utf-8") as fh:
         for r in records:
             fh.write(record_to_json({**r, "lr": BASE_LR[model_name] * factor(int(r["step"]))}) + "\n")
+
+
+def hf_classifier() -> Any:
+    """``minilmhf``: MiniLM-L6 as transformers' ``AutoModelForSequenceClassification`` builds it for a new task
+    (the [CLS] pooler and a 2-class head, both new, initialised at std 0.02), as a user's first fine-tune does:
+    its gradients start small and grow several-fold while the new head learns."""
+    import lightning.pytorch as pl
+    from transformers import AutoModelForSequenceClassification
+    from transformers import logging as hf_logging
+
+    from gradspectra.demo.models import minilm_path
+
+    class HFClassifier(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # ("newly initialized" pooler and head: expected here)
+            try:
+                self.model = AutoModelForSequenceClassification.from_pretrained(str(minilm_path()), num_labels=2)
+            finally:
+                hf_logging.set_verbosity(verbosity)
+            self.model.train()
+
+        def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+            return self.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+
+    return HFClassifier()
 
 
 def run_all(args: argparse.Namespace) -> None:

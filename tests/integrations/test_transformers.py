@@ -138,3 +138,119 @@ def test_per_sample_entries_under_gradient_accumulation(tmp_path: Path) -> None:
     samples = records[1]["samples"]
     assert {e["index"] for e in sorted(samples, key=lambda e: -e["score"])[:2]} == {1, 3}
     assert "gradient almost identical to sample 3 (cosine 1.00, batch mean removed)" in samples[1]["reasons"]
+
+
+def _bert_classifier(seed: int = 0) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config)
+
+
+def _classes(steps: int) -> list[dict[str, Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    return [
+        {"input_ids": torch.randint(1, 64, (4, 10), generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+        for _ in range(steps)
+    ]
+
+
+def test_the_loss_is_read_from_the_models_output_under_accumulation(tmp_path: Path) -> None:
+    """A TrainerCallback is not given the loss: it is read from each training forward's output. With the
+    Trainer's num_items_in_batch (a causal LM) the micro-batches' losses add up to the step's mean over its
+    label tokens; without it (a classifier) the step's loss is their mean. Evaluation forwards do not count."""
+    from transformers import Trainer
+
+    # a causal LM, 2 micro-batches of 4 a step: the record's loss is the mean over both micro-batches'
+    # label tokens at the step's weights (step 0: the initial model)
+    lm, data = tiny_llama(), batches(4)
+    initial = clone(lm).eval()
+    callback = GradientSpectrumCallback(**OPTIONS)
+    args = hf_args(tmp_path / "lm", 2, gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=1)
+    trainer = Trainer(
+        model=lm,
+        args=args,
+        train_dataset=Samples(data),
+        eval_dataset=Samples(data[:1]),
+        callbacks=[callback],
+        optimizers=(torch.optim.SGD(lm.parameters(), lr=0.1), None),
+    )
+    trainer.train()
+    records = read_records(tmp_path / "lm" / "gradspectra" / "batches.jsonl")
+    with torch.no_grad():
+        logits = initial(input_ids=torch.cat([data[0]["input_ids"], data[1]["input_ids"]])).logits
+        labels = torch.cat([data[0]["labels"], data[1]["labels"]])
+        expected = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    assert [r["step"] for r in records] == [0, 1]
+    assert records[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert all("loss_seen" not in r and r["loss"] is not None for r in records)
+
+    # a model whose forward takes no loss kwargs (no num_items_in_batch; the Trainer divides each micro-batch's
+    # loss by the accumulation steps): the mean of the micro-batches' losses. transformers' own classifiers
+    # take the kwargs and ignore them, so the Trainer back-propagates (and reports) the sum of their means:
+    # the record says the same
+    data = _classes(4)
+    for wrapped, combine in ((True, "mean"), (False, "sum")):
+        model = _bert_classifier()
+        initial = clone(model).eval()
+        callback = GradientSpectrumCallback(**OPTIONS)
+        trainer = Trainer(
+            model=_NoLossKwargs(model) if wrapped else model,
+            args=hf_args(tmp_path / combine, 2, gradient_accumulation_steps=2),
+            train_dataset=Samples(data),
+            callbacks=[callback],
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
+        result = trainer.train()
+        records = read_records(tmp_path / combine / "gradspectra" / "batches.jsonl")
+        with torch.no_grad():
+            losses = [float(initial(**batch).loss) for batch in data[:2]]
+        expected = sum(losses) / (2 if combine == "mean" else 1)
+        assert records[0]["loss"] == pytest.approx(expected, rel=1e-5), combine
+        assert result.training_loss == pytest.approx(sum(r["loss"] for r in records) / 2, rel=1e-5), combine
+        assert all("loss_seen" not in r for r in records)
+
+
+class _NoLossKwargs(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        return {"loss": self.model(input_ids=input_ids, labels=labels).loss}
+
+
+def test_a_model_that_returns_no_loss_leaves_the_record_without_one(tmp_path: Path) -> None:
+    from transformers import Trainer
+
+    model, data = tiny_llama(), batches(2)
+
+    def loss_outside(outputs: Any, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
+        logits = outputs["logits"]
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+    callback = GradientSpectrumCallback(**OPTIONS)
+    trainer = Trainer(
+        model=model,
+        args=hf_args(tmp_path, 2),
+        train_dataset=Samples(data),
+        callbacks=[callback],
+        optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        compute_loss_func=loss_outside,  # the labels are taken out: the model computes no loss
+    )
+    trainer.train()
+    records = read_records(tmp_path / "gradspectra" / "batches.jsonl")
+    assert len(records) == 2 and all(r["loss"] is None and r["loss_seen"] is False for r in records)
+    assert callback._loss_tap is None  # the hooks are removed at the end of training
+    assert not model._forward_hooks and not model._forward_pre_hooks

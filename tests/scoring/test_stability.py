@@ -90,6 +90,51 @@ def test_growing_gradients_and_layers_moving_apart() -> None:
     assert "encoder.attn layer 2" in events[warned][0]["message"]
 
 
+def _losses(level: float, n: int, rng: np.random.Generator, fall: float = 1.0) -> list[float]:
+    """``n`` losses around ``level``, multiplied by ``fall`` each step, with 10 % log-normal noise."""
+    return [level * fall**t * math.exp(0.1 * rng.standard_normal()) for t in range(n)]
+
+
+def test_gradients_growing_while_the_loss_falls_are_learning_not_instability() -> None:
+    # a new head: the gradients reaching the pretrained layers grow 6x from step 10 to 42 while the loss
+    # falls from 0.69 to 0.3 (a fresh fine-tune leaving its starting plateau): no warning
+    rng = np.random.default_rng(10)
+    values = [step_values(20.0, 1.06 ** min(32, max(0, t - 10)), rng) for t in range(90)]
+    losses = [0.69 * max(0.43, 0.98**t) * math.exp(0.1 * rng.standard_normal()) for t in range(90)]
+    detector = StabilityDetector()
+    results = [detector.update(v, loss=loss) for v, loss in zip(values, losses)]
+    assert all(not r.events for r in results)
+    # the same gradients with a loss that does not fall (or with no loss given): a growth warning
+    for flat in (_losses(0.69, 90, rng), [None] * 90):
+        detector = StabilityDetector()
+        events = [detector.update(v, loss=loss).events for v, loss in zip(values, flat)]
+        warned = first_warning(events)
+        assert warned is not None and "gradient norm up" in events[warned][0]["message"]
+    # and a collapse of the effective rank warns even while the loss falls (what precedes a break)
+    collapsing = [step_values(20.0 if t < 60 else 3.0, 1.0, rng) for t in range(90)]
+    detector = StabilityDetector()
+    events = [detector.update(v, loss=loss).events for v, loss in zip(collapsing, _losses(0.5, 90, rng, 0.98))]
+    warned = first_warning(events)
+    assert warned is not None and 60 < warned < 66 and "collapsing" in events[warned][0]["message"]
+
+
+def test_the_loss_guard_needs_a_positive_loss_that_fell_by_loss_fall() -> None:
+    rng = np.random.default_rng(11)
+    healthy = [step_values(20.0, 1.0, rng) for _ in range(50)]
+    growing = [step_values(20.0, 1.5 ** (t + 1), rng) for t in range(15)]
+    for losses, warns in [
+        ([0.5] * 50 + [0.45] * 15, True),  # fell 1.11x: under loss_fall=1.25, the growth counts
+        ([0.5] * 50 + [0.38] * 15, False),  # fell 1.32x: learning
+        ([-0.5] * 50 + [-2.0] * 15, True),  # not a positive loss: the guard does not apply
+    ]:
+        detector = StabilityDetector()
+        events = [detector.update(v, loss=loss).events for v, loss in zip(healthy + growing, losses)]
+        assert (first_warning(events) is not None) is warns, losses[-1]
+    detector = StabilityDetector(loss_fall=1.1)
+    events = [detector.update(v, loss=loss).events for v, loss in zip(healthy + growing, [0.5] * 50 + [0.45] * 15)]
+    assert first_warning(events) is None
+
+
 def test_non_finite_steps_warn_and_never_enter_the_series() -> None:
     rng = np.random.default_rng(4)
     values: list[Any] = [step_values(20.0, 1.0, rng) for _ in range(40)]
@@ -145,16 +190,23 @@ def test_detection_values_are_the_effective_rank_coarse_series() -> None:
 def test_state_dict_round_trip_continues_identically() -> None:
     rng = np.random.default_rng(7)
     values = [step_values(20.0, 1.0, rng) for _ in range(40)] + [step_values(3.0, 1.0, rng) for _ in range(10)]
+    # gradients growing 3x a step at the end while the loss falls: the loss kept in the state keeps it quiet
+    values += [step_values(3.0, 3.0**t, rng) for t in range(1, 8)]
+    losses = [1.0] * 50 + [0.5] * 7
     whole = StabilityDetector()
-    expected = [whole.update(v) for v in values]
-    first = StabilityDetector()
-    for v in values[:45]:
-        first.update(v)
-    second = StabilityDetector()
-    second.load_state_dict(first.state_dict())
-    resumed = [second.update(v) for v in values[45:]]
-    assert [r.events for r in resumed] == [r.events for r in expected[45:]]
-    assert [r.score for r in resumed] == pytest.approx([r.score for r in expected[45:]])
+    expected = [whole.update(v, loss=loss) for v, loss in zip(values, losses)]
+    assert sum(bool(r.events) for r in expected) == 1  # the collapse
+    assert all("growth" not in r.severities for r in expected[53:])  # the loss has fallen: not counted
+    for cut in (45, 52):
+        first = StabilityDetector()
+        for v, loss in zip(values[:cut], losses):
+            first.update(v, loss=loss)
+        second = StabilityDetector()
+        second.load_state_dict(first.state_dict())
+        resumed = [second.update(v, loss=loss) for v, loss in zip(values[cut:], losses[cut:])]
+        assert [r.events for r in resumed] == [r.events for r in expected[cut:]]
+        assert [r.score for r in resumed] == pytest.approx([r.score for r in expected[cut:]])
+        assert [sorted(r.severities) for r in resumed] == [sorted(r.severities) for r in expected[cut:]]
 
 
 @pytest.mark.parametrize(
@@ -165,6 +217,7 @@ def test_state_dict_round_trip_continues_identically() -> None:
         ({"growth": math.nan}, "`growth` must be a finite number"),
         ({"nonfinite": 9}, "`nonfinite` must be an integer in [1, recent=3], got 9"),
         ({"persist": True}, "`persist` must be an integer"),
+        ({"loss_fall": 0.9}, "`loss_fall` must be a finite number in (1.0, inf), got 0.9"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict[str, Any], message: str) -> None:

@@ -12,11 +12,13 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from gradspectra.monitoring import MonitorConfig, MonitorEngine, Processes, StepInputs, all_reduce_sum
 from gradspectra.monitoring.events import EventFiles
@@ -50,8 +52,13 @@ class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignor
     files to the same folder (world process zero only), so ``tensorboard --logdir <output_dir>`` shows
     them beside the Trainer's own.
 
-    What a ``TrainerCallback`` cannot see: the loss and the batch. The score rests on the gradients
-    alone and each record says ``"loss_seen": false``; ``sample_ids`` stay ``None``.
+    The loss: a ``TrainerCallback`` is not given it, so the callback reads it from the model's own output
+    (``outputs.loss`` of each training forward: a hook on the model, removed at the end of training). A
+    step's loss is the mean of its micro-batches' losses, or their sum where the Trainer passes
+    ``num_items_in_batch`` (the model then divides by the whole step's token count); under DDP each rank's
+    is combined as in the other doors. Where the model returns no loss (a ``compute_loss_func``, label
+    smoothing, a ``compute_loss`` override, ``return_dict=False``), the score rests on the gradients alone
+    and each record says ``"loss_seen": false``. The batch is not seen: ``sample_ids`` stay ``None``.
 
     Resume: the callback's state travels in the checkpoint's ``trainer_state.json`` (transformers'
     stateful callbacks) and is restored at ``on_train_begin`` of
@@ -72,6 +79,7 @@ class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignor
         self.saved_state: str | None = None  # set by transformers when it rebuilds the callback from a checkpoint
         self._events: EventFiles | None = None
         self._procs = Processes()
+        self._loss_tap: _LossTap | None = None
 
     @property
     def batch_records(self) -> RecordBuffer:
@@ -95,6 +103,12 @@ class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignor
             raise ValueError("`GradientSpectrumCallback` needs the model: the Trainer passes it to on_train_begin")
         self._procs = Processes(int(args.process_index), int(args.world_size), all_reduce_sum)
         self.engine.attach(model, self._procs.world, owner=type(self).__name__)
+        if self._loss_tap is not None:
+            self._loss_tap.remove()
+        # (with num_items_in_batch counted over every rank, each rank's sum is its share of the global mean:
+        # times the world, the engine's mean over ranks is that mean)
+        across = bool(getattr(args, "average_tokens_across_devices", False)) and self._procs.world > 1
+        self._loss_tap = _LossTap(model, float(self._procs.world) if across else 1.0)
         chosen = self.config.output_dir
         base = Path(chosen) if chosen is not None else Path(args.output_dir or "trainer_output") / "gradspectra"
         self.engine.open(base / RECORD_FILENAME, bool(state.is_world_process_zero), model)
@@ -109,13 +123,16 @@ class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignor
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.engine.begin_step(state.global_step)
+        if self._loss_tap is not None:
+            self._loss_tap.take()  # (nothing from before this step's first forward)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         optimizer = kwargs.get("optimizer")
         _unscale(optimizer)
-        inputs = StepInputs(step=state.global_step, epoch=int(state.epoch or 0), loss_seen=False)
+        loss = self._loss_tap.take() if self._loss_tap is not None else None
+        inputs = StepInputs(step=state.global_step, epoch=int(state.epoch or 0), loss=loss, loss_seen=loss is not None)
         model = kwargs.get("model")
 
         def params() -> Any:
@@ -136,6 +153,9 @@ class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignor
         self._close()
 
     def _close(self) -> None:
+        if self._loss_tap is not None:
+            self._loss_tap.remove()
+            self._loss_tap = None
         self.engine.close()
         if self._events is not None:
             self._events.close()
@@ -152,6 +172,47 @@ class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignor
 
     def summary(self, top: int = 10) -> str:
         return self.engine.summary(top)
+
+
+class _LossTap:
+    """The loss of each training forward of ``model``, read from its output (``outputs["loss"]``), for the
+    step it belongs to. Evaluation forwards (``no_grad`` or eval mode) are left out; a failure to read is
+    no loss, never an error in the user's training."""
+
+    def __init__(self, model: nn.Module, summed_scale: float = 1.0) -> None:
+        self.summed_scale = summed_scale
+        self._losses: list[Tensor] = []
+        self._summed = False  # the Trainer passed num_items_in_batch: the micro-batches' losses add up
+        self._items = False
+        self._handles: list[RemovableHandle] = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after),
+        ]
+
+    def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._items = kwargs.get("num_items_in_batch") is not None
+
+    def _after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()) or not isinstance(output, Mapping):
+            return
+        loss = output.get("loss")
+        if isinstance(loss, Tensor) and loss.numel() == 1 and loss.is_floating_point():
+            self._losses.append(loss.detach().reshape(()).float())
+            self._summed = self._summed or self._items
+
+    def take(self) -> Tensor | None:
+        """The step's loss (on the model's device; no host sync here) and a fresh start; ``None`` if none."""
+        losses, self._losses = self._losses, []
+        summed, self._summed = self._summed, False
+        if not losses:
+            return None
+        total = torch.stack(losses).sum()
+        return total * self.summed_scale if summed else total / len(losses)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def _unscale(optimizer: Any) -> None:

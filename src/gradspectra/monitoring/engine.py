@@ -127,7 +127,7 @@ class StepInputs:
 
     ``loss``: the step's mean loss (a tensor may stay on the device: it travels in the one host copy),
     times ``loss_scale`` (an AMP scale, divided out here). ``loss_seen=False`` where the front door
-    cannot see the loss (the record says so; the score rests on the gradients). ``share_ids``: under
+    has no loss (the record says so; the score rests on the gradients). ``share_ids``: under
     DDP/FSDP the record lists every rank's ``sample_ids`` (rank 0's first). ``scope`` and ``optimizer``:
     with several optimizers, each step measures the layers of the optimizer that steps
     (:meth:`MonitorEngine.rows_of`) and is scored against that optimizer's own baseline.

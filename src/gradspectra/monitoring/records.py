@@ -39,7 +39,8 @@ class BatchRecord(_Required, total=False):
     how each layer got its spectrum, unless ``spectra="exact"``. ``layers_per_rank``: layers measured by
     each rank (DDP). ``factored_layers``: exact spectra from the ``T x T`` factors. ``error``: why the
     step could not be measured. ``monitor_ms``: the monitor's cost up to the record. ``loss_seen``:
-    ``False`` where the front door cannot see the loss (the score then rests on the gradients alone).
+    ``False`` where the front door has no loss (a transformers model that returns none; the score then
+    rests on the gradients alone).
     ``stability``: the stability score of :class:`gradspectra.scoring.StabilityDetector` (``>= 1``: a
     trend over its limit; absent until it has a reference). ``skipped``: the optimizer step was dropped
     (``action="skip"``). ``optimizer``: which of several optimizers stepped (only its layers are measured;

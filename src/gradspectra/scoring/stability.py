@@ -18,6 +18,14 @@ layers whose series have enough values in both windows (rotating values that rea
   per-layer log change of ``frobenius_norm``: some layers' gradients growing while others stay;
 - ``nonfinite``: steps with a non-finite gradient or loss among the last ``recent``.
 
+Rising gradient norms are also what a model does while it learns fast: a new head starts with small
+weights, so the gradients reaching the pretrained layers grow several-fold as it learns, while the loss
+falls. ``growth`` and ``divergence`` therefore do not count while the loss has fallen by ``loss_fall`` or
+more between the reference window and the recent one (the medians of the losses given); before a break
+at a too-high learning rate the loss has stopped falling. ``collapse`` and ``concentration`` count
+whatever the loss does: the gradient collapsing onto few directions precedes a break while the loss still
+falls.
+
 Each family's value divided by its limit is its severity; the step's stability score is the
 largest severity (``>= 1``: over a limit). A warning (an ``instability`` event) needs a score over 1
 on ``persist`` consecutive steps (non-finite steps: at once); after one, the detector is quiet until
@@ -119,6 +127,9 @@ class StabilityDetector:
         rearm: steps under every limit before the next warning, ``>= 1``.
         min_layers: layers with enough values for a family to count, ``>= 1``.
         warmup_steps: steps before a trend can give a warning (non-finite steps warn from the start), ``>= 0``.
+        loss_fall: the fall (a factor ``> 1``) of the loss between the windows over which ``growth`` and
+            ``divergence`` do not count: the model is learning (module docstring). Applies only where losses
+            are given and positive.
 
     Raises:
         ValueError: an argument is out of range (the message names it and the value).
@@ -139,6 +150,7 @@ class StabilityDetector:
         rearm: int = 20,
         min_layers: int = 1,
         warmup_steps: int = 40,
+        loss_fall: float = 1.25,
     ) -> None:
         self.recent = check_int("recent", recent, 1)
         self.gap = check_int("gap", gap, 0)
@@ -154,12 +166,14 @@ class StabilityDetector:
         self.rearm = check_int("rearm", rearm, 1)
         self.min_layers = check_int("min_layers", min_layers, 1)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        self.loss_fall = check_float("loss_fall", loss_fall, 1.0, low_open=True)
         self._span = self.recent + self.gap + self.reference
         # per watched metric, a ring of the last `_span` steps' log values, (span, layers), NaN where none
         self._columns: dict[str, int] = {}
         self._layers: list[str] = []
         self._values: dict[str, np.ndarray] = {}
         self._row_step = np.full(self._span, -1, dtype=np.int64)  # which step each row holds
+        self._loss = np.full(self._span, np.nan)  # each row's loss (NaN: none, or not finite)
         self._bad_steps: deque[int] = deque()
         self._step = 0
         self._last_put: dict[str, int] = {}  # the last step each watched value was stored (skip the absent)
@@ -180,7 +194,9 @@ class StabilityDetector:
         self._row_step[row] = step
         for values in self._values.values():
             values[row] = np.nan
-        bad = loss is not None and not math.isfinite(float(loss))
+        loss_value = math.nan if loss is None else float(loss)
+        bad = loss is not None and not math.isfinite(loss_value)
+        self._loss[row] = loss_value if math.isfinite(loss_value) else math.nan
         columns = [self._column(layer) for layer in metrics]
         names = set().union(*metrics.values())
         for name in (n for n in _WATCHED if n in names):
@@ -289,11 +305,23 @@ class StabilityDetector:
         before, _ = _nanmedian(older)
         return _Changes(name, columns, now - before, before, now)
 
+    def _learning(self, recent: np.ndarray, reference: np.ndarray) -> bool:
+        """Whether the loss fell by ``loss_fall`` or more from the reference window to the recent one."""
+        now, before = self._loss[recent], self._loss[reference]
+        now, before = now[~np.isnan(now)], before[~np.isnan(before)]
+        if len(now) == 0 or len(before) < 2:
+            return False
+        level_now, level_before = float(np.median(now)), float(np.median(before))
+        return level_before > 0.0 and level_now > 0.0 and level_now * self.loss_fall <= level_before
+
     def _findings(self, step: int) -> list[_Finding]:
-        findings = []
+        findings: list[_Finding] = []
         recent, reference = self._windows(step)
         steps = self.recent + self.gap
+        learning = self._learning(recent, reference)
         for family, (names, sign) in FAMILIES.items():
+            if family == "growth" and learning:
+                continue  # (and divergence, measured with it): gradients grow while the model learns fast
             best: _Finding | None = None
             for name in names:
                 if self._last_put.get(name, -1) <= step - self.recent:
@@ -331,6 +359,7 @@ class StabilityDetector:
             "bad_steps": list(self._bad_steps),
             "layers": list(self._layers),
             "row_step": self._row_step.tolist(),
+            "loss": self._loss.tolist(),
             "values": {name: values[:, :n].tolist() for name, values in self._values.items()},
         }
 
@@ -345,9 +374,13 @@ class StabilityDetector:
         self._row_step = np.full(self._span, -1, dtype=np.int64)
         self._values = {}
         self._last_put = {}
+        self._loss = np.full(self._span, np.nan)
         if len(row_step) != self._span:  # another window: start the series afresh
             return
         self._row_step = row_step
+        losses = np.asarray(state.get("loss", []), dtype=float)
+        if len(losses) == self._span:
+            self._loss = losses
         for name, values in (state.get("values") or {}).items():
             array = np.full((self._span, max(8, len(self._layers))), np.nan)
             array[:, : len(self._layers)] = np.asarray(values, dtype=float).reshape(self._span, len(self._layers))
