@@ -254,3 +254,51 @@ def test_a_model_that_returns_no_loss_leaves_the_record_without_one(tmp_path: Pa
     assert len(records) == 2 and all(r["loss"] is None and r["loss_seen"] is False for r in records)
     assert callback._loss_tap is None  # the hooks are removed at the end of training
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+class _RaisesAt(nn.Module):
+    """The wrapped model, raising in the forward of its ``at``-th training call."""
+
+    def __init__(self, model: nn.Module, at: int) -> None:
+        super().__init__()
+        self.model, self.at, self.calls = model, at, 0
+
+    def forward(self, input_ids: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        self.calls += 1
+        if self.calls == self.at:
+            raise RuntimeError("boom")
+        return {"loss": self.model(input_ids=input_ids, labels=labels).loss}
+
+
+def test_after_training_raises_the_loss_hooks_are_replaced_not_added(tmp_path: Path) -> None:
+    # a TrainerCallback hears of no exception: the hooks stay on the model until the next train(), which
+    # replaces them; what they keep meanwhile is one running sum, however many forwards run
+    from transformers import Trainer
+
+    model, data = _RaisesAt(tiny_llama(), at=3), batches(4)
+    callback = GradientSpectrumCallback(**OPTIONS)
+
+    def trainer(out: str) -> Any:
+        return Trainer(
+            model=model,
+            args=hf_args(tmp_path / out, 4),
+            train_dataset=Samples(data),
+            callbacks=[callback],
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
+
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer("first").train()
+    assert len(model._forward_hooks) == 1 and len(model._forward_pre_hooks) == 1
+    for batch in data:
+        model(**batch)  # the user's own forwards after the failure
+    tap = callback._loss_tap
+    assert tap is not None and tap._count == 4 and tap._total is not None and tap._total.dim() == 0
+    with torch.no_grad():  # (not a training forward: not counted)
+        first_loss = float(model(**data[0])["loss"])
+    assert tap._count == 4
+    trainer("second").train()
+    records = read_records(tmp_path / "second" / "gradspectra" / "batches.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3] and all(r["loss"] is not None for r in records)
+    assert records[0]["loss"] == pytest.approx(first_loss, rel=1e-5)  # nothing from before the step counted
+    assert not model._forward_hooks and not model._forward_pre_hooks  # removed at the end of training

@@ -55,10 +55,14 @@ class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignor
     The loss: a ``TrainerCallback`` is not given it, so the callback reads it from the model's own output
     (``outputs.loss`` of each training forward: a hook on the model, removed at the end of training). A
     step's loss is the mean of its micro-batches' losses, or their sum where the Trainer passes
-    ``num_items_in_batch`` (the model then divides by the whole step's token count); under DDP each rank's
-    is combined as in the other doors. Where the model returns no loss (a ``compute_loss_func``, label
-    smoothing, a ``compute_loss`` override, ``return_dict=False``), the score rests on the gradients alone
-    and each record says ``"loss_seen": false``. The batch is not seen: ``sample_ids`` stay ``None``.
+    ``num_items_in_batch``, which is what the Trainer back-propagates and reports (a causal LM divides by
+    the whole step's token count, so the sum is the step's mean; transformers' classifiers take the argument
+    and ignore it, so under accumulation the record, like the Trainer, has the sum of the micro-batches'
+    means); under DDP each rank's is combined as in the other doors. Where the model returns no loss (a
+    ``compute_loss_func``, label smoothing, ``return_dict=False``) or the Trainer runs ``nn.DataParallel``
+    (``n_gpu > 1``), the score rests on the gradients alone and each record says ``"loss_seen": false``. A
+    ``compute_loss`` override that calls the model with labels gets the model's own loss in the record, not
+    what the override returns. The batch is not seen: ``sample_ids`` stay ``None``.
 
     Resume: the callback's state travels in the checkpoint's ``trainer_state.json`` (transformers'
     stateful callbacks) and is restored at ``on_train_begin`` of
@@ -108,7 +112,9 @@ class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignor
         # (with num_items_in_batch counted over every rank, each rank's sum is its share of the global mean:
         # times the world, the engine's mean over ranks is that mean)
         across = bool(getattr(args, "average_tokens_across_devices", False)) and self._procs.world > 1
-        self._loss_tap = _LossTap(model, float(self._procs.world) if across else 1.0)
+        # (nn.DataParallel's replicas would all report to one hook, each on its own device: no loss then)
+        single = int(getattr(args, "n_gpu", 1) or 1) <= 1
+        self._loss_tap = _LossTap(model, float(self._procs.world) if across else 1.0) if single else None
         chosen = self.config.output_dir
         base = Path(chosen) if chosen is not None else Path(args.output_dir or "trainer_output") / "gradspectra"
         self.engine.open(base / RECORD_FILENAME, bool(state.is_world_process_zero), model)
@@ -181,7 +187,10 @@ class _LossTap:
 
     def __init__(self, model: nn.Module, summed_scale: float = 1.0) -> None:
         self.summed_scale = summed_scale
-        self._losses: list[Tensor] = []
+        # a running sum and count (not a list): after an exception the Trainer tells no callback, and the
+        # hooks stay until the next on_train_begin; what they keep meanwhile stays one number
+        self._total: Tensor | None = None
+        self._count = 0
         self._summed = False  # the Trainer passed num_items_in_batch: the micro-batches' losses add up
         self._items = False
         self._handles: list[RemovableHandle] = [
@@ -197,17 +206,18 @@ class _LossTap:
             return
         loss = output.get("loss")
         if isinstance(loss, Tensor) and loss.numel() == 1 and loss.is_floating_point():
-            self._losses.append(loss.detach().reshape(()).float())
+            value = loss.detach().reshape(()).float()
+            self._total = value if self._total is None else self._total + value
+            self._count += 1
             self._summed = self._summed or self._items
 
     def take(self) -> Tensor | None:
         """The step's loss (on the model's device; no host sync here) and a fresh start; ``None`` if none."""
-        losses, self._losses = self._losses, []
-        summed, self._summed = self._summed, False
-        if not losses:
+        total, count, summed = self._total, self._count, self._summed
+        self._total, self._count, self._summed = None, 0, False
+        if total is None:
             return None
-        total = torch.stack(losses).sum()
-        return total * self.summed_scale if summed else total / len(losses)
+        return total * self.summed_scale if summed else total / count
 
     def remove(self) -> None:
         for handle in self._handles:
