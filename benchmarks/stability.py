@@ -37,6 +37,10 @@ The split was fixed before any tuning: seed 0 of every setting is the tuning hal
 right after learning-rate warm-ups, and the detector's 40-step warm-up was added after reading it:
 seeds 1 and 2 are reported apart (:data:`READ_SEEDS`), and seeds 3 and 4, run only once the detector was
 final, are the held-out half (:data:`HELD_OUT_SEEDS`). The report shows the held-out half first.
+The loss allowance (``StabilityDetector(loss_fall=)``) was made for a false warning seen outside this
+benchmark; ``minilmhf`` was added with it, and the collapse limit was raised from 2.5 to 3.5 on seeds 0-2 of
+every model, kept by a rule fixed beforehand (fewer false warnings, no fewer breaking runs warned) on seeds 3-4
+of ``minilmhf`` and the stable and high runs of seeds 5 and 6 (:data:`FRESH_SEEDS`; run with ``--seeds 5,6``).
 Each run is its own process; runs already in ``--records`` are kept (the benchmark resumes)::
 
     python benchmarks/stability.py --records /tmp/stab              # 60 runs, ~45 min on 2 cores
@@ -74,6 +78,7 @@ SEEDS = (0, 1, 2, 3, 4)
 TUNING_SEEDS = (0,)
 READ_SEEDS = (1, 2)  # held out at first, read once before the detector's warm-up was added
 HELD_OUT_SEEDS = (3, 4)
+FRESH_SEEDS = (5, 6)  # stable and high runs (and two of minilmhf's breaking ones), run after the loss allowance
 MAX_STEPS = 220
 AFTER_BREAK = 10
 EARLY = 60  # a warning more than this many steps before the break is not about it
@@ -420,6 +425,7 @@ def report(directory: Path, do_replay: bool, models: Sequence[str], seeds: Seque
     parts = []
     for title, group in (
         ("Held-out half (seeds 3, 4)", HELD_OUT_SEEDS),
+        ("Fresh seeds 5, 6 (run after the loss allowance was fixed)", FRESH_SEEDS),
         ("Seeds 1, 2 (held out at first, read before the detector's warm-up was added)", READ_SEEDS),
         ("Tuning half (seed 0)", TUNING_SEEDS),
     ):

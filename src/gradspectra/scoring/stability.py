@@ -141,7 +141,7 @@ class StabilityDetector:
         recent: int = 3,
         gap: int = 8,
         reference: int = 30,
-        collapse: float = 2.5,
+        collapse: float = 3.5,
         concentration: float = 2.0,
         growth: float = 4.0,
         divergence: float = 16.0,
