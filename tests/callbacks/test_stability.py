@@ -117,8 +117,26 @@ def test_options_are_checked() -> None:
         GradientSpectrumMonitor(instability_action="skip")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"needs `stability=True`"):
         GradientSpectrumMonitor(stability=False, instability_action="stop")
-    with pytest.raises(TypeError, match=r"`stability` must be a bool, got 'yes'"):
+    with pytest.raises(
+        TypeError, match=r"`stability` must be a bool or a dict of StabilityDetector options, got 'yes'"
+    ):
         GradientSpectrumMonitor(stability="yes")  # type: ignore[arg-type]
+    # a dict: the detector's own options, checked at construction, naming what is wrong
+    monitor = GradientSpectrumMonitor(stability={"growth": 6.0, "loss_fall": 1.5}, instability_action="stop")
+    detector = monitor.engine.stability
+    assert detector is not None and detector.limits["growth"] == 6.0 and detector.loss_fall == 1.5
+    assert GradientSpectrumMonitor(stability={}).engine.stability is not None  # all defaults
+    with pytest.raises(TypeError, match=r"`stability` has no option 'grwoth'; its options are recent, gap, "):
+        GradientSpectrumMonitor(stability={"grwoth": 6.0})
+    with pytest.raises(ValueError, match=r"`stability`: `loss_fall` must be a finite number in \(1.0, inf\), got 0.5"):
+        GradientSpectrumMonitor(stability={"loss_fall": 0.5})
+
+
+def test_stability_options_change_what_warns(tmp_path: Path) -> None:
+    # the breaking run of the first test, with a growth limit no run reaches: the growth warning is gone
+    monitor, _, _ = fit(tmp_path, ramp=1.3, steps=RAMP_FROM + 30, stability={"growth": 1e12, "divergence": 1e12})
+    messages = [m for _, m in warnings_in(list(monitor.batch_records))]
+    assert not any("gradient norm up" in m for m in messages)
 
 
 def test_a_stop_asked_in_one_fit_does_not_stop_the_next(tmp_path: Path) -> None:

@@ -156,7 +156,9 @@ class GradientSpectrumMonitor(Callback):
             directions, gradient norms growing or layers moving apart, non-finite steps) and give an
             ``instability`` event (record ``events``, TensorBoard text, a warning on the console) with
             what moved, where and by how much; ``gradspectra/stability`` is the score (``>= 1``: a trend
-            over its limit). See docs/stability.md.
+            over its limit). ``True`` (default), ``False``, or a dict of
+            :class:`gradspectra.scoring.StabilityDetector` options to change its limits, for example
+            ``{"growth": 6.0, "loss_fall": 1.5}`` (checked at construction). See docs/stability.md.
         instability_action: what a stability warning does: ``"log"`` (default); ``"raise"`` raises
             :class:`InstabilityError` carrying the record; ``"stop"`` asks the trainer to stop after the
             step (the optimizer step completes, checkpoints are written as usual).
@@ -210,7 +212,7 @@ class GradientSpectrumMonitor(Callback):
         factored: bool = True,
         layer_runs: bool = False,
         cheap_spectra: bool = True,
-        stability: bool = True,
+        stability: bool | Mapping[str, Any] = True,
         instability_action: InstabilityAction = "log",
         per_sample: PerSample | None = None,
     ) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -89,7 +90,7 @@ class MonitorConfig:
     factored: bool = True
     layer_runs: bool = False
     cheap_spectra: bool = True
-    stability: bool = True
+    stability: bool | Mapping[str, Any] = True
     instability_action: InstabilityAction = "log"
     per_sample: PerSample | None = None
     metric_names: tuple[str, ...] = field(init=False, default=METRIC_NAMES)
@@ -117,10 +118,14 @@ class MonitorConfig:
         set_(self, "layer_runs", bool(self.layer_runs))
         if not isinstance(self.cheap_spectra, bool):
             raise TypeError(f"`cheap_spectra` must be a bool, got {self.cheap_spectra!r}")
-        if not isinstance(self.stability, bool):
-            raise TypeError(f"`stability` must be a bool, got {self.stability!r}")
+        if isinstance(self.stability, Mapping):
+            set_(self, "stability", _stability_options(self.stability))
+        elif not isinstance(self.stability, bool):
+            raise TypeError(
+                f"`stability` must be a bool or a dict of StabilityDetector options, got {self.stability!r}"
+            )
         choice("instability_action", self.instability_action, INSTABILITY_ACTIONS)
-        if self.instability_action != "log" and not self.stability:
+        if self.instability_action != "log" and self.stability is False:
             raise ValueError(
                 f"`instability_action={self.instability_action!r}` needs `stability=True`, got stability=False"
             )
@@ -166,4 +171,22 @@ class MonitorConfig:
         )
 
     def make_stability(self) -> StabilityDetector | None:
-        return StabilityDetector() if self.stability else None
+        if self.stability is False:
+            return None
+        return StabilityDetector(**(self.stability if isinstance(self.stability, Mapping) else {}))
+
+
+def _stability_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``stability={...}``: the options of :class:`StabilityDetector`, checked now (the errors name them)."""
+    known = [n for n, p in inspect.signature(StabilityDetector).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(str(k) for k in options if k not in known)
+    if unknown:
+        raise TypeError(
+            f"`stability` has no option {', '.join(map(repr, unknown))}; its options are {', '.join(known)}"
+        )
+    out = dict(options)
+    try:
+        StabilityDetector(**out)
+    except ValueError as err:
+        raise ValueError(f"`stability`: {err}") from err
+    return out

@@ -309,12 +309,12 @@ class StabilityDetector:
     def _learning(self, recent: np.ndarray, reference: np.ndarray) -> bool:
         """Whether the loss fell by ``loss_fall`` or more from the reference window to the recent one."""
         # (a few dozen floats: Python's sort is several times cheaper than numpy's calls on a fast step)
-        now = [v for v in self._loss[recent].tolist() if v == v]
-        before = [v for v in self._loss[reference].tolist() if v == v]
+        now: list[float] = [v for v in self._loss[recent].tolist() if v == v]
+        before: list[float] = [v for v in self._loss[reference].tolist() if v == v]
         if not now or len(before) < 2:
             return False
         level_now, level_before = statistics.median(now), statistics.median(before)
-        return level_before > 0.0 and level_now > 0.0 and level_now * self.loss_fall <= level_before
+        return bool(level_before > 0.0 and level_now > 0.0 and level_now * self.loss_fall <= level_before)
 
     def _findings(self, step: int) -> list[_Finding]:
         findings: list[_Finding] = []
