@@ -115,7 +115,7 @@ def test_a_stable_run_gets_no_warning(tmp_path: Path) -> None:
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match=r"`instability_action` can be log, raise, stop, got 'skip'"):
         GradientSpectrumMonitor(instability_action="skip")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"needs `stability=True`"):
+    with pytest.raises(ValueError, match=r"needs the stability detector \(`stability=True` or a dict"):
         GradientSpectrumMonitor(stability=False, instability_action="stop")
     with pytest.raises(
         TypeError, match=r"`stability` must be a bool or a dict of StabilityDetector options, got 'yes'"

@@ -302,3 +302,15 @@ def test_after_training_raises_the_loss_hooks_are_replaced_not_added(tmp_path: P
     assert [r["step"] for r in records] == [0, 1, 2, 3] and all(r["loss"] is not None for r in records)
     assert records[0]["loss"] == pytest.approx(first_loss, rel=1e-5)  # nothing from before the step counted
     assert not model._forward_hooks and not model._forward_pre_hooks  # removed at the end of training
+
+
+def test_stability_options_are_saved_as_checked() -> None:
+    from types import MappingProxyType
+
+    options = {"growth": 6.0}
+    callback = GradientSpectrumCallback(stability=MappingProxyType(options), verbose=False)
+    options["growth"] = 0.5  # the user's dict changes later: what was checked is what is saved
+    saved = callback.state()["args"]["stability"]
+    assert saved == {"growth": 6.0}
+    rebuilt = GradientSpectrumCallback(**callback.state()["args"])
+    assert rebuilt.engine.stability is not None and rebuilt.engine.stability.limits["growth"] == 6.0

@@ -72,6 +72,8 @@ class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignor
     def __init__(self, **options: Any) -> None:
         self.options = dict(options)
         self.config = MonitorConfig(**options)
+        if isinstance(self.config.stability, Mapping):  # the checked options, a copy (saved with the state)
+            self.options["stability"] = dict(self.config.stability)
         if self.config.sample_id_key is not None:
             warnings.warn(
                 "`sample_id_key` has no effect in the transformers callback: Trainer callbacks do not see the batch",

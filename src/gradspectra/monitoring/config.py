@@ -127,7 +127,8 @@ class MonitorConfig:
         choice("instability_action", self.instability_action, INSTABILITY_ACTIONS)
         if self.instability_action != "log" and self.stability is False:
             raise ValueError(
-                f"`instability_action={self.instability_action!r}` needs `stability=True`, got stability=False"
+                f"`instability_action={self.instability_action!r}` needs the stability detector "
+                "(`stability=True` or a dict of its options), got stability=False"
             )
         if self.per_sample is not None:
             if self.per_sample not in PER_SAMPLE:
@@ -179,7 +180,7 @@ class MonitorConfig:
 def _stability_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """``stability={...}``: the options of :class:`StabilityDetector`, checked now (the errors name them)."""
     known = [n for n, p in inspect.signature(StabilityDetector).parameters.items() if p.kind is p.KEYWORD_ONLY]
-    unknown = sorted(str(k) for k in options if k not in known)
+    unknown = sorted((k for k in options if k not in known), key=repr)
     if unknown:
         raise TypeError(
             f"`stability` has no option {', '.join(map(repr, unknown))}; its options are {', '.join(known)}"
