@@ -52,3 +52,21 @@ def test_which_warnings_can_be_about_the_break(bench: Any) -> None:
     assert run.false_warning
     run.warned = 55
     assert not run.false_warning
+
+
+def test_the_minilmhf_model_is_transformers_classifier_with_a_new_head(bench: Any) -> None:
+    import torch
+
+    from gradspectra.demo.data import review_batches
+    from gradspectra.demo.models import TokenizedBatches, load_tokenizer
+
+    module = bench.hf_classifier()
+    head = module.model.classifier.weight
+    assert head.shape == (2, 384) and 0.01 < float(head.std()) < 0.03  # new, at transformers' std 0.02
+    planned = review_batches(1, batch_size=4, corrupt_fraction=0.0, seed=0)
+    batch = TokenizedBatches(planned, load_tokenizer(), max_length=bench.MAX_LENGTH)[0]
+    loss = module.training_step(batch, 0)
+    assert loss.ndim == 0 and 0.5 < float(loss) < 0.9  # about ln 2 for a new 2-class head
+    loss.backward()
+    assert all(p.grad is not None for p in module.model.classifier.parameters())
+    assert torch.isfinite(module.model.bert.encoder.layer[0].attention.self.query.weight.grad).all()
