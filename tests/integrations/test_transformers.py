@@ -314,3 +314,33 @@ def test_stability_options_are_saved_as_checked() -> None:
     assert saved == {"growth": 6.0}
     rebuilt = GradientSpectrumCallback(**callback.state()["args"])
     assert rebuilt.engine.stability is not None and rebuilt.engine.stability.limits["growth"] == 6.0
+
+
+def test_a_loss_that_cannot_be_read_leaves_the_step_without_one_and_training_goes_on() -> None:
+    from gradspectra.integrations.transformers import _LossTap
+
+    class Unreadable(Tensor):
+        def detach(self) -> Tensor:  # type: ignore[override]
+            raise RuntimeError("cannot detach")
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bad = False
+
+        def forward(self, x: Tensor) -> dict[str, Tensor]:
+            loss = (x**2).mean()
+            return {"loss": loss.as_subclass(Unreadable) if self.bad else loss}
+
+    model = Model().train()
+    tap = _LossTap(model)
+    x = torch.ones(3, requires_grad=True)
+    model(x)
+    model.bad = True
+    assert "loss" in model(x)  # the forward returns; the hook did not raise
+    assert tap.take() is None  # one of the step's losses is missing: the step has none
+    model.bad = False
+    model(2 * x)
+    loss = tap.take()
+    assert loss is not None and float(loss) == pytest.approx(4.0)  # the next step is read again
+    tap.remove()

@@ -132,7 +132,7 @@ class GradientSpectrumCallback(TrainerCallback, ExportableState):  # type: ignor
     ) -> None:
         self.engine.begin_step(state.global_step)
         if self._loss_tap is not None:
-            self._loss_tap.take()  # (nothing from before this step's first forward)
+            self._loss_tap.reset()  # (nothing from before this step's first forward)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -195,6 +195,7 @@ class _LossTap:
         self._count = 0
         self._summed = False  # the Trainer passed num_items_in_batch: the micro-batches' losses add up
         self._items = False
+        self._failed = False  # a loss of this step could not be added: the step has none
         self._handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(self._before, with_kwargs=True),
             model.register_forward_hook(self._after),
@@ -207,19 +208,26 @@ class _LossTap:
         if not (module.training and torch.is_grad_enabled()) or not isinstance(output, Mapping):
             return
         loss = output.get("loss")
-        if isinstance(loss, Tensor) and loss.numel() == 1 and loss.is_floating_point():
+        if not (isinstance(loss, Tensor) and loss.numel() == 1 and loss.is_floating_point()):
+            return
+        try:  # (a forward hook that raised would stop the user's training)
             value = loss.detach().reshape(()).float()
-            self._total = value if self._total is None else self._total + value
+            self._total = value if self._total is None else self._total + value.to(self._total.device)
             self._count += 1
             self._summed = self._summed or self._items
+        except Exception:  # the step then has no loss; the training goes on
+            self._failed = True
 
     def take(self) -> Tensor | None:
         """The step's loss (on the model's device; no host sync here) and a fresh start; ``None`` if none."""
-        total, count, summed = self._total, self._count, self._summed
-        self._total, self._count, self._summed = None, 0, False
-        if total is None:
+        total, count, summed, failed = self._total, self._count, self._summed, self._failed
+        self.reset()
+        if total is None or failed:
             return None
         return total * self.summed_scale if summed else total / count
+
+    def reset(self) -> None:
+        self._total, self._count, self._summed, self._failed = None, 0, False, False
 
     def remove(self) -> None:
         for handle in self._handles:
