@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from gradspectra import GradientAnomalyError, GradientSpectrumTracker
 from gradspectra.reporting import read_records
+from gradspectra.reporting.tags import EVENTS_TAG
 
 from .conftest import batches, tiny_llama
 
@@ -139,3 +140,46 @@ def test_instability_stop_and_raise_in_a_plain_loop(tmp_path: Path) -> None:
         records = read_records(tmp_path / action / "gradspectra" / "batches.jsonl")
         assert [r["step"] for r in records] == [0, 1, 2, 3, 4]  # the warned step's record is written
         assert records[4]["events"][-1]["kind"] == "instability"
+
+
+class _Blocks(torch.nn.Module):
+    """Four same-shaped linear layers (``blocks/layer_00`` ...) whose gradients a test sets exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(24, 16, bias=False) for _ in range(4))
+
+    def backward_with(self, grads: list[torch.Tensor]) -> None:
+        # a real backward whose gradient of layer i is grads[i]: d/dW sum(W * G) = G
+        sum((layer.weight * g).sum() for layer, g in zip(self.blocks, grads)).backward()  # type: ignore[union-attr]
+
+
+def test_the_aftermath_of_a_far_out_step_is_recorded_said_and_counted(tmp_path: Path) -> None:
+    # every step's gradients are fixed random matrices times a noisy scale; at step 100 the scale jumps 50x, then
+    # fades (4x, 3x) as a model moved by a bad batch returns: one flag, then two aftermath events, not flags (the
+    # stability detector is off: three steps of large gradients in a row are what its growth rule looks for)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [torch.randn(16, 24, generator=generator) for _ in range(4)]
+    model = _Blocks()
+    scale = {100: 50.0, 101: 4.0, 102: 3.0}
+    options = {"spectra": "exact", "figure_every_n_steps": 0, "verbose": False, "stability": False}
+    with GradientSpectrumTracker(model, log_dir=tmp_path, **options) as tracker:
+        for step in range(130):
+            noise = torch.exp(0.1 * torch.randn(5, generator=generator))
+            model.backward_with([g * float(noise[i]) * scale.get(step, 1.0) for i, g in enumerate(shapes)])
+            tracker.step(loss=0.7 * float(noise[4]))
+            model.zero_grad()
+        summary = tracker.engine.summary()
+    records = read_records(tmp_path / "gradspectra" / "batches.jsonl")
+    assert records[100]["flagged"]
+    for r in records[101:103]:
+        assert not r["flagged"] and not r["reasons"] and r["score"] > r["threshold"]
+        assert [e["kind"] for e in r["events"]] == ["aftermath"]
+        assert r["events"][0]["message"].startswith("aftermath: frobenius_norm high")
+    assert not any(r["flagged"] or r["events"] for r in records[103:])
+    assert "2 steps not flagged as the aftermath of a flagged one" in summary
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc.Reload()
+    texts = acc.Tensors(f"{EVENTS_TAG}/text_summary")
+    assert [e.step for e in texts] == [101, 102]
+    assert b"aftermath: " in texts[0].tensor_proto.string_val[0]

@@ -96,6 +96,7 @@ _COUNTERS = (
     "nonfinite_total",
     "error_total",
     "shift_total",
+    "aftermath_total",
     "instability_total",
 )
 
@@ -229,7 +230,7 @@ class MonitorEngine:
         self._world = 1
         self.steps_monitored = self.flagged_total = self.skipped_total = 0
         self.missing_grad_total = self.nonfinite_total = self.error_total = self.shift_total = 0
-        self.instability_total = 0
+        self.instability_total = self.aftermath_total = 0
         self.full_steps = 0  # measured steps that were not light (the cadence of per-layer scalars and figures)
         self._light = False  # the step begun is a light one (begin_step)
         self._steps_begun = 0  # measured steps begun (the implied layers' turns: oldest first)
@@ -1119,6 +1120,7 @@ class MonitorEngine:
         self.nonfinite_total += bool(record["nonfinite_layers"])
         self.flagged_total += record["flagged"]
         self.shift_total += sum(e.get("kind") == "shift" for e in record["events"])
+        self.aftermath_total += sum(e.get("kind") == "aftermath" for e in record["events"])
         self.steps_monitored += 1
         return record
 
@@ -1372,6 +1374,11 @@ class MonitorEngine:
             f"gradspectra: {self.steps_monitored} steps monitored, {self.flagged_total} flagged"
             + (f", {self.skipped_total} skipped" if self.config.action == "skip" else "")
             + (f", {self.shift_total} shifts adopted (see the records' events)" if self.shift_total else "")
+            + (
+                f", {self.aftermath_total} steps not flagged as the aftermath of a flagged one"
+                if self.aftermath_total
+                else ""
+            )
             + (f", {self.instability_total} stability warnings" if self.instability_total else "")
             + f", {self.nonfinite_total} with non-finite gradients, {self.missing_grad_total} missing layer gradients"
             + f"; monitor time {self.monitor_seconds:.2f} s"

@@ -33,7 +33,9 @@ class _Required(TypedDict):
 
 class BatchRecord(_Required, total=False):
     """One line of ``batches.jsonl``. The keys of :class:`_Required` are on every record (``events``: what
-    happened to the baseline at this step, e.g. ``{"kind": "shift", "message": ...}``, usually empty); the others:
+    happened at this step besides a flag: ``"shift"`` (a change adopted by the scorer), ``"aftermath"`` (not flagged:
+    the fading aftermath of a flagged step), ``"instability"`` (a stability warning), each
+    ``{"kind": ..., "message": ...}``; usually empty); the others:
 
     ``spectra``, ``deferred_layers``, ``estimate_error`` (and ``audit_error`` when a layer was audited):
     how each layer got its spectrum, unless ``spectra="exact"``. ``layers_per_rank``: layers measured by

@@ -6,8 +6,8 @@ layer profiles, the loss) and the level-2 terms (one flat window), the profile b
 scores and counters. A reset, a new layer or metric, a checkpoint and a restore must treat every one
 of them, or the windows fall out of step; so each of those is written once here, as a loop over the
 declared blocks. The checkpoint keys and layout are
-those of state version 2 and must stay so: old checkpoints have to load (``young_scores`` and
-``flag_run`` and ``flag_times``, added since, are optional; a run without its steps starts over).
+those of state version 2 and must stay so: old checkpoints have to load (``young_scores``,
+``flag_run``, ``flag_times`` and ``spike``, added since, are optional; a run without its steps starts over).
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ Block = Literal["values", "profile", "loss"]
 Series = Mapping[Block, FloatArray]
 #: What a flagged step moved: level-2 row -> (direction, per-layer pattern or None).
 Signature = dict[int, tuple[float, FloatArray | None]]
+#: A flagged step, for telling its aftermath: (its step, level-2 row -> (direction, strength)) of each term over
+#: the threshold.
+Spike = tuple[float, dict[int, tuple[float, float]]]
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class Baseline:
         self.flag_values: list[dict[int, float]] = []  # per flag: each marked term's value (the level-2 input)
         self.noise_shifts: dict[int, float] = {}  # profile term -> step of its latest shift by persistence alone
         self.noise_levels: dict[int, float] = {}  # profile term -> the level its window was re-centred on
+        self.spike: Spike | None = None  # the latest flagged step: its step and each term over the threshold
         self.young_scores: list[float] = []
         self.levels: tuple[FloatArray, float] = (np.ones((n_layers, n_metrics)), 1.0)
         self._no_terms = np.full(self.layout.n_terms, np.nan)
@@ -291,6 +295,11 @@ class Baseline:
         out["flag_values"] = [{str(k): v for k, v in values.items()} for values in self.flag_values]
         out["noise_shifts"] = {str(k): t for k, t in self.noise_shifts.items()}
         out["noise_levels"] = {str(k): v for k, v in self.noise_levels.items()}
+        out["spike"] = (
+            None
+            if self.spike is None
+            else {"t": self.spike[0], "terms": {str(k): [sign, v] for k, (sign, v) in self.spike[1].items()}}
+        )
         return out
 
     @classmethod
@@ -343,6 +352,10 @@ class Baseline:
             base.clear_run()
         base.noise_shifts = {int(k): float(t) for k, t in (state.get("noise_shifts") or {}).items()}
         base.noise_levels = {int(k): float(v) for k, v in (state.get("noise_levels") or {}).items()}
+        spike = state.get("spike")
+        if isinstance(spike, Mapping) and "t" in spike:
+            terms = {int(k): (float(sign), float(v)) for k, (sign, v) in (spike.get("terms") or {}).items()}
+            base.spike = (float(spike["t"]), terms)
         return base
 
     def _load_residuals(self, block: Block, state: Mapping[str, Any], columns: Columns, n_layers: int) -> FloatArray:

@@ -103,6 +103,17 @@ shift (layers drifting each at its own pace, which the shortened trends then fol
 shift within ``4 (shift_after + 1)`` steps says the profile's noise grew, and that term's level-2 window
 is re-centred on the lowest value of the run. Bad steps in a row that move different things stay flagged.
 
+**Aftermath.** A batch that moves the gradients far moves the model too, and the optimizer's moments carry
+its update for several more steps: the next clean batches' loss and gradients stay off the same way while
+the model returns (or settles elsewhere). Within ``aftermath_steps`` steps of a flagged step, a step over the
+threshold is that step's *aftermath*, an event (``"aftermath"``) and not a flag, when (1) every term over the
+threshold was over it in the flagged step, the same way and at least as strongly, (2) the flagged step's
+strongest term has fallen to at most half its strength there (a bad batch repeated moves it as far again),
+and (3) no step between was back to normal (every term of the flagged step under 2 in its direction). It is
+kept out of the windows like a flagged step and still joins the run of flags, so a change that lasts is
+adopted as a shift as before. The price is a second bad batch of the same kind, no stronger, whose strongest
+term is half the first's, right after it (docs/scoring.md measures the trade on the detection grid).
+
 **Warm-up.** The first ``warmup_steps`` steps only fill the windows (score ``None``, not flagged);
 the first few of them only start the trends. When warm-up ends, the warm-up steps' terms are computed
 in-sample to start level 2 and the threshold window. A short warm-up leaves few values to estimate
@@ -179,6 +190,8 @@ _LOG_FLOOR = 1e-30  # log(0) for a zero gradient becomes log(1e-30): a huge "low
 _MIN_AGGREGATE_SCALE = 0.05  # level 2: below this, a steady term would amplify rounding noise
 _TAIL_QUANTILE = 0.9  # the threshold extrapolates from the median and this quantile of accepted scores
 _CONTINUES = 1.0  # an accepted step this many robust deviations out keeps a run of flags going
+_AFTERMATH_CONTINUES = 2.0  # ... and the aftermath of the latest flagged step
+_AFTERMATH_FALL = 0.5  # ... and only once its strongest term has fallen to this fraction of what it was
 _GUARD = 0.75  # steps scoring above this fraction of the threshold do not update the baseline windows
 _Q_FLOOR = 1e-12  # log Q of a profile that matches its basis exactly
 _PRIOR_UNTIL = 30  # windows with fewer clean values than this lean on a prior (see _robust_z)
@@ -245,6 +258,10 @@ class BatchScorer:
             disjoint layers never are.
         threshold_window: how many recent accepted scores set the threshold, in
             ``[warmup_steps, 1000000]``.
+        aftermath_steps: for how many steps after a flagged step a step over the threshold may be its aftermath
+            (an event, not a flag; see **Aftermath** above), in ``[1, 1000]``; ``None``: never. 4: on the tuning
+            half of the detection grid (docs/scoring.md), 8 caught fewer bad batches and flagged no fewer clean
+            ones.
 
     Raises:
         ValueError: an argument is out of range (the message names it, the range and the value).
@@ -275,6 +292,7 @@ class BatchScorer:
         threshold_window: int = 1000,
         shift_after: int | None = 3,
         shift_agreement: float = 0.5,
+        aftermath_steps: int | None = 4,
     ) -> None:
         self.window = check_int("window", window, 10, 100_000)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 5, self.window, f"window={self.window}")
@@ -306,6 +324,9 @@ class BatchScorer:
         self.rebaseline_after = None if rebaseline_after is None else check_int("rebaseline_after", rebaseline_after, 1)
         self.shift_after = None if shift_after is None else check_int("shift_after", shift_after, 2, 1000)
         self.shift_agreement = check_float("shift_agreement", shift_agreement, -1.0, 1.0)
+        self.aftermath_steps = (
+            None if aftermath_steps is None else check_int("aftermath_steps", aftermath_steps, 1, 1000)
+        )
         self._fixed_metrics = metrics is not None
         fixed = check_names("metrics", metrics, allow_empty=False) if metrics is not None else ()
         self.log_metrics = frozenset(
@@ -427,6 +448,7 @@ class BatchScorer:
         self._base = Baseline.load(self._sizes, state, len(layers), metrics, profile)
         if metrics.stored != metrics.current or profile.stored != profile.current:
             self._base.clear_run()  # the run's marks name level-2 rows of the stored terms
+            self._base.spike = None
             self._base.noise_shifts, self._base.noise_levels = {}, {}
         if not self.in_warmup and not self._base.load_level2(state, self._term_names()):
             self._start_scoring()  # a state without level 2: rebuild it as at the end of warm-up
@@ -499,7 +521,12 @@ class BatchScorer:
                 values = {k: float(terms[k]) for k in signature}
                 shift = self._shift(signature, values, z["values"], z_terms, strength, step.t)
             if shift is not None:
+                self._base.spike = None
                 return ScoreResult(score, False, [], z_dict, in_warmup=False, threshold=threshold, events=[shift])
+            aftermath = self._aftermath(z_terms, strength, threshold, step.t)
+            if aftermath is not None:  # part of the run of flags (a lasting change is still a shift), not flagged
+                return ScoreResult(score, False, [], z_dict, in_warmup=False, threshold=threshold, events=[aftermath])
+            self._base.spike = (step.t, self._over(z_terms, strength, threshold))
             reasons.extend(self._count_flag())
         else:
             self._continue_run(z_terms, strength)
@@ -614,12 +641,62 @@ class BatchScorer:
         base.recentre_term(k, min(values))
         return f"; the second in {int(t - last)} steps: its noise changed, its baseline moves up to the run's lowest"
 
+    def _over(self, z_terms: FloatArray, strength: FloatArray, threshold: float) -> dict[int, tuple[float, float]]:
+        """Each term over the threshold: its direction and strength."""
+        over = np.flatnonzero(np.nan_to_num(strength, nan=-1.0) > threshold).tolist()
+        return {k: (math.copysign(1.0, float(z_terms[k])), float(strength[k])) for k in over}
+
+    def _aftermath(
+        self, z_terms: FloatArray, strength: FloatArray, threshold: float, t: float
+    ) -> dict[str, str] | None:
+        """The event saying that a step over the threshold is the aftermath of a flagged step shortly before
+        (see **Aftermath** above; the step is not flagged), else ``None``.
+
+        The spike is the latest flagged step; :meth:`_continue_run` forgets it at a step back to normal.
+        """
+        spike = self._base.spike
+        if self.aftermath_steps is None or spike is None:
+            return None
+        since, moved = spike
+        after = int(t - since)
+        if not 0 < after <= self.aftermath_steps:
+            return None
+        now = self._over(z_terms, strength, threshold)
+        for k, (sign, value) in now.items():
+            if k not in moved or moved[k][0] != sign or value > moved[k][1]:
+                return None
+        top = max(moved, key=lambda j: moved[j][1])
+        if moved[top][0] * float(z_terms[top]) > _AFTERMATH_FALL * moved[top][1]:
+            return None
+        names = self._term_names()
+        order = sorted(now, key=lambda j: -now[j][1])
+        what = ", ".join(f"{names[j]} {'high' if now[j][0] > 0 else 'low'}" for j in order)
+        k = order[0]
+        steps = "step" if after == 1 else "steps"
+        fell = (
+            ""
+            if top == k
+            else f"; {names[top]} {float(z_terms[top]):.1f} now, {moved[top][0] * moved[top][1]:.1f} then"
+        )
+        message = (
+            f"aftermath: {what} {after} {steps} after a flagged batch that moved {'it' if len(now) == 1 else 'them'} "
+            f"at least as far ({names[k]} z={float(z_terms[k]):.1f} now, {moved[k][0] * moved[k][1]:.1f} then{fell}): "
+            f"the model still moving from that batch's update, not a new bad batch; not flagged"
+        )
+        return {"kind": "aftermath", "message": message}
+
     def _continue_run(self, z_terms: FloatArray, strength: FloatArray) -> None:
         """An accepted step keeps a run of flags going only where the change goes on in it, under the threshold:
         a term of the run's latest flag at least ``_CONTINUES`` robust deviations out, the same way. A level
         that moved for good sits there at every step, while the clean steps between bad batches of one
-        kind do not: these end the run (and the bad batches stay flagged)."""
+        kind do not: these end the run (and the bad batches stay flagged). A step with every term of the latest
+        flagged step under ``_AFTERMATH_CONTINUES`` in its direction ends that step's aftermath: a step over the
+        threshold after it is judged on its own."""
         base = self._base
+        if base.spike is not None and not any(
+            strength[k] >= _AFTERMATH_CONTINUES and sign * z_terms[k] > 0 for k, (sign, _) in base.spike[1].items()
+        ):
+            base.spike = None
         if not base.flag_run:
             return
         latest = base.flag_run[-1]

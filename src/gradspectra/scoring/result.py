@@ -23,7 +23,9 @@ class ScoreResult:
         threshold: the threshold the score was compared with; ``None`` during warm-up.
         events: what happened to the baseline at this step, each ``{"kind": ..., "message": ...}``;
             ``"shift"``: a change that persisted (see :mod:`gradspectra.scoring.batch`) was adopted
-            as the new normal, and this step was not flagged for it.
+            as the new normal, and this step was not flagged for it; ``"aftermath"``: the step moved only
+            what a flagged step shortly before moved, no further, and is taken as that change going on (not
+            flagged).
     """
 
     score: float | None
