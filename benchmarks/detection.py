@@ -297,6 +297,7 @@ def rescore(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             light_result = light.score(norms, r["loss"])
         if r.get("light"):
             result = light_result
+            scorer.forget_flag()  # as the monitor: a step the scorer does not see
         else:
             # what the monitor scored: the metrics and each layer's detection value
             seen = {layer: {m: _value(v) for m, v in values.items()} for layer, values in r["metrics"].items()}
@@ -305,6 +306,8 @@ def rescore(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             result = scorer.score(seen, r["loss"])
             if result.in_warmup and light_result is not None and not light_result.in_warmup:
                 result = light_result
+            elif light is not None and not result.flagged:
+                light.forget_flag()  # as the monitor: the light scorer's flag was not the record's
         assert result is not None
         out.append(
             {**r, "score": result.score, "flagged": result.flagged, "reasons": result.reasons, "events": result.events}

@@ -183,3 +183,22 @@ def test_the_aftermath_of_a_far_out_step_is_recorded_said_and_counted(tmp_path: 
     texts = acc.Tensors(f"{EVENTS_TAG}/text_summary")
     assert [e.step for e in texts] == [101, 102]
     assert b"aftermath: " in texts[0].tensor_proto.string_val[0]
+
+
+def test_a_skipped_flagged_step_leaves_no_aftermath(tmp_path: Path) -> None:
+    # action="skip": the far-out batch's optimizer step is dropped, so it moved nothing and the next far-out
+    # steps are bad batches of their own, flagged (and skipped) rather than taken as its aftermath
+    generator = torch.Generator().manual_seed(0)
+    shapes = [torch.randn(16, 24, generator=generator) for _ in range(4)]
+    model = _Blocks()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scale = {100: 50.0, 101: 4.0, 102: 3.0}
+    options = {"spectra": "exact", "figure_every_n_steps": 0, "verbose": False, "stability": False, "action": "skip"}
+    with GradientSpectrumTracker(model, log_dir=tmp_path, optimizer=optimizer, **options) as tracker:
+        for step in range(104):
+            noise = torch.exp(0.1 * torch.randn(5, generator=generator))
+            model.backward_with([g * float(noise[i]) * scale.get(step, 1.0) for i, g in enumerate(shapes)])
+            tracker.step(loss=0.7 * float(noise[4]))
+            model.zero_grad()
+    records = read_records(tmp_path / "gradspectra" / "batches.jsonl")
+    assert all(r["flagged"] and r["skipped"] and not r["events"] for r in records[100:103])

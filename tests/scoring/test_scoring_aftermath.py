@@ -171,3 +171,61 @@ def test_a_recorded_causal_lm_run_loses_its_false_flags_after_bad_batches_not_th
     assert events_off == 0 and events_on >= 3
     assert sum(clean_off) >= sum(clean_on) + 3
     assert sum(bad_on) == sum(bad_off) >= 4
+
+
+def test_a_step_still_out_between_keeps_the_aftermath_going() -> None:
+    # the step between is under the threshold but still >= 2 out the same way: the change goes on in it
+    run, scorer = scorer_after_warmup(seed=59)
+    results = feed(run, scorer, [{"frobenius_norm": 40.0}, {"frobenius_norm": 1.5}, {"frobenius_norm": 12.0}])
+    between = results[1]
+    assert not between.flagged and 2.0 <= between.z["frobenius_norm"] < between.threshold  # the premise
+    assert results[0].flagged and kinds(results[2]) == ["aftermath"]
+
+
+def test_a_term_that_turned_the_other_way_is_no_aftermath() -> None:
+    # effective rank far up, then far (less) down: not the same change
+    run, scorer = scorer_after_warmup(seed=60)
+    results = feed(run, scorer, [{"effective_rank": 40.0}, {"effective_rank": -12.0}])
+    assert results[0].flagged and results[1].flagged and not results[1].events
+
+
+def test_a_term_moved_further_than_at_the_flag_is_no_aftermath() -> None:
+    # the loss (the flagged step's strongest term) fell to a tenth, but the norms went further than then
+    run, scorer = scorer_after_warmup(seed=61)
+    first = scorer.score(run.step({"frobenius_norm": 12.0}), loss=run.loss(factor=20.0))
+    second = scorer.score(run.step({"frobenius_norm": 30.0}), loss=run.loss())
+    assert first.flagged and first.z["loss"] > first.z["frobenius_norm"]  # the premise: the loss was strongest
+    assert second.flagged and not second.events
+
+
+def test_a_strongest_term_not_measured_now_has_not_fallen() -> None:
+    # the flagged step's loss was its strongest term; a step without a loss says nothing of its fall
+    run, scorer = scorer_after_warmup(seed=62)
+    first = scorer.score(run.step({"frobenius_norm": 40.0}), loss=run.loss(factor=20.0))
+    second = scorer.score(run.step({"frobenius_norm": 36.0}))
+    assert first.flagged and first.z["loss"] > first.z["frobenius_norm"]
+    assert second.flagged and not second.events
+    assert all("nan" not in e["message"] for e in second.events)
+
+
+def test_a_non_finite_step_or_forget_flag_ends_the_aftermath() -> None:
+    for end in ("nonfinite", "forget"):
+        run, scorer = scorer_after_warmup(seed=63)
+        assert scorer.score(run.step({"frobenius_norm": 40.0}), loss=run.loss()).flagged
+        if end == "nonfinite":
+            bad = run.step()
+            bad[next(iter(bad))]["frobenius_norm"] = float("nan")
+            assert scorer.score(bad, loss=run.loss()).flagged
+        else:
+            scorer.forget_flag()  # e.g. the flagged batch's optimizer step was skipped: it moved nothing
+        result = scorer.score(run.step({"frobenius_norm": 12.0}), loss=run.loss())
+        assert result.flagged and not result.events, end
+
+
+def test_a_shift_ends_the_aftermath() -> None:
+    # four steps of a lasting change make a shift; a fading step after it is judged against the new level
+    run, scorer = scorer_after_warmup(seed=64, shift_after=2)
+    results = feed(run, scorer, [{"frobenius_norm": 30.0}] * 3)
+    assert kinds(results[2]) == ["shift"]
+    after = scorer.score(run.step({"frobenius_norm": 60.0}), loss=run.loss())
+    assert after.flagged and not after.events

@@ -180,8 +180,8 @@ def test_step_change_without_shifts_is_followed_by_the_trend() -> None:
     # once it fills half the trend window, without a restart
     run = SyntheticRun(seed=21)
     trend_half = 16
-    # (aftermath off too: as the trend takes the new level in, the steps' z fall, and from half the first's
-    # they would be the first flag's aftermath, not flags)
+    # (aftermath off too: as the trend takes the new level in, the steps' z fall, and from half the latest flag's
+    # they would be the latest flag's aftermath, not flags)
     scorer = BatchScorer(warmup_steps=WARMUP, trend_window=2 * trend_half, shift_after=None, aftermath_steps=None)
     warmed_up(run, scorer)
     results = [scorer.score(run.step({"frobenius_norm": 10.0}), loss=run.loss()) for _ in range(150)]

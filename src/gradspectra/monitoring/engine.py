@@ -1076,11 +1076,15 @@ class MonitorEngine:
         scorer = self._scorer_for(inputs.optimizer)
         if light:
             score = light_score
+            if scorer is not None:
+                scorer.forget_flag()  # a step it does not see: its next step is no aftermath of its last flag
         else:
             score = None if scorer is None else scorer.score(table.scored_metrics(keys, self.metric_names), table.loss)
             if score is not None and score.in_warmup and light_score is not None and not light_score.in_warmup:
                 # the scorer sees only the full steps: while it warms up on them, the light scorer's score stands
                 score = light_score
+            elif light_scorer is not None and not (score is not None and score.flagged):
+                light_scorer.forget_flag()  # its flag on this step was not the record's
         record = assemble_record(
             step=inputs.step,
             epoch=inputs.epoch,
@@ -1271,6 +1275,9 @@ class MonitorEngine:
         # torch optimizers leave a parameter without .grad untouched (momentum and weight decay included)
         for p in params():
             p.grad = None
+        for scorer in (self._scorer_for(record.get("optimizer")), self._light_scorer_for(record.get("optimizer"))):
+            if scorer is not None:
+                scorer.forget_flag()  # the batch moved nothing: the next steps are no aftermath of it
         self.skipped_total += 1
         record["skipped"] = True
         if procs.is_zero:
@@ -1375,7 +1382,8 @@ class MonitorEngine:
             + (f", {self.skipped_total} skipped" if self.config.action == "skip" else "")
             + (f", {self.shift_total} shifts adopted (see the records' events)" if self.shift_total else "")
             + (
-                f", {self.aftermath_total} steps not flagged as the aftermath of a flagged one"
+                f", {self.aftermath_total} {'step' if self.aftermath_total == 1 else 'steps'} not flagged as the"
+                " aftermath of a flagged one"
                 if self.aftermath_total
                 else ""
             )

@@ -411,6 +411,14 @@ class BatchScorer:
             self.flagged_steps += 1
         return result
 
+    def forget_flag(self) -> None:
+        """Forget the latest flagged step, so that the next steps are not taken as its aftermath.
+
+        For a caller that knows the flagged batch moved nothing (its optimizer step was skipped) or that
+        steps happened which this scorer did not see (the monitor's light steps between its full ones).
+        """
+        self._base.spike = None
+
     def state_dict(self) -> dict[str, Any]:
         """Picklable state (plain lists, floats and ints): every window oldest first, and counters.
 
@@ -510,6 +518,7 @@ class BatchScorer:
             reasons.extend(self._term_reasons(step, z["values"], remainders, z_terms, strength, threshold))
         if nonfinite:  # kept out of every window; it breaks a run of like flags (it says nothing of their change)
             self._base.clear_run()
+            self._base.spike = None  # nor of what the flag before it moved
             return ScoreResult(math.inf, True, reasons, z_dict, in_warmup=False, threshold=threshold)
         if score is None:  # nothing measured: keep the windows as they are rather than evict for nothing
             return ScoreResult(None, False, [], z_dict, in_warmup=False, threshold=threshold)
@@ -666,11 +675,19 @@ class BatchScorer:
             if k not in moved or moved[k][0] != sign or value > moved[k][1]:
                 return None
         top = max(moved, key=lambda j: moved[j][1])
-        if moved[top][0] * float(z_terms[top]) > _AFTERMATH_FALL * moved[top][1]:
-            return None
-        names = self._term_names()
+        fallen = moved[top][0] * float(z_terms[top])
+        if not math.isfinite(fallen) or fallen > _AFTERMATH_FALL * moved[top][1]:
+            return None  # (not measured now, such as a loss not given: nothing says it fell)
+        n_profile = len(self.profile_metrics)
+        names = [
+            f"{name[: -len(PROFILE_SUFFIX)]} layer profile" if 1 <= j <= n_profile else name
+            for j, name in enumerate(self._term_names())
+        ]
         order = sorted(now, key=lambda j: -now[j][1])
-        what = ", ".join(f"{names[j]} {'high' if now[j][0] > 0 else 'low'}" for j in order)
+        what = ", ".join(
+            f"{names[j]} unusual" if 1 <= j <= n_profile else f"{names[j]} {'high' if now[j][0] > 0 else 'low'}"
+            for j in order
+        )
         k = order[0]
         steps = "step" if after == 1 else "steps"
         fell = (
