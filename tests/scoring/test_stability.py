@@ -135,6 +135,36 @@ def test_the_loss_guard_needs_a_positive_loss_that_fell_by_loss_fall() -> None:
     assert first_warning(events) is None
 
 
+def _knocked_run(rng: np.random.Generator, stays: bool) -> tuple[list[dict[str, dict[str, float]]], list[float]]:
+    """60 steady steps; then one batch far out of line (loss 20x, gradients 50x) that knocks the model: the
+    gradients stay 6x up for 15 steps while it returns and the loss is back at 1.3x (``stays``: the loss stays
+    20x and the gradients go on growing, a run that breaks)."""
+    values = [step_values(20.0, 1.0, rng) for _ in range(60)] + [step_values(20.0, 50.0, rng)]
+    losses = [0.3 * math.exp(0.05 * rng.standard_normal()) for _ in range(60)] + [6.0]
+    for t in range(15):
+        values.append(step_values(20.0, 6.0 * 1.3**t if stays else 6.0 * 0.9**t, rng))
+        losses.append(6.0 if stays else 0.4)
+    return values, losses
+
+
+def test_the_aftermath_of_one_knock_is_not_growth_and_a_break_still_is() -> None:
+    rng = np.random.default_rng(14)
+    values, losses = _knocked_run(rng, stays=False)
+    for knock, warns in ((10.0, False), (None, True), (30.0, True)):  # the premise: without the rule it warns
+        detector = StabilityDetector(knock=knock)
+        events = [detector.update(v, loss=loss).events for v, loss in zip(values, losses)]
+        warned = first_warning(events)
+        assert (warned is not None) is warns, knock
+        if warned is not None:
+            assert "gradient norm up" in events[warned][0]["message"]
+    # the loss stays up: no knock to return from, the growth warns
+    values, losses = _knocked_run(rng, stays=True)
+    detector = StabilityDetector()
+    events = [detector.update(v, loss=loss).events for v, loss in zip(values, losses)]
+    warned = first_warning(events)
+    assert warned is not None and 60 < warned < 66 and "gradient norm up" in events[warned][0]["message"]
+
+
 def test_non_finite_steps_warn_and_never_enter_the_series() -> None:
     rng = np.random.default_rng(4)
     values: list[Any] = [step_values(20.0, 1.0, rng) for _ in range(40)]
@@ -218,6 +248,7 @@ def test_state_dict_round_trip_continues_identically() -> None:
         ({"nonfinite": 9}, "`nonfinite` must be an integer in [1, recent=3], got 9"),
         ({"persist": True}, "`persist` must be an integer"),
         ({"loss_fall": 0.9}, "`loss_fall` must be a finite number in (1.0, inf), got 0.9"),
+        ({"knock": 1.5}, "`knock` must be a finite number in (2.0, inf), got 1.5"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict[str, Any], message: str) -> None:

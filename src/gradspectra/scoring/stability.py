@@ -22,7 +22,11 @@ Rising gradient norms are also what a model does while it learns fast: a new hea
 weights, so the gradients reaching the pretrained layers grow several-fold as it learns, while the loss
 falls. ``growth`` and ``divergence`` therefore do not count while the loss has fallen by ``loss_fall`` or
 more between the reference window and the recent one (the medians of the losses given); before a break
-at a too-high learning rate the loss has stopped falling. ``collapse`` and ``concentration`` count
+at a too-high learning rate the loss has stopped falling. Nor do they count after one batch far out of
+line (a step's loss ``knock`` times the reference median or more, since the reference window) while the
+recent median is back under twice the reference: that batch moved the model, and the gradients stay
+large for 10-20 steps while it returns (a corrupted batch in a small causal LM); a run that breaks keeps
+its loss up. ``collapse`` and ``concentration`` count
 whatever the loss does: the gradient collapsing onto few directions precedes a break while the loss still
 falls.
 
@@ -76,6 +80,7 @@ _LABELS = {
     "frobenius_norm": "gradient norm",
 }
 _WATCHED = tuple(m for metrics, _ in FAMILIES.values() for m in metrics)
+_KNOCK_BACK = 2.0  # the recent loss back under this many times the reference: the run is returning from a knock
 
 
 @dataclass
@@ -131,6 +136,10 @@ class StabilityDetector:
         loss_fall: the fall (a factor ``> 1``) of the loss between the windows over which ``growth`` and
             ``divergence`` do not count: the model is learning (module docstring). Applies only where losses
             are given and positive.
+        knock: the loss of one step, as a factor (``> 1``) of the reference window's median, that makes a
+            batch far out of line: while such a step lies in the recent window or the gap and the recent
+            median is back under ``2x`` the reference, ``growth`` and ``divergence`` do not count (the model
+            knocked by one bad batch, returning; module docstring). ``None``: never.
 
     Raises:
         ValueError: an argument is out of range (the message names it and the value).
@@ -152,6 +161,7 @@ class StabilityDetector:
         min_layers: int = 1,
         warmup_steps: int = 40,
         loss_fall: float = 1.25,
+        knock: float | None = 10.0,
     ) -> None:
         self.recent = check_int("recent", recent, 1)
         self.gap = check_int("gap", gap, 0)
@@ -168,6 +178,7 @@ class StabilityDetector:
         self.min_layers = check_int("min_layers", min_layers, 1)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.loss_fall = check_float("loss_fall", loss_fall, 1.0, low_open=True)
+        self.knock = None if knock is None else check_float("knock", knock, _KNOCK_BACK, low_open=True)
         self._span = self.recent + self.gap + self.reference
         # per watched metric, a ring of the last `_span` steps' log values, (span, layers), NaN where none
         self._columns: dict[str, int] = {}
@@ -316,14 +327,32 @@ class StabilityDetector:
         level_now, level_before = statistics.median(now), statistics.median(before)
         return bool(level_before > 0.0 and level_now > 0.0 and level_now * self.loss_fall <= level_before)
 
+    def _knocked(self, step: int, recent: np.ndarray, reference: np.ndarray) -> bool:
+        """Whether one step's loss since the reference window reached ``knock`` x its median and the recent
+        median is back under ``_KNOCK_BACK`` x: a batch far out of line whose aftermath is under way."""
+        if self.knock is None:
+            return False
+        since = np.arange(step - self.recent - self.gap + 1, step + 1)
+        since = since[since >= 0]
+        since = since[self._row_step[since % self._span] == since] % self._span
+        before: list[float] = [v for v in self._loss[reference].tolist() if v == v]
+        peak: list[float] = [v for v in self._loss[since].tolist() if v == v]
+        now: list[float] = [v for v in self._loss[recent].tolist() if v == v]
+        if len(before) < 2 or not peak or not now:
+            return False
+        level = statistics.median(before)
+        return level > 0.0 and max(peak) >= self.knock * level and statistics.median(now) <= _KNOCK_BACK * level
+
     def _findings(self, step: int) -> list[_Finding]:
         findings: list[_Finding] = []
         recent, reference = self._windows(step)
         steps = self.recent + self.gap
-        learning = self._learning(recent, reference)
+        learning = self._learning(recent, reference) or self._knocked(step, recent, reference)
         for family, (names, sign) in FAMILIES.items():
             if family == "growth" and learning:
-                continue  # (and divergence, measured with it): gradients grow while the model learns fast
+                # (and divergence, measured with it): gradients grow while the model learns fast, and while it
+                # returns from the knock of one bad batch
+                continue
             best: _Finding | None = None
             for name in names:
                 if self._last_put.get(name, -1) <= step - self.recent:
