@@ -157,6 +157,23 @@ def test_the_aftermath_of_one_knock_is_not_growth_and_a_break_still_is() -> None
         assert (warned is not None) is warns, knock
         if warned is not None:
             assert "gradient norm up" in events[warned][0]["message"]
+    # the knock counts only while it lies in the recent window or the gap: once it is 11 steps back (in the
+    # reference window), gradients still 6x up are growth again
+    values, losses = _knocked_run(rng, stays=False)
+    values[61:] = [step_values(20.0, 6.0, rng) for _ in values[61:]] + [step_values(20.0, 6.0, rng) for _ in range(6)]
+    losses += [0.4] * 6
+    detector = StabilityDetector()
+    events = [detector.update(v, loss=loss).events for v, loss in zip(values, losses)]
+    warned = first_warning(events)
+    assert warned is not None and 60 + 3 + 8 <= warned < 60 + 3 + 8 + 4, warned
+    # spikes again and again are no knock: a loss 12x every 5 steps while the gradients grow, a run in trouble
+    values = [step_values(20.0, 1.0, rng) for _ in range(60)] + [step_values(20.0, 1.2**t, rng) for t in range(30)]
+    losses = [0.3] * 60 + [3.6 if t % 5 == 0 else 0.35 for t in range(30)]
+    for knock in (10.0, None):
+        detector = StabilityDetector(knock=knock)
+        events = [detector.update(v, loss=loss).events for v, loss in zip(values, losses)]
+        warned = first_warning(events)
+        assert warned is not None and warned < 80 and "gradient norm up" in events[warned][0]["message"], knock
     # the loss stays up: no knock to return from, the growth warns
     values, losses = _knocked_run(rng, stays=True)
     detector = StabilityDetector()

@@ -23,8 +23,8 @@ weights, so the gradients reaching the pretrained layers grow several-fold as it
 falls. ``growth`` and ``divergence`` therefore do not count while the loss has fallen by ``loss_fall`` or
 more between the reference window and the recent one (the medians of the losses given); before a break
 at a too-high learning rate the loss has stopped falling. Nor do they count after one batch far out of
-line (a step's loss ``knock`` times the reference median or more, since the reference window) while the
-recent median is back under twice the reference: that batch moved the model, and the gradients stay
+line (a single step's loss ``knock`` times the reference median or more, since the reference window) while
+the recent median is back under twice the reference: that batch moved the model, and the gradients stay
 large for 10-20 steps while it returns (a corrupted batch in a small causal LM); a run that breaks keeps
 its loss up. ``collapse`` and ``concentration`` count
 whatever the loss does: the gradient collapsing onto few directions precedes a break while the loss still
@@ -136,10 +136,11 @@ class StabilityDetector:
         loss_fall: the fall (a factor ``> 1``) of the loss between the windows over which ``growth`` and
             ``divergence`` do not count: the model is learning (module docstring). Applies only where losses
             are given and positive.
-        knock: the loss of one step, as a factor (``> 1``) of the reference window's median, that makes a
-            batch far out of line: while such a step lies in the recent window or the gap and the recent
-            median is back under ``2x`` the reference, ``growth`` and ``divergence`` do not count (the model
-            knocked by one bad batch, returning; module docstring). ``None``: never.
+        knock: the loss of one step, as a factor (``> 2``, the level a run returns under) of the reference
+            window's median, that makes a batch far out of line: while exactly one such step lies in the recent
+            window or the gap and the recent median is back under ``2x`` the reference, ``growth`` and
+            ``divergence`` do not count (the model knocked by one bad batch, returning; module docstring). Two
+            or more such steps are spikes of a run in trouble, not one knock. ``None``: never.
 
     Raises:
         ValueError: an argument is out of range (the message names it and the value).
@@ -328,8 +329,8 @@ class StabilityDetector:
         return bool(level_before > 0.0 and level_now > 0.0 and level_now * self.loss_fall <= level_before)
 
     def _knocked(self, step: int, recent: np.ndarray, reference: np.ndarray) -> bool:
-        """Whether one step's loss since the reference window reached ``knock`` x its median and the recent
-        median is back under ``_KNOCK_BACK`` x: a batch far out of line whose aftermath is under way."""
+        """Whether exactly one step's loss since the reference window reached ``knock`` x its median and the
+        recent median is back under ``_KNOCK_BACK`` x: a batch far out of line whose aftermath is under way."""
         if self.knock is None:
             return False
         since = np.arange(step - self.recent - self.gap + 1, step + 1)
@@ -341,7 +342,9 @@ class StabilityDetector:
         if len(before) < 2 or not peak or not now:
             return False
         level = statistics.median(before)
-        return level > 0.0 and max(peak) >= self.knock * level and statistics.median(now) <= _KNOCK_BACK * level
+        if level <= 0.0 or statistics.median(now) > _KNOCK_BACK * level:
+            return False
+        return sum(v >= self.knock * level for v in peak) == 1  # one knock; spikes again and again are no knock
 
     def _findings(self, step: int) -> list[_Finding]:
         findings: list[_Finding] = []
