@@ -31,6 +31,7 @@ MAD_PER_SIGMA = 1 / stats.norm.ppf(0.75)
 NUCLEAR = METRICS.index("nuclear_norm")
 HIGH = ("nuclear_norm", "frobenius_norm", "spectral_norm")  # BatchScorer's default high_metrics
 PRIOR_UNTIL = 30
+EARLY_MARGIN = 0.5  # BatchScorer's default early_margin
 LOSS_PRIOR = 0.1  # times the loss's prediction (linear), or on log scale
 
 
@@ -201,9 +202,11 @@ class Reference:
         z = self.level2(terms)
         s = self.strength(z)
         threshold = self.threshold()
-        flagged = s > threshold
-        self.trend.push(v, t, not flagged)
-        if not flagged:
+        over = s > threshold  # what the scorer learns from
+        # the early margin: flagged only above 1 + 0.5 (1 - n / min(60, window)) times that
+        flag_at = threshold * (1.0 + EARLY_MARGIN * max(0.0, 1.0 - len(self.res) / min(60, self.window)))
+        self.trend.push(v, t, not over)
+        if not over:
             self.scores.append(float(f32(s)))
             if s > 0.75 * threshold and len(self.res) < PRIOR_UNTIL:  # the rebuilds keep it
                 self.young.append(float(f32(s)))
@@ -213,7 +216,7 @@ class Reference:
                 self.accepted += 1
                 if len(self.res) <= PRIOR_UNTIL:  # still young: start over in-sample
                     self.restart(pred_loss if self.loss_window is not None else 1.0)
-        return s, flagged, z, threshold
+        return s, s > flag_at, z, flag_at
 
 
 @pytest.mark.parametrize("loss_window", [None, 50])

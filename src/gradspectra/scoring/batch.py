@@ -129,6 +129,15 @@ every clean step rebuilds level 2, the profile directions and the threshold wind
 the end of warm-up (about 1.5 ms a step at 30 layers), so they stay consistent with the level-1
 scales as those settle.
 
+**Early margin.** The threshold of a young baseline is still too low: it extrapolates from a few dozen
+scores, most of them computed in-sample, against the windows they built (a step scored out of sample
+lies further out). Until the windows have taken :data:`_EARLY_UNTIL` (60) clean steps, warm-up
+included, a step is *flagged* only over the threshold raised by ``early_margin`` times the share of those
+steps still to come: ``threshold * (1 + early_margin * (1 - n / 60))``. A step between the two thresholds
+is treated inside as a flagged one (kept out of the windows, counted in a run of flags, a shift or an
+aftermath as before), but not reported: not flagged, no reasons, no aftermath event. So the margin changes
+what is flagged and nothing the scorer learns: every score is what it would be without it.
+
 A non-finite metric value or loss flags the step at once (also during warm-up), names the layers,
 and is kept out of every window; its score is ``inf``. Absent layers or metrics are simply absent.
 
@@ -195,6 +204,7 @@ _AFTERMATH_FALL = 0.5  # ... and only once its strongest term has fallen to this
 _GUARD = 0.75  # steps scoring above this fraction of the threshold do not update the baseline windows
 _Q_FLOOR = 1e-12  # log Q of a profile that matches its basis exactly
 _PRIOR_UNTIL = 30  # windows with fewer clean values than this lean on a prior (see _robust_z)
+_EARLY_UNTIL = 2 * _PRIOR_UNTIL  # the early margin fades over this many clean steps (see **Early margin**)
 _LOSS_PRIOR_SCALE = 0.1  # the loss's prior spread: 10 % of its level (0.1 on log scale)
 _LEVEL2_PRIOR_SCALE = 1.0  # level 2's prior scale: a term's clean spread when it is one layer's z
 _PROFILE_TRIM = 0.25  # the common level a profile is taken from: the interquartile mean over layers
@@ -262,6 +272,10 @@ class BatchScorer:
             (an event, not a flag; see **Aftermath** above), in ``[1, 1000]``; ``None``: never. 4: on the tuning
             half of the detection grid (docs/scoring.md) 2 flagged more clean batches and 8 the same as 4 (a step
             back to normal ends an aftermath, and a fourth flag in a row is a shift).
+        early_margin: how much higher the threshold for a flag is while the baseline is young (see **Early
+            margin** above), as a fraction of the threshold at the first scored step, fading to none after 60
+            clean steps; ``0`` turns it off. In ``[0, 10]``. 0.5: on the tuning half of the detection grid
+            (docs/scoring.md) 0.2 and 0.3 flagged more clean batches and 1.0 missed more bad ones.
 
     Raises:
         ValueError: an argument is out of range (the message names it, the range and the value).
@@ -293,6 +307,7 @@ class BatchScorer:
         shift_after: int | None = 3,
         shift_agreement: float = 0.5,
         aftermath_steps: int | None = 4,
+        early_margin: float = 0.5,
     ) -> None:
         self.window = check_int("window", window, 10, 100_000)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 5, self.window, f"window={self.window}")
@@ -327,6 +342,7 @@ class BatchScorer:
         self.aftermath_steps = (
             None if aftermath_steps is None else check_int("aftermath_steps", aftermath_steps, 1, 1000)
         )
+        self.early_margin = check_float("early_margin", early_margin, 0.0, 10.0)
         self._fixed_metrics = metrics is not None
         fixed = check_names("metrics", metrics, allow_empty=False) if metrics is not None else ()
         self.log_metrics = frozenset(
@@ -365,6 +381,7 @@ class BatchScorer:
         self._reset_baseline()
         self.steps = 0  # steps scored, warm-up included; also the time axis of the trends
         self.flagged_steps = 0
+        self._held_at: float | None = None  # the latest step over the threshold left unflagged by the early margin
 
     # ------------------------------------------------------------------ public API
 
@@ -385,8 +402,9 @@ class BatchScorer:
 
     @property
     def threshold(self) -> float | None:
-        """The threshold the next step's score will be compared with; ``None`` during warm-up."""
-        return None if self.in_warmup else self._threshold()
+        """The threshold the next step's score must exceed to be flagged (with the early margin while the
+        baseline is young); ``None`` during warm-up."""
+        return None if self.in_warmup else self._threshold() * self._early_factor()
 
     def score(self, layer_metrics: Mapping[str, Mapping[str, float]], loss: float | None = None) -> ScoreResult:
         """Score one step, then update the baseline (see the module docstring for which windows).
@@ -447,6 +465,7 @@ class BatchScorer:
         self._set_names(layers, list(self._metrics) if self._fixed_metrics else stored_metrics)
         self.steps = int(state.get("steps", 0))
         self.flagged_steps = int(state.get("flagged_steps", 0))
+        self._held_at = None  # not kept: a restored aftermath message speaks of a flagged batch
         self._reset_baseline()
         if int(state.get("version", 1)) != _STATE_VERSION:
             return
@@ -500,7 +519,11 @@ class BatchScorer:
         return ScoreResult(math.inf if nonfinite else None, nonfinite, step.problems, {}, threshold=self._threshold())
 
     def _judge(self, step: _Step, residuals: Series) -> ScoreResult:
-        """Score a step after warm-up, flag it or not, and let it teach the windows it may teach."""
+        """Score a step after warm-up, flag it or not, and let it teach the windows it may teach.
+
+        ``threshold`` decides what the scorer learns from the step; ``flag_at`` (the same, or above it by the
+        early margin while the baseline is young) what it reports.
+        """
         quartiles = self._base.window.quantiles(_QUARTILES)  # before this step is pushed
         z = self._standardize_all(residuals, quartiles)
         terms, remainders = self._terms(z, residuals["profile"])
@@ -509,19 +532,21 @@ class BatchScorer:
         finite_strengths = [v for v in strength.tolist() if math.isfinite(v)]
         score: float | None = max(finite_strengths) if finite_strengths else None
         threshold = self._threshold()
+        flag_at = threshold * self._early_factor()
         over = score is not None and score > threshold
+        reported = score is not None and score > flag_at
         nonfinite = bool(step.problems)
         names = self._term_names()
         z_dict = {name: v for name, v in zip(names, z_terms.tolist()) if math.isfinite(v)}
         reasons = list(step.problems)
-        if nonfinite or over:
-            reasons.extend(self._term_reasons(step, z["values"], remainders, z_terms, strength, threshold))
+        if nonfinite or reported:
+            reasons.extend(self._term_reasons(step, z["values"], remainders, z_terms, strength, flag_at))
         if nonfinite:  # kept out of every window; it breaks a run of like flags (it says nothing of their change)
             self._base.clear_run()
             self._base.spike = None  # nor of what the flag before it moved
-            return ScoreResult(math.inf, True, reasons, z_dict, in_warmup=False, threshold=threshold)
+            return ScoreResult(math.inf, True, reasons, z_dict, in_warmup=False, threshold=flag_at)
         if score is None:  # nothing measured: keep the windows as they are rather than evict for nothing
-            return ScoreResult(None, False, [], z_dict, in_warmup=False, threshold=threshold)
+            return ScoreResult(None, False, [], z_dict, in_warmup=False, threshold=flag_at)
         self._base.push_trends(step.series, step.t, for_slope=not over)
         if over:
             shift = None
@@ -531,16 +556,21 @@ class BatchScorer:
                 shift = self._shift(signature, values, z["values"], z_terms, strength, step.t)
             if shift is not None:
                 self._base.spike = None
-                return ScoreResult(score, False, [], z_dict, in_warmup=False, threshold=threshold, events=[shift])
+                return ScoreResult(score, False, [], z_dict, in_warmup=False, threshold=flag_at, events=[shift])
             aftermath = self._aftermath(z_terms, strength, threshold, step.t)
             if aftermath is not None:  # part of the run of flags (a lasting change is still a shift), not flagged
-                return ScoreResult(score, False, [], z_dict, in_warmup=False, threshold=threshold, events=[aftermath])
+                events = [aftermath] if reported else []  # under the early margin it would not have been flagged
+                return ScoreResult(score, False, [], z_dict, in_warmup=False, threshold=flag_at, events=events)
             self._base.spike = (step.t, self._over(z_terms, strength, threshold))
-            reasons.extend(self._count_flag())
+            restarted = self._count_flag()
+            if not reported:  # under the early margin: a flag inside, not reported
+                self._held_at = step.t
+                return ScoreResult(score, False, [], z_dict, in_warmup=False, threshold=flag_at)
+            reasons.extend(restarted)
         else:
             self._continue_run(z_terms, strength)
             self._accept(score, threshold, residuals, terms, z["profile"])
-        return ScoreResult(score, over, reasons, z_dict, in_warmup=False, threshold=threshold)
+        return ScoreResult(score, over, reasons, z_dict, in_warmup=False, threshold=flag_at)
 
     def _signature(
         self,
@@ -695,8 +725,10 @@ class BatchScorer:
             if top == k
             else f"; {names[top]} {float(z_terms[top]):.1f} now, {moved[top][0] * moved[top][1]:.1f} then"
         )
+        # the step before may have been over the threshold only inside (under the early margin: not flagged)
+        before = "a flagged batch" if since != self._held_at else "a batch over the threshold (not flagged then)"
         message = (
-            f"aftermath: {what} {after} {steps} after a flagged batch that moved {'it' if len(now) == 1 else 'them'} "
+            f"aftermath: {what} {after} {steps} after {before} that moved {'it' if len(now) == 1 else 'them'} "
             f"at least as far ({names[k]} z={float(z_terms[k]):.1f} now, {moved[k][0] * moved[k][1]:.1f} then{fell}): "
             f"the model still moving from that batch's update, not a new bad batch; not flagged"
         )
@@ -1085,6 +1117,13 @@ class BatchScorer:
             return self.min_threshold
         median, tail = scores.quantile_values((0.5, _TAIL_QUANTILE))
         return max(self.min_threshold, tail + (tail - median) * self._tail_factor)
+
+    def _early_factor(self) -> float:
+        """``1 + early_margin * (1 - n / 60)`` while the windows have taken ``n < 60`` clean steps (or fewer
+        than ``window``), else 1 (see **Early margin** above)."""
+        window = self._base.window  # a full window is all a restored one can say (it holds at most its capacity)
+        left = 1.0 - window.pushes / min(_EARLY_UNTIL, window.capacity)
+        return 1.0 + self.early_margin * left if left > 0.0 else 1.0
 
     def _start_scoring(self, rebuild: bool = False) -> None:
         """End of warm-up: level-2, profile and score windows from the warm-up steps, scored in-sample."""
