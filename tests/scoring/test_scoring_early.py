@@ -75,7 +75,7 @@ def test_the_margin_changes_what_is_flagged_early_and_nothing_the_scorer_learns(
     sa, sb = with_margin.state_dict(), without.state_dict()
     assert sa.keys() == sb.keys()
     for key in sa:
-        if key != "flagged_steps":
+        if key not in ("flagged_steps", "held_at"):  # what was reported, not what was learnt
             assert np.array_equal(np.asarray(sa[key], dtype=object), np.asarray(sb[key], dtype=object)), key
 
 
@@ -99,3 +99,50 @@ def test_the_public_threshold_is_the_one_a_flag_must_exceed() -> None:
 def test_early_margin_out_of_range_is_named(bad: object) -> None:
     with pytest.raises(ValueError, match="early_margin"):
         BatchScorer(early_margin=bad)  # type: ignore[arg-type]
+
+
+def test_a_flag_under_the_margin_gives_the_reasons_it_would_give_without_it() -> None:
+    # a far-out effective rank with a nuclear norm just over the plain threshold: that term is a reason either way
+    between = 0
+    for k in np.arange(2.0, 6.0, 0.25):
+        results = []
+        for margin in (0.5, 0.0):
+            run = SyntheticRun(seed=5)
+            scorer = BatchScorer(warmup_steps=WARMUP, early_margin=margin)
+            for _ in range(WARMUP):
+                scorer.score(run.step(), loss=run.loss())
+            results.append(scorer.score(run.step({"effective_rank": -12.0, "nuclear_norm": float(k)}), loss=run.loss()))
+        ra, rb = results
+        assert ra.flagged and rb.flagged and ra.reasons == rb.reasons, k
+        assert ra.threshold is not None and rb.threshold is not None
+        if rb.threshold < ra.z["nuclear_norm"] <= ra.threshold:
+            between += 1
+            assert any(r.startswith("nuclear_norm high") for r in ra.reasons), k
+    assert between >= 1  # the premise: a reason whose term lies between the two thresholds
+
+
+def test_a_restart_of_the_baseline_is_reported_under_the_margin() -> None:
+    run = SyntheticRun(seed=8)
+    scorer = BatchScorer(warmup_steps=WARMUP, rebaseline_after=3, shift_after=None, aftermath_steps=None)
+    for _ in range(WARMUP):
+        scorer.score(run.step(), loss=run.loss())
+    results = [scorer.score(run.step({"effective_rank": -2.7}), loss=run.loss()) for _ in range(3)]
+    # the premise: each over the plain threshold (3.5 here) and under the raised one
+    assert all(r.score is not None and r.threshold is not None and 3.5 < r.score <= r.threshold for r in results)
+    assert [r.flagged for r in results] == [False, False, True]
+    assert results[-1].reasons[-1] == "baseline restarted after 3 consecutive steps over the threshold (regime change?)"
+    assert scorer.in_warmup and scorer.flagged_steps == 1
+
+
+def test_the_margin_survives_a_checkpoint() -> None:
+    a, _, scorer, _ = twin_runs(0.5, steps=40)  # still young: 40 steps, 15 + ~18 clean in the windows
+    state = scorer.state_dict()
+    assert state["held_at"] is None or isinstance(state["held_at"], float)
+    clone = BatchScorer(warmup_steps=WARMUP, early_margin=0.5)
+    clone.load_state_dict(state)
+    assert clone.threshold == scorer.threshold and scorer.threshold is not None
+    assert a[-1].threshold is not None and a[-1].threshold > scorer.threshold / 1.5  # a raised one, not 1.0 of it
+    run = SyntheticRun(seed=99)
+    for _ in range(30):
+        step, loss = run.step(), run.loss()
+        assert clone.score(step, loss=loss) == scorer.score(step, loss=loss)

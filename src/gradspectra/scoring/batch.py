@@ -81,7 +81,7 @@ The :math:`1 - \alpha` quantile of :math:`U` itself would ratchet down (flagged 
 *clean-looking* steps, not flagged and with :math:`S \le 0.75\,\theta`, update the residual,
 level-2 and profile windows: an anomalous batch just under the threshold would otherwise teach the
 scales, and especially the profile directions, that its kind of change is normal. Accepted steps
-(not flagged) update the threshold window. After ``rebaseline_after`` consecutive flagged steps the
+(not flagged) update the threshold window. After ``rebaseline_after`` consecutive steps over the threshold the
 scorer concludes that the regime has changed, forgets its baseline and warms up again.
 
 **Spikes and shifts.** A flagged step leaves a signature: each term over the threshold, its sign, its
@@ -132,11 +132,12 @@ scales as those settle.
 **Early margin.** The threshold of a young baseline is still too low: it extrapolates from a few dozen
 scores, most of them computed in-sample, against the windows they built (a step scored out of sample
 lies further out). Until the windows have taken :data:`_EARLY_UNTIL` (60) clean steps, warm-up
-included, a step is *flagged* only over the threshold raised by ``early_margin`` times the share of those
-steps still to come: ``threshold * (1 + early_margin * (1 - n / 60))``. A step between the two thresholds
-is treated inside as a flagged one (kept out of the windows, counted in a run of flags, a shift or an
-aftermath as before), but not reported: not flagged, no reasons, no aftermath event. So the margin changes
-what is flagged and nothing the scorer learns: every score is what it would be without it.
+included (or ``window``, if fewer), a step is *flagged* only over the threshold raised by ``early_margin``
+times the share of those steps still to come: ``threshold * (1 + early_margin * (1 - n / 60))``. A step
+between the two thresholds is treated inside as a flagged one (kept out of the windows, counted in a run of
+flags, a shift or an aftermath as before), but not reported: not flagged, no reasons, no aftermath event
+(unless it restarts the baseline, see ``rebaseline_after``: that is reported). So the margin changes what is
+flagged and nothing the scorer learns: every score, z and reason is what it would be without it.
 
 A non-finite metric value or loss flags the step at once (also during warm-up), names the layers,
 and is kept out of every window; its score is ``inf``. Absent layers or metrics are simply absent.
@@ -255,9 +256,10 @@ class BatchScorer:
         profile_components: usual directions of profile change left out of the profile term, in ``[0, 10]``.
         min_scale: floor on a series' robust scale: absolute on log scale (``1e-3`` = 0.1 %), relative
             to the prediction on linear scale. In ``(0, 1]``.
-        rebaseline_after: after this many consecutive flagged steps, forget the baseline and warm up
-            again (a regime change); ``None`` never does. With ``shift_after`` a consistent change is
-            adopted long before; this is the last resort for one that is not consistent.
+        rebaseline_after: after this many consecutive steps over the threshold (flagged, or held by the early
+            margin), forget the baseline and warm up again (a regime change); ``None`` never does. With
+            ``shift_after`` a consistent change is adopted long before; this is the last resort for one that is
+            not consistent.
         shift_after: how many flagged steps with the same signature in one run (see **Spikes and
             shifts** above) may be flagged before the next such step is taken as a regime shift
             (an event, not a flag; the trends adopt the new level). In ``[2, 1000]`` (the adopted trends
@@ -273,9 +275,10 @@ class BatchScorer:
             half of the detection grid (docs/scoring.md) 2 flagged more clean batches and 8 the same as 4 (a step
             back to normal ends an aftermath, and a fourth flag in a row is a shift).
         early_margin: how much higher the threshold for a flag is while the baseline is young (see **Early
-            margin** above), as a fraction of the threshold at the first scored step, fading to none after 60
-            clean steps; ``0`` turns it off. In ``[0, 10]``. 0.5: on the tuning half of the detection grid
-            (docs/scoring.md) 0.2 and 0.3 flagged more clean batches and 1.0 missed more bad ones.
+            margin** above), as a fraction of the threshold before any clean step (0.75 of it at the first scored
+            step of the default warm-up), fading to none after 60 clean steps; ``0`` turns it off. In
+            ``[0, 10]``. 0.5: on the tuning half of the detection grid (docs/scoring.md) 0.2 and 0.3 flagged more
+            clean batches and 1.0 missed more bad ones.
 
     Raises:
         ValueError: an argument is out of range (the message names it, the range and the value).
@@ -450,6 +453,7 @@ class BatchScorer:
             "profile_metrics": list(self.profile_metrics),
             "steps": self.steps,
             "flagged_steps": self.flagged_steps,
+            "held_at": self._held_at,
             **self._base.state(self._term_names()),
         }
 
@@ -465,7 +469,8 @@ class BatchScorer:
         self._set_names(layers, list(self._metrics) if self._fixed_metrics else stored_metrics)
         self.steps = int(state.get("steps", 0))
         self.flagged_steps = int(state.get("flagged_steps", 0))
-        self._held_at = None  # not kept: a restored aftermath message speaks of a flagged batch
+        held_at = state.get("held_at")  # absent from older states
+        self._held_at = None if held_at is None else float(held_at)
         self._reset_baseline()
         if int(state.get("version", 1)) != _STATE_VERSION:
             return
@@ -516,7 +521,8 @@ class BatchScorer:
         if not step.problems and step.measured:
             self._base.push_trends(step.series, step.t, for_slope=True)
         nonfinite = bool(step.problems)
-        return ScoreResult(math.inf if nonfinite else None, nonfinite, step.problems, {}, threshold=self._threshold())
+        threshold = self._threshold() * self._early_factor()
+        return ScoreResult(math.inf if nonfinite else None, nonfinite, step.problems, {}, threshold=threshold)
 
     def _judge(self, step: _Step, residuals: Series) -> ScoreResult:
         """Score a step after warm-up, flag it or not, and let it teach the windows it may teach.
@@ -539,8 +545,8 @@ class BatchScorer:
         names = self._term_names()
         z_dict = {name: v for name, v in zip(names, z_terms.tolist()) if math.isfinite(v)}
         reasons = list(step.problems)
-        if nonfinite or reported:
-            reasons.extend(self._term_reasons(step, z["values"], remainders, z_terms, strength, flag_at))
+        if nonfinite or over:  # every term over the threshold, as without the margin
+            reasons.extend(self._term_reasons(step, z["values"], remainders, z_terms, strength, threshold))
         if nonfinite:  # kept out of every window; it breaks a run of like flags (it says nothing of their change)
             self._base.clear_run()
             self._base.spike = None  # nor of what the flag before it moved
@@ -563,14 +569,14 @@ class BatchScorer:
                 return ScoreResult(score, False, [], z_dict, in_warmup=False, threshold=flag_at, events=events)
             self._base.spike = (step.t, self._over(z_terms, strength, threshold))
             restarted = self._count_flag()
-            if not reported:  # under the early margin: a flag inside, not reported
+            if not reported and not restarted:  # under the early margin: a flag inside, not reported
                 self._held_at = step.t
                 return ScoreResult(score, False, [], z_dict, in_warmup=False, threshold=flag_at)
-            reasons.extend(restarted)
+            reasons.extend(restarted)  # a restart is reported, under the margin or not
         else:
             self._continue_run(z_terms, strength)
             self._accept(score, threshold, residuals, terms, z["profile"])
-        return ScoreResult(score, over, reasons, z_dict, in_warmup=False, threshold=flag_at)
+        return ScoreResult(score, over, reasons if over else [], z_dict, in_warmup=False, threshold=flag_at)
 
     def _signature(
         self,
@@ -759,7 +765,7 @@ class BatchScorer:
         if self.rebaseline_after is None or flags < self.rebaseline_after:
             return []
         self._reset_baseline()
-        return [f"baseline restarted after {flags} consecutive flagged steps (regime change?)"]
+        return [f"baseline restarted after {flags} consecutive steps over the threshold (regime change?)"]
 
     def _accept(
         self, score: float, threshold: float, residuals: Series, terms: FloatArray, z_profile: FloatArray
