@@ -576,7 +576,7 @@ class BatchScorer:
         else:
             self._continue_run(z_terms, strength)
             self._accept(score, threshold, residuals, terms, z["profile"])
-        return ScoreResult(score, over, reasons if over else [], z_dict, in_warmup=False, threshold=flag_at)
+        return ScoreResult(score, over, reasons, z_dict, in_warmup=False, threshold=flag_at)
 
     def _signature(
         self,
